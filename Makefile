@@ -1,0 +1,53 @@
+# vgpud developer entry points. `make run` and `make test` each work on a fresh machine:
+# they create .venv and install what they need (Python packages from PyPI; the e2e tier's
+# QEMU, guest kernel and busybox are fetched into $(VGPUD_CACHE) by tests/e2e/assets.py,
+# never installed system-wide).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+VGPUD_CACHE ?= $(HOME)/.cache/vgpud
+SOCKET ?= $(or $(XDG_RUNTIME_DIR),/tmp)/vgpud/gpu0.sock
+export VGPUD_CACHE
+
+.PHONY: run test lint typecheck unit e2e assets bench demo clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# The main job: serve the default device (gh200 profile) on $(SOCKET).
+run: $(BIN)/.installed
+	$(BIN)/vgpud serve --socket-path $(SOCKET)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check protocol backends vgpud tests benchmarks
+	$(BIN)/ruff format --check protocol backends vgpud tests benchmarks
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+# Fast tiers only: protocol, device, variant, daemon over real sockets (no QEMU).
+unit: $(BIN)/.installed
+	$(BIN)/pytest -m 'not e2e'
+
+assets: $(BIN)/.installed
+	$(BIN)/python -m tests.e2e.assets fetch
+
+e2e: assets
+	$(BIN)/pytest -m e2e
+
+# Everything CI runs: lint, mypy --strict, every test tier including real QEMU guests.
+test: lint typecheck assets
+	$(BIN)/pytest
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks.roundtrip
+
+demo: assets
+	$(BIN)/python -m tests.e2e.demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""What sits under the nvgrace variant: the Backend trait and its implementations."""

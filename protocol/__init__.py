@@ -1,0 +1,1 @@
+"""vfio-user wire protocol, sans-IO (see protocol/connection.py for the theory of operation)."""
