@@ -1,0 +1,128 @@
+"""Eventfd bookkeeping and SET_IRQS validation, shared by every backend.
+
+Ownership rule (backends/device.py ``VfioDevice.set_irqs``): every fd handed to
+``set_irqs`` belongs to the device from then on. It is closed when a later call replaces or
+de-assigns it, when the index is disabled, on ``close()``, and also when the call that
+brought it fails. :class:`EventfdTable` is the one place that enforces this.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Sequence
+
+from backends.device import (
+    ERR_IRQ_INDEX,
+    NUM_PCI_IRQS,
+    REQ_IRQ_INDEX,
+    DeviceError,
+    IrqAction,
+)
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every valid fd in ``fds``; ``-1`` placeholders are skipped."""
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                # Already closed by someone else: nothing more we can do, and raising here
+                # would hide the error that made us clean up.
+                pass
+
+
+def signal_eventfd(fd: int) -> bool:
+    """Signal ``fd`` the way vfio-user wants (write an 8-byte 1, spec vfio-user.md §5.6).
+
+    Returns False when the eventfd's counter is full (EAGAIN on a non-blocking fd): the
+    interrupt is already pending there, so nothing is lost.
+    """
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class EventfdTable:
+    """The trigger eventfds of one irq index, ``count`` vectors long."""
+
+    __slots__ = ("_fds",)
+
+    def __init__(self, count: int) -> None:
+        self._fds: list[int] = [-1] * count
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def get(self, vector: int) -> int:
+        """The eventfd of ``vector`` or -1."""
+        return self._fds[vector] if 0 <= vector < len(self._fds) else -1
+
+    def assign(self, start: int, fds: Sequence[int]) -> None:
+        """Install ``fds`` at ``start``; ``-1`` de-assigns. Replaced fds are closed.
+
+        The caller has validated the range (:func:`validate_set_irqs`).
+        """
+        for i, fd in enumerate(fds):
+            old = self._fds[start + i]
+            self._fds[start + i] = fd
+            if old >= 0 and old != fd:
+                close_fds((old,))
+
+    def clear(self) -> None:
+        """De-assign and close every vector's eventfd."""
+        fds, self._fds = self._fds, [-1] * len(self._fds)
+        close_fds(fds)
+
+    def assigned(self) -> list[int]:
+        """The vectors that have an eventfd."""
+        return [v for v, fd in enumerate(self._fds) if fd >= 0]
+
+    def signal(self, vector: int) -> bool:
+        """Signal ``vector``; False when it has no eventfd."""
+        fd = self.get(vector)
+        if fd < 0:
+            return False
+        signal_eventfd(fd)
+        return True
+
+
+def validate_set_irqs(
+    index: int,
+    action: IrqAction,
+    start: int,
+    count: int,
+    irq_count: int,
+    *,
+    eventfds: Sequence[int] | None,
+    data_bool: Sequence[bool] | None,
+) -> None:
+    """Check a SET_IRQS request like libvfio-user does (spec vfio-user.md §3.8, R9).
+
+    ``irq_count`` is the index's vector count from ``irq_info``. Raises
+    :class:`DeviceError` (EINVAL); never touches the fds.
+    """
+    if not 0 <= index < NUM_PCI_IRQS:
+        raise DeviceError(errno.EINVAL, f"irq index {index} out of range")
+    if eventfds is not None and data_bool is not None:
+        raise DeviceError(errno.EINVAL, "SET_IRQS with both eventfds and bools")
+    if index in (ERR_IRQ_INDEX, REQ_IRQ_INDEX) and action is not IrqAction.TRIGGER:
+        raise DeviceError(errno.EINVAL, f"irq index {index} only supports TRIGGER")
+    if count == 0:
+        # count 0 is only "disable every vector" (DATA_NONE|TRIGGER, start 0).
+        if action is not IrqAction.TRIGGER or eventfds is not None or data_bool is not None:
+            raise DeviceError(errno.EINVAL, "count 0 is only valid with DATA_NONE|TRIGGER")
+        if start != 0:
+            raise DeviceError(errno.EINVAL, f"count 0 needs start 0, got {start}")
+        return
+    if start < 0 or count < 0 or start >= irq_count or count > irq_count - start:
+        raise DeviceError(
+            errno.EINVAL, f"vectors [{start}, +{count}) outside irq {index} ({irq_count})"
+        )
+    if eventfds is not None and len(eventfds) not in (0, count):
+        raise DeviceError(errno.EINVAL, f"{len(eventfds)} eventfds for count {count}")
+    if data_bool is not None and len(data_bool) != count:
+        raise DeviceError(errno.EINVAL, f"{len(data_bool)} bools for count {count}")

@@ -1,0 +1,66 @@
+"""Field checks shared by every message dataclass.
+
+Messages validate themselves in ``__post_init__`` and raise :class:`LocalProtocolError` (we
+built a bad message). Decoders run the same constructors inside :func:`peer_input`, which turns
+that into :class:`RemoteProtocolError` (the peer sent a bad message), so one set of rules
+serves both directions.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+
+
+def require(condition: bool, reason: str, err: int = errno.EINVAL) -> None:
+    """Raise LocalProtocolError(reason) unless ``condition``."""
+    if not condition:
+        raise LocalProtocolError(reason, errno=err)
+
+
+def check_uint(obj: object, bits: int, *names: str) -> None:
+    """Each named attribute of ``obj`` is an int (not bool) that fits in ``bits`` unsigned bits."""
+    limit = 1 << bits
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LocalProtocolError(f"{name} must be an int, not {type(value).__name__}")
+        if not 0 <= value < limit:
+            raise LocalProtocolError(f"{name}={value} does not fit in u{bits}")
+
+
+def check_bytes(obj: object, *names: str) -> None:
+    """Each named attribute of ``obj`` is ``bytes`` (so messages stay hashable and immutable)."""
+    for name in names:
+        if type(getattr(obj, name)) is not bytes:
+            raise LocalProtocolError(f"{name} must be bytes")
+
+
+def no_overflow(base: int, length: int, bits: int = 64) -> bool:
+    """``base + length`` does not wrap a ``bits``-wide address (the kernel's check_add_overflow)."""
+    return base + length <= 1 << bits
+
+
+@contextmanager
+def peer_input(what: str) -> Iterator[None]:
+    """Decode a peer's payload: any validation failure becomes a non-fatal RemoteProtocolError."""
+    try:
+        yield
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"{what}: {exc.message}", errno=exc.errno) from None
+    except (struct.error, ValueError, TypeError) as exc:
+        raise RemoteProtocolError(f"{what}: {exc}") from None
+
+
+def exact_length(payload: bytes, size: int, what: str) -> None:
+    """The payload is exactly ``size`` bytes."""
+    require(len(payload) == size, f"{what} payload is {len(payload)} bytes, expected {size}")
+
+
+def min_length(payload: bytes, size: int, what: str) -> None:
+    """The payload holds at least ``size`` bytes."""
+    require(len(payload) >= size, f"{what} payload is {len(payload)} bytes, needs >= {size}")

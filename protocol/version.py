@@ -1,0 +1,100 @@
+"""VERSION (1): ``major u16, minor u16, NUL-terminated JSON`` (spec vfio-user.md §3.1)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, replace
+from typing import ClassVar, Self
+
+from protocol._fields import check_uint, min_length, peer_input, require
+from protocol.capabilities import Capabilities
+from protocol.header import HEADER_SIZE, Command
+
+VERSION_STRUCT = struct.Struct("<HH")
+#: The only version QEMU speaks; it rejects a reply with major != 0 or minor > 0 (§3.1).
+PROTOCOL_MAJOR = 0
+PROTOCOL_MINOR = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """Request and reply of VERSION. ``capabilities`` None = no JSON at all (spec defaults)."""
+
+    COMMAND: ClassVar[Command] = Command.VERSION
+
+    major: int
+    minor: int
+    capabilities: Capabilities | None = None
+
+    def __post_init__(self) -> None:
+        check_uint(self, 16, "major", "minor")
+        require(
+            self.capabilities is None or isinstance(self.capabilities, Capabilities),
+            "capabilities must be Capabilities or None",
+        )
+
+    def pack(self) -> bytes:
+        """Wire payload; the JSON is compact and NUL-terminated (spec R2)."""
+        head = VERSION_STRUCT.pack(self.major, self.minor)
+        if self.capabilities is None:
+            return head
+        text = json.dumps(
+            {"capabilities": self.capabilities.to_json()}, separators=(",", ":")
+        )
+        return head + text.encode() + b"\0"
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> Self:
+        """Parse a VERSION payload; the JSON, if any, must be a NUL-terminated object."""
+        with peer_input("VERSION"):
+            min_length(payload, VERSION_STRUCT.size, "VERSION")
+            major, minor = VERSION_STRUCT.unpack_from(payload)
+            rest = payload[VERSION_STRUCT.size :]
+            if not rest:
+                return cls(major, minor, None)
+            require(rest.endswith(b"\0"), "VERSION JSON is not NUL-terminated")
+            text = rest[:-1]
+            require(b"\0" not in text, "VERSION JSON contains a NUL byte")
+            obj = json.loads(text.decode("utf-8"))
+            require(isinstance(obj, dict), "VERSION JSON is not an object")
+            caps = Capabilities.from_json(obj.get("capabilities", {}))
+            return cls(major, minor, caps)
+
+
+def negotiate_reply(request: Version, ours: Capabilities, max_size: int) -> Version:
+    """The server's VERSION reply to ``request``.
+
+    Major 0, minor 0; reply capabilities are a subset of what the client proposed (spec §3.1:
+    migration, write_multiple and twin_socket only if offered). The whole reply message is
+    never longer than ``max_size`` -- the request's size, because QEMU receives the reply into
+    a buffer of that size and a longer reply breaks realize (spec R2, captures fact 4).
+    Optional keys are dropped, least important first, until it fits.
+    """
+    proposed = request.capabilities or Capabilities()
+    caps = Capabilities(
+        max_msg_fds=ours.max_msg_fds,
+        max_data_xfer_size=ours.max_data_xfer_size,
+        pgsizes=ours.pgsizes,
+        max_dma_maps=ours.max_dma_maps,
+        migration=ours.migration if proposed.migration is not None else None,
+        write_multiple=ours.write_multiple and proposed.write_multiple,
+        twin_socket=None,  # never offered by QEMU; we have no second socket to give
+    )
+    default = Capabilities()
+    # A key left out of the JSON means the spec default, so dropping = resetting to default.
+    lean = replace(caps, migration=None, write_multiple=False)
+    candidates = [
+        caps,
+        replace(caps, migration=None),
+        lean,
+        replace(lean, max_dma_maps=default.max_dma_maps),
+        replace(lean, max_dma_maps=default.max_dma_maps, pgsizes=default.pgsizes),
+    ]
+    for candidate in candidates:
+        reply = Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, candidate)
+        if HEADER_SIZE + len(reply.pack()) <= max_size:
+            return reply
+    # Not even the two mandatory keys fit: a bare 0.0 means "spec defaults" (spec §3.1).
+    return Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, None)
+

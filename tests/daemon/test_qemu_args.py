@@ -1,0 +1,63 @@
+"""``vgpud qemu-args`` output: what QEMU needs to attach the device (spec vfio-user.md §6)."""
+
+from __future__ import annotations
+
+import json
+
+from vgpud.qemu_args import GuestDevice, build, mmio_window, render_shell
+
+GH200_BARS = [16 << 20, 2 << 30, 128 << 30]
+
+
+def _value(args: list[str], option: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == option]
+
+
+def test_q35_default_gh200() -> None:
+    args = build([GuestDevice("/run/vgpud/gpu0.sock", GH200_BARS)])
+    devices = _value(args, "-device")
+    assert devices[0].startswith("pcie-root-port,id=rp0,bus=pcie.0")
+    spec = json.loads(devices[1])
+    assert spec == {
+        "driver": "vfio-user-pci",
+        "id": "gpu0",
+        "bus": "rp0",
+        "socket": {"type": "unix", "path": "/run/vgpud/gpu0.sock"},
+    }
+    assert "memory-backend-memfd,id=ram0,size=1G,share=on" in _value(args, "-object")
+    assert _value(args, "-machine") == ["q35,memory-backend=ram0"]
+    # 128 GiB + 2 GiB + 16 MiB rounds to 256 GiB; twice that for alignment room.
+    assert _value(args, "-global") == ["q35-pcihost.pci-hole64-size=512G"]
+    assert _value(args, "-cpu") == ["max,phys-bits=46"]
+
+
+def test_small_device_needs_no_hole_override() -> None:
+    args = build([GuestDevice("/s", [16 << 20, 1 << 30, 4 << 30])])
+    assert mmio_window([GuestDevice("/s", [16 << 20, 1 << 30, 4 << 30])]) == 16 << 30
+    assert _value(args, "-global") == []
+
+
+def test_aarch64_numa_generic_initiators() -> None:
+    args = build(
+        [GuestDevice("/s", [16 << 20, 512 << 30])], arch="aarch64", numa=True, smp=2
+    )
+    assert _value(args, "-machine") == ["virt,gic-version=3,highmem-mmio-size=2T"]
+    numa = _value(args, "-numa")
+    assert numa[0] == "node,nodeid=0,cpus=0-1,memdev=ram0"
+    assert numa[1:] == [f"node,nodeid={n}" for n in range(1, 9)]
+    gis = [o for o in _value(args, "-object") if o.startswith("acpi-generic-initiator")]
+    assert gis == [f"acpi-generic-initiator,id=gi{n - 1},pci-dev=gpu0,node={n}" for n in range(1, 9)]
+
+
+def test_tray_gets_distinct_ports_and_nodes() -> None:
+    devices = [GuestDevice(f"/s{i}", GH200_BARS, id=f"gpu{i}") for i in range(2)]
+    args = build(devices, numa=True)
+    ports = [d for d in _value(args, "-device") if d.startswith("pcie-root-port")]
+    assert len(ports) == 2 and "chassis=2" in ports[1]
+    assert "acpi-generic-initiator,id=gi15,pci-dev=gpu1,node=16" in _value(args, "-object")
+
+
+def test_shell_rendering_quotes_json() -> None:
+    text = render_shell(build([GuestDevice("/s", GH200_BARS)]), "qemu-system-x86_64")
+    assert "'{\"driver\":\"vfio-user-pci\"" in text
+    assert text.startswith("qemu-system-x86_64 \\\n  -machine q35,memory-backend=ram0")

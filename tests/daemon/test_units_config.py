@@ -1,0 +1,92 @@
+"""Sizes and configuration: everything is validated before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vgpud.config import ConfigError, load_file, parse, single_device
+from vgpud.units import format_size, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("96GiB", 96 << 30),
+        ("96G", 96 << 30),
+        ("512MiB", 512 << 20),
+        ("1.5GiB", 3 << 29),
+        ("4096", 4096),
+        ("0x4000", 0x4000),
+        ("1GB", 10**9),
+        (" 2 TiB ", 2 << 40),
+        (123, 123),
+    ],
+)
+def test_parse_size(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "12XB", "-1", "1.3B", "0xZZ", "ninety"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+def test_format_size_round_trips() -> None:
+    for size in (96 << 30, 1 << 40, 512 << 20, 4096, 1000):
+        assert parse_size(format_size(size)) == size
+
+
+def test_tray_config(tmp_path: Path) -> None:
+    text = "\n".join(
+        f'[[device]]\nname = "gpu{i}"\nsocket_path = "{tmp_path}/gpu{i}.sock"\n'
+        f'profile = "gb200"\nmemory_size = "8GiB"\nbacking_dir = "{tmp_path}/m{i}"\n'
+        for i in range(4)
+    )
+    path = tmp_path / "tray.toml"
+    path.write_text('[daemon]\nlog_level = "debug"\nlog_format = "json"\n' + text)
+    config = load_file(path)
+    assert [d.name for d in config.devices] == ["gpu0", "gpu1", "gpu2", "gpu3"]
+    assert config.devices[3].memory_size == 8 << 30
+    assert config.log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"device": [{"name": "a", "colour": "red"}]}, "unknown key"),
+        ({"device": [{"memory_size": "lots"}]}, "memory_size"),
+        ({"device": [{"memory_size": "0"}]}, "must not be 0"),
+        ({"device": [{"profile": "h100"}]}, "unknown profile"),
+        ({"device": [{"name": "a"}, {"name": "a"}]}, "two devices are named"),
+        (
+            {"device": [{"name": "a", "socket_path": "/s"}, {"name": "b", "socket_path": "/s"}]},
+            "two devices use socket",
+        ),
+        ({"device": []}, "at least one"),
+        ({"devices": []}, "unknown top-level"),
+        ({"daemon": {"log_level": "loud"}, "device": [{}]}, "log_level"),
+        ({"device": [{"socket_mode": "999"}]}, "socket_mode"),
+        ({"device": [{"ready_delay": -1}]}, "ready_delay"),
+        ({"device": [{"name": "../x"}]}, "file-name-safe"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_key(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(raw)
+
+
+def test_bad_toml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[[device]\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_file(path)
+
+
+def test_flags_make_one_device() -> None:
+    device = single_device(socket_path=Path("/tmp/x.sock"), memory_size="8GiB", socket_group="kvm")
+    assert device.memory_size == 8 << 30
+    assert device.socket_mode == 0o600
+    assert device.resolved_backing_dir() == Path("/dev/shm/vgpud/gpu0")

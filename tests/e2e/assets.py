@@ -1,0 +1,626 @@
+"""Fetch and load the e2e tier's assets: QEMU 11.1 (Debian sid), a guest kernel and busybox.
+
+``python -m tests.e2e.assets fetch [--arch x86_64|aarch64] [--all] [--refresh]`` fills
+``$VGPUD_CACHE`` (default ``~/.cache/vgpud``); tests call :meth:`Assets.load`, which never
+touches the network.
+
+Nothing is installed system-wide. Every apt call runs with a private configuration
+(``APT_CONFIG`` pointing at our own file, which also switches off /etc/apt/apt.conf.d and
+/etc/apt/sources.list*), its own lists, status and archive cache under the cache directory.
+Packages are unpacked with ``dpkg-deb -x`` and sid's QEMU runs through sid's own dynamic
+loader (``ld-linux-x86-64.so.2 --library-path …``), so bookworm's older glibc is never mixed in.
+
+Layout (``<arch>`` is x86_64 or aarch64)::
+
+    $VGPUD_CACHE/apt/<suite>-<debarch>/     private apt roots (apt.conf, sources.list, state, cache)
+    $VGPUD_CACHE/<arch>/qemu/               unpacked sid QEMU + its library closure + firmware
+    $VGPUD_CACHE/<arch>/kernel/             vmlinuz (+ the kernel's config)
+    $VGPUD_CACHE/<arch>/busybox/busybox     static busybox for the initramfs
+
+Each asset directory is built under a temporary name and renamed into place only after it was
+verified and its ``manifest.json`` written, so an interrupted fetch never looks complete and a
+re-run simply starts that asset again. A lock file serialises concurrent fetches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import getpass
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHES = ("x86_64", "aarch64")
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_SECURITY = "http://deb.debian.org/debian-security"
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+MANIFEST = "manifest.json"
+# Bumped when the layout of an asset directory changes: older directories are rebuilt.
+ASSET_FORMAT = 1
+HOST_MULTIARCH = "x86_64-linux-gnu"
+
+
+class AssetError(Exception):
+    """A fetch step failed; ``str()`` is the one message shown to the user."""
+
+    def __init__(self, asset: str, step: str, detail: str) -> None:
+        super().__init__(f"{asset}: {step} failed: {detail}")
+        self.asset = asset
+        self.step = step
+        self.detail = detail
+
+
+class AssetsMissingError(Exception):
+    """The assets are not (completely) in the cache; the message says how to fetch them."""
+
+
+def default_cache_dir() -> Path:
+    """``$VGPUD_CACHE``, else ``~/.cache/vgpud``."""
+    env = os.environ.get("VGPUD_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "vgpud"
+
+
+# --------------------------------------------------------------------------------------------
+# What each architecture needs
+
+
+@dataclass(frozen=True)
+class _QemuSpec:
+    packages: tuple[str, ...]  # sid packages whose Depends closure is downloaded
+    binary: str  # usr/bin/<binary>
+    firmware_dirs: tuple[str, ...]  # relative to the unpacked root, in -L order
+    bios: str | None  # relative path of the firmware passed as -bios, if any
+
+
+@dataclass(frozen=True)
+class _ArchSpec:
+    arch: str
+    debarch: str
+    qemu: _QemuSpec
+    kernel_meta: str  # bookworm metapackage whose first Depends is the real kernel package
+
+
+_SPECS: dict[str, _ArchSpec] = {
+    "x86_64": _ArchSpec(
+        arch="x86_64",
+        debarch="amd64",
+        qemu=_QemuSpec(
+            packages=("qemu-system-x86", "seabios"),
+            binary="qemu-system-x86_64",
+            firmware_dirs=("usr/share/qemu", "usr/share/seabios", "usr/lib/ipxe/qemu"),
+            bios=None,
+        ),
+        kernel_meta="linux-image-amd64",
+    ),
+    "aarch64": _ArchSpec(
+        arch="aarch64",
+        debarch="arm64",
+        qemu=_QemuSpec(
+            packages=("qemu-system-arm", "qemu-efi-aarch64"),
+            binary="qemu-system-aarch64",
+            firmware_dirs=("usr/share/qemu", "usr/share/qemu-efi-aarch64"),
+            bios="usr/share/qemu-efi-aarch64/QEMU_EFI.fd",
+        ),
+        kernel_meta="linux-image-arm64",
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The loaded view used by tests
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Everything a test needs to boot a guest of one architecture."""
+
+    arch: str
+    qemu_root: Path
+    #: argv prefix that runs QEMU (loader, library path, binary, then ``-L`` firmware dirs).
+    qemu_cmd_prefix: list[str]
+    #: extra environment for QEMU (module dir of the unpacked tree).
+    qemu_env: dict[str, str]
+    firmware_dir: Path
+    #: ``-bios`` image (aarch64 UEFI), None when the machine's default firmware is used.
+    bios: Path | None
+    kernel: Path
+    busybox: Path
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, cache_dir: Path | None = None, arch: str = "x86_64") -> Assets:
+        """Read the fetched assets; raise :class:`AssetsMissingError` if any is absent."""
+        spec = _spec(arch)
+        base = (cache_dir or default_cache_dir()) / arch
+        manifests: dict[str, dict[str, Any]] = {}
+        for name in ("qemu", "kernel", "busybox"):
+            manifest = _read_manifest(base / name)
+            if manifest is None:
+                raise AssetsMissingError(
+                    f"e2e asset {arch}/{name} is not in {base.parent} "
+                    f"(run `make assets` or `python -m tests.e2e.assets fetch --arch {arch}`)"
+                )
+            manifests[name] = manifest
+        root = base / "qemu" / "root"
+        versions = {
+            "qemu": str(manifests["qemu"].get("version", "?")),
+            "kernel": str(manifests["kernel"].get("version", "?")),
+            "busybox": str(manifests["busybox"].get("version", "?")),
+        }
+        return cls(
+            arch=arch,
+            qemu_root=root,
+            qemu_cmd_prefix=qemu_cmd_prefix(root, spec.qemu),
+            qemu_env={"QEMU_MODULE_DIR": str(root / "usr/lib" / HOST_MULTIARCH / "qemu")},
+            firmware_dir=root / spec.qemu.firmware_dirs[0],
+            bios=root / spec.qemu.bios if spec.qemu.bios else None,
+            kernel=base / "kernel" / "vmlinuz",
+            busybox=base / "busybox" / "busybox",
+            versions=versions,
+        )
+
+
+def qemu_cmd_prefix(root: Path, qemu: _QemuSpec) -> list[str]:
+    """argv prefix running the unpacked QEMU with its own loader and libraries."""
+    libdirs = [
+        root / "usr/lib" / HOST_MULTIARCH,
+        root / "lib" / HOST_MULTIARCH,
+        root / "usr/lib" / HOST_MULTIARCH / "systemd",
+    ]
+    loader = root / "usr/lib" / HOST_MULTIARCH / "ld-linux-x86-64.so.2"
+    argv = [
+        str(loader),
+        "--library-path",
+        ":".join(str(d) for d in libdirs if d.is_dir()),
+        str(root / "usr/bin" / qemu.binary),
+    ]
+    for fw in qemu.firmware_dirs:
+        if (root / fw).is_dir():
+            argv += ["-L", str(root / fw)]
+    return argv
+
+
+def _spec(arch: str) -> _ArchSpec:
+    try:
+        return _SPECS[arch]
+    except KeyError:
+        raise ValueError(f"unknown arch {arch!r} (known: {', '.join(ARCHES)})") from None
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != ASSET_FORMAT:
+        return None
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Private apt roots
+
+
+class _Apt:
+    """apt-get/apt-cache confined to ``root`` (no system config, lists, status or cache)."""
+
+    def __init__(self, root: Path, suites: Sequence[tuple[str, str]], debarch: str) -> None:
+        self.root = root
+        self.name = root.name
+        self.suites = suites
+        self.debarch = debarch
+        self.archives = root / "cache" / "archives"
+        self._updated = False
+
+    def setup(self) -> None:
+        for sub in ("state/lists/partial", "cache/archives/partial"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        status = self.root / "state" / "status"
+        if not status.exists():
+            status.touch()
+        sources = "".join(
+            f"deb [signed-by={KEYRING}] {uri} {suite} main\n" for uri, suite in self.suites
+        )
+        (self.root / "sources.list").write_text(sources)
+        # Read by apt before anything else (APT_CONFIG); switching off Dir::Etc::Parts and
+        # Dir::Etc::Main keeps the host's hooks (docker-clean, packagekit…) out of our runs.
+        conf = f"""\
+Dir::Etc::Main "/dev/null";
+Dir::Etc::Parts "/dev/null";
+Dir::Etc::SourceParts "/dev/null";
+Dir::Etc::Preferences "/dev/null";
+Dir::Etc::PreferencesParts "/dev/null";
+Dir::Etc::SourceList "{self.root}/sources.list";
+Dir::State "{self.root}/state";
+Dir::State::status "{status}";
+Dir::Cache "{self.root}/cache";
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+Dir::Log "{self.root}/log";
+Debug::NoLocking "true";
+APT::Architecture "{self.debarch}";
+APT::Architectures {{ "{self.debarch}"; }};
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+APT::Get::Assume-Yes "true";
+APT::Sandbox::User "{_sandbox_user()}";
+Acquire::Languages "none";
+# Signatures are still checked; only the Valid-Until freshness is not, because the build
+# machines reach the archive through a snapshot mirror whose Release files have "expired".
+Acquire::Check-Valid-Until "false";
+Acquire::Check-Date "false";
+Acquire::Retries "3";
+Acquire::http::Timeout "60";
+"""
+        (self.root / "apt.conf").write_text(conf)
+
+    def run(self, tool: str, *args: str, asset: str, step: str, cwd: Path | None = None) -> str:
+        env = dict(os.environ, APT_CONFIG=str(self.root / "apt.conf"), LC_ALL="C.UTF-8")
+        env.pop("DEBIAN_FRONTEND", None)
+        cmd = [tool, *args]
+        try:
+            proc = subprocess.run(
+                cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900, check=False
+            )
+        except FileNotFoundError:
+            raise AssetError(asset, step, f"{tool} not found (needs a Debian host)") from None
+        except subprocess.TimeoutExpired:
+            raise AssetError(asset, step, f"`{' '.join(cmd)}` timed out") from None
+        if proc.returncode != 0:
+            errors = [
+                line
+                for line in (proc.stderr + proc.stdout).splitlines()
+                if line.startswith(("E:", "Err:", "W:")) or "rror" in line
+            ] or (proc.stderr + proc.stdout).strip().splitlines()[-5:]
+            raise AssetError(
+                asset,
+                step,
+                f"`{' '.join(cmd)}` (apt root {self.root}) exited {proc.returncode}: "
+                + " | ".join(errors[-6:]),
+            )
+        return proc.stdout
+
+    def update(self, asset: str) -> None:
+        if self._updated:
+            return
+        self.setup()
+        self.run("apt-get", "update", asset=asset, step=f"apt-get update ({self.name})")
+        self._updated = True
+
+    def depends_of(self, package: str, asset: str) -> tuple[str, str]:
+        """First dependency of ``package``'s candidate: (name, version)."""
+        out = self.run(
+            "apt-cache",
+            "show",
+            "--no-all-versions",
+            package,
+            asset=asset,
+            step=f"resolve {package}",
+        )
+        match = re.search(r"^Depends: ([^\s,(]+)(?: \(= ([^)]+)\))?", out, re.M)
+        if not match:
+            raise AssetError(asset, f"resolve {package}", "no Depends field in apt-cache show")
+        return match.group(1), match.group(2) or ""
+
+    def version_of(self, package: str, asset: str) -> str:
+        out = self.run(
+            "apt-cache",
+            "show",
+            "--no-all-versions",
+            package,
+            asset=asset,
+            step=f"resolve {package}",
+        )
+        match = re.search(r"^Version: (\S+)", out, re.M)
+        return match.group(1) if match else "?"
+
+    def closure(self, packages: Sequence[str], asset: str) -> list[Path]:
+        """Download ``packages`` and their whole Depends closure; return the .deb paths."""
+        step = f"resolve {' '.join(packages)}"
+        plan = self.run("apt-get", "install", "-s", *packages, asset=asset, step=step)
+        debs = []
+        for match in re.finditer(r"^Inst (\S+) \((\S+) .*\[(\S+)\]\)", plan, re.M):
+            name, version, debarch = match.groups()
+            debs.append(self.archives / f"{name}_{version.replace(':', '%3a')}_{debarch}.deb")
+        if not debs:
+            raise AssetError(asset, step, "apt planned no packages")
+        self.run(
+            "apt-get",
+            "install",
+            "--download-only",
+            *packages,
+            asset=asset,
+            step=f"download {' '.join(packages)}",
+        )
+        missing = [d.name for d in debs if not d.is_file()]
+        if missing:
+            raise AssetError(asset, "download", f"apt did not leave {', '.join(missing)}")
+        return debs
+
+    def download(self, package: str, asset: str) -> Path:
+        """``apt-get download`` one package into the archive cache; return the .deb."""
+        before = set(self.archives.glob("*.deb"))
+        out = self.run(
+            "apt-get",
+            "download",
+            "--print-uris",
+            package,
+            asset=asset,
+            step=f"resolve {package}",
+        )
+        uris = [line.split() for line in out.splitlines() if line.startswith("'")]
+        if not uris:
+            raise AssetError(asset, f"resolve {package}", "apt printed no download URI")
+        target = self.archives / uris[0][1]
+        if target.is_file():
+            return target
+        # apt-get download writes into the current directory; a partial file is named
+        # *.FAILED or left in partial/ by apt, never under the final name.
+        self.run(
+            "apt-get",
+            "download",
+            package,
+            asset=asset,
+            step=f"download {package}",
+            cwd=self.archives,
+        )
+        if not target.is_file():
+            new = sorted(set(self.archives.glob("*.deb")) - before)
+            raise AssetError(asset, f"download {package}", f"expected {target.name}, got {new}")
+        return target
+
+
+def _sandbox_user() -> str:
+    # apt drops to _apt for downloads when root; _apt cannot enter a 0700 home directory.
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "root"
+
+
+# --------------------------------------------------------------------------------------------
+# Fetching
+
+
+class Fetcher:
+    """Fetches missing assets into ``cache_dir``; see the module docstring."""
+
+    def __init__(self, cache_dir: Path, *, refresh: bool = False, log: Any = None) -> None:
+        self.cache_dir = cache_dir
+        self.refresh = refresh
+        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._apts: dict[str, _Apt] = {}
+
+    def apt(self, suite: str, debarch: str) -> _Apt:
+        key = f"{suite}-{debarch}"
+        if key not in self._apts:
+            suites: list[tuple[str, str]]
+            if suite == "sid":
+                suites = [(DEBIAN_MIRROR, "sid")]
+            else:
+                suites = [
+                    (DEBIAN_MIRROR, suite),
+                    (DEBIAN_MIRROR, f"{suite}-updates"),
+                    (DEBIAN_SECURITY, f"{suite}-security"),
+                ]
+            self._apts[key] = _Apt(self.cache_dir / "apt" / key, suites, debarch)
+        return self._apts[key]
+
+    def fetch(self, arch: str) -> Assets:
+        spec = _spec(arch)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(self.cache_dir / ".lock"):
+            base = self.cache_dir / arch
+            base.mkdir(exist_ok=True)
+            self._asset(base / "qemu", f"{arch}/qemu", lambda d: self._build_qemu(spec, d))
+            self._asset(base / "kernel", f"{arch}/kernel", lambda d: self._build_kernel(spec, d))
+            self._asset(base / "busybox", f"{arch}/busybox", lambda d: self._build_busybox(spec, d))
+        assets = Assets.load(self.cache_dir, arch)
+        _verify_qemu(assets, f"{arch}/qemu")
+        return assets
+
+    def _asset(self, final: Path, asset: str, build: Any) -> None:
+        if _read_manifest(final) is not None and not self.refresh:
+            self._log(f"assets: {asset}: present ({final})")
+            return
+        started = time.monotonic()
+        self._log(f"assets: {asset}: fetching …")
+        for stale in final.parent.glob(f".{final.name}.*"):  # left by a killed fetch
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            manifest: dict[str, Any] = build(tmp)
+            manifest["format"] = ASSET_FORMAT
+            manifest["fetched_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            old = final.with_name(f".{final.name}.old")
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+            for apt in self._apts.values():  # unpacked now; keep only apt's lists
+                for deb in apt.archives.glob("*.deb"):
+                    deb.unlink()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._log(
+            f"assets: {asset}: {manifest.get('version', '')} in {time.monotonic() - started:.1f} s"
+        )
+
+    def _build_qemu(self, spec: _ArchSpec, out: Path) -> dict[str, Any]:
+        asset = f"{spec.arch}/qemu"
+        # QEMU itself always runs on this (x86_64) host: the sid amd64 root serves both arches.
+        apt = self.apt("sid", "amd64")
+        apt.update(asset)
+        debs = apt.closure(spec.qemu.packages, asset)
+        root = out / "root"
+        root.mkdir()
+        for deb in debs:
+            _run(["dpkg-deb", "-x", str(deb), str(root)], asset, f"unpack {deb.name}")
+        loader = root / "usr/lib" / HOST_MULTIARCH / "ld-linux-x86-64.so.2"
+        binary = root / "usr/bin" / spec.qemu.binary
+        for path in (loader, binary):
+            if not path.is_file():
+                raise AssetError(asset, "unpack", f"{path.relative_to(root)} missing")
+        if spec.qemu.bios and not (root / spec.qemu.bios).is_file():
+            raise AssetError(asset, "unpack", f"{spec.qemu.bios} missing")
+        prefix = qemu_cmd_prefix(root, spec.qemu)
+        version = _verify_qemu_prefix(prefix, asset, out)
+        return {
+            "version": version,
+            "packages": sorted(d.name for d in debs),
+            "download_bytes": sum(d.stat().st_size for d in debs),
+        }
+
+    def _build_kernel(self, spec: _ArchSpec, out: Path) -> dict[str, Any]:
+        asset = f"{spec.arch}/kernel"
+        apt = self.apt("bookworm", spec.debarch)
+        apt.update(asset)
+        package, version = apt.depends_of(spec.kernel_meta, asset)
+        deb = apt.download(package, asset)
+        unpack = out / "unpack"
+        unpack.mkdir()
+        _run(["dpkg-deb", "-x", str(deb), str(unpack)], asset, f"unpack {deb.name}")
+        kernels = sorted((unpack / "boot").glob("vmlinuz-*"))
+        if len(kernels) != 1:
+            raise AssetError(asset, "unpack", f"expected one boot/vmlinuz-*, found {kernels}")
+        release = kernels[0].name.removeprefix("vmlinuz-")
+        kernels[0].rename(out / "vmlinuz")
+        config = unpack / "boot" / f"config-{release}"
+        if config.is_file():
+            config.rename(out / "config")
+        shutil.rmtree(unpack)
+        return {
+            "version": f"{release} ({version})",
+            "package": package,
+            "download_bytes": deb.stat().st_size,
+        }
+
+    def _build_busybox(self, spec: _ArchSpec, out: Path) -> dict[str, Any]:
+        asset = f"{spec.arch}/busybox"
+        apt = self.apt("bookworm", spec.debarch)
+        apt.update(asset)
+        deb = apt.download("busybox-static", asset)
+        unpack = out / "unpack"
+        unpack.mkdir()
+        _run(["dpkg-deb", "-x", str(deb), str(unpack)], asset, f"unpack {deb.name}")
+        binary = unpack / "bin" / "busybox"
+        if not binary.is_file():
+            raise AssetError(asset, "unpack", "bin/busybox missing from busybox-static")
+        binary.rename(out / "busybox")
+        shutil.rmtree(unpack)
+        if spec.arch == platform.machine():
+            _run([str(out / "busybox"), "true"], asset, "run busybox")
+        return {
+            "version": apt.version_of("busybox-static", asset),
+            "download_bytes": deb.stat().st_size,
+        }
+
+
+def _verify_qemu(assets: Assets, asset: str) -> str:
+    return _verify_qemu_prefix(assets.qemu_cmd_prefix, asset, None, assets.qemu_env)
+
+
+def _verify_qemu_prefix(
+    prefix: list[str], asset: str, cwd: Path | None, env: dict[str, str] | None = None
+) -> str:
+    """Run ``--version`` and ``-device help``; return the version string."""
+    full_env = dict(os.environ, **(env or {}))
+    version_out = _run([*prefix, "--version"], asset, "verify (qemu --version)", env=full_env)
+    first = version_out.strip().splitlines()[0] if version_out.strip() else ""
+    match = re.search(r"version (\S+)", first)
+    if not match:
+        raise AssetError(asset, "verify (qemu --version)", f"unexpected output {first!r}")
+    devices = _run([*prefix, "-device", "help"], asset, "verify (-device help)", env=full_env)
+    if '"vfio-user-pci"' not in devices:
+        raise AssetError(asset, "verify", f"QEMU {match.group(1)} has no vfio-user-pci device")
+    return first.removeprefix("QEMU emulator version ").strip()
+
+
+def _run(cmd: list[str], asset: str, step: str, env: dict[str, str] | None = None) -> str:
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, check=False, env=env
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AssetError(asset, step, str(exc)) from None
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-4:])
+        raise AssetError(asset, step, f"`{cmd[-1]}` exited {proc.returncode}: {tail}")
+    return proc.stdout
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.e2e.assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help="fetch what is missing (idempotent)")
+    fetch.add_argument("--arch", choices=ARCHES, action="append", help="default: x86_64")
+    fetch.add_argument("--all", action="store_true", help="every architecture")
+    fetch.add_argument("--refresh", action="store_true", help="re-fetch even if present")
+    fetch.add_argument("--cache-dir", type=Path, default=None)
+    show = sub.add_parser("show", help="print the loaded assets as JSON")
+    show.add_argument("--arch", choices=ARCHES, default="x86_64")
+    show.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    cache = args.cache_dir or default_cache_dir()
+    if args.command == "show":
+        try:
+            assets = Assets.load(cache, args.arch)
+        except AssetsMissingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(vars(assets), indent=2, default=str))
+        return 0
+    arches = list(ARCHES) if args.all else (args.arch or ["x86_64"])
+    fetcher = Fetcher(cache, refresh=args.refresh)
+    started = time.monotonic()
+    for arch in arches:
+        try:
+            assets = fetcher.fetch(arch)
+        except AssetError as exc:
+            print(f"error: e2e assets: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: e2e assets ({arch}): {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"assets: {arch} ready in {cache}: QEMU {assets.versions['qemu']}, "
+            f"kernel {assets.versions['kernel']}, busybox {assets.versions['busybox']}",
+            file=sys.stderr,
+        )
+    print(f"assets: done in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from vgpud.cli import main
+
+sys.exit(main())

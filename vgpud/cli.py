@@ -1,0 +1,214 @@
+"""The ``vgpud`` command line.
+
+``serve`` follows the vfio-user/vhost-user "backend program conventions": ``--socket-path``
+or ``--fd``, no daemonizing, SIGTERM stops cleanly. Bad configuration is reported in one line
+and exit status 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from vgpud import __version__, log
+from vgpud.config import (
+    DEFAULT_PROFILE,
+    ConfigError,
+    DaemonConfig,
+    DeviceConfig,
+    default_socket_path,
+    load_file,
+    single_device,
+)
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="device profile (default gh200)")
+    parser.add_argument("--memory-size", help="device memory size, e.g. 96GiB")
+    parser.add_argument("--name", default="gpu0", help="device name (default gpu0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="vgpud",
+        description="Serve an NVIDIA Grace GPU (nvgrace-gpu variant semantics) over vfio-user.",
+    )
+    parser.add_argument("--version", action="version", version=f"vgpud {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve devices to vfio-user clients (QEMU)")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", type=Path, help="listen on this UNIX socket")
+    where.add_argument("--fd", type=int, help="serve on this inherited socket (listening or connected)")
+    where.add_argument("--config", type=Path, help="TOML file describing one or more devices")
+    _device_flags(serve)
+    serve.add_argument("--backing-dir", type=Path, help="directory for the memory files")
+    serve.add_argument("--socket-group", help="group allowed to connect (mode 0660)")
+    serve.add_argument("--socket-mode", help="socket permissions, octal (default 0600)")
+    serve.add_argument("--ready-delay", type=float, default=0.0,
+                       help="seconds the GPU reports not-ready after each reset (testing aid)")
+    serve.add_argument("--no-mmap", action="store_true", help="trap every access (no mmap)")
+    serve.add_argument("--engine", choices=("python", "libvfio-user"), default=None)
+    serve.add_argument("--log-level", choices=log.LEVELS, default=None)
+    serve.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
+
+    layout = sub.add_parser("layout", help="print the kernel-exact BAR layout of a profile")
+    _device_flags(layout)
+    layout.add_argument("--json", action="store_true", help="machine-readable output")
+
+    qemu = sub.add_parser("qemu-args", help="print QEMU arguments that attach the device")
+    _device_flags(qemu)
+    qemu.add_argument("--socket-path", type=Path, help="the device's socket")
+    qemu.add_argument("--config", type=Path, help="attach every device of this config file")
+    qemu.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64")
+    qemu.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
+    qemu.add_argument("--ram", default="1G", help="guest RAM (default 1G)")
+    qemu.add_argument("--smp", type=int, default=1)
+    qemu.add_argument("--numa", action="store_true",
+                      help="add 8 generic-initiator NUMA nodes per GPU (needed for MIG)")
+    qemu.add_argument("--json", action="store_true", help="print a JSON array")
+
+    probe = sub.add_parser("probe", help="show what a vfio-user server exposes")
+    probe.add_argument("socket", type=Path)
+    probe.add_argument("--json", action="store_true")
+    return parser
+
+
+def _serve_config(args: argparse.Namespace) -> DaemonConfig:
+    if args.config is not None:
+        config = load_file(args.config)
+    else:
+        socket_path = args.socket_path
+        if socket_path is None and args.fd is None:
+            socket_path = default_socket_path(args.name)
+        device = single_device(
+            socket_path=socket_path,
+            profile=args.profile,
+            memory_size=args.memory_size,
+            backing_dir=args.backing_dir,
+            name=args.name,
+            socket_group=args.socket_group,
+            socket_mode=args.socket_mode if args.socket_mode else (
+                "0660" if args.socket_group else None),
+            ready_delay=args.ready_delay,
+            no_mmap=args.no_mmap,
+        )
+        config = DaemonConfig(devices=(device,))
+    overrides = {}
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    if args.log_format:
+        overrides["log_format"] = args.log_format
+    if args.engine:
+        overrides["engine"] = args.engine
+    if overrides:
+        from dataclasses import replace
+
+        config = replace(config, **overrides)
+    return config
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from vgpud import daemon
+
+    config = _serve_config(args)
+    log.configure(config.log_level, config.log_format)
+    if config.engine != "python":
+        from vgpud.libvfio_user import run_with_libvfio_user
+
+        return run_with_libvfio_user(config)
+    try:
+        trio.run(lambda: daemon.run(config, inherited_fd=args.fd))
+    except daemon.StartupError as exc:
+        print(f"vgpud: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _cmd_layout(args: argparse.Namespace) -> int:
+    from vgpud import devices
+
+    device = single_device(socket_path=None, profile=args.profile, memory_size=args.memory_size)
+    report = devices.layout_report(device)
+    if args.json:
+        print(json.dumps(report.as_dict, indent=2))
+    else:
+        print(report.text)
+    return 0
+
+
+def _cmd_qemu_args(args: argparse.Namespace) -> int:
+    from vgpud import devices, qemu_args
+
+    configs: Sequence[DeviceConfig]
+    if args.config is not None:
+        configs = load_file(args.config).devices
+    else:
+        configs = [
+            single_device(
+                socket_path=args.socket_path or default_socket_path(args.name),
+                profile=args.profile,
+                memory_size=args.memory_size,
+                name=args.name,
+            )
+        ]
+    guests = [
+        qemu_args.GuestDevice(
+            socket_path=str(c.socket_path or default_socket_path(c.name)),
+            bar_sizes=devices.guest_bar_sizes(c),
+            id=c.name,
+        )
+        for c in configs
+    ]
+    built = qemu_args.build(
+        guests, arch=args.arch, ram=args.ram, smp=args.smp, accel=args.accel, numa=args.numa
+    )
+    if args.json:
+        print(json.dumps(built))
+    else:
+        print(qemu_args.render_shell(built, f"qemu-system-{args.arch}"))
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from vgpud import probe
+    from vgpud.client import VfioUserError
+
+    try:
+        result = trio.run(probe.probe, args.socket)
+    except (OSError, EOFError, VfioUserError) as exc:
+        print(f"vgpud probe: {args.socket}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(probe.as_dict(result), indent=2) if args.json else probe.render(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vgpud`` script."""
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "serve": _cmd_serve,
+        "layout": _cmd_layout,
+        "qemu-args": _cmd_qemu_args,
+        "probe": _cmd_probe,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"vgpud: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

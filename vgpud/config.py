@@ -1,0 +1,269 @@
+"""Configuration: a TOML file (or command-line flags) into frozen, validated objects.
+
+Everything is checked before anything starts: unknown keys, bad sizes, duplicate sockets or
+names are reported with the key that is wrong. Example (one file can describe a 4-GPU tray)::
+
+    [daemon]
+    log_level = "info"          # debug | info | warning | error
+    log_format = "auto"         # auto (console on a tty, JSON otherwise) | console | json
+
+    [[device]]
+    name = "gpu0"
+    socket_path = "/run/vgpud/gpu0.sock"
+    profile = "gh200"           # gh200 | gh200-480g | gh200-sku | gb200 | gb300
+    memory_size = "96GiB"       # overrides the profile's device memory size
+    backing_dir = "/dev/shm/vgpud/gpu0"
+    socket_mode = "0600"
+    socket_group = "kvm"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vgpud.log import LEVELS, LogFormat
+from vgpud.units import parse_size
+
+DEFAULT_PROFILE = "gh200"
+DEFAULT_DEVICE_NAME = "gpu0"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """One served device."""
+
+    name: str
+    socket_path: Path | None
+    profile: str = DEFAULT_PROFILE
+    memory_size: int | None = None
+    memphys: int | None = None
+    backing_dir: Path | None = None
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    # Seconds the synthetic GPU's readiness registers stay not-ready after each reset
+    # (spec nvgrace-gpu.md §7): lets users exercise a guest's or the variant's wait path.
+    ready_delay: float = 0.0
+    # Serve every region as trapped (no MMAP, no fds): a debugging aid, and what the
+    # captures' "nommap" scenario shows QEMU doing.
+    no_mmap: bool = False
+
+    def resolved_backing_dir(self) -> Path:
+        """Where the device's memory files live."""
+        if self.backing_dir is not None:
+            return self.backing_dir
+        return Path("/dev/shm/vgpud") / self.name
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """The whole daemon."""
+
+    devices: tuple[DeviceConfig, ...]
+    log_level: str = "info"
+    log_format: LogFormat = "auto"
+    engine: str = "python"
+    libvfio_user_path: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+_DEVICE_KEYS = {
+    "name",
+    "socket_path",
+    "profile",
+    "memory_size",
+    "memphys",
+    "backing_dir",
+    "socket_mode",
+    "socket_group",
+    "ready_delay",
+    "no_mmap",
+}
+_DAEMON_KEYS = {"log_level", "log_format", "engine", "libvfio_user_path"}
+ENGINES = ("python", "libvfio-user")
+
+
+def default_socket_path(name: str) -> Path:
+    """``$XDG_RUNTIME_DIR/vgpud/<name>.sock``, or /run/vgpud for root."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime else Path("/run" if os.geteuid() == 0 else "/tmp")
+    return base / "vgpud" / f"{name}.sock"
+
+
+def load_file(path: Path) -> DaemonConfig:
+    """Read and validate a TOML config file."""
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse(raw, source=str(path))
+
+
+def parse(raw: Mapping[str, Any], source: str = "config") -> DaemonConfig:
+    """Validate a parsed TOML document."""
+    unknown = set(raw) - {"daemon", "device"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s): {', '.join(sorted(unknown))}")
+    daemon = raw.get("daemon", {})
+    if not isinstance(daemon, Mapping):
+        raise ConfigError(f"{source}: [daemon] must be a table")
+    _reject_unknown(daemon, _DAEMON_KEYS, f"{source}: [daemon]")
+    devices_raw = raw.get("device", [])
+    if not isinstance(devices_raw, list) or not devices_raw:
+        raise ConfigError(f"{source}: at least one [[device]] table is required")
+    devices = tuple(
+        _parse_device(entry, f"{source}: device #{i + 1}") for i, entry in enumerate(devices_raw)
+    )
+    _check_unique(devices, source)
+    level = _string(daemon, "log_level", "info", f"{source}: [daemon]")
+    if level not in LEVELS:
+        raise ConfigError(f"{source}: [daemon] log_level must be one of {', '.join(LEVELS)}")
+    log_format = _string(daemon, "log_format", "auto", f"{source}: [daemon]")
+    if log_format not in ("auto", "console", "json"):
+        raise ConfigError(f"{source}: [daemon] log_format must be auto, console or json")
+    engine = _string(daemon, "engine", "python", f"{source}: [daemon]")
+    if engine not in ENGINES:
+        raise ConfigError(f"{source}: [daemon] engine must be one of {', '.join(ENGINES)}")
+    lib = daemon.get("libvfio_user_path")
+    if lib is not None and not isinstance(lib, str):
+        raise ConfigError(f"{source}: [daemon] libvfio_user_path must be a string")
+    return DaemonConfig(devices, level, log_format, engine, lib)  # type: ignore[arg-type]
+
+
+def single_device(
+    *,
+    socket_path: Path | None,
+    profile: str = DEFAULT_PROFILE,
+    memory_size: str | None = None,
+    backing_dir: Path | None = None,
+    name: str = DEFAULT_DEVICE_NAME,
+    socket_group: str | None = None,
+    socket_mode: str | None = None,
+    ready_delay: float = 0.0,
+    no_mmap: bool = False,
+) -> DeviceConfig:
+    """The device described by command-line flags (validated like a config entry)."""
+    raw: dict[str, Any] = {"name": name, "profile": profile, "ready_delay": ready_delay}
+    if socket_path is not None:
+        raw["socket_path"] = str(socket_path)
+    if memory_size is not None:
+        raw["memory_size"] = memory_size
+    if backing_dir is not None:
+        raw["backing_dir"] = str(backing_dir)
+    if socket_group is not None:
+        raw["socket_group"] = socket_group
+    if socket_mode is not None:
+        raw["socket_mode"] = socket_mode
+    raw["no_mmap"] = no_mmap
+    return _parse_device(raw, "command line")
+
+
+def _parse_device(raw: Any, where: str) -> DeviceConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a table")
+    _reject_unknown(raw, _DEVICE_KEYS, where)
+    name = _string(raw, "name", DEFAULT_DEVICE_NAME, where)
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"{where}: name {name!r} must be a non-empty file-name-safe string")
+    socket_path = raw.get("socket_path")
+    if socket_path is not None and not isinstance(socket_path, str):
+        raise ConfigError(f"{where}: socket_path must be a string")
+    profile = _string(raw, "profile", DEFAULT_PROFILE, where)
+    from vgpud.devices import profile_names  # late: keeps config importable on its own
+
+    if profile not in profile_names():
+        raise ConfigError(
+            f"{where}: unknown profile {profile!r} (known: {', '.join(profile_names())})"
+        )
+    memory_size = _size(raw, "memory_size", where)
+    if memory_size is not None and memory_size == 0:
+        raise ConfigError(f"{where}: memory_size must not be 0")
+    memphys = _size(raw, "memphys", where)
+    backing_dir = raw.get("backing_dir")
+    if backing_dir is not None and not isinstance(backing_dir, str):
+        raise ConfigError(f"{where}: backing_dir must be a string")
+    mode_raw = raw.get("socket_mode", "0600")
+    try:
+        mode = int(mode_raw, 8) if isinstance(mode_raw, str) else int(mode_raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: socket_mode must be an octal string like \"0660\"") from None
+    if mode & ~0o777:
+        raise ConfigError(f"{where}: socket_mode {mode_raw!r} has bits outside 0777")
+    group = raw.get("socket_group")
+    if group is not None and not isinstance(group, str):
+        raise ConfigError(f"{where}: socket_group must be a string")
+    delay = raw.get("ready_delay", 0.0)
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+        raise ConfigError(f"{where}: ready_delay must be a non-negative number of seconds")
+    no_mmap = raw.get("no_mmap", False)
+    if not isinstance(no_mmap, bool):
+        raise ConfigError(f"{where}: no_mmap must be true or false")
+    return DeviceConfig(
+        name=name,
+        socket_path=Path(socket_path) if socket_path is not None else None,
+        profile=profile,
+        memory_size=memory_size,
+        memphys=memphys,
+        backing_dir=Path(backing_dir) if backing_dir is not None else None,
+        socket_mode=mode,
+        socket_group=group,
+        ready_delay=float(delay),
+        no_mmap=no_mmap,
+    )
+
+
+def _check_unique(devices: tuple[DeviceConfig, ...], source: str) -> None:
+    seen_names: set[str] = set()
+    seen_sockets: set[Path] = set()
+    seen_dirs: set[Path] = set()
+    for device in devices:
+        if device.name in seen_names:
+            raise ConfigError(f"{source}: two devices are named {device.name!r}")
+        seen_names.add(device.name)
+        if device.socket_path is not None:
+            if device.socket_path in seen_sockets:
+                raise ConfigError(f"{source}: two devices use socket {device.socket_path}")
+            seen_sockets.add(device.socket_path)
+        backing = device.resolved_backing_dir()
+        if backing in seen_dirs:
+            raise ConfigError(f"{source}: two devices share backing_dir {backing}")
+        seen_dirs.add(backing)
+
+
+def _reject_unknown(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+            f"(allowed: {', '.join(sorted(allowed))})"
+        )
+
+
+def _string(raw: Mapping[str, Any], key: str, default: str, where: str) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a string")
+    return value
+
+
+def _size(raw: Mapping[str, Any], key: str, where: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be a size such as \"96GiB\"")
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from None

@@ -1,0 +1,178 @@
+"""``vgpud serve``: build every configured device, listen, serve, stop cleanly.
+
+Order matters and follows the kernel's probe (spec nvgrace-gpu.md §2.4): the device is
+built and its readiness registers polled (§7.1: every second, up to 30 s) *before* its
+socket exists, so a VMM can never attach to a GPU that is not ready. Only when every device
+listens does the service manager hear READY=1 (STYLE.md "trio": ``started()`` only once
+listening). SIGTERM/SIGINT cancel everything; the sockets we created are removed and the
+backing files stay (device memory outlives the daemon).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from vgpud import systemd
+from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
+from vgpud.devices import BuiltDevice, build_device
+from vgpud.server.listener import DeviceServer, ListenerError, bind_unix_listener
+
+READY_POLL_SECONDS = 1.0  # POLL_QUANTUM_MS, spec nvgrace-gpu.md §7.1
+READY_TIMEOUT_SECONDS = 30.0  # POLL_TIMEOUT_MS
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is for the user."""
+
+
+@dataclass
+class _Endpoint:
+    config: DeviceConfig
+    built: BuiltDevice
+    sock: socket.socket
+    path: Path | None  # None when the socket was inherited (we must not unlink it)
+    connected: bool = False
+
+
+async def wait_ready(built: BuiltDevice, log: Any) -> None:
+    """Poll the device's readiness like the kernel's probe does (spec nvgrace-gpu.md §7.1)."""
+    deadline = trio.current_time() + READY_TIMEOUT_SECONDS
+    polls = 0
+    while True:
+        polls += 1
+        if built.ready_now():
+            if polls > 1:
+                log.info("device ready", polls=polls)
+            return
+        if trio.current_time() >= deadline:
+            raise StartupError(
+                f"device {built.name}: not ready after {READY_TIMEOUT_SECONDS:.0f} s "
+                "(readiness registers never read 0xFF; ETIME)"
+            )
+        if polls == 1:
+            log.info("waiting for the device to become ready")
+        await trio.sleep(READY_POLL_SECONDS)
+
+
+def _open_endpoints(
+    config: DaemonConfig, built: list[BuiltDevice], inherited_fd: int | None
+) -> list[_Endpoint]:
+    activated = systemd.listen_fds()
+    endpoints: list[_Endpoint] = []
+    try:
+        for index, (device_config, device) in enumerate(zip(config.devices, built, strict=True)):
+            if inherited_fd is not None:
+                sock = socket.socket(fileno=inherited_fd)
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                endpoints.append(_Endpoint(device_config, device, sock, None, not listening))
+                continue
+            fd = activated.get(device_config.name)
+            if fd is None and len(activated) == len(config.devices):
+                fd = list(activated.values())[index]
+            if fd is not None:
+                endpoints.append(_Endpoint(device_config, device, socket.socket(fileno=fd), None))
+                continue
+            path = device_config.socket_path or default_socket_path(device_config.name)
+            sock = bind_unix_listener(path, device_config.socket_mode, device_config.socket_group)
+            endpoints.append(_Endpoint(device_config, device, sock, path))
+    except (ListenerError, OSError) as exc:
+        _close_endpoints(endpoints)
+        raise StartupError(str(exc)) from exc
+    return endpoints
+
+
+def _close_endpoints(endpoints: list[_Endpoint]) -> None:
+    for endpoint in endpoints:
+        endpoint.sock.close()
+        if endpoint.path is not None:
+            endpoint.path.unlink(missing_ok=True)
+
+
+async def run(
+    config: DaemonConfig,
+    *,
+    inherited_fd: int | None = None,
+    task_status: trio.TaskStatus[list[DeviceServer]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until cancelled or signalled."""
+    log = structlog.get_logger("vgpud")
+    _raise_fd_limit()
+    if inherited_fd is not None and len(config.devices) != 1:
+        raise StartupError("--fd serves exactly one device")
+    built: list[BuiltDevice] = []
+    started = trio.current_time()
+    try:
+        for device_config in config.devices:
+            built.append(build_device(device_config))
+        for device in built:
+            await wait_ready(device, log.bind(device=device.name))
+    except (OSError, ValueError) as exc:
+        for device in built:
+            device.release()
+        raise StartupError(str(exc)) from exc
+    endpoints = _open_endpoints(config, built, inherited_fd)
+    servers: list[DeviceServer] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope, log)
+            for endpoint in endpoints:
+                server = DeviceServer(
+                    endpoint.config.name,
+                    endpoint.built.device,
+                    None if endpoint.connected else endpoint.sock,
+                    no_mmap=endpoint.config.no_mmap,
+                )
+                servers.append(server)
+                if endpoint.connected:
+                    nursery.start_soon(_serve_one_then_stop, server, endpoint.sock, nursery)
+                else:
+                    await nursery.start(server.serve)
+                log.info(
+                    "serving",
+                    device=endpoint.config.name,
+                    socket=str(endpoint.path) if endpoint.path else "inherited",
+                    **endpoint.built.summary(),
+                )
+            elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
+            log.info("ready", devices=len(servers), startup_ms=elapsed_ms)
+            systemd.notify("READY=1")
+            task_status.started(servers)
+    finally:
+        systemd.notify("STOPPING=1")
+        _close_endpoints(endpoints)
+        for device in built:
+            device.release()
+        log.info("stopped")
+
+
+def _raise_fd_limit() -> None:
+    # Each live fd-backed DMA mapping holds a descriptor (see vgpud.server.dma) and a client
+    # may have up to max_dma_maps of them: use the hard limit, as the kernel allows.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _serve_one_then_stop(
+    server: DeviceServer, sock: socket.socket, nursery: trio.Nursery
+) -> None:
+    await server.serve_connected(sock)
+    nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(scope: trio.CancelScope, log: Any) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("stopping", signal=signal.Signals(signum).name)
+            scope.cancel()
+            return
+

@@ -1,0 +1,209 @@
+"""``vgpud probe SOCKET``: what a vfio-user server exposes, printed like ``lspci -vv``.
+
+It connects as QEMU would (VERSION, GET_INFO, region and irq info, one bulk config read),
+closes every fd it is handed, and prints. ``--json`` gives the same facts for scripts.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vgpud.client import VfioUserClient, VfioUserError
+from vgpud.units import format_size
+
+REGION_NAMES = {0: "BAR0", 1: "BAR1", 2: "BAR2", 3: "BAR3", 4: "BAR4", 5: "BAR5", 6: "ROM",
+                7: "CONFIG", 8: "VGA"}
+IRQ_NAMES = {0: "INTx", 1: "MSI", 2: "MSI-X", 3: "ERR", 4: "REQ"}
+CAP_NAMES = {0x01: "Power Management", 0x05: "MSI", 0x09: "Vendor Specific", 0x10: "PCI Express",
+             0x11: "MSI-X"}
+EXT_CAP_NAMES = {0x0001: "Advanced Error Reporting", 0x000B: "Vendor Specific (VSEC)",
+                 0x0015: "Resizable BAR", 0x0023: "Designated Vendor-Specific (DVSEC)"}
+_REGION_FLAGS = ((1, "read"), (2, "write"), (4, "mmap"), (8, "caps"))
+_IRQ_FLAGS = ((1, "eventfd"), (2, "maskable"), (4, "automasked"), (8, "noresize"))
+
+
+@dataclass
+class ProbeResult:
+    """Everything ``probe`` learnt."""
+
+    capabilities: dict[str, Any]
+    device_flags: int
+    regions: list[dict[str, Any]] = field(default_factory=list)
+    irqs: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+async def probe(path: str | Path) -> ProbeResult:
+    """Interrogate the server at ``path``."""
+    async with await VfioUserClient.connect(path) as client:
+        caps = client.server_capabilities
+        info = await client.device_info()
+        result = ProbeResult(
+            capabilities={
+                "max_msg_fds": caps.max_msg_fds if caps else None,
+                "max_data_xfer_size": caps.max_data_xfer_size if caps else None,
+                "max_dma_maps": caps.max_dma_maps if caps else None,
+                "pgsizes": caps.pgsizes if caps else None,
+            },
+            device_flags=info.flags,
+        )
+        config_size = 0
+        for index in range(info.num_regions):
+            got = await client.region_info(index)
+            region = got.info
+            fd_size = None
+            if got.fd is not None:
+                fd_size = os.fstat(got.fd).st_size
+                os.close(got.fd)
+            sparse = [
+                {"offset": off, "size": size}
+                for cap in region.caps
+                for off, size in getattr(cap, "areas", ())
+            ]
+            result.regions.append({
+                "index": index,
+                "name": REGION_NAMES.get(index, f"region{index}"),
+                "size": region.size,
+                "flags": [name for bit, name in _REGION_FLAGS if region.flags & bit],
+                "mmap_offset": region.offset,
+                "fd_size": fd_size,
+                "sparse_areas": sparse,
+            })
+            if index == 7:
+                config_size = region.size
+        for index in range(info.num_irqs):
+            try:
+                irq = await client.irq_info(index)
+            except VfioUserError as exc:
+                result.irqs.append({"index": index, "error": exc.errno})
+                continue
+            result.irqs.append({
+                "index": index,
+                "name": IRQ_NAMES.get(index, f"irq{index}"),
+                "count": irq.count,
+                "flags": [name for bit, name in _IRQ_FLAGS if irq.flags & bit],
+            })
+        if config_size:
+            config = await client.region_read(7, 0, config_size)
+            result.config = decode_config(config)
+    return result
+
+
+def decode_config(config: bytes) -> dict[str, Any]:
+    """Decode a PCI config header and walk both capability lists."""
+    def u8(off: int) -> int:
+        return config[off]
+
+    def u16(off: int) -> int:
+        return int(struct.unpack_from("<H", config, off)[0])
+
+    def u32(off: int) -> int:
+        return int(struct.unpack_from("<I", config, off)[0])
+
+    out: dict[str, Any] = {
+        "vendor_id": u16(0),
+        "device_id": u16(2),
+        "command": u16(4),
+        "status": u16(6),
+        "revision": u8(8),
+        "class_code": u32(8) >> 8,
+        "header_type": u8(0x0E),
+        "subsystem_vendor_id": u16(0x2C),
+        "subsystem_id": u16(0x2E),
+        "bars": [u32(0x10 + 4 * i) for i in range(6)],
+        "interrupt_pin": u8(0x3D),
+        "capabilities": [],
+        "extended_capabilities": [],
+    }
+    seen: set[int] = set()
+    pointer = u8(0x34) & ~3 if out["status"] & 0x10 else 0
+    while pointer and pointer not in seen and pointer + 2 <= min(len(config), 256):
+        seen.add(pointer)
+        cap_id = u8(pointer)
+        out["capabilities"].append({
+            "offset": pointer, "id": cap_id, "name": CAP_NAMES.get(cap_id, f"cap {cap_id:#x}"),
+        })
+        pointer = u8(pointer + 1) & ~3
+    offset = 0x100
+    while len(config) > 0x100 and offset and offset not in seen and offset + 4 <= len(config):
+        seen.add(offset)
+        header = u32(offset)
+        if header in (0, 0xFFFFFFFF):
+            break
+        cap_id = header & 0xFFFF
+        entry: dict[str, Any] = {
+            "offset": offset, "id": cap_id, "name": EXT_CAP_NAMES.get(cap_id, f"ext cap {cap_id:#x}"),
+        }
+        if cap_id == 0x0023 and offset + 10 <= len(config):
+            entry["dvsec_vendor"] = u16(offset + 4)
+            entry["dvsec_id"] = u16(offset + 8)
+            if entry["dvsec_vendor"] == 0x10DE and entry["dvsec_id"] == 3:
+                # Spec nvgrace-gpu.md §2.2: bit 0 of the word at +0xA.
+                bitmap = u16(offset + 0xA)
+                entry["mig_supported_with_cached_resmem"] = bool(bitmap & 1)
+        out["extended_capabilities"].append(entry)
+        offset = (header >> 20) & 0xFFC
+    return out
+
+
+def render(result: ProbeResult) -> str:
+    """Human-readable text."""
+    cfg = result.config
+    lines = []
+    if cfg:
+        lines.append(
+            f"{cfg['vendor_id']:04x}:{cfg['device_id']:04x} class {cfg['class_code']:06x} "
+            f"rev {cfg['revision']:02x}, subsystem "
+            f"{cfg['subsystem_vendor_id']:04x}:{cfg['subsystem_id']:04x}"
+        )
+    flags = [n for bit, n in ((1, "reset"), (2, "pci")) if result.device_flags & bit]
+    lines.append(f"Device flags: {', '.join(flags) or 'none'}")
+    lines.append(
+        "Negotiated: " + ", ".join(f"{k}={v}" for k, v in result.capabilities.items())
+    )
+    lines.append("Regions:")
+    for region in result.regions:
+        if not region["size"]:
+            lines.append(f"  {region['name']:<7} (absent)")
+            continue
+        text = f"  {region['name']:<7} size {format_size(region['size'])} [{', '.join(region['flags'])}]"
+        if region["fd_size"] is not None:
+            text += f", fd of {format_size(region['fd_size'])} at offset {region['mmap_offset']:#x}"
+        lines.append(text)
+        for area in region["sparse_areas"]:
+            lines.append(
+                f"          mmappable [{area['offset']:#x}, {area['offset'] + area['size']:#x})"
+                f" = {format_size(area['size'])}"
+            )
+    lines.append("Interrupts:")
+    for irq in result.irqs:
+        if "error" in irq:
+            lines.append(f"  irq{irq['index']}: error {irq['error']}")
+        else:
+            lines.append(f"  {irq['name']:<6} count {irq['count']} [{', '.join(irq['flags'])}]")
+    if cfg:
+        lines.append("Config space:")
+        lines.append(f"  Command {cfg['command']:#06x} Status {cfg['status']:#06x}, "
+                     f"interrupt pin {cfg['interrupt_pin']}")
+        for i, bar in enumerate(cfg["bars"]):
+            lines.append(f"  BAR{i} register {bar:#010x}")
+        for cap in cfg["capabilities"]:
+            lines.append(f"  Capabilities: [{cap['offset']:02x}] {cap['name']}")
+        for cap in cfg["extended_capabilities"]:
+            text = f"  Capabilities: [{cap['offset']:03x}] {cap['name']}"
+            if "dvsec_vendor" in cap:
+                text += f" vendor {cap['dvsec_vendor']:#06x} id {cap['dvsec_id']}"
+            if "mig_supported_with_cached_resmem" in cap:
+                bug = not cap["mig_supported_with_cached_resmem"]
+                text += f" (MIG hardware bug: {'yes, resmem carved out' if bug else 'no'})"
+            lines.append(text)
+    return "\n".join(lines)
+
+
+def as_dict(result: ProbeResult) -> dict[str, Any]:
+    """JSON-ready form."""
+    return asdict(result)

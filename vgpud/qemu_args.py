@@ -1,0 +1,129 @@
+"""``vgpud qemu-args``: the QEMU arguments that attach a vgpud device.
+
+What a guest needs, per the spec sheets:
+- guest RAM that is fd-backed and shared, so DMA_MAP carries an fd (spec vfio-user.md §5.7);
+- a PCIe root port, behind which the large BARs are 64-bit prefetchable (§11 "observed");
+- the JSON ``vfio-user-pci`` device (§5.1: the dotted form does not build the socket object);
+- a 64-bit MMIO window that holds the BARs: q35 ``pci-hole64-size`` with guest phys-bits that
+  cover it (§6, §11), aarch64 ``virt`` ``highmem-mmio-size`` (a power of two >= 512 GiB,
+  spec nvgrace-gpu.md §11.2);
+- optionally the memory-less NUMA nodes and ``acpi-generic-initiator`` objects the guest
+  NVIDIA driver needs for MIG (spec nvgrace-gpu.md §11.1, §12): 8 per GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Q35_DEFAULT_HOLE64 = 32 << 30  # Q35_PCI_HOST_HOLE64_SIZE_DEFAULT
+VIRT_DEFAULT_HIGHMEM_MMIO = 512 << 30
+GI_NODES_PER_GPU = 8
+# 46 bits (64 TiB) covers every window this tool computes for the profiles we ship; with
+# KVM the host's own width is used instead (host-phys-bits).
+TCG_PHYS_BITS = 46
+
+
+@dataclass(frozen=True, slots=True)
+class GuestDevice:
+    """One vgpud device as the guest will see it."""
+
+    socket_path: str
+    bar_sizes: Sequence[int]  # every BAR of the device, in bytes
+    id: str = "gpu0"
+
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
+def mmio_window(devices: Sequence[GuestDevice]) -> int:
+    """Bytes of 64-bit MMIO that hold every device's BARs with their natural alignment.
+
+    Each root port's window must be aligned to its largest BAR, so each device is rounded
+    to a power of two; twice the total leaves the firmware room to align the windows.
+    """
+    total = sum(_next_pow2(sum(d.bar_sizes)) for d in devices)
+    return _next_pow2(2 * total)
+
+
+def build(
+    devices: Sequence[GuestDevice],
+    *,
+    arch: str = "x86_64",
+    ram: str = "1G",
+    smp: int = 1,
+    accel: str = "tcg",
+    numa: bool = False,
+) -> list[str]:
+    """The argument list (without the binary, kernel or disks)."""
+    if arch not in ("x86_64", "aarch64"):
+        raise ValueError(f"unknown arch {arch!r} (x86_64 or aarch64)")
+    if accel not in ("tcg", "kvm"):
+        raise ValueError(f"unknown accel {accel!r} (tcg or kvm)")
+    window = mmio_window(devices)
+    args: list[str] = []
+    machine_ram = "" if numa else ",memory-backend=ram0"
+    if arch == "x86_64":
+        args += ["-machine", f"q35{machine_ram}", "-accel", accel]
+        args += ["-cpu", "host,host-phys-bits=on" if accel == "kvm" else f"max,phys-bits={TCG_PHYS_BITS}"]
+        if window > Q35_DEFAULT_HOLE64:
+            args += ["-global", f"q35-pcihost.pci-hole64-size={_qemu_size(window)}"]
+    else:
+        highmem = max(window, VIRT_DEFAULT_HIGHMEM_MMIO)
+        machine = f"virt,gic-version=3{machine_ram}"
+        if highmem > VIRT_DEFAULT_HIGHMEM_MMIO:
+            machine += f",highmem-mmio-size={_qemu_size(highmem)}"
+        args += ["-machine", machine, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max"]
+    args += ["-smp", str(smp), "-m", ram]
+    args += ["-object", f"memory-backend-memfd,id=ram0,size={ram},share=on"]
+    if numa:
+        cpus = f"0-{smp - 1}" if smp > 1 else "0"
+        args += ["-numa", f"node,nodeid=0,cpus={cpus},memdev=ram0"]
+    next_node = 1
+    for slot, device in enumerate(devices, start=1):
+        port = f"rp{slot - 1}"
+        port_args = f"pcie-root-port,id={port},bus=pcie.0,chassis={slot}"
+        if arch == "x86_64":
+            port_args += f",slot={slot}"
+        args += ["-device", port_args]
+        spec = {
+            "driver": "vfio-user-pci",
+            "id": device.id,
+            "bus": port,
+            "socket": {"type": "unix", "path": device.socket_path},
+        }
+        args += ["-device", json.dumps(spec, separators=(",", ":"))]
+        if numa:
+            for _ in range(GI_NODES_PER_GPU):
+                args += ["-numa", f"node,nodeid={next_node}"]
+                args += [
+                    "-object",
+                    f"acpi-generic-initiator,id=gi{next_node - 1},pci-dev={device.id},"
+                    f"node={next_node}",
+                ]
+                next_node += 1
+    return args
+
+
+def _qemu_size(size: int) -> str:
+    for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20)):
+        if size % unit == 0:
+            return f"{size // unit}{suffix}"
+    return str(size)
+
+
+def render_shell(args: Sequence[str], binary: str) -> str:
+    """One option per line, shell-quoted, ready to paste."""
+    lines = [binary]
+    i = 0
+    while i < len(args):
+        if args[i].startswith("-") and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            lines.append(f"{args[i]} {shlex.quote(args[i + 1])}")
+            i += 2
+        else:
+            lines.append(shlex.quote(args[i]))
+            i += 1
+    return " \\\n  ".join(lines)

@@ -1,0 +1,198 @@
+"""The per-connection DMA table: what the client mapped, and our mappings of it.
+
+Spec vfio-user.md §3.2/§3.3, R15 and §12: accept fd-less maps (ROM, BAR back-mappings),
+identical re-maps succeed, overlaps fail, unmap must match exactly or be unmap-all, and every
+mapping and fd is released before the unmap reply. An fd-backed map is checked against the
+file's size first: mapping past the end of a file would SIGBUS the daemon on first touch.
+
+The received fd is closed as soon as it is mmapped. Python's ``mmap`` keeps a private dup of
+it for the mapping's lifetime, so each live fd-backed mapping costs one descriptor; the table
+is bounded by ``max_dma_maps`` and the daemon raises its soft RLIMIT_NOFILE at start-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+from dataclasses import dataclass, field
+
+from backends.device import DmaRegion
+
+
+class DmaError(Exception):
+    """A DMA request the client must be told about (``errno`` positive)."""
+
+    def __init__(self, errno_: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+@dataclass(slots=True)
+class DmaMapping:
+    """One entry of the table."""
+
+    iova: int
+    size: int
+    readable: bool
+    writable: bool
+    file_offset: int
+    mapping: mmap.mmap | None = field(default=None, repr=False)
+    # Identity of the backing file, so an identical re-map can be recognised.
+    file_id: tuple[int, int] | None = None
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+    def region(self) -> DmaRegion:
+        """What the device is told."""
+        memory = memoryview(self.mapping) if self.mapping is not None else None
+        return DmaRegion(self.iova, self.size, self.readable, self.writable, memory)
+
+    def release(self) -> None:
+        if self.mapping is not None:
+            try:
+                self.mapping.close()
+            except BufferError:
+                # A view into the mapping is still alive somewhere (a bug in a device model);
+                # dropping our reference lets the GC unmap it once that view dies.
+                pass
+            self.mapping = None
+
+
+class DmaTable:
+    """DMA mappings of one client, bounded by the negotiated ``max_dma_maps``."""
+
+    def __init__(self, max_maps: int, page_size: int = mmap.PAGESIZE) -> None:
+        self.max_maps = max_maps
+        self.page_size = page_size
+        self._maps: dict[int, DmaMapping] = {}
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def mappings(self) -> list[DmaMapping]:
+        """Current entries, by IOVA."""
+        return sorted(self._maps.values(), key=lambda m: m.iova)
+
+    def map(
+        self,
+        iova: int,
+        size: int,
+        *,
+        readable: bool,
+        writable: bool,
+        fd: int | None,
+        file_offset: int,
+    ) -> DmaMapping | None:
+        """Add a mapping. Takes ownership of ``fd`` (closed on every path).
+
+        Returns the new entry, or None for an identical re-map (already present).
+        """
+        try:
+            return self._map(iova, size, readable, writable, fd, file_offset)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _map(
+        self,
+        iova: int,
+        size: int,
+        readable: bool,
+        writable: bool,
+        fd: int | None,
+        file_offset: int,
+    ) -> DmaMapping | None:
+        if size == 0:
+            raise DmaError(errno.EINVAL, "DMA_MAP of size 0")
+        if iova + size > 1 << 64:
+            raise DmaError(errno.EOVERFLOW, "DMA_MAP range wraps the address space")
+        if (iova | size) % self.page_size:
+            raise DmaError(errno.EINVAL, f"DMA_MAP range not aligned to {self.page_size}")
+        file_id = _file_identity(fd) if fd is not None else None
+        existing = self._overlapping(iova, size)
+        if existing is not None:
+            if (
+                existing.iova == iova
+                and existing.size == size
+                and existing.file_id == file_id
+                and existing.file_offset == file_offset
+                and (existing.readable, existing.writable) == (readable, writable)
+            ):
+                return None
+            raise DmaError(
+                errno.EEXIST,
+                f"DMA_MAP [{iova:#x}, {iova + size:#x}) overlaps "
+                f"[{existing.iova:#x}, {existing.end:#x})",
+            )
+        if len(self._maps) >= self.max_maps:
+            raise DmaError(errno.ENOSPC, f"more than max_dma_maps={self.max_maps} mappings")
+        entry = DmaMapping(iova, size, readable, writable, file_offset, None, file_id)
+        if fd is not None:
+            entry.mapping = _mmap_guest_memory(fd, file_offset, size, writable)
+        self._maps[iova] = entry
+        return entry
+
+    def unmap(self, iova: int, size: int) -> DmaMapping:
+        """Remove the mapping that exactly matches [iova, iova+size) and release it."""
+        entry = self._maps.get(iova)
+        if entry is None or entry.size != size:
+            raise DmaError(
+                errno.EINVAL, f"DMA_UNMAP [{iova:#x}, +{size:#x}) matches no mapping"
+            )
+        del self._maps[iova]
+        entry.release()
+        return entry
+
+    def unmap_all(self) -> list[DmaMapping]:
+        """Remove and release everything (unmap-all, and disconnect)."""
+        entries = list(self._maps.values())
+        self._maps.clear()
+        for entry in entries:
+            entry.release()
+        return entries
+
+    def _overlapping(self, iova: int, size: int) -> DmaMapping | None:
+        # Linear scan: QEMU keeps a few dozen maps (40-73 over a whole guest lifetime in the
+        # captures), far below where an interval tree would pay for itself.
+        end = iova + size
+        for entry in self._maps.values():
+            if entry.iova < end and iova < entry.end:
+                return entry
+        return None
+
+
+def _file_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _mmap_guest_memory(fd: int, offset: int, size: int, writable: bool) -> mmap.mmap:
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise DmaError(errno.EBADF, f"DMA_MAP fd unusable: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise DmaError(errno.EINVAL, "DMA_MAP fd is not a regular file or memfd")
+    if offset + size > st.st_size:
+        raise DmaError(
+            errno.EINVAL,
+            f"DMA_MAP [{offset:#x}, +{size:#x}) lies beyond the end of its file "
+            f"({st.st_size:#x} bytes)",
+        )
+    # hugetlb memfds can only be mapped at huge-page aligned offsets (spec vfio-user.md
+    # §5.7); st_blksize is the huge page size there and the base page size otherwise.
+    block = max(st.st_blksize, mmap.ALLOCATIONGRANULARITY)
+    if offset % block:
+        raise DmaError(errno.EINVAL, f"DMA_MAP offset {offset:#x} not aligned to {block:#x}")
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    try:
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+    except (OSError, ValueError, OverflowError) as exc:
+        raise DmaError(errno.EINVAL, f"cannot map DMA region: {exc}") from exc
+    # Guest RAM must never be inherited by a child process.
+    mapping.madvise(mmap.MADV_DONTFORK)
+    return mapping

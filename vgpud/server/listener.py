@@ -1,0 +1,198 @@
+"""Listening sockets, one per device, and the accept loop that allows one client at a time.
+
+The design's rule (DESIGN.md "Engines"): one client per device; a second connection is
+refused with a logged reason and the first is unaffected; when a client leaves its DMA
+mappings and eventfds go, the device stays, and the next client can attach.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+import protocol as p
+from backends.device import VfioDevice
+from vgpud.server.session import Session
+from vgpud.server.transport import FdStream
+
+# accept() errors that mean "out of resources right now", not "this listener is broken"
+# (trio's serve_listeners treats the same set as transient).
+_TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_ACCEPT_BACKOFF_SECONDS = 0.1
+_LISTEN_BACKLOG = 8
+
+# What the server offers in its VERSION reply (spec vfio-user.md §3.1, R8): max_msg_fds is
+# explicit because QEMU assumes 8 when absent; 16 is QEMU's own limit.
+SERVER_CAPABILITIES = p.Capabilities(
+    max_msg_fds=16, max_data_xfer_size=1 << 20, pgsizes=4096, max_dma_maps=65535
+)
+
+
+class ListenerError(Exception):
+    """A socket could not be set up; the message says which and why."""
+
+
+def bind_unix_listener(path: Path, mode: int = 0o600, group: str | None = None) -> socket.socket:
+    """Create a listening socket at ``path`` with exactly ``mode`` and ``group``.
+
+    A stale socket file (nobody accepts on it) is replaced; a live one, or a path that is
+    not a socket, is an error -- silently stealing another daemon's socket would cut its VM
+    off.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_if_stale(path)
+    gid = _group_id(group) if group is not None else None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        # Born owner-only, so no other user can connect in the window before chmod.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+        sock.listen(_LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(f"cannot listen on {path}: {exc.strerror}") from exc
+    return sock
+
+
+def _remove_if_stale(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenerError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    except OSError as exc:
+        raise ListenerError(f"cannot check existing socket {path}: {exc.strerror}") from exc
+    finally:
+        probe.close()
+    raise ListenerError(f"another server is already listening on {path}")
+
+
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ListenerError(f"unknown group {group!r}") from None
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> dict[str, int]:
+    """pid/uid/gid of the connected peer (SO_PEERCRED), for the log."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return {}
+    pid, uid, gid = struct.unpack("3i", raw)
+    return {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}
+
+
+class DeviceServer:
+    """Serves one device on one listening socket."""
+
+    def __init__(
+        self,
+        name: str,
+        device: VfioDevice,
+        listener: socket.socket | None,
+        *,
+        no_mmap: bool = False,
+        capabilities: p.Capabilities = SERVER_CAPABILITIES,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.listener = trio.socket.from_stdlib_socket(listener) if listener else None
+        self.no_mmap = no_mmap
+        self.capabilities = capabilities
+        self.log: Any = structlog.get_logger("vgpud").bind(device=name)
+        self.connections = 0
+        self.active: int | None = None
+        self._session_finished = trio.Condition()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients forever, one at a time."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                sock = await self._accept()
+                self.connections += 1
+                number = self.connections
+                creds = peer_credentials(sock)
+                if self.active is not None:
+                    # Spec vfio-user.md §1: one connection = one device = one client.
+                    self.log.warning(
+                        "refusing a second client: the device already has one",
+                        connection=number,
+                        active_connection=self.active,
+                        **creds,
+                    )
+                    sock.close()
+                    continue
+                self.active = number
+                nursery.start_soon(self._run_session, sock, number, creds)
+
+    async def serve_connected(self, sock: socket.socket) -> None:
+        """Serve a single already-connected client (``--fd`` with a connected socket)."""
+        self.connections += 1
+        await self._run_session(trio.socket.from_stdlib_socket(sock), self.connections, {})
+
+    async def _accept(self) -> trio.socket.SocketType:
+        assert self.listener is not None, "serve() needs a listening socket"
+        while True:
+            try:
+                sock, _ = await self.listener.accept()
+            except OSError as exc:
+                if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
+                    self.log.error("accept failed, backing off", error=exc.strerror)
+                    await trio.sleep(_ACCEPT_BACKOFF_SECONDS)
+                    continue
+                raise
+            return sock
+
+    async def _run_session(
+        self, sock: trio.socket.SocketType, number: int, creds: dict[str, int]
+    ) -> None:
+        stream = FdStream(sock)
+        log = self.log.bind(connection=number)
+        log.info("client connected", **creds)
+        reason = "error"
+        try:
+            session = Session(stream, self.device, self.capabilities, log, no_mmap=self.no_mmap)
+            reason = await session.run()
+            log.info("client disconnected", reason=reason, messages=session.messages)
+        except Exception:
+            log.exception("session failed; device kept, waiting for the next client")
+        finally:
+            stream.close()
+            if self.active == number:
+                self.active = None
+            async with self._session_finished:
+                self._session_finished.notify_all()
+
+    async def wait_idle(self) -> None:
+        """Wait until no client is attached (used by tests)."""
+        async with self._session_finished:
+            while self.active is not None:
+                await self._session_finished.wait()

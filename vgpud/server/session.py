@@ -1,0 +1,344 @@
+"""One client connection: the protocol connection, the DMA table and the device, glued.
+
+The loop is deliberately plain: ask the protocol connection what it needs, read exactly
+that (a header with its fds, then the body), turn each request into ``VfioDevice`` calls,
+send the reply. Requests are handled strictly in arrival order and each reply is sent before
+the next request is read, which gives spec vfio-user.md R11 (posted writes take effect before
+any later read) for free. Trapped accesses are on the VM's critical path: the per-message path
+is one table lookup and one device call, and nothing is logged above debug level.
+
+Ownership: every fd that arrives is closed on every path -- by the DMA table (right after it
+is mmapped), by the device (eventfds, per the VfioDevice contract), or here (rejected
+messages, fds a command must not carry, a stream that dies mid-message).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import protocol as p
+from backends.device import DeviceError, IrqAction, RegionFlags, VfioDevice
+from vgpud.server.dma import DmaError, DmaTable
+from vgpud.server.transport import FdStream, TransportError, close_fds
+
+# VFIO_IRQ_SET_* (linux/vfio.h; spec vfio-user.md §3.8, §4).
+_DATA_NONE, _DATA_BOOL, _DATA_EVENTFD = 1, 2, 4
+_DATA_MASK = 0x7
+_ACTIONS = {8: IrqAction.MASK, 16: IrqAction.UNMASK, 32: IrqAction.TRIGGER}
+_ACTION_MASK = 0x38
+_DMA_READ, _DMA_WRITE = 1, 2
+_UNMAP_ALL = 2
+_UNMAP_DIRTY_BITMAP = 1
+
+
+class Session:
+    """Serve one vfio-user client on ``stream`` with ``device`` until either side ends it."""
+
+    def __init__(
+        self,
+        stream: FdStream,
+        device: VfioDevice,
+        capabilities: p.Capabilities,
+        log: Any,
+        *,
+        no_mmap: bool = False,
+    ) -> None:
+        self.stream = stream
+        self.device = device
+        self.log = log
+        self.no_mmap = no_mmap
+        self.conn = p.ServerConnection(capabilities)
+        self.dma = DmaTable(capabilities.max_dma_maps)
+        info = device.device_info()
+        self.num_regions = info.num_regions
+        self.num_irqs = info.num_irqs
+        # Region sizes never change while a device exists; cache them for bounds checks.
+        self._region_sizes = [device.region_info(i).size for i in range(info.num_regions)]
+        self.messages = 0
+        self._handlers: dict[p.Command, Callable[[p.Request], p.Outgoing | None]] = {
+            p.Command.VERSION: self._version,
+            p.Command.DMA_MAP: self._dma_map,
+            p.Command.DMA_UNMAP: self._dma_unmap,
+            p.Command.DEVICE_GET_INFO: self._get_info,
+            p.Command.DEVICE_GET_REGION_INFO: self._get_region_info,
+            p.Command.DEVICE_GET_REGION_IO_FDS: self._get_region_io_fds,
+            p.Command.DEVICE_GET_IRQ_INFO: self._get_irq_info,
+            p.Command.DEVICE_SET_IRQS: self._set_irqs,
+            p.Command.REGION_READ: self._region_read,
+            p.Command.REGION_WRITE: self._region_write,
+            p.Command.REGION_WRITE_MULTI: self._region_write_multi,
+            p.Command.DEVICE_RESET: self._reset,
+            p.Command.DEVICE_FEATURE: self._device_feature,
+            p.Command.MIG_DATA_READ: self._no_migration,
+            p.Command.MIG_DATA_WRITE: self._no_migration,
+        }
+
+    async def run(self) -> str:
+        """Serve until the client leaves; return why the session ended."""
+        self.device.open()
+        try:
+            return await self._serve()
+        finally:
+            # Spec vfio-user.md R19: drop the client's DMA mappings and eventfds, keep the
+            # device's state and memory for the next client.
+            for mapping in self.dma.unmap_all():
+                self._notify_unmap(mapping.iova, mapping.size)
+            self.device.close()
+
+    async def _serve(self) -> str:
+        conn = self.conn
+        while True:
+            try:
+                event = conn.next_event()
+            except p.RemoteProtocolError as exc:
+                close_fds(exc.fds)
+                self.log.warning("protocol violation, closing", error=str(exc), errno=exc.errno)
+                return "protocol-error"
+            if event is p.NEED_DATA:
+                try:
+                    data, fds = await self.stream.receive(conn.bytes_wanted, conn.max_fds)
+                except TransportError as exc:
+                    self.log.warning("transport error, closing", error=str(exc))
+                    return "transport-error"
+                conn.receive_data(data, fds)
+                continue
+            if isinstance(event, p.ConnectionClosed):
+                return "closed"
+            outgoing = self._handle(event)
+            if outgoing is not None:
+                try:
+                    await self.stream.send(outgoing.data, outgoing.fds)
+                except TransportError as exc:
+                    self.log.info("client went away while we replied", error=str(exc))
+                    return "transport-error"
+
+    def _handle(self, event: object) -> p.Outgoing | None:
+        """Turn one event into (at most) one reply."""
+        if isinstance(event, p.RejectedRequest):
+            close_fds(event.fds)
+            self.log.info(
+                "rejected request",
+                command=event.command,
+                msg_id=event.msg_id,
+                errno=event.errno,
+                reason=event.reason,
+            )
+            return self.conn.send_error(event, event.errno)
+        if not isinstance(event, p.Request):
+            # We never send server->client requests, so the connection cannot produce
+            # replies for us; anything else is a bug in the protocol layer.
+            fds = getattr(event, "fds", ())
+            close_fds(fds)
+            raise AssertionError(f"unexpected event {event!r}")
+        self.messages += 1
+        handler = self._handlers.get(event.command)
+        try:
+            if handler is None:
+                raise DeviceError(errno.ENOSYS, f"command {event.command} not supported")
+            return handler(event)
+        except (DeviceError, DmaError) as exc:
+            self.log.debug("request refused", command=event.command.name, error=str(exc))
+            return self.conn.send_error(event, exc.errno)
+        except Exception:
+            # A bug in vgpud must cost this request, not the daemon (DESIGN.md "Errors").
+            self.log.exception("internal error handling request", command=event.command.name)
+            return self.conn.send_error(event, errno.EIO)
+
+    # -- negotiation --------------------------------------------------------------------
+
+    def _version(self, request: p.Request) -> p.Outgoing | None:
+        outgoing = self.conn.version_reply(request)
+        negotiated = self.conn.negotiated
+        if negotiated is not None:
+            self.dma.max_maps = min(self.dma.max_maps, negotiated.max_dma_maps)
+        self.log.info("negotiated", client_capabilities=_caps_summary(negotiated))
+        return outgoing
+
+    # -- DMA ------------------------------------------------------------------------------
+
+    def _dma_map(self, request: p.Request) -> p.Outgoing | None:
+        msg = request.message
+        fds = request.fds
+        fd = fds[0] if fds else None
+        if msg.flags & ~(_DMA_READ | _DMA_WRITE):
+            close_fds(fds)
+            raise DmaError(errno.EINVAL, f"DMA_MAP flags {msg.flags:#x} not supported")
+        entry = self.dma.map(
+            msg.address,
+            msg.size,
+            readable=bool(msg.flags & _DMA_READ),
+            writable=bool(msg.flags & _DMA_WRITE),
+            fd=fd,
+            file_offset=msg.offset if fd is not None else 0,
+        )
+        if entry is not None:
+            try:
+                self.device.dma_map(entry.region())
+            except DeviceError:
+                self.dma.unmap(entry.iova, entry.size)
+                raise
+        return self.conn.send_reply(request)
+
+    def _dma_unmap(self, request: p.Request) -> p.Outgoing | None:
+        msg = request.message
+        if msg.flags & _UNMAP_DIRTY_BITMAP:
+            raise DmaError(errno.ENOTSUP, "dirty page tracking is not supported")
+        if msg.flags & _UNMAP_ALL:
+            for entry in self.dma.unmap_all():
+                self._notify_unmap(entry.iova, entry.size)
+        else:
+            entry = self.dma.unmap(msg.address, msg.size)
+            self._notify_unmap(entry.iova, entry.size)
+        # Spec vfio-user.md §3.3: the reply echoes the request struct (40 bytes <= QEMU's cap).
+        return self.conn.send_reply(request, msg)
+
+    def _notify_unmap(self, iova: int, size: int) -> None:
+        try:
+            self.device.dma_unmap(iova, size)
+        except DeviceError as exc:
+            self.log.warning("device refused a DMA unmap", iova=iova, size=size, error=str(exc))
+
+    # -- device and region info ------------------------------------------------------------
+
+    def _get_info(self, request: p.Request) -> p.Outgoing | None:
+        info = self.device.device_info()
+        reply = p.DeviceInfo(
+            argsz=16, flags=int(info.flags), num_regions=info.num_regions, num_irqs=info.num_irqs
+        )
+        return self.conn.send_reply(request, reply)
+
+    def _get_region_info(self, request: p.Request) -> p.Outgoing | None:
+        msg = request.message
+        self._check_region(msg.index)
+        info = self.device.region_info(msg.index)
+        flags = info.flags
+        caps: list[Any] = []
+        mmap_fd: int | None = None
+        if info.mmap is not None and not self.no_mmap:
+            mmap_fd = info.mmap.fd
+            if info.sparse_areas:
+                caps.append(p.SparseMmapCap(tuple((a.offset, a.size) for a in info.sparse_areas)))
+            if info.msix_mappable:
+                caps.append(p.MsixMappableCap())
+        else:
+            flags &= ~RegionFlags.MMAP
+        if info.type_cap is not None:
+            caps.append(p.TypeCap(*info.type_cap))
+        offset = info.mmap.offset if mmap_fd is not None and info.mmap is not None else 0
+        reply = p.build_region_info_reply(
+            msg.argsz, msg.index, int(flags & ~RegionFlags.CAPS), info.size, offset, tuple(caps)
+        )
+        # Spec vfio-user.md §3.5/R7: the fd goes with the reply that carries the whole info
+        # (a truncated reply only tells QEMU which argsz to retry with).
+        send_fd = mmap_fd is not None and reply.argsz <= msg.argsz
+        return self.conn.send_reply(request, reply, (mmap_fd,) if send_fd and mmap_fd else ())
+
+    def _get_region_io_fds(self, request: p.Request) -> p.Outgoing | None:
+        self._check_region(request.message.index)
+        io_fds = getattr(self.device, "region_io_fds", None)
+        if io_fds is not None:
+            io_fds(request.message.index)
+        # Spec nvgrace-gpu.md §5.4: the variant refuses ioeventfds for every region.
+        raise DeviceError(errno.ENOTTY, "ioeventfds are not supported")
+
+    def _get_irq_info(self, request: p.Request) -> p.Outgoing | None:
+        index = request.message.index
+        if index >= self.num_irqs:
+            raise DeviceError(errno.EINVAL, f"irq index {index} >= {self.num_irqs}")
+        info = self.device.irq_info(index)
+        reply = p.IrqInfo(argsz=16, flags=int(info.flags), index=index, count=info.count)
+        return self.conn.send_reply(request, reply)
+
+    def _set_irqs(self, request: p.Request) -> p.Outgoing | None:
+        msg = request.message
+        fds: Sequence[int] = request.fds
+        try:
+            if msg.index >= self.num_irqs:
+                raise DeviceError(errno.EINVAL, f"irq index {msg.index} >= {self.num_irqs}")
+            action = _ACTIONS.get(msg.flags & _ACTION_MASK)
+            data_type = msg.flags & _DATA_MASK
+            if action is None or data_type not in (_DATA_NONE, _DATA_BOOL, _DATA_EVENTFD):
+                raise DeviceError(errno.EINVAL, f"SET_IRQS flags {msg.flags:#x} invalid")
+        except DeviceError:
+            close_fds(fds)
+            raise
+        if data_type == _DATA_EVENTFD:
+            # Zero fds de-assigns the vectors (spec vfio-user.md §3.8); ownership of the fds
+            # passes to the device, which closes them on every path.
+            eventfds = list(fds) if fds else [-1] * msg.count
+            self.device.set_irqs(msg.index, action, msg.start, msg.count, eventfds=eventfds)
+        elif data_type == _DATA_BOOL:
+            flags_bool = [bool(b) for b in msg.data[: msg.count]]
+            self.device.set_irqs(msg.index, action, msg.start, msg.count, data_bool=flags_bool)
+        else:
+            self.device.set_irqs(msg.index, action, msg.start, msg.count)
+        return self.conn.send_reply(request)
+
+    # -- region access ---------------------------------------------------------------------
+
+    def _check_region(self, index: int) -> None:
+        if index >= self.num_regions:
+            raise DeviceError(errno.EINVAL, f"region {index} >= {self.num_regions}")
+
+    def _check_access(self, index: int, offset: int, count: int) -> None:
+        self._check_region(index)
+        size = self._region_sizes[index]
+        if offset >= size or count > size - offset:
+            raise DeviceError(
+                errno.EINVAL, f"access [{offset:#x}, +{count:#x}) outside region {index}"
+            )
+
+    def _region_read(self, request: p.Request) -> p.Outgoing | None:
+        msg = request.message
+        if msg.count == 0:
+            data = b""
+        else:
+            self._check_access(msg.region, msg.offset, msg.count)
+            data = self.device.region_read(msg.region, msg.offset, msg.count)
+        reply = p.RegionReadReply(offset=msg.offset, region=msg.region, count=len(data), data=data)
+        return self.conn.send_reply(request, reply)
+
+    def _region_write(self, request: p.Request) -> p.Outgoing | None:
+        msg = request.message
+        if msg.count:
+            self._check_access(msg.region, msg.offset, msg.count)
+            self.device.region_write(msg.region, msg.offset, msg.data)
+        reply = p.RegionWriteReply(offset=msg.offset, region=msg.region, count=msg.count)
+        return self.conn.send_reply(request, reply)
+
+    def _region_write_multi(self, request: p.Request) -> p.Outgoing | None:
+        # Spec vfio-user.md §3.11: entries apply in order, each like a posted write.
+        for entry in request.message.entries:
+            if entry.count:
+                self._check_access(entry.region, entry.offset, entry.count)
+                self.device.region_write(entry.region, entry.offset, entry.data[: entry.count])
+        return self.conn.send_reply(request, request.message)
+
+    # -- reset and the rest ------------------------------------------------------------------
+
+    def _reset(self, request: p.Request) -> p.Outgoing | None:
+        self.device.reset()
+        self.log.info("device reset")
+        return self.conn.send_reply(request)
+
+    def _device_feature(self, request: p.Request) -> p.Outgoing | None:
+        # No migration, no DMA logging, no dma-buf: ENOTTY, the kernel's answer for an
+        # unsupported feature (spec vfio-user.md §3.13, R18).
+        raise DeviceError(errno.ENOTTY, "device features are not supported")
+
+    def _no_migration(self, request: p.Request) -> p.Outgoing | None:
+        raise DeviceError(errno.ENOTSUP, "migration is not supported")
+
+
+def _caps_summary(caps: p.Capabilities | None) -> dict[str, Any]:
+    if caps is None:
+        return {}
+    return {
+        "max_msg_fds": caps.max_msg_fds,
+        "max_data_xfer_size": caps.max_data_xfer_size,
+        "max_dma_maps": caps.max_dma_maps,
+        "pgsizes": caps.pgsizes,
+    }
+

@@ -1,0 +1,104 @@
+"""An fd-aware byte stream over a trio UNIX socket.
+
+``trio.SocketStream`` carries no ancillary data, and vfio-user passes file descriptors
+(SCM_RIGHTS) with the first bytes of a message (spec vfio-user.md §1 "FD passing"). This is
+the small stream class the design calls for: ``receive`` reads at most what the protocol
+connection asks for (so a read never spans two messages and fds land on the right one) and
+``send`` puts the fds on the first ``sendmsg`` of a message.
+
+Every fd this module hands out is a new descriptor owned by the caller. Received fds are
+opened with MSG_CMSG_CLOEXEC so they never leak into children (STYLE.md "Habits").
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Sequence
+
+import trio
+
+_FD_SIZE = array.array("i").itemsize
+
+
+class TransportError(Exception):
+    """The socket can no longer be used for this connection."""
+
+
+class FdStream:
+    """One connected AF_UNIX SOCK_STREAM socket, with fd passing.
+
+    Two tasks must never interleave one socket's writes (STYLE.md "trio"): a send in progress
+    makes a concurrent ``send`` raise ``trio.BusyResourceError``.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.socket = sock
+        self._sending = False
+
+    async def receive(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
+        """Read up to ``max_bytes`` and any fds sent with them; ``b""`` means EOF.
+
+        Raises TransportError when the kernel had to drop descriptors (MSG_CTRUNC): the peer
+        sent more fds than it was allowed to, and which message they belonged to is lost.
+        """
+        ancillary = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
+        try:
+            data, ancdata, msg_flags, _ = await self.socket.recvmsg(
+                max_bytes, ancillary, socket.MSG_CMSG_CLOEXEC
+            )
+        except OSError as exc:
+            raise TransportError(f"recvmsg failed: {exc.strerror}") from exc
+        fds = _fds_from_ancillary(ancdata)
+        if msg_flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            raise TransportError(f"peer sent more than {max_fds} fds with one message")
+        return data, fds
+
+    async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send all of ``data``; ``fds`` travel with its first byte."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this socket")
+        self._sending = True
+        try:
+            view = memoryview(data)
+            ancdata = []
+            if fds:
+                ancdata = [
+                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+                ]
+            while view:
+                try:
+                    sent = await self.socket.sendmsg([view], ancdata)
+                except OSError as exc:
+                    raise TransportError(f"sendmsg failed: {exc.strerror}") from exc
+                view = view[sent:]
+                # The kernel attached the fds to the bytes of the first sendmsg; the rest of a
+                # partially sent message goes without them (spec vfio-user.md §1 "Server TX").
+                ancdata = []
+        finally:
+            self._sending = False
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        self.socket.close()
+
+
+def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close every fd, ignoring ones already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
