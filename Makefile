@@ -33,11 +33,15 @@ typecheck: $(BIN)/.installed
 unit: $(BIN)/.installed
 	$(BIN)/pytest -m 'not e2e'
 
+# QEMU 11.1 (Debian sid), guest kernels and busybox for both tiers, x86_64 first; idempotent.
+# `make assets ASSETS_ARCH="--arch x86_64"` fetches only the x86 tier.
+ASSETS_ARCH ?= --all
 assets: $(BIN)/.installed
-	$(BIN)/python -m tests.e2e.assets fetch
+	$(BIN)/python -m tests.e2e.assets fetch $(ASSETS_ARCH)
 
+# VGPUD_E2E_REQUIRE=1: missing assets fail the tier instead of skipping it.
 e2e: assets
-	$(BIN)/pytest -m e2e
+	VGPUD_E2E_REQUIRE=1 $(BIN)/pytest -m e2e
 
 # Everything CI runs: lint, mypy --strict, every test tier including real QEMU guests.
 test: lint typecheck assets

@@ -88,7 +88,9 @@ class MemoryWindow:
 
     def __repr__(self) -> str:
         kind = "cacheable" if self.cacheable else "non-cached"
-        return f"MemoryWindow(fd={self.fd}, offset={self.offset:#x}, length={self.length:#x}, {kind})"
+        return (
+            f"MemoryWindow(fd={self.fd}, offset={self.offset:#x}, length={self.length:#x}, {kind})"
+        )
 
 
 @runtime_checkable

@@ -75,9 +75,7 @@ class TwinSocket:
         supported = obj.get("supported", False)
         require(type(supported) is bool, "twin_socket.supported must be a bool")
         fd_index = obj.get("fd_index")
-        require(
-            fd_index is None or (type(fd_index) is int), "twin_socket.fd_index must be an int"
-        )
+        require(fd_index is None or (type(fd_index) is int), "twin_socket.fd_index must be an int")
         return cls(supported=supported, fd_index=fd_index)
 
 

@@ -39,9 +39,7 @@ class Version:
         head = VERSION_STRUCT.pack(self.major, self.minor)
         if self.capabilities is None:
             return head
-        text = json.dumps(
-            {"capabilities": self.capabilities.to_json()}, separators=(",", ":")
-        )
+        text = json.dumps({"capabilities": self.capabilities.to_json()}, separators=(",", ":"))
         return head + text.encode() + b"\0"
 
     @classmethod
@@ -97,4 +95,3 @@ def negotiate_reply(request: Version, ours: Capabilities, max_size: int) -> Vers
             return reply
     # Not even the two mandatory keys fit: a bare 0.0 means "spec defaults" (spec §3.1).
     return Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, None)
-

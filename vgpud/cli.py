@@ -57,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-delay", type=float, default=0.0,
                        help="seconds the GPU reports not-ready after each reset (testing aid)")
     serve.add_argument("--no-mmap", action="store_true", help="trap every access (no mmap)")
-    serve.add_argument("--engine", choices=("python", "libvfio-user"), default=None)
     serve.add_argument("--log-level", choices=log.LEVELS, default=None)
     serve.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
 
@@ -108,8 +107,6 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
         overrides["log_level"] = args.log_level
     if args.log_format:
         overrides["log_format"] = args.log_format
-    if args.engine:
-        overrides["engine"] = args.engine
     if overrides:
         from dataclasses import replace
 
@@ -122,10 +119,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = _serve_config(args)
     log.configure(config.log_level, config.log_format)
-    if config.engine != "python":
-        from vgpud.libvfio_user import run_with_libvfio_user
-
-        return run_with_libvfio_user(config)
     try:
         trio.run(lambda: daemon.run(config, inherited_fd=args.fd))
     except daemon.StartupError as exc:
@@ -203,11 +196,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
+        # ValueError: LayoutError (the kernel would fail probe for this memory size) and
+        # profile override errors; both are the user's input.
         print(f"vgpud: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into head(1) and the like: not an error worth a traceback.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

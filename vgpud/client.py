@@ -11,12 +11,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 import protocol as p
 from vgpud.server.transport import FdStream, close_fds
+
+_M = TypeVar("_M")
 
 CLIENT_CAPABILITIES = p.Capabilities(
     max_msg_fds=16, max_data_xfer_size=1 << 20, pgsizes=4096, max_dma_maps=65535
@@ -36,7 +38,7 @@ class VfioUserError(Exception):
 class RegionInfoResult:
     """A region-info reply and the fd that came with it (caller closes it)."""
 
-    info: Any
+    info: p.RegionInfo
     fd: int | None
 
 
@@ -98,8 +100,8 @@ class VfioUserClient:
                 return event
             if isinstance(event, p.ConnectionClosed):
                 raise EOFError("server closed the connection")
-            fds = getattr(event, "fds", ())
-            close_fds(fds)
+            if isinstance(event, p.Request | p.RejectedRequest):
+                close_fds(event.fds)
             raise RuntimeError(f"unexpected event from server: {event!r}")
 
     async def request(self, message: Any, fds: Sequence[int] = ()) -> p.Reply:
@@ -113,12 +115,22 @@ class VfioUserClient:
             raise VfioUserError(reply.command, reply.errno)
         return reply
 
+    async def call(self, message: Any, reply_type: type[_M], fds: Sequence[int] = ()) -> _M:
+        """``request`` and check the reply's message type."""
+        reply = await self.request(message, fds)
+        got = reply.message
+        if not isinstance(got, reply_type):
+            close_fds(reply.fds)
+            raise RuntimeError(f"expected {reply_type.__name__}, got {got!r}")
+        return got
+
     # -- typed helpers ----------------------------------------------------------------------
 
-    async def device_info(self) -> Any:
+    async def device_info(self) -> p.DeviceInfo:
         """DEVICE_GET_INFO."""
-        reply = await self.request(p.DeviceInfo(argsz=16, flags=0, num_regions=0, num_irqs=0))
-        return reply.message
+        return await self.call(
+            p.DeviceInfo(argsz=16, flags=0, num_regions=0, num_irqs=0), p.DeviceInfo
+        )
 
     async def region_info(self, index: int, argsz: int = 32) -> RegionInfoResult:
         """DEVICE_GET_REGION_INFO, retrying with the argsz the server asks for (as QEMU)."""
@@ -127,6 +139,9 @@ class VfioUserClient:
             info = reply.message
             fd = reply.fds[0] if reply.fds else None
             close_fds(reply.fds[1:])
+            if not isinstance(info, p.RegionInfo):
+                close_fds(reply.fds[:1])
+                raise RuntimeError(f"expected RegionInfo, got {info!r}")
             if info.argsz > argsz:
                 if fd is not None:
                     os.close(fd)
@@ -134,16 +149,16 @@ class VfioUserClient:
                 continue
             return RegionInfoResult(info, fd)
 
-    async def irq_info(self, index: int) -> Any:
+    async def irq_info(self, index: int) -> p.IrqInfo:
         """DEVICE_GET_IRQ_INFO."""
-        reply = await self.request(p.IrqInfo(argsz=16, flags=0, index=index, count=0))
-        return reply.message
+        return await self.call(p.IrqInfo(argsz=16, flags=0, index=index, count=0), p.IrqInfo)
 
     async def region_read(self, region: int, offset: int, count: int) -> bytes:
         """REGION_READ."""
-        reply = await self.request(p.RegionReadRequest(offset=offset, region=region, count=count))
-        data: bytes = reply.message.data
-        return data
+        reply = await self.call(
+            p.RegionReadRequest(offset=offset, region=region, count=count), p.RegionReadReply
+        )
+        return reply.data
 
     async def region_write(self, region: int, offset: int, data: bytes) -> None:
         """REGION_WRITE (with a reply)."""

@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from vgpud.log import LEVELS, LogFormat
 from vgpud.units import parse_size
@@ -70,9 +70,6 @@ class DaemonConfig:
     devices: tuple[DeviceConfig, ...]
     log_level: str = "info"
     log_format: LogFormat = "auto"
-    engine: str = "python"
-    libvfio_user_path: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 _DEVICE_KEYS = {
@@ -87,8 +84,7 @@ _DEVICE_KEYS = {
     "ready_delay",
     "no_mmap",
 }
-_DAEMON_KEYS = {"log_level", "log_format", "engine", "libvfio_user_path"}
-ENGINES = ("python", "libvfio-user")
+_DAEMON_KEYS = {"log_level", "log_format"}
 
 
 def default_socket_path(name: str) -> Path:
@@ -132,13 +128,7 @@ def parse(raw: Mapping[str, Any], source: str = "config") -> DaemonConfig:
     log_format = _string(daemon, "log_format", "auto", f"{source}: [daemon]")
     if log_format not in ("auto", "console", "json"):
         raise ConfigError(f"{source}: [daemon] log_format must be auto, console or json")
-    engine = _string(daemon, "engine", "python", f"{source}: [daemon]")
-    if engine not in ENGINES:
-        raise ConfigError(f"{source}: [daemon] engine must be one of {', '.join(ENGINES)}")
-    lib = daemon.get("libvfio_user_path")
-    if lib is not None and not isinstance(lib, str):
-        raise ConfigError(f"{source}: [daemon] libvfio_user_path must be a string")
-    return DaemonConfig(devices, level, log_format, engine, lib)  # type: ignore[arg-type]
+    return DaemonConfig(devices, level, cast(LogFormat, log_format))
 
 
 def single_device(

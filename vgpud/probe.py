@@ -20,7 +20,7 @@ REGION_NAMES = {0: "BAR0", 1: "BAR1", 2: "BAR2", 3: "BAR3", 4: "BAR4", 5: "BAR5"
 IRQ_NAMES = {0: "INTx", 1: "MSI", 2: "MSI-X", 3: "ERR", 4: "REQ"}
 CAP_NAMES = {0x01: "Power Management", 0x05: "MSI", 0x09: "Vendor Specific", 0x10: "PCI Express",
              0x11: "MSI-X"}
-EXT_CAP_NAMES = {0x0001: "Advanced Error Reporting", 0x000B: "Vendor Specific (VSEC)",
+EXT_CAP_NAMES = {0x0001: "Advanced Error Reporting", 0x0003: "Device Serial Number", 0x000B: "Vendor Specific (VSEC)",
                  0x0015: "Resizable BAR", 0x0023: "Designated Vendor-Specific (DVSEC)"}
 _REGION_FLAGS = ((1, "read"), (2, "write"), (4, "mmap"), (8, "caps"))
 _IRQ_FLAGS = ((1, "eventfd"), (2, "maskable"), (4, "automasked"), (8, "noresize"))
@@ -90,6 +90,13 @@ async def probe(path: str | Path) -> ProbeResult:
         if config_size:
             config = await client.region_read(7, 0, config_size)
             result.config = decode_config(config)
+            # The variant patches only the first fake BAR a single access touches (spec
+            # nvgrace-gpu.md §4.3), so a bulk read shows BAR4 unpatched; read each BAR
+            # register on its own, as QEMU does at realize.
+            result.config["bars"] = [
+                struct.unpack("<I", await client.region_read(7, 0x10 + 4 * i, 4))[0]
+                for i in range(6)
+            ]
     return result
 
 

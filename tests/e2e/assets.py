@@ -43,13 +43,17 @@ from pathlib import Path
 from typing import Any
 
 ARCHES = ("x86_64", "aarch64")
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
-DEBIAN_SECURITY = "http://deb.debian.org/debian-security"
+# Overridable for CI mirrors; signatures are still checked against Debian's keyring.
+DEBIAN_MIRROR = os.environ.get("VGPUD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+DEBIAN_SECURITY = os.environ.get(
+    "VGPUD_DEBIAN_SECURITY_MIRROR", "http://deb.debian.org/debian-security"
+)
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 MANIFEST = "manifest.json"
 # Bumped when the layout of an asset directory changes: older directories are rebuilt.
 ASSET_FORMAT = 1
 HOST_MULTIARCH = "x86_64-linux-gnu"
+_PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/AAVMF")
 
 
 class AssetError(Exception):
@@ -268,7 +272,15 @@ Acquire::http::Timeout "60";
 """
         (self.root / "apt.conf").write_text(conf)
 
-    def run(self, tool: str, *args: str, asset: str, step: str, cwd: Path | None = None) -> str:
+    def run(
+        self,
+        tool: str,
+        *args: str,
+        asset: str,
+        step: str,
+        cwd: Path | None = None,
+        merge_stderr: bool = False,
+    ) -> str:
         env = dict(os.environ, APT_CONFIG=str(self.root / "apt.conf"), LC_ALL="C.UTF-8")
         env.pop("DEBIAN_FRONTEND", None)
         cmd = [tool, *args]
@@ -292,13 +304,18 @@ Acquire::http::Timeout "60";
                 f"`{' '.join(cmd)}` (apt root {self.root}) exited {proc.returncode}: "
                 + " | ".join(errors[-6:]),
             )
-        return proc.stdout
+        return proc.stdout + proc.stderr if merge_stderr else proc.stdout
 
     def update(self, asset: str) -> None:
         if self._updated:
             return
         self.setup()
-        self.run("apt-get", "update", asset=asset, step=f"apt-get update ({self.name})")
+        step = f"apt-get update ({self.name})"
+        out = self.run("apt-get", "update", asset=asset, step=step, merge_stderr=True)
+        # apt-get update exits 0 when an index could not be fetched; that is fatal for us.
+        failed = [line for line in out.splitlines() if line.startswith(("Err:", "W: Failed", "E:"))]
+        if failed:
+            raise AssetError(asset, step, " | ".join(failed[:4]))
         self._updated = True
 
     def depends_of(self, package: str, asset: str) -> tuple[str, str]:
@@ -442,6 +459,7 @@ class Fetcher:
         for stale in final.parent.glob(f".{final.name}.*"):  # left by a killed fetch
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        tmp.chmod(0o755)
         try:
             manifest: dict[str, Any] = build(tmp)
             manifest["format"] = ASSET_FORMAT
@@ -473,6 +491,8 @@ class Fetcher:
         root.mkdir()
         for deb in debs:
             _run(["dpkg-deb", "-x", str(deb), str(root)], asset, f"unpack {deb.name}")
+        for unneeded in _PRUNE:  # docs and the 64 MiB AAVMF pflash images (385 MB)
+            shutil.rmtree(root / unneeded, ignore_errors=True)
         loader = root / "usr/lib" / HOST_MULTIARCH / "ld-linux-x86-64.so.2"
         binary = root / "usr/bin" / spec.qemu.binary
         for path in (loader, binary):
@@ -496,7 +516,21 @@ class Fetcher:
         deb = apt.download(package, asset)
         unpack = out / "unpack"
         unpack.mkdir()
-        _run(["dpkg-deb", "-x", str(deb), str(unpack)], asset, f"unpack {deb.name}")
+        # Only ./boot (vmlinuz, config): the modules are not needed by the initramfs guest.
+        _run(
+            [
+                "bash",
+                "-o",
+                "pipefail",
+                "-c",
+                'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards "./boot/*"',
+                "unpack",
+                str(deb),
+                str(unpack),
+            ],
+            asset,
+            f"unpack {deb.name}",
+        )
         kernels = sorted((unpack / "boot").glob("vmlinuz-*"))
         if len(kernels) != 1:
             raise AssetError(asset, "unpack", f"expected one boot/vmlinuz-*, found {kernels}")

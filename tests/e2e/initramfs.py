@@ -89,8 +89,9 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 . /vglib.sh
-echo "VGTEST boot=start uptime=$(cut -d' ' -f1 /proc/uptime)"
-( set -e; . /vgtest.sh )
+echo "VGTEST boot=$(cut -d" " -f1 /proc/uptime)"
+# -x: a failing run's serial log shows every command up to the one that failed
+( set -ex; . /vgtest.sh )
 rc=$?
 echo "VGTEST-DONE rc=$rc"
 sync
@@ -139,7 +140,9 @@ def _newc(entries: Iterable[_Entry]) -> bytes:
     return out.getvalue()
 
 
-def build_initramfs(busybox: Path, test_body: str, extra_files: dict[str, bytes] | None = None) -> bytes:
+def build_initramfs(
+    busybox: Path, test_body: str, extra_files: dict[str, bytes] | None = None
+) -> bytes:
     """gzip'd newc cpio with busybox, /init, the helper library and ``test_body``."""
     entries = [
         _Entry(d, stat.S_IFDIR | 0o755)
@@ -175,7 +178,7 @@ class GuestScript:
 
     def find_device(self, vendor: int = 0x10DE) -> GuestScript:
         return self.raw(
-            f'vg_find_dev {vendor:#06x} || {{ vg_kv device_found no; exit 1; }}\n'
+            f"vg_find_dev {vendor:#06x} || {{ vg_kv device_found no; exit 1; }}\n"
             "vg_kv device_found yes"
         )
 
@@ -229,7 +232,10 @@ class GuestResults:
             elif line.startswith("VGTEST-CHECK "):
                 parts = line.split(" ", 3)
                 if len(parts) >= 3:
-                    results.checks[parts[1]] = (parts[2] == "PASS", parts[3] if len(parts) > 3 else "")
+                    results.checks[parts[1]] = (
+                        parts[2] == "PASS",
+                        parts[3] if len(parts) > 3 else "",
+                    )
             elif line.startswith("VGTEST "):
                 key, _, value = line[len("VGTEST ") :].partition("=")
                 if key == "boot":

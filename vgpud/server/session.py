@@ -57,22 +57,23 @@ class Session:
         # Region sizes never change while a device exists; cache them for bounds checks.
         self._region_sizes = [device.region_info(i).size for i in range(info.num_regions)]
         self.messages = 0
-        self._handlers: dict[p.Command, Callable[[p.Request], p.Outgoing | None]] = {
-            p.Command.VERSION: self._version,
-            p.Command.DMA_MAP: self._dma_map,
-            p.Command.DMA_UNMAP: self._dma_unmap,
-            p.Command.DEVICE_GET_INFO: self._get_info,
-            p.Command.DEVICE_GET_REGION_INFO: self._get_region_info,
-            p.Command.DEVICE_GET_REGION_IO_FDS: self._get_region_io_fds,
-            p.Command.DEVICE_GET_IRQ_INFO: self._get_irq_info,
-            p.Command.DEVICE_SET_IRQS: self._set_irqs,
-            p.Command.REGION_READ: self._region_read,
-            p.Command.REGION_WRITE: self._region_write,
-            p.Command.REGION_WRITE_MULTI: self._region_write_multi,
-            p.Command.DEVICE_RESET: self._reset,
-            p.Command.DEVICE_FEATURE: self._device_feature,
-            p.Command.MIG_DATA_READ: self._no_migration,
-            p.Command.MIG_DATA_WRITE: self._no_migration,
+        # Keyed by message type: one dict lookup per request, and typed handlers.
+        self._handlers: dict[type, Callable[[p.Request, Any], p.Outgoing | None]] = {
+            p.RegionReadRequest: self._region_read,
+            p.RegionWriteRequest: self._region_write,
+            p.RegionWriteMulti: self._region_write_multi,
+            p.Version: self._version,
+            p.DmaMap: self._dma_map,
+            p.DmaUnmap: self._dma_unmap,
+            p.DeviceInfo: self._get_info,
+            p.RegionInfoRequest: self._get_region_info,
+            p.RegionIoFdsRequest: self._get_region_io_fds,
+            p.IrqInfo: self._get_irq_info,
+            p.SetIrqs: self._set_irqs,
+            p.DeviceReset: self._reset,
+            p.DeviceFeature: self._device_feature,
+            p.MigDataRead: self._no_migration,
+            p.MigDataWrite: self._no_migration,
         }
 
     async def run(self) -> str:
@@ -133,11 +134,11 @@ class Session:
             close_fds(fds)
             raise AssertionError(f"unexpected event {event!r}")
         self.messages += 1
-        handler = self._handlers.get(event.command)
+        handler = self._handlers.get(type(event.message))
         try:
             if handler is None:
                 raise DeviceError(errno.ENOSYS, f"command {event.command} not supported")
-            return handler(event)
+            return handler(event, event.message)
         except (DeviceError, DmaError) as exc:
             self.log.debug("request refused", command=event.command.name, error=str(exc))
             return self.conn.send_error(event, exc.errno)
@@ -148,7 +149,7 @@ class Session:
 
     # -- negotiation --------------------------------------------------------------------
 
-    def _version(self, request: p.Request) -> p.Outgoing | None:
+    def _version(self, request: p.Request, msg: p.Version) -> p.Outgoing | None:
         outgoing = self.conn.version_reply(request)
         negotiated = self.conn.negotiated
         if negotiated is not None:
@@ -158,8 +159,7 @@ class Session:
 
     # -- DMA ------------------------------------------------------------------------------
 
-    def _dma_map(self, request: p.Request) -> p.Outgoing | None:
-        msg = request.message
+    def _dma_map(self, request: p.Request, msg: p.DmaMap) -> p.Outgoing | None:
         fds = request.fds
         fd = fds[0] if fds else None
         if msg.flags & ~(_DMA_READ | _DMA_WRITE):
@@ -181,8 +181,7 @@ class Session:
                 raise
         return self.conn.send_reply(request)
 
-    def _dma_unmap(self, request: p.Request) -> p.Outgoing | None:
-        msg = request.message
+    def _dma_unmap(self, request: p.Request, msg: p.DmaUnmap) -> p.Outgoing | None:
         if msg.flags & _UNMAP_DIRTY_BITMAP:
             raise DmaError(errno.ENOTSUP, "dirty page tracking is not supported")
         if msg.flags & _UNMAP_ALL:
@@ -202,15 +201,14 @@ class Session:
 
     # -- device and region info ------------------------------------------------------------
 
-    def _get_info(self, request: p.Request) -> p.Outgoing | None:
+    def _get_info(self, request: p.Request, msg: p.DeviceInfo) -> p.Outgoing | None:
         info = self.device.device_info()
         reply = p.DeviceInfo(
             argsz=16, flags=int(info.flags), num_regions=info.num_regions, num_irqs=info.num_irqs
         )
         return self.conn.send_reply(request, reply)
 
-    def _get_region_info(self, request: p.Request) -> p.Outgoing | None:
-        msg = request.message
+    def _get_region_info(self, request: p.Request, msg: p.RegionInfoRequest) -> p.Outgoing | None:
         self._check_region(msg.index)
         info = self.device.region_info(msg.index)
         flags = info.flags
@@ -235,24 +233,23 @@ class Session:
         send_fd = mmap_fd is not None and reply.argsz <= msg.argsz
         return self.conn.send_reply(request, reply, (mmap_fd,) if send_fd and mmap_fd else ())
 
-    def _get_region_io_fds(self, request: p.Request) -> p.Outgoing | None:
-        self._check_region(request.message.index)
+    def _get_region_io_fds(self, request: p.Request, msg: p.RegionIoFdsRequest) -> p.Outgoing | None:
+        self._check_region(msg.index)
         io_fds = getattr(self.device, "region_io_fds", None)
         if io_fds is not None:
-            io_fds(request.message.index)
+            io_fds(msg.index)
         # Spec nvgrace-gpu.md §5.4: the variant refuses ioeventfds for every region.
         raise DeviceError(errno.ENOTTY, "ioeventfds are not supported")
 
-    def _get_irq_info(self, request: p.Request) -> p.Outgoing | None:
-        index = request.message.index
+    def _get_irq_info(self, request: p.Request, msg: p.IrqInfo) -> p.Outgoing | None:
+        index = msg.index
         if index >= self.num_irqs:
             raise DeviceError(errno.EINVAL, f"irq index {index} >= {self.num_irqs}")
         info = self.device.irq_info(index)
         reply = p.IrqInfo(argsz=16, flags=int(info.flags), index=index, count=info.count)
         return self.conn.send_reply(request, reply)
 
-    def _set_irqs(self, request: p.Request) -> p.Outgoing | None:
-        msg = request.message
+    def _set_irqs(self, request: p.Request, msg: p.SetIrqs) -> p.Outgoing | None:
         fds: Sequence[int] = request.fds
         try:
             if msg.index >= self.num_irqs:
@@ -290,8 +287,7 @@ class Session:
                 errno.EINVAL, f"access [{offset:#x}, +{count:#x}) outside region {index}"
             )
 
-    def _region_read(self, request: p.Request) -> p.Outgoing | None:
-        msg = request.message
+    def _region_read(self, request: p.Request, msg: p.RegionReadRequest) -> p.Outgoing | None:
         if msg.count == 0:
             data = b""
         else:
@@ -300,35 +296,34 @@ class Session:
         reply = p.RegionReadReply(offset=msg.offset, region=msg.region, count=len(data), data=data)
         return self.conn.send_reply(request, reply)
 
-    def _region_write(self, request: p.Request) -> p.Outgoing | None:
-        msg = request.message
+    def _region_write(self, request: p.Request, msg: p.RegionWriteRequest) -> p.Outgoing | None:
         if msg.count:
             self._check_access(msg.region, msg.offset, msg.count)
             self.device.region_write(msg.region, msg.offset, msg.data)
         reply = p.RegionWriteReply(offset=msg.offset, region=msg.region, count=msg.count)
         return self.conn.send_reply(request, reply)
 
-    def _region_write_multi(self, request: p.Request) -> p.Outgoing | None:
+    def _region_write_multi(self, request: p.Request, msg: p.RegionWriteMulti) -> p.Outgoing | None:
         # Spec vfio-user.md §3.11: entries apply in order, each like a posted write.
-        for entry in request.message.entries:
+        for entry in msg.entries:
             if entry.count:
                 self._check_access(entry.region, entry.offset, entry.count)
                 self.device.region_write(entry.region, entry.offset, entry.data[: entry.count])
-        return self.conn.send_reply(request, request.message)
+        return self.conn.send_reply(request, p.RegionWriteMultiReply(len(msg.entries)))
 
     # -- reset and the rest ------------------------------------------------------------------
 
-    def _reset(self, request: p.Request) -> p.Outgoing | None:
+    def _reset(self, request: p.Request, msg: p.DeviceReset) -> p.Outgoing | None:
         self.device.reset()
         self.log.info("device reset")
         return self.conn.send_reply(request)
 
-    def _device_feature(self, request: p.Request) -> p.Outgoing | None:
+    def _device_feature(self, request: p.Request, msg: p.DeviceFeature) -> p.Outgoing | None:
         # No migration, no DMA logging, no dma-buf: ENOTTY, the kernel's answer for an
         # unsupported feature (spec vfio-user.md §3.13, R18).
         raise DeviceError(errno.ENOTTY, "device features are not supported")
 
-    def _no_migration(self, request: p.Request) -> p.Outgoing | None:
+    def _no_migration(self, request: p.Request, msg: object) -> p.Outgoing | None:
         raise DeviceError(errno.ENOTSUP, "migration is not supported")
 
 

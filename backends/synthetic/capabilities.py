@@ -1,0 +1,159 @@
+"""The capability lists of the synthetic GPU: PM, MSI, PCI Express, MSI-X, DSN, NVIDIA DVSEC.
+
+Layout (offsets chosen here; a real GH100 has a similar set at other offsets)::
+
+    0x40 Power Management    0x48 MSI (64-bit, per-vector mask)
+    0x60 PCI Express v2 (Endpoint, FLR capable)      0xA0 MSI-X (table/PBA in BAR0)
+    0x100 Device Serial Number   0x110 NVIDIA DVSEC (ID 3, bitmap at +0xA)
+
+The DSN has extended capability ID 3 -- the same number as the NVIDIA DVSEC ID -- so a DVSEC
+lookup that confuses the two is caught by the tests (spec nvgrace-gpu.md §2.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backends.synthetic.config_space import (
+    PCI_CAPABILITY_LIST,
+    PCI_STATUS,
+    PCI_STATUS_CAP_LIST,
+    ConfigSpace,
+)
+from backends.synthetic.profiles import NVIDIA_VENDOR_ID
+
+PCI_CAP_ID_PM = 0x01
+PCI_CAP_ID_MSI = 0x05
+PCI_CAP_ID_EXP = 0x10
+PCI_CAP_ID_MSIX = 0x11
+PCI_EXT_CAP_ID_DSN = 0x0003
+PCI_EXT_CAP_ID_DVSEC = 0x0023
+
+PM_OFFSET = 0x40
+MSI_OFFSET = 0x48
+PCIE_OFFSET = 0x60
+MSIX_OFFSET = 0xA0
+DSN_OFFSET = 0x100
+DVSEC_OFFSET = 0x110
+
+# Field offsets inside the capabilities.
+PM_CTRL = 4
+MSI_FLAGS = 2
+MSI_ADDRESS_LO = 4
+MSI_ADDRESS_HI = 8
+MSI_DATA = 12
+MSI_MASK = 16
+MSI_PENDING = 20
+PCI_EXP_DEVCAP = 4
+PCI_EXP_DEVCTL = 8
+PCI_EXP_DEVSTA = 10
+MSIX_FLAGS = 2
+MSIX_TABLE = 4
+MSIX_PBA = 8
+
+MSI_FLAGS_ENABLE = 1 << 0
+MSI_FLAGS_64BIT = 1 << 7
+MSI_FLAGS_MASKBIT = 1 << 8
+MSIX_FLAGS_MASKALL = 1 << 14
+MSIX_FLAGS_ENABLE = 1 << 15
+PCI_EXP_DEVCAP_FLR = 1 << 28
+PCI_EXP_DEVCTL_BCR_FLR = 1 << 15
+
+# NVIDIA DVSEC (spec nvgrace-gpu.md §2.2).
+GPU_CAP_DVSEC_REGISTER = 3
+DVSEC_HEADER1 = 4
+DVSEC_HEADER2 = 8
+DVSEC_BITMAP_OFFSET = 0xA
+DVSEC_LENGTH = 0x10
+
+# MSI-X table and PBA inside BAR0: page-aligned, away from the readiness registers at
+# 0x1498 and 0x200BC (spec nvgrace-gpu.md §7.1) and never mmapped (spec vfio-user.md R14).
+MSIX_TABLE_OFFSET = 0x2000
+MSIX_PBA_OFFSET = 0x3000
+MSIX_ENTRY_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilityParams:
+    """What varies between profiles in the capability lists."""
+
+    msi_vectors: int
+    msix_vectors: int
+    serial_number: int
+    dvsec_bitmap: int | None
+
+
+def build_capabilities(cfg: ConfigSpace, params: CapabilityParams) -> None:
+    """Write the standard and extended capability lists into ``cfg``."""
+    cfg.set_bits(PCI_STATUS, 2, PCI_STATUS_CAP_LIST, True)
+    cfg.set(PCI_CAPABILITY_LIST, 1, PM_OFFSET)
+    _power_management(cfg, PM_OFFSET, next_cap=MSI_OFFSET)
+    _msi(cfg, MSI_OFFSET, params.msi_vectors, next_cap=PCIE_OFFSET)
+    _pci_express(cfg, PCIE_OFFSET, next_cap=MSIX_OFFSET)
+    _msix(cfg, MSIX_OFFSET, params.msix_vectors, next_cap=0)
+    has_dvsec = params.dvsec_bitmap is not None
+    _ext_header(cfg, DSN_OFFSET, PCI_EXT_CAP_ID_DSN, next_cap=DVSEC_OFFSET if has_dvsec else 0)
+    cfg.set(DSN_OFFSET + 4, 8, params.serial_number)
+    if params.dvsec_bitmap is not None:
+        _nvidia_dvsec(cfg, DVSEC_OFFSET, params.dvsec_bitmap)
+
+
+def _header(cfg: ConfigSpace, offset: int, cap_id: int, next_cap: int) -> None:
+    cfg.set(offset, 1, cap_id)
+    cfg.set(offset + 1, 1, next_cap)
+
+
+def _ext_header(cfg: ConfigSpace, offset: int, cap_id: int, next_cap: int) -> None:
+    cfg.set(offset, 4, cap_id | 1 << 16 | next_cap << 20)
+
+
+def _power_management(cfg: ConfigSpace, at: int, next_cap: int) -> None:
+    _header(cfg, at, PCI_CAP_ID_PM, next_cap)
+    cfg.set(at + 2, 2, 0x0003)  # PMC: version 3, no PME from any state
+    # PMCSR: power state and PME_En writable, PME status RW1C, NoSoftReset set so that a
+    # D3hot->D0 transition keeps config state (what Linux expects from a GPU).
+    cfg.set(at + PM_CTRL, 2, 0x0008, wmask=0x0103, w1cmask=0x8000)
+
+
+def _msi(cfg: ConfigSpace, at: int, vectors: int, next_cap: int) -> None:
+    _header(cfg, at, PCI_CAP_ID_MSI, next_cap)
+    mmc = vectors.bit_length() - 1
+    flags = MSI_FLAGS_64BIT | MSI_FLAGS_MASKBIT | mmc << 1
+    cfg.set(at + MSI_FLAGS, 2, flags, wmask=0x0071)  # enable + multiple message enable
+    cfg.set(at + MSI_ADDRESS_LO, 4, 0, wmask=0xFFFFFFFC)
+    cfg.set(at + MSI_ADDRESS_HI, 4, 0, wmask=0xFFFFFFFF)
+    cfg.set(at + MSI_DATA, 2, 0, wmask=0xFFFF)
+    cfg.set(at + MSI_MASK, 4, 0, wmask=(1 << vectors) - 1)
+    cfg.set(at + MSI_PENDING, 4, 0)  # device-owned
+
+
+def _pci_express(cfg: ConfigSpace, at: int, next_cap: int) -> None:
+    _header(cfg, at, PCI_CAP_ID_EXP, next_cap)
+    cfg.set(at + 2, 2, 0x0002)  # version 2, device/port type 0 = PCI Express Endpoint
+    # DEVCAP: MPS 256 B, extended tags, role-based errors, FLR (spec vfio-user.md §5.3).
+    cfg.set(at + PCI_EXP_DEVCAP, 4, 0x00008021 | PCI_EXP_DEVCAP_FLR)
+    # DEVCTL: error enables, RO, MPS, ext tag, no snoop, MRRS writable. BCR_FLR (bit 15)
+    # is not stored: it always reads 0 and the write itself triggers the reset.
+    cfg.set(at + PCI_EXP_DEVCTL, 2, 0x2810, wmask=0x79FF)
+    cfg.set(at + PCI_EXP_DEVSTA, 2, 0, w1cmask=0x000F)
+    cfg.set(at + 12, 4, 0x00000105)  # LNKCAP: 32 GT/s, x16
+    cfg.set(at + 16, 2, 0, wmask=0x00C3)  # LNKCTL: ASPM, common clock, extended sync
+    cfg.set(at + 18, 2, 0x1105)  # LNKSTA: 32 GT/s x16, slot clock
+    cfg.set(at + 36, 4, 0x0000001F)  # DEVCAP2: completion timeout ranges + disable
+    cfg.set(at + 40, 2, 0, wmask=0x001F)  # DEVCTL2
+    cfg.set(at + 44, 4, 0x0000003E)  # LNKCAP2: 2.5-32 GT/s
+    cfg.set(at + 48, 2, 0x0005, wmask=0x000F)  # LNKCTL2: target speed
+
+
+def _msix(cfg: ConfigSpace, at: int, vectors: int, next_cap: int) -> None:
+    _header(cfg, at, PCI_CAP_ID_MSIX, next_cap)
+    cfg.set(at + MSIX_FLAGS, 2, vectors - 1, wmask=MSIX_FLAGS_ENABLE | MSIX_FLAGS_MASKALL)
+    cfg.set(at + MSIX_TABLE, 4, MSIX_TABLE_OFFSET)  # BIR 0
+    cfg.set(at + MSIX_PBA, 4, MSIX_PBA_OFFSET)  # BIR 0
+
+
+def _nvidia_dvsec(cfg: ConfigSpace, at: int, bitmap: int) -> None:
+    _ext_header(cfg, at, PCI_EXT_CAP_ID_DVSEC, next_cap=0)
+    cfg.set(at + DVSEC_HEADER1, 4, NVIDIA_VENDOR_ID | DVSEC_LENGTH << 20)  # revision 0
+    cfg.set(at + DVSEC_HEADER2, 2, GPU_CAP_DVSEC_REGISTER)
+    cfg.set(at + DVSEC_BITMAP_OFFSET, 2, bitmap)

@@ -1,0 +1,259 @@
+"""The synthetic Grace GPU as the host sees it: a raw device that implements ``Backend``.
+
+Regions (spec vfio-user.md §4, R12-R14)::
+
+    0  BAR0   16 MiB, 64-bit non-prefetchable, trapped (registers, MSI-X table and PBA)
+    1         upper half of BAR0 (size 0)
+    2  BAR1   the GPU's real BAR1 at BAR2/3: 64-bit prefetchable, mmappable (file ``bar1``)
+    3         upper half (size 0)
+    4, 5      absent on the raw device; the variant fakes usemem there (spec §3.4)
+    6  ROM    absent (ROM BAR reads 0 after sizing)
+    7  config 4 KiB PCIe config space
+    8  VGA    absent
+
+Device memory is described like firmware does (``memphys``/``memlength``, spec nvgrace-gpu.md
+§2.1) and backed by sparse files in ``backing_dir`` (see :mod:`backends.synthetic.memory`).
+A profile with ``memory_size`` 0 is a GPU whose C2C link failed: firmware reports size 0
+and the daemon falls back to plain passthrough (spec nvgrace-gpu.md §2.1, §8).
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from backends.backend import DeviceMemory, MemoryWindow
+from backends.device import (
+    BAR0_REGION_INDEX,
+    BAR2_REGION_INDEX,
+    CONFIG_REGION_INDEX,
+    NUM_PCI_IRQS,
+    NUM_PCI_REGIONS,
+    DeviceError,
+    DeviceFlags,
+    DeviceInfo,
+    DmaRegion,
+    IrqAction,
+    IrqInfo,
+    MmapTarget,
+    RegionFlags,
+    RegionInfo,
+)
+from backends.synthetic.bar0 import BAR0_SIZE, Bar0, Clock, Readiness
+from backends.synthetic.capabilities import (
+    PCI_EXP_DEVCTL,
+    PCI_EXP_DEVCTL_BCR_FLR,
+    PCIE_OFFSET,
+    CapabilityParams,
+    build_capabilities,
+)
+from backends.synthetic.config_space import (
+    CONFIG_SPACE_SIZE,
+    PCI_BASE_ADDRESS_MEM_PREFETCH,
+    PCI_BASE_ADDRESS_MEM_TYPE_64,
+    PCI_CACHE_LINE_SIZE,
+    PCI_CLASS_PROG,
+    PCI_COMMAND,
+    PCI_DEVICE_ID,
+    PCI_HEADER_TYPE,
+    PCI_INTERRUPT_LINE,
+    PCI_INTERRUPT_PIN,
+    PCI_LATENCY_TIMER,
+    PCI_REVISION_ID,
+    PCI_ROM_ADDRESS,
+    PCI_STATUS,
+    PCI_STATUS_RW1C,
+    PCI_SUBSYSTEM_ID,
+    PCI_SUBSYSTEM_VENDOR_ID,
+    PCI_VENDOR_ID,
+    ConfigSpace,
+)
+from backends.synthetic.irq import InterruptController
+from backends.synthetic.memory import BAR1_FILE, BackingFile, MemoryBacking
+from backends.synthetic.profiles import NVIDIA_VENDOR_ID, Profile
+
+CLASS_3D_CONTROLLER = 0x030200
+# COMMAND bits software may set: MEM, MASTER, PARITY, SERR, INTX_DISABLE (no I/O BARs).
+COMMAND_WMASK = 0x0546
+
+
+class SyntheticGpu:
+    """An emulated Grace GPU; see the module docstring for its regions."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        backing_dir: Path | str,
+        *,
+        ready_delay: float = 0.0,
+        clock: Clock = time.monotonic,
+        serial_number: int | None = None,
+    ) -> None:
+        self.profile = profile
+        self.backing_dir = Path(backing_dir)
+        self.config = _build_config(profile, serial_number)
+        self.irqs = InterruptController(self.config, profile.msi_vectors, profile.msix_vectors)
+        self.bar0 = Bar0(
+            profile.boot0, Readiness(clock, ready_delay), self.irqs, profile.msix_vectors
+        )
+        self._memory = MemoryBacking(self.backing_dir, profile.memory_size)
+        self._dma: dict[int, DmaRegion] = {}
+
+    # -- Backend ---------------------------------------------------------------------------
+
+    def device_memory(self) -> DeviceMemory | None:
+        """``memphys``/``memlength`` from the profile; None when the size is 0 (§2.1)."""
+        if self.profile.memory_size == 0:
+            return None
+        return DeviceMemory(self.profile.memphys, self.profile.memory_size)
+
+    def memory_window(self, start: int, length: int, cacheable: bool) -> MemoryWindow:
+        """A window backed by the ``usemem`` (cacheable) or ``resmem`` (non-cached) file."""
+        if self.profile.memory_size == 0:
+            raise DeviceError(errno.EINVAL, "device has no coherent memory")
+        return self._memory.window(start, length, cacheable)
+
+    def shutdown(self) -> None:
+        """Close eventfds, unmap and close the backing files (their contents stay)."""
+        self.irqs.close()
+        self._memory.close()
+
+    # -- VfioDevice ------------------------------------------------------------------------
+
+    def device_info(self) -> DeviceInfo:
+        """RESET|PCI, 9 regions, 5 irqs (spec vfio-user.md R13)."""
+        return DeviceInfo(DeviceFlags.RESET | DeviceFlags.PCI, NUM_PCI_REGIONS, NUM_PCI_IRQS)
+
+    def region_info(self, index: int) -> RegionInfo:
+        """See the module docstring."""
+        rw = RegionFlags.READ | RegionFlags.WRITE
+        if index == BAR0_REGION_INDEX:
+            return RegionInfo(index, BAR0_SIZE, rw)
+        if index == BAR2_REGION_INDEX:
+            bar1 = self._bar1()
+            return RegionInfo(index, bar1.size, rw | RegionFlags.MMAP, MmapTarget(bar1.fd, 0))
+        if index == CONFIG_REGION_INDEX:
+            return RegionInfo(index, CONFIG_SPACE_SIZE, rw)
+        if 0 <= index < NUM_PCI_REGIONS:
+            return RegionInfo(index, 0, RegionFlags(0))
+        raise DeviceError(errno.EINVAL, f"region {index} out of range")
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        """Read through the region's model; EINVAL outside the region."""
+        self._check_access(index, offset, count)
+        if index == CONFIG_REGION_INDEX:
+            return self.config.read(offset, count)
+        if index == BAR0_REGION_INDEX:
+            return self.bar0.read(offset, count)
+        return bytes(self._bar1().view()[offset : offset + count])
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        """Write through the region's model; EINVAL outside the region."""
+        self._check_access(index, offset, len(data))
+        if index == CONFIG_REGION_INDEX:
+            self._config_write(offset, data)
+        elif index == BAR0_REGION_INDEX:
+            self.bar0.write(offset, data)
+        else:
+            self._bar1().view()[offset : offset + len(data)] = data
+
+    def irq_info(self, index: int) -> IrqInfo:
+        """See :meth:`InterruptController.irq_info`."""
+        return self.irqs.irq_info(index)
+
+    def set_irqs(
+        self,
+        index: int,
+        action: IrqAction,
+        start: int,
+        count: int,
+        *,
+        eventfds: Sequence[int] | None = None,
+        data_bool: Sequence[bool] | None = None,
+    ) -> None:
+        """See :meth:`InterruptController.set_irqs` (owns ``eventfds`` on every path)."""
+        self.irqs.set_irqs(index, action, start, count, eventfds=eventfds, data_bool=data_bool)
+
+    def dma_map(self, region: DmaRegion) -> None:
+        """Recorded only: the synthetic GPU does not DMA."""
+        self._dma[region.iova] = region
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        """Forget a mapping recorded by :meth:`dma_map`."""
+        known = self._dma.get(iova)
+        if known is not None and known.size == size:
+            del self._dma[iova]
+
+    def reset(self) -> None:
+        """Function reset: config, registers and interrupt state to defaults; memory kept."""
+        self.config.reset()
+        self.irqs.reset()
+        self.bar0.reset()
+
+    def open(self) -> None:
+        """Nothing to do: the device keeps its state between clients."""
+
+    def close(self) -> None:
+        """Release every eventfd; device state and memory stay (spec vfio-user.md R19)."""
+        self.irqs.close()
+        self._dma.clear()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _bar1(self) -> BackingFile:
+        # Created on first use, so a device whose BAR1 nobody maps has no file for it.
+        return self._memory.file(BAR1_FILE, self.profile.bar1_size)
+
+    def _check_access(self, index: int, offset: int, count: int) -> None:
+        size = self.region_info(index).size
+        if offset < 0 or count < 0 or offset + count > size:
+            raise DeviceError(
+                errno.EINVAL, f"access [{offset:#x}, +{count:#x}) outside region {index}"
+            )
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        self.config.write(offset, data)
+        flr_byte = PCIE_OFFSET + PCI_EXP_DEVCTL + 1
+        if offset <= flr_byte < offset + len(data) and (
+            data[flr_byte - offset] & (PCI_EXP_DEVCTL_BCR_FLR >> 8)
+        ):
+            # Function-level reset requested through DEVCTL (spec vfio-user.md §5.3).
+            self.reset()
+            return
+        self.irqs.config_written()
+
+
+def _build_config(profile: Profile, serial_number: int | None) -> ConfigSpace:
+    cfg = ConfigSpace()
+    cfg.set(PCI_VENDOR_ID, 2, NVIDIA_VENDOR_ID)
+    cfg.set(PCI_DEVICE_ID, 2, profile.device_id)
+    cfg.set(PCI_COMMAND, 2, 0, wmask=COMMAND_WMASK)
+    cfg.set(PCI_STATUS, 2, 0, w1cmask=PCI_STATUS_RW1C)
+    cfg.set(PCI_REVISION_ID, 1, profile.revision)
+    cfg.set(PCI_CLASS_PROG, 3, CLASS_3D_CONTROLLER)
+    cfg.set(PCI_CACHE_LINE_SIZE, 1, 0, wmask=0xFF)
+    cfg.set(PCI_LATENCY_TIMER, 1, 0, wmask=0xFF)
+    cfg.set(PCI_HEADER_TYPE, 1, 0)  # type 0, single function
+    cfg.bar(0, BAR0_SIZE, PCI_BASE_ADDRESS_MEM_TYPE_64)
+    cfg.bar(2, profile.bar1_size, PCI_BASE_ADDRESS_MEM_TYPE_64 | PCI_BASE_ADDRESS_MEM_PREFETCH)
+    cfg.bar(4, 0, 0)
+    cfg.bar(5, 0, 0)
+    cfg.set(PCI_SUBSYSTEM_VENDOR_ID, 2, profile.subsystem_vendor_id)
+    cfg.set(PCI_SUBSYSTEM_ID, 2, profile.subsystem_id)
+    cfg.set(PCI_ROM_ADDRESS, 4, 0)  # no ROM: read-only zero, sizing finds nothing (R12)
+    cfg.set(PCI_INTERRUPT_LINE, 1, 0xFF, wmask=0xFF)
+    cfg.set(PCI_INTERRUPT_PIN, 1, 1)
+    serial = serial_number if serial_number is not None else 0x10DE_0000_0000 | profile.device_id
+    build_capabilities(
+        cfg,
+        CapabilityParams(
+            msi_vectors=profile.msi_vectors,
+            msix_vectors=profile.msix_vectors,
+            serial_number=serial,
+            dvsec_bitmap=profile.dvsec_bitmap,
+        ),
+    )
+    cfg.freeze_reset_values()
+    return cfg

@@ -1,0 +1,151 @@
+"""Device memory of the synthetic GPU, in sparse shared-memory files.
+
+Each window of device memory the variant asks for is one file in the backing directory,
+named after its memory attribute: ``usemem`` (cacheable, the write-back stand-in) and
+``resmem`` (non-cached, the write-combine stand-in) -- spec nvgrace-gpu.md §6.1, §10. The
+GPU's real BAR1 (region 2 of the raw device) is a third file, ``bar1``.
+
+Files are grown with ``ftruncate`` so they are sparse: a 144 GiB device costs no memory or
+disk until the guest touches it. An existing file of the right size is reopened as is, never
+truncated, so memory survives a daemon restart (DESIGN.md "Device memory and backing
+files"). An existing file of another size is an error rather than silently resized, because
+resizing would either lose the tail or hide a configuration mistake. An empty existing file
+is treated as new (a creation that was interrupted before ``ftruncate``).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+from backends.backend import MemoryWindow
+from backends.device import DeviceError
+
+USEMEM_FILE = "usemem"
+RESMEM_FILE = "resmem"
+BAR1_FILE = "bar1"
+
+
+class BackingFileError(Exception):
+    """A backing file exists with the wrong size or cannot be created."""
+
+
+class BackingFile:
+    """One sparse shared-memory file, opened O_CLOEXEC, mapped on first use."""
+
+    __slots__ = ("_mmap", "_view", "fd", "path", "size")
+
+    def __init__(self, path: Path, size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"backing file {path} needs a positive size, got {size}")
+        self.path = path
+        self.size = size
+        self._mmap: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            existing = os.fstat(fd).st_size
+            if existing == 0:
+                os.ftruncate(fd, size)
+            elif existing != size:
+                raise BackingFileError(
+                    f"backing file {path} holds {existing} bytes but the device needs "
+                    f"{size}; it belongs to a device of another size. Remove it (its "
+                    "contents are lost) or configure the original memory size."
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def view(self) -> memoryview:
+        """A writable view of the whole file (MAP_SHARED, so QEMU's mapping sees it too)."""
+        if self._view is None:
+            self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
+            self._view = memoryview(self._mmap)
+        return self._view
+
+    def close(self) -> None:
+        """Unmap and close; the file and its contents stay."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                # Someone still holds a view; the mapping goes when the last view does.
+                pass
+            self._mmap = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class MemoryBacking:
+    """The windows of one device's memory, each a :class:`BackingFile`."""
+
+    __slots__ = ("_files", "_windows", "directory", "memlength")
+
+    def __init__(self, directory: Path, memlength: int) -> None:
+        self.directory = directory
+        self.memlength = memlength
+        self._files: dict[str, BackingFile] = {}
+        self._windows: dict[bool, tuple[int, MemoryWindow]] = {}
+
+    def file(self, name: str, size: int) -> BackingFile:
+        """The backing file ``name`` (created on first request)."""
+        backing = self._files.get(name)
+        if backing is None:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            backing = BackingFile(self.directory / name, size)
+            self._files[name] = backing
+        elif backing.size != size:
+            raise BackingFileError(f"{name} already open with {backing.size} bytes, not {size}")
+        return backing
+
+    def window(self, start: int, length: int, cacheable: bool) -> MemoryWindow:
+        """The window ``[start, start+length)`` of device memory with one attribute.
+
+        One window per attribute: a second request for a different range of the same
+        attribute, or windows of different attributes that overlap, are refused -- the same
+        bytes cannot live in two files.
+        """
+        if start < 0 or length <= 0 or start + length > self.memlength:
+            raise DeviceError(
+                errno.EINVAL,
+                f"window [{start:#x}, +{length:#x}) outside device memory {self.memlength:#x}",
+            )
+        known = self._windows.get(cacheable)
+        if known is not None:
+            known_start, window = known
+            if (known_start, window.length) != (start, length):
+                raise DeviceError(
+                    errno.EINVAL,
+                    f"a {'cacheable' if cacheable else 'non-cached'} window already exists at "
+                    f"[{known_start:#x}, +{window.length:#x})",
+                )
+            return window
+        other = self._windows.get(not cacheable)
+        if other is not None:
+            other_start, other_window = other
+            if start < other_start + other_window.length and other_start < start + length:
+                raise DeviceError(errno.EINVAL, "cacheable and non-cached windows overlap")
+        backing = self.file(USEMEM_FILE if cacheable else RESMEM_FILE, length)
+        # A view of its own per window, so that releasing it leaves the file's view intact.
+        window = MemoryWindow(
+            backing.fd, 0, length, cacheable=cacheable, mapper=lambda: backing.view()[:]
+        )
+        self._windows[cacheable] = (start, window)
+        return window
+
+    def close(self) -> None:
+        """Unmap and close every file; contents persist on disk."""
+        for _, window in self._windows.values():
+            window.release()
+        self._windows.clear()
+        for backing in self._files.values():
+            backing.close()
+        self._files.clear()

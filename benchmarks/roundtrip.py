@@ -1,0 +1,233 @@
+"""Trapped-access round trip: what one guest config/BAR0 access costs through a server.
+
+Measures, in one run and against the same minimal client:
+- ``floor``: a raw AF_UNIX ping-pong with the same message sizes (a Python echo process),
+  the least any Python server could cost;
+- ``vgpud``: ``vgpud serve`` (pure-Python engine), config read and BAR0 register read;
+- ``libvfio-user``: libvfio-user's C sample server, when ``--libvfio-user-server PATH``
+  (or $VGPUD_LIBVFIO_USER_SERVER) names a built ``samples/server`` binary (config read only:
+  its BAR0 is different).
+
+Client and server are pinned to one CPU (``--cpu``), as a vCPU thread and the server would
+compete on a busy host; latency is wall-clock per request/reply pair (perf_counter_ns).
+
+    python -m benchmarks.roundtrip [--iterations 20000] [--cpu 0] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import protocol as p
+
+HEADER = struct.Struct("<HHIII")
+REGION_READ = 9
+CONFIG_REGION = 7
+BAR0_REGION = 0
+C2C_LINK_BAR0_OFFSET = 0x1498  # spec nvgrace-gpu.md §7.1
+
+
+class RawClient:
+    """A blocking client that negotiates with the protocol codec, then sends prebuilt bytes."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                # Only servers that create their own socket (libvfio-user's sample) get here;
+                # ours are handed an already-listening socket.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        caps = p.Capabilities(max_msg_fds=16)
+        conn = p.ClientConnection(caps)
+        _, out = conn.send_request(p.Version(major=0, minor=0, capabilities=caps))
+        self.sock.sendall(out.data)
+        head = self._recv_exact(16)
+        size = HEADER.unpack(head)[2]
+        self._recv_exact(size - 16)
+        self.msg_id = 1
+
+    def _recv_exact(self, n: int) -> bytes:
+        chunks = bytearray()
+        while len(chunks) < n:
+            got = self.sock.recv(n - len(chunks))
+            if not got:
+                raise EOFError("server closed the connection")
+            chunks += got
+        return bytes(chunks)
+
+    def region_read_timer(self, region: int, offset: int, count: int) -> Callable[[], int]:
+        body = struct.pack("<QII", offset, region, count)
+        reply_size = 16 + 16 + count
+        sock = self.sock
+
+        def one() -> int:
+            self.msg_id = (self.msg_id + 1) & 0xFFFF
+            msg = HEADER.pack(self.msg_id, REGION_READ, 16 + len(body), 0, 0) + body
+            start = time.perf_counter_ns()
+            sock.sendall(msg)
+            got = 0
+            while got < reply_size:
+                chunk = sock.recv(reply_size - got)
+                if not chunk:
+                    raise EOFError
+                got += len(chunk)
+            return time.perf_counter_ns() - start
+
+        return one
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _echo_server(fd: int, reply_size: int) -> None:
+    """The floor: read one request, send a reply of the same size a server would."""
+    listener = socket.socket(fileno=fd)
+    conn, _ = listener.accept()
+    reply = bytes(reply_size)
+    # First exchange mimics VERSION so RawClient works unchanged.
+    head = conn.recv(16)
+    size = HEADER.unpack(head)[2]
+    remaining = size - 16
+    while remaining:
+        remaining -= len(conn.recv(remaining))
+    conn.sendall(HEADER.pack(0, 1, 16 + 5, 1, 0) + b"\0\0\0\0\0")
+    while True:
+        head = conn.recv(32)
+        if not head:
+            return
+        conn.sendall(reply)
+
+
+def measure(timer: Callable[[], int], iterations: int, warmup: int = 1000) -> dict[str, float]:
+    for _ in range(warmup):
+        timer()
+    samples = [timer() for _ in range(iterations)]
+    samples.sort()
+    total_s = sum(samples) / 1e9
+    return {
+        "p50_us": samples[len(samples) // 2] / 1000,
+        "p99_us": samples[int(len(samples) * 0.99)] / 1000,
+        "mean_us": statistics.fmean(samples) / 1000,
+        "msgs_per_s": iterations / total_s,
+    }
+
+
+def _listener(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(1)
+    return sock
+
+
+@contextmanager
+def _server(
+    cmd: list[str], cpu: int, listener: socket.socket | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    pass_fds = (listener.fileno(),) if listener is not None else ()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=pass_fds
+    )
+    if listener is not None:
+        listener.close()
+    try:
+        os.sched_setaffinity(proc.pid, {cpu})
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str, dict[str, float]]:
+    os.sched_setaffinity(0, {cpu})
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="vgpud-bench-") as tmp:
+        floor_sock = f"{tmp}/floor.sock"
+        listener = _listener(floor_sock)
+        code = (
+            "import sys; from benchmarks.roundtrip import _echo_server; "
+            "_echo_server(int(sys.argv[1]), 36)"
+        )
+        with _server([sys.executable, "-c", code, str(listener.fileno())], cpu, listener):
+            client = RawClient(floor_sock)
+            results["floor (python echo)"] = measure(
+                client.region_read_timer(CONFIG_REGION, 0, 4), iterations
+            )
+            client.close()
+
+        vgpud_sock = f"{tmp}/vgpud.sock"
+        listener = _listener(vgpud_sock)
+        cmd = [
+            sys.executable, "-m", "vgpud", "serve", "--fd", str(listener.fileno()),
+            "--memory-size", "8GiB", "--backing-dir", f"{tmp}/mem", "--log-level", "warning",
+        ]
+        with _server(cmd, cpu, listener):
+            client = RawClient(vgpud_sock)
+            results["vgpud config read"] = measure(
+                client.region_read_timer(CONFIG_REGION, 0, 4), iterations
+            )
+            results["vgpud BAR0 read"] = measure(
+                client.region_read_timer(BAR0_REGION, C2C_LINK_BAR0_OFFSET, 4), iterations
+            )
+            client.close()
+
+        if libvfio_user_server:
+            lvu_sock = f"{tmp}/lvu.sock"
+            with _server([libvfio_user_server, lvu_sock], cpu):
+                client = RawClient(lvu_sock)
+                results["libvfio-user config read"] = measure(
+                    client.region_read_timer(CONFIG_REGION, 0, 4), iterations
+                )
+                client.close()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=20000)
+    parser.add_argument("--cpu", type=int, default=0)
+    parser.add_argument(
+        "--libvfio-user-server", default=os.environ.get("VGPUD_LIBVFIO_USER_SERVER")
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.libvfio_user_server and not Path(args.libvfio_user_server).exists():
+        parser.error(f"{args.libvfio_user_server} does not exist")
+    results = run(args.iterations, args.cpu, args.libvfio_user_server)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{'server':<28} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'msgs/s':>9}")
+    for name, r in results.items():
+        print(
+            f"{name:<28} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['mean_us']:8.1f} "
+            f"{r['msgs_per_s']:9.0f}"
+        )
+    if "libvfio-user config read" not in results:
+        print("(libvfio-user: not measured; pass --libvfio-user-server PATH to its samples/server)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""``ServerConnection`` and ``ClientConnection``: sans-IO vfio-user endpoints.
+
+Bytes + fds in (``receive_data``), events out (``next_event``); messages in (``send_*``),
+``Outgoing`` bytes + fds out. No I/O, no fd is ever closed here: every fd fed in comes out
+again in exactly one event or exception, and the caller closes it. The rules -- state
+machine, directions, pending requests, what is fatal -- are described and tabulated in
+:mod:`protocol.state`; per-command payload and fd rules are in :mod:`protocol.commands`.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import ClassVar
+
+from protocol.capabilities import Capabilities
+from protocol.commands import (
+    TOO_BIG,
+    data_size,
+    decode_reply,
+    decode_request,
+    reply_fd_error,
+    request_fd_error,
+)
+from protocol.dma import DmaLayout
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    ErrorReply,
+    Event,
+    NeedDataType,
+    Outgoing,
+    RejectedRequest,
+    Reply,
+    ReplyMessage,
+    Request,
+    RequestMessage,
+)
+from protocol.framing import Frame, FrameReader
+from protocol.header import (
+    FLAG_ERROR,
+    FLAG_NO_REPLY,
+    FLAG_TYPE_COMMAND,
+    FLAG_TYPE_MASK,
+    FLAG_TYPE_REPLY,
+    HEADER_SIZE,
+    Command,
+    Header,
+)
+from protocol.state import RECEIVABLE, RECEIVES, SENDABLE, Role, State, Trigger, transition
+from protocol.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, Version, negotiate_reply
+
+#: Room for fixed structs and JSON on top of ``max_data_xfer_size`` when bounding a
+#: received message's ``size`` (spec §1 "Sizes": data messages are bounded by the receiver's
+#: max_data_xfer_size; headers and argument structs come on top).
+MESSAGE_OVERHEAD = 4096
+
+
+@contextmanager
+def _our_bug(what: str) -> Iterator[None]:
+    # What we send is checked with the rules we apply to the peer: failing them is our bug.
+    try:
+        yield
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"{what}: {exc.message}", errno=exc.errno) from None
+
+
+class _Connection:
+    """The engine shared by both roles."""
+
+    _role: ClassVar[Role]
+
+    def __init__(self, capabilities: Capabilities, *, dma_layout: DmaLayout) -> None:
+        self.capabilities = capabilities
+        #: The peer's capabilities once VERSION is done (None before).
+        self.negotiated: Capabilities | None = None
+        self.dma_layout = dma_layout
+        self._state = State.AWAITING_VERSION
+        self._reader = FrameReader(capabilities.max_data_xfer_size + MESSAGE_OVERHEAD)
+        self._truncated = False
+        self._broken_reason = ""
+        # Requests we received and still owe a reply, by (msg_id, command).
+        self._incoming: Counter[tuple[int, int]] = Counter()
+        # Requests we sent and await a reply to, FIFO per (msg_id, command).
+        self._outgoing: dict[tuple[int, int], deque[RequestMessage]] = {}
+        self._next_msg_id = 0
+        self._version_request_size = 0
+
+    # -- receiving -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """Negotiation state (see :mod:`protocol.state`)."""
+        return self._state
+
+    @property
+    def bytes_wanted(self) -> int:
+        """How many bytes to read next so a read never crosses a message boundary: the rest
+        of the header, else the rest of the body. 0 once closed or broken."""
+        if self._state in (State.CLOSED, State.BROKEN) or self._reader.eof:
+            return 0
+        return self._reader.bytes_wanted
+
+    @property
+    def max_fds(self) -> int:
+        """Ancillary capacity the transport should allow: our advertised ``max_msg_fds``."""
+        return self.capabilities.max_msg_fds
+
+    def receive_data(
+        self, data: bytes, fds: Sequence[int] = (), *, truncated: bool = False
+    ) -> None:
+        """Feed bytes read from the socket (``b""`` = EOF) and the fds read with them.
+
+        ``fds`` belong to the message whose first byte is ``data[0]``. ``truncated`` reports
+        MSG_CTRUNC: fds were lost, which is fatal at the next ``next_event()``. On a broken
+        connection this raises RemoteProtocolError carrying ``fds`` straight back.
+        """
+        if self._state is State.BROKEN:
+            raise RemoteProtocolError(
+                f"connection is broken: {self._broken_reason}", fatal=True, fds=fds
+            )
+        if self._reader.eof:
+            raise LocalProtocolError("receive_data() after EOF")
+        self._reader.feed(bytes(data), fds)
+        self._truncated |= truncated
+
+    def next_event(self) -> Event | NeedDataType:
+        """The next event, or NEED_DATA. Raises a fatal RemoteProtocolError when the stream
+        is lost (then on every later call too)."""
+        if self._state is State.BROKEN:
+            raise RemoteProtocolError(f"connection is broken: {self._broken_reason}", fatal=True)
+        if self._state is State.CLOSED:
+            return ConnectionClosed()
+        try:
+            if self._truncated:
+                raise self._reader.fatal("MSG_CTRUNC: the peer sent more fds than allowed")
+            frame = self._reader.next_frame()
+        except RemoteProtocolError as exc:
+            self._break(exc.message)
+            raise
+        if frame is None:
+            if self._reader.eof:
+                self._state = State.CLOSED
+                return ConnectionClosed()
+            return NEED_DATA
+        if frame.header.flags & FLAG_TYPE_MASK == FLAG_TYPE_REPLY:
+            return self._on_reply(frame)
+        return self._on_request(frame)
+
+    def _break(self, reason: str) -> None:
+        self._state = State.BROKEN
+        self._broken_reason = reason
+
+    def _on_request(self, frame: Frame) -> Request | RejectedRequest:
+        header, fds = frame.header, frame.fds
+
+        def reject(err: int, reason: str) -> RejectedRequest:
+            if not header.no_reply:
+                self._incoming[header.msg_id, header.command] += 1
+            return RejectedRequest(header.msg_id, header.command, header.no_reply, err, reason, fds)
+
+        try:
+            command = Command(header.command)
+        except ValueError:
+            return reject(errno.ENOSYS, f"unknown command {header.command}")  # spec R18
+        if command not in RECEIVES[self._role]:
+            return reject(errno.EINVAL, f"{command.name} is not a {self._role.value}'s request")
+        if header.flags & ~(FLAG_TYPE_MASK | FLAG_NO_REPLY):
+            return reject(errno.EINVAL, f"request flags {header.flags:#x}")
+        if command not in RECEIVABLE[self._role, self._state]:
+            return reject(errno.EINVAL, f"{command.name} not allowed in state {self._state.value}")
+        if len(fds) > self.capabilities.max_msg_fds:
+            return reject(errno.EINVAL, f"{len(fds)} fds > max_msg_fds")
+        try:
+            message = decode_request(command, frame.payload, self.dma_layout)
+        except RemoteProtocolError as exc:
+            return reject(exc.errno, exc.message)
+        if data_size(message) > self.capabilities.max_data_xfer_size:
+            return reject(TOO_BIG, f"{command.name} transfer exceeds max_data_xfer_size")
+        fd_error = request_fd_error(message, len(fds))
+        if fd_error is not None:
+            return reject(errno.EINVAL, fd_error)
+        if isinstance(message, Version):
+            # Spec §3.1: the reply major must equal the proposal; we only speak 0.
+            if header.no_reply or message.major != PROTOCOL_MAJOR:
+                return reject(errno.EINVAL, f"cannot answer VERSION {message.major}.x")
+            self._version_request_size = header.size
+            self._move(Trigger.RECEIVE_VERSION_REQUEST)
+        if not header.no_reply:
+            self._incoming[header.msg_id, command] += 1
+        return Request(header.msg_id, command, header.no_reply, message, fds)
+
+    def _on_reply(self, frame: Frame) -> Reply | ErrorReply:
+        header, fds = frame.header, frame.fds
+        key = (header.msg_id, header.command)
+        queue = self._outgoing.get(key)
+        if not queue:
+            # The body could be anything (even a crafted request): never parse it on (§12).
+            reason = f"unexpected reply msg_id {header.msg_id} command {header.command}"
+            self._break(reason)
+            raise RemoteProtocolError(
+                reason, errno=errno.EPROTO, fatal=True, fds=fds + self._reader.release_fds()
+            )
+        request = queue.popleft()
+        if not queue:
+            del self._outgoing[key]
+        command = Command(header.command)
+        if header.flags & FLAG_ERROR:
+            # Payloads on error replies (a libvfio-user habit) are ignored.
+            if command is Command.VERSION:
+                self._move(Trigger.RECEIVE_VERSION_ERROR)
+            return ErrorReply(header.msg_id, command, header.error, fds, "", request)
+        try:
+            message = decode_reply(request, frame.payload)
+            fd_error = reply_fd_error(message, len(fds))
+            if fd_error is not None:
+                raise RemoteProtocolError(fd_error)
+            if isinstance(message, Version):
+                self._accept_version_reply(message)
+        except RemoteProtocolError as exc:
+            if command is Command.VERSION:
+                self._move(Trigger.RECEIVE_VERSION_ERROR)
+            return ErrorReply(header.msg_id, command, errno.EPROTO, fds, exc.message, request)
+        return Reply(header.msg_id, command, message, fds, request)
+
+    def _accept_version_reply(self, reply: Version) -> None:
+        if reply.major != PROTOCOL_MAJOR or reply.minor > PROTOCOL_MINOR:
+            raise RemoteProtocolError(f"server answered version {reply.major}.{reply.minor}")
+        self.negotiated = reply.capabilities or Capabilities()
+        self._move(Trigger.RECEIVE_VERSION_REPLY)
+
+    def _move(self, trigger: Trigger) -> None:
+        self._state = transition(self._role, self._state, trigger)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _peer(self) -> Capabilities:
+        # Before VERSION the spec defaults apply (spec §3.1).
+        return self.negotiated or Capabilities()
+
+    def _send_request(
+        self, message: RequestMessage, fds: Sequence[int], no_reply: bool
+    ) -> tuple[int, Outgoing]:
+        command = message.COMMAND
+        if command not in SENDABLE[self._role, self._state]:
+            raise LocalProtocolError(
+                f"a {self._role.value} cannot send {command.name} in state {self._state.value}"
+            )
+        if no_reply and command is Command.VERSION:
+            raise LocalProtocolError("VERSION needs a reply")
+        peer = self._peer()
+        limit = min(peer.max_data_xfer_size, self.capabilities.max_data_xfer_size)
+        if data_size(message) > limit:
+            raise LocalProtocolError(f"{command.name} transfer exceeds max_data_xfer_size")
+        self._check_fds(request_fd_error(message, len(fds)), fds, peer)
+        payload = message.pack()
+        msg_id = self._next_msg_id
+        self._next_msg_id = (msg_id + 1) & 0xFFFF
+        if not no_reply:
+            self._outgoing.setdefault((msg_id, command), deque()).append(message)
+        if command is Command.VERSION:
+            self._move(Trigger.SEND_VERSION_REQUEST)
+        flags = FLAG_TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0)
+        header = Header(msg_id, command, HEADER_SIZE + len(payload), flags)
+        return msg_id, Outgoing(header.pack() + payload, tuple(fds))
+
+    @staticmethod
+    def _check_fds(fd_error: str | None, fds: Sequence[int], peer: Capabilities) -> None:
+        if fd_error is not None:
+            raise LocalProtocolError(fd_error)
+        if len(fds) > peer.max_msg_fds:
+            raise LocalProtocolError(f"{len(fds)} fds > the peer's max_msg_fds")
+        if not all(isinstance(fd, int) and fd >= 0 for fd in fds):
+            raise LocalProtocolError("fds must be non-negative ints")
+
+    def _check_pending(self, request: Request | RejectedRequest) -> tuple[int, int]:
+        key = (request.msg_id, int(request.command))
+        if self._incoming[key] <= 0:
+            raise LocalProtocolError(
+                f"no pending request msg_id {request.msg_id} command {request.command}"
+                " (already answered?)"
+            )
+        return key
+
+    def _settle(self, key: tuple[int, int]) -> None:
+        self._incoming[key] -= 1
+        if not self._incoming[key]:
+            del self._incoming[key]
+
+    def send_reply(
+        self, request: Request, message: ReplyMessage = None, fds: Sequence[int] = ()
+    ) -> Outgoing | None:
+        """The reply to ``request`` (``message`` None = header only). Returns None, sending
+        nothing, for a NO_REPLY request (spec R4). For VERSION, ``message`` None builds our
+        reply (see :meth:`ServerConnection.version_reply`)."""
+        if not isinstance(request, Request):
+            raise LocalProtocolError("send_reply() takes a Request; use send_error() otherwise")
+        if request.no_reply:
+            return None
+        key = self._check_pending(request)
+        if request.command is Command.VERSION:
+            message = self._version_reply_message(request, message)
+        payload = b"" if message is None else message.pack()
+        with _our_bug(f"{request.command.name} reply"):
+            decoded = decode_reply(request.message, payload)
+        if type(decoded) is not type(message):
+            raise LocalProtocolError(
+                f"{type(message).__name__} is not a {request.command.name} reply"
+            )
+        self._check_fds(reply_fd_error(message, len(fds)), fds, self._peer())
+        self._settle(key)
+        if isinstance(request.message, Version):
+            self.negotiated = request.message.capabilities or Capabilities()
+            self._move(Trigger.SEND_VERSION_REPLY)
+        header = Header(
+            request.msg_id, request.command, HEADER_SIZE + len(payload), FLAG_TYPE_REPLY
+        )
+        return Outgoing(header.pack() + payload, tuple(fds))
+
+    def _version_reply_message(self, request: Request, message: ReplyMessage) -> Version:
+        assert isinstance(request.message, Version)
+        if self._state is not State.VERSION_PENDING:
+            raise LocalProtocolError("no VERSION request to answer")
+        if message is None:
+            return negotiate_reply(request.message, self.capabilities, self._version_request_size)
+        if not isinstance(message, Version):
+            raise LocalProtocolError("a VERSION reply is a Version")
+        if message.major != PROTOCOL_MAJOR or message.minor > request.message.minor:
+            raise LocalProtocolError("VERSION reply must be major 0, minor <= the proposal")
+        if HEADER_SIZE + len(message.pack()) > self._version_request_size:
+            # QEMU reads the reply into a buffer of the request's size (spec R2).
+            raise LocalProtocolError("VERSION reply longer than the request")
+        return message
+
+    def send_error(self, request: Request | RejectedRequest, errno: int) -> Outgoing | None:
+        """A header-only error reply (flags 0x21, positive errno; spec R3), or None for a
+        NO_REPLY request."""
+        if not isinstance(request, Request | RejectedRequest):
+            raise LocalProtocolError("send_error() takes a Request or a RejectedRequest")
+        if isinstance(errno, bool) or not isinstance(errno, int) or not 0 < errno < 1 << 32:
+            raise LocalProtocolError(f"errno must be a positive u32, not {errno!r}")
+        if request.no_reply:
+            return None
+        key = self._check_pending(request)
+        self._settle(key)
+        if isinstance(request, Request) and isinstance(request.message, Version):
+            self._move(Trigger.SEND_VERSION_ERROR)
+        flags = FLAG_TYPE_REPLY | FLAG_ERROR
+        return Outgoing(Header(request.msg_id, request.command, HEADER_SIZE, flags, errno).pack())
+
+
+class ServerConnection(_Connection):
+    """The server end (the daemon): receives the client's requests, answers them, and may
+    send DMA_READ/DMA_WRITE requests of either layout (spec §3.12)."""
+
+    _role = Role.SERVER
+
+    def __init__(self, capabilities: Capabilities) -> None:
+        super().__init__(capabilities, dma_layout=DmaLayout.SPEC)
+
+    def version_reply(self, request: Request) -> Outgoing:
+        """Our VERSION reply: 0.0, our capabilities (only features the client offered), never
+        longer than the request (spec R2). Sets ``negotiated`` to the client's."""
+        if request.command is not Command.VERSION or request.no_reply:
+            raise LocalProtocolError("version_reply() answers a VERSION request")
+        outgoing = self.send_reply(request)
+        assert outgoing is not None
+        return outgoing
+
+    def send_request(
+        self, message: RequestMessage, fds: Sequence[int] = ()
+    ) -> tuple[int, Outgoing]:
+        """A server -> client request (DMA_READ / DMA_WRITE only); returns its msg_id. The
+        matching reply comes out of ``next_event()`` decoded with the same layout."""
+        return self._send_request(message, fds, no_reply=False)
+
+
+class ClientConnection(_Connection):
+    """The client end (tests, ``vgpud probe``, benchmarks). ``dma_layout`` says how to decode
+    the server's DMA_READ/DMA_WRITE requests (QEMU uses ``DmaLayout.QEMU``)."""
+
+    _role = Role.CLIENT
+
+    def __init__(
+        self, capabilities: Capabilities, *, dma_layout: DmaLayout = DmaLayout.SPEC
+    ) -> None:
+        super().__init__(capabilities, dma_layout=dma_layout)
+
+    def send_request(
+        self, message: RequestMessage, fds: Sequence[int] = (), no_reply: bool = False
+    ) -> tuple[int, Outgoing]:
+        """Send a request; returns its msg_id (16-bit, wrapping). Its reply comes out of
+        ``next_event()`` decoded for this request."""
+        return self._send_request(message, fds, no_reply)
+
+    def version_request(self) -> tuple[int, Outgoing]:
+        """VERSION 0.0 with our capabilities."""
+        return self.send_request(Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, self.capabilities))

@@ -1,0 +1,123 @@
+"""Cutting the received byte stream into messages, and pinning fds to them.
+
+fds travel with the first byte of their message (spec vfio-user.md §1 "FD passing"): the
+transport reads ``bytes_wanted`` at a time, so a read never spans two messages, and the fds
+of one ``recvmsg`` are fed in with its bytes. Here fds are recorded at the stream offset of
+the first byte of the chunk they came with; a message owns the fds recorded at its own first
+byte. fds recorded anywhere inside a message mean the stream is out of step: fatal.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from protocol.errors import RemoteProtocolError
+from protocol.header import (
+    FLAG_TYPE_COMMAND,
+    FLAG_TYPE_MASK,
+    FLAG_TYPE_REPLY,
+    HEADER_SIZE,
+    HEADER_STRUCT,
+    Header,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One complete message: header, payload and the fds that came with it."""
+
+    header: Header
+    payload: bytes
+    fds: tuple[int, ...]
+
+
+class FrameReader:
+    """Accumulates bytes + fds; yields whole frames. Owns the fds until they are handed out.
+
+    ``max_size`` bounds the ``size`` field: a larger header is fatal before any body is
+    buffered, so a peer cannot make us allocate more than that.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._buf = bytearray()
+        self._base = 0  # stream offset of _buf[0]
+        self._marks: list[tuple[int, list[int]]] = []  # (stream offset, fds), ascending
+        self.eof = False
+
+    def feed(self, data: bytes, fds: Sequence[int]) -> None:
+        """Append ``data`` (``b""`` = EOF) and record ``fds`` at its first byte."""
+        if fds:
+            at = self._base + len(self._buf)
+            if self._marks and self._marks[-1][0] == at:
+                self._marks[-1][1].extend(fds)
+            else:
+                self._marks.append((at, list(fds)))
+        if data:
+            self._buf += data
+        else:
+            self.eof = True
+
+    def release_fds(self) -> tuple[int, ...]:
+        """Hand back every fd still held (after a fatal error)."""
+        fds = tuple(fd for _, group in self._marks for fd in group)
+        self._marks.clear()
+        return fds
+
+    def fatal(self, reason: str, err: int = errno.EPROTO) -> RemoteProtocolError:
+        """A fatal error carrying every fd still held."""
+        return RemoteProtocolError(reason, errno=err, fatal=True, fds=self.release_fds())
+
+    @property
+    def bytes_wanted(self) -> int:
+        """Bytes to read so that the read ends at or before the next message boundary."""
+        pos = 0
+        buffered = len(self._buf)
+        while buffered - pos >= HEADER_SIZE:
+            size: int = HEADER_STRUCT.unpack_from(self._buf, pos)[2]
+            if size < HEADER_SIZE:
+                return HEADER_SIZE  # next_event() will report it; any read is as good
+            if buffered - pos < size:
+                return size - (buffered - pos)
+            pos += size
+        return HEADER_SIZE - (buffered - pos)
+
+    def next_frame(self) -> Frame | None:
+        """The next whole message, or None if more bytes are needed.
+
+        Raises a fatal RemoteProtocolError for a broken stream, including EOF inside a
+        message or fds with no message to belong to. At a clean EOF returns None with
+        ``eof`` set and no fds held.
+        """
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            if self.eof and (buf or self._marks):
+                what = "EOF inside a message header" if buf else "fds with no message"
+                raise self.fatal(what)
+            return None
+        header = Header.unpack(buf)
+        kind = header.flags & FLAG_TYPE_MASK
+        if kind not in (FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY):
+            # Spec §2: QEMU marks the connection broken for any other type.
+            raise self.fatal(f"message type {kind} is neither command nor reply")
+        if header.size < HEADER_SIZE:
+            raise self.fatal(f"message size {header.size} < {HEADER_SIZE}")
+        if header.size > self.max_size:
+            raise self.fatal(f"message size {header.size} > limit {self.max_size}", errno.E2BIG)
+        if len(buf) < header.size:
+            if self.eof:
+                raise self.fatal(f"EOF inside a {header.size}-byte message")
+            return None
+        start, end = self._base, self._base + header.size
+        fds: tuple[int, ...] = ()
+        inside = [at for at, _ in self._marks if at < end]
+        if any(at != start for at in inside):
+            raise self.fatal("fds arrived after the first byte of a message")
+        if inside:
+            fds = tuple(self._marks.pop(0)[1])
+        payload = bytes(buf[HEADER_SIZE : header.size])
+        del buf[: header.size]
+        self._base = end
+        return Frame(header, payload, fds)

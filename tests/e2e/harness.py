@@ -1,0 +1,264 @@
+"""One e2e scenario's processes: vgpud(s), QEMU(s), the guest initramfs, and all their logs.
+
+Used by the tests (through conftest fixtures) and by ``tests/e2e/demo.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from tests.e2e.assets import Assets
+from tests.e2e.expect import GIB, BackingFile, Expected, backing_files
+from tests.e2e.initramfs import GuestResults, GuestScript, build_initramfs
+from tests.e2e.qemu import (
+    E2EError,
+    OutputLog,
+    Qemu,
+    QemuConfig,
+    Vgpud,
+    VgpudConfig,
+    fallback_device_args,
+    kernel_cmdline,
+    machine_args,
+    make_workdir,
+    qemu_device_args,
+    remove_workdir,
+    vgpud_json,
+)
+from vgpud.units import parse_size
+
+T = TypeVar("T")
+DEFAULT_MEMORY_SIZE = 96 * GIB  # gh200's default (spec: 96 GiB → BAR4 128 GiB)
+ECHO = os.environ.get("VGPUD_E2E_ECHO") == "1"  # stream every log line live to stderr
+
+
+@dataclass
+class Device:
+    """A vgpud device as a test sees it: how it was started and what it must look like."""
+
+    profile: str
+    memory_size: str | None
+    socket_path: Path
+    backing_dir: Path
+    expected: Expected
+    layout: dict[str, Any] | None
+    files: dict[str, BackingFile]
+
+
+class Harness:
+    """Owns a work directory, the processes started in it, and every log they produced."""
+
+    def __init__(
+        self,
+        assets: Assets,
+        nursery: trio.Nursery,
+        workdir: Path | None = None,
+        *,
+        echo: bool = ECHO,
+    ):
+        self.echo = echo
+        self.assets = assets
+        self.nursery = nursery
+        self.workdir = workdir or make_workdir()
+        self.logs: list[OutputLog] = []
+        self.notes: list[str] = []
+        self._qemus: list[Qemu] = []
+        self._daemons: list[Vgpud] = []
+        self._counter = 0
+
+    # -- for the failure report ---------------------------------------------------------------
+
+    def e2e_logs(self) -> list[tuple[str, str]]:
+        sections = [(log.name, log.text() or "(empty)") for log in self.logs]
+        for qemu in self._qemus:
+            sections.append((f"{qemu.name} argv", shlex.join(qemu.argv)))
+        if self.notes:
+            sections.append(("harness notes", "\n".join(self.notes)))
+        return sections
+
+    def _name(self, base: str) -> str:
+        self._counter += 1
+        return f"{base}{self._counter}"
+
+    # -- devices ------------------------------------------------------------------------------
+
+    def device(self, profile: str = "gh200", memory_size: str | None = None) -> Device:
+        """Describe a device (nothing started): socket, backing dir, expected layout."""
+        layout: dict[str, Any] | None
+        try:
+            args = ["layout", "--profile", profile]
+            if memory_size:
+                args += ["--memory-size", memory_size]
+            raw = vgpud_json(*args)
+            layout = raw if isinstance(raw, dict) else None
+        except E2EError as exc:
+            layout = None
+            self.notes.append(f"vgpud layout unavailable, using the spec's formulas: {exc}")
+        size = parse_size(memory_size) if memory_size else _layout_memory_size(layout)
+        name = self._name("gpu")
+        return Device(
+            profile=profile,
+            memory_size=memory_size,
+            socket_path=self.workdir / f"{name}.sock",
+            backing_dir=self.workdir / f"{name}-mem",
+            expected=Expected.for_profile(profile, size),
+            layout=layout,
+            files=backing_files(layout, self.workdir / f"{name}-mem"),
+        )
+
+    async def start_vgpud(self, device: Device, extra: Sequence[str] = ()) -> Vgpud:
+        daemon = Vgpud(
+            VgpudConfig(
+                socket_path=device.socket_path,
+                backing_dir=device.backing_dir,
+                profile=device.profile,
+                memory_size=device.memory_size,
+                extra=list(extra),
+            ),
+            self.workdir,
+            name=self._name("vgpud"),
+        )
+        self.logs.append(daemon.log)
+        self._daemons.append(daemon)
+        await daemon.start(self.nursery, echo=self.echo)
+        return daemon
+
+    # -- QEMU ---------------------------------------------------------------------------------
+
+    def device_args(self, device: Device | None) -> list[str]:
+        if device is None:
+            return machine_args(self.assets.arch)
+        try:
+            return qemu_device_args(
+                device.socket_path, device.profile, device.memory_size, self.assets.arch
+            )
+        except E2EError as exc:
+            self.notes.append(f"vgpud qemu-args unavailable, using hand-built args: {exc}")
+            return fallback_device_args(device.socket_path, self.assets.arch)
+
+    def initrd(self, script: GuestScript | str) -> Path:
+        body = script.render() if isinstance(script, GuestScript) else script
+        path = self.workdir / f"{self._name('initrd')}.cpio.gz"
+        path.write_bytes(build_initramfs(self.assets.busybox, body))
+        return path
+
+    async def start_qemu(
+        self,
+        device: Device | None,
+        script: GuestScript | str | None = None,
+        *,
+        paused: bool = False,
+        allow_reboot: bool = False,
+        inputs: dict[str, int | str] | None = None,
+        qemu_args: Sequence[str] | None = None,
+    ) -> Qemu:
+        """Start QEMU (machine and device args from vgpud unless ``qemu_args`` is given)."""
+        config = QemuConfig(
+            device_args=list(qemu_args) if qemu_args is not None else self.device_args(device),
+            paused=paused,
+            allow_reboot=allow_reboot,
+        )
+        if script is not None:
+            config.kernel = self.assets.kernel
+            config.initrd = self.initrd(script)
+            config.append = kernel_cmdline(self.assets.arch, **(inputs or {}))
+        qemu = Qemu(self.assets, config, self.workdir, name=self._name("qemu"))
+        self.logs += [qemu.serial, qemu.stderr]
+        self._qemus.append(qemu)
+        await qemu.start(self.nursery, echo=self.echo)
+        return qemu
+
+    async def boot(
+        self,
+        device: Device | None,
+        script: GuestScript | str,
+        *,
+        within: float = 240,
+        allow_reboot: bool = False,
+        inputs: dict[str, int | str] | None = None,
+        qemu_args: Sequence[str] | None = None,
+    ) -> GuestResults:
+        """Boot a guest running ``script`` to its poweroff; return what it printed."""
+        qemu = await self.start_qemu(
+            device, script, allow_reboot=allow_reboot, inputs=inputs, qemu_args=qemu_args
+        )
+        results = await qemu.run_guest(within)
+        if results.done_rc is None:
+            raise E2EError(
+                f"{qemu.name}: the guest never reached VGTEST-DONE (rc {qemu.returncode})"
+            )
+        return results
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            for qemu in self._qemus:
+                await qemu.aclose()
+            for daemon in self._daemons:
+                await daemon.stop()
+
+    def cleanup(self) -> None:
+        remove_workdir(self.workdir)
+
+
+def _layout_memory_size(layout: dict[str, Any] | None) -> int:
+    if layout:
+        for key in ("memory_size", "memlength", "memory_length"):
+            value = layout.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return DEFAULT_MEMORY_SIZE
+
+
+@dataclass
+class ScenarioRun:
+    """Result of a whole scenario run outside a test (module-scoped fixtures, the demo)."""
+
+    value: Any = None
+    error: str | None = None
+    sections: list[tuple[str, str]] = field(default_factory=list)
+
+    def e2e_logs(self) -> list[tuple[str, str]]:
+        return self.sections
+
+    def get(self) -> Any:
+        """The scenario's value; AssertionError with the reason if the scenario failed."""
+        if self.error is not None:
+            raise AssertionError(f"the e2e scenario failed: {self.error}")
+        return self.value
+
+
+def run_scenario(
+    assets: Assets,
+    body: Callable[[Harness], Awaitable[T]],
+    *,
+    keep_workdir: bool = False,
+    echo: bool = ECHO,
+) -> ScenarioRun:
+    """trio.run a scenario to completion; never raises for scenario failures."""
+    run = ScenarioRun()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            harness = Harness(assets, nursery, echo=echo)
+            try:
+                run.value = await body(harness)
+            except (E2EError, AssertionError, OSError, trio.TooSlowError) as exc:
+                run.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                await harness.aclose()
+                run.sections = harness.e2e_logs()
+                if not keep_workdir:
+                    harness.cleanup()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return run

@@ -1,0 +1,64 @@
+"""Probe-time facts: DVSEC -> has_mig_hw_bug (spec §2.2) and the readiness poll (§7.1)."""
+
+from __future__ import annotations
+
+import errno
+import math
+from pathlib import Path
+
+import pytest
+
+from backends.device import DeviceError
+from backends.synthetic import SyntheticGpu, get_profile
+from backends.synthetic.capabilities import DVSEC_OFFSET
+from tests.backends.helpers import FakeClock
+from vgpud.variant import POLL_QUANTUM, POLL_TIMEOUT, ReadinessWait, device_ready, has_mig_hw_bug
+from vgpud.variant.probe import find_dvsec
+
+
+@pytest.mark.parametrize(
+    ("profile", "bitmap", "bug"),
+    [
+        ("gh200", 0x0000, True),
+        ("gh200", 0x0002, True),  # other bits do not matter
+        ("gh200", None, True),  # no DVSEC at all
+        ("gb200", 0x0001, False),
+        ("gb300", 0xFFFF, False),
+    ],
+)
+def test_mig_bug_from_dvsec(tmp_path: Path, profile: str, bitmap: int | None, bug: bool) -> None:
+    gpu = SyntheticGpu(get_profile(profile).with_overrides(dvsec_bitmap=bitmap), tmp_path)
+    assert has_mig_hw_bug(gpu) is bug
+    assert find_dvsec(gpu, 0x10DE, 3) == (None if bitmap is None else DVSEC_OFFSET)
+    # The DSN (extended cap ID 3) is not mistaken for the DVSEC with DVSEC ID 3.
+    assert find_dvsec(gpu, 0x10DE, 4) is None
+    assert find_dvsec(gpu, 0x1E98, 0) is None
+
+
+def test_poll_counts_and_timeout(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gpu = SyntheticGpu(get_profile("gb200"), tmp_path, ready_delay=math.inf, clock=clock)
+    wait = ReadinessWait(lambda: device_ready(gpu), clock=clock)
+    with pytest.raises(DeviceError) as err:
+        while (delay := wait.poll()) is not None:
+            assert delay == POLL_QUANTUM
+            clock.advance(delay)
+    assert err.value.errno == errno.ETIME
+    assert wait.polls == int(POLL_TIMEOUT / POLL_QUANTUM) + 1  # ~31 checks, as the kernel
+
+
+def test_poll_succeeds_when_ready(tmp_path: Path) -> None:
+    clock = FakeClock()
+    gpu = SyntheticGpu(get_profile("gh200"), tmp_path, ready_delay=7.5, clock=clock)
+    wait = ReadinessWait(lambda: device_ready(gpu), clock=clock)
+    while (delay := wait.poll()) is not None:
+        clock.advance(delay)
+    assert wait.polls == 9  # t = 0..8
+
+
+def test_last_poll_delay_is_clipped_to_the_deadline() -> None:
+    clock = FakeClock()
+    wait = ReadinessWait(lambda: False, clock=clock, timeout=2.5)
+    assert wait.poll() == 1.0
+    clock.advance(2.0)
+    assert wait.poll() == 0.5

@@ -1,0 +1,173 @@
+"""The fake BAR regions: region info, tails (spec §5.2-§5.3), backing files, readiness gate."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from backends.device import (
+    BAR2_REGION_INDEX,
+    BAR4_REGION_INDEX,
+    DeviceError,
+    IrqAction,
+    RegionFlags,
+    SparseArea,
+    VfioDevice,
+)
+from backends.synthetic import SyntheticGpu, get_profile
+from backends.synthetic.profiles import GIB, MIB
+from tests.backends.helpers import FakeClock, cfg_write, open_fds
+from tests.variant.conftest import MakeVariant
+from vgpud.variant import NvgraceVariant, make_device
+
+USE_LEN, USE_BAR = 94 * GIB + 512 * MIB, 128 * GIB
+RES_LEN, RES_BAR = GIB + 256 * MIB, 2 * GIB
+
+
+def test_region_info(hopper: NvgraceVariant) -> None:
+    flags = RegionFlags.READ | RegionFlags.WRITE | RegionFlags.MMAP | RegionFlags.CAPS
+    for index, size, length in ((4, USE_BAR, USE_LEN), (2, RES_BAR, RES_LEN)):
+        info = hopper.region_info(index)
+        assert (info.size, info.flags) == (size, flags)
+        assert info.sparse_areas == (SparseArea(0, length),)
+        assert info.mmap is not None and info.mmap.offset == 0
+        assert os.fstat(info.mmap.fd).st_size == length
+    assert hopper.region_info(3).size == 0
+    assert hopper.region_info(5).size == 0
+    assert hopper.region_info(0).size == 16 << 20  # the backend's
+
+
+def test_is_a_vfio_device(hopper: NvgraceVariant) -> None:
+    assert isinstance(hopper, VfioDevice)
+
+
+@pytest.mark.parametrize(("index", "length", "bar"), [(4, USE_LEN, USE_BAR), (2, RES_LEN, RES_BAR)])
+def test_tail_reads_and_writes(hopper: NvgraceVariant, index: int, length: int, bar: int) -> None:
+    hopper.region_write(index, length - 4, b"\x01\x02\x03\x04\x05\x06\x07\x08")
+    assert hopper.region_read(index, length - 4, 8) == b"\x01\x02\x03\x04" + b"\xff" * 4
+    assert hopper.region_read(index, length, 8) == b"\xff" * 8
+    assert hopper.region_read(index, bar - 1, 1) == b"\xff"
+    hopper.region_write(index, length + 8, b"dropped!")  # silently dropped
+    assert hopper.region_read(index, length + 8, 8) == b"\xff" * 8
+
+
+@pytest.mark.parametrize(
+    ("offset", "count"),
+    [(USE_BAR, 1), (USE_BAR + 4096, 4), (USE_BAR - 4, 8), (-1, 1)],
+)
+def test_out_of_bar_is_einval(hopper: NvgraceVariant, offset: int, count: int) -> None:
+    with pytest.raises(DeviceError) as err:
+        hopper.region_read(BAR4_REGION_INDEX, offset, count)
+    assert err.value.errno == errno.EINVAL
+    with pytest.raises(DeviceError) as err:
+        hopper.region_write(BAR4_REGION_INDEX, offset, bytes(count))
+    assert err.value.errno == errno.EINVAL
+
+
+def test_data_lands_in_the_backing_files(hopper: NvgraceVariant, tmp_path: Path) -> None:
+    files = tmp_path / "gh200"
+    hopper.region_write(BAR4_REGION_INDEX, 0x1234_5678, b"usemem!!")
+    hopper.region_write(BAR2_REGION_INDEX, 0x1000, b"resmem!!")
+    with open(files / "usemem", "rb") as f:
+        assert os.pread(f.fileno(), 8, 0x1234_5678) == b"usemem!!"
+    with open(files / "resmem", "rb") as f:
+        assert os.pread(f.fileno(), 8, 0x1000) == b"resmem!!"
+    # ...and the other way round, through the fd QEMU would mmap.
+    info = hopper.region_info(BAR4_REGION_INDEX)
+    assert info.mmap is not None
+    os.pwrite(info.mmap.fd, b"from-vm!", 0x10_0000_0000)
+    assert hopper.region_read(BAR4_REGION_INDEX, 0x10_0000_0000, 8) == b"from-vm!"
+
+
+def test_memory_survives_a_new_daemon(make_variant: MakeVariant) -> None:
+    first = make_variant()
+    first.region_write(BAR4_REGION_INDEX, 0, b"persist")
+    first.shutdown()
+    second = make_variant()
+    assert second.region_read(BAR4_REGION_INDEX, 0, 7) == b"persist"
+
+
+def test_blackwell_has_no_resmem(blackwell: NvgraceVariant) -> None:
+    assert blackwell.layout.resmem is None
+    info = blackwell.region_info(BAR2_REGION_INDEX)  # the backend's real BAR1
+    assert info.size == 64 << 20 and info.sparse_areas == ()
+    blackwell.region_write(BAR2_REGION_INDEX, 0, b"bar1")
+    assert blackwell.backend.region_read(BAR2_REGION_INDEX, 0, 4) == b"bar1"
+    assert blackwell.region_info(BAR4_REGION_INDEX).size == 256 * GIB
+
+
+def test_ioeventfds_refused(hopper: NvgraceVariant) -> None:
+    for index in range(9):
+        with pytest.raises(DeviceError) as err:
+            hopper.region_io_fds(index)
+        assert err.value.errno == errno.ENOTTY
+
+
+def armed(variant: NvgraceVariant) -> bool:
+    return variant.gate_armed
+
+
+def test_gate_after_reset(make_variant: MakeVariant, clock: FakeClock) -> None:
+    variant = make_variant(ready_delay=3.0)
+    clock.advance(3)
+    variant.region_read(BAR4_REGION_INDEX, 0, 4)  # ready: clears the gate from open()
+    assert not armed(variant)
+    variant.reset()
+    assert armed(variant)
+    with pytest.raises(DeviceError) as err:
+        variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    assert err.value.errno == errno.EIO  # reset cleared COMMAND.MEM (§7.4 step 2)
+    cfg_write(variant, 0x04, 2, 0x0002)
+    with pytest.raises(DeviceError) as err:
+        variant.region_write(BAR2_REGION_INDEX, 0, b"x")
+    assert err.value.errno == errno.EAGAIN  # not ready: no blocking
+    clock.advance(3)
+    variant.region_write(BAR2_REGION_INDEX, 0, b"x")
+    assert not armed(variant)
+    assert variant.region_read(BAR2_REGION_INDEX, 0, 1) == b"x"
+
+
+def test_gate_times_out(make_variant: MakeVariant, clock: FakeClock) -> None:
+    variant = make_variant(ready_delay=math.inf)
+    clock.advance(29.9)
+    with pytest.raises(DeviceError) as err:
+        variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    assert err.value.errno == errno.EAGAIN
+    clock.advance(0.1)
+    with pytest.raises(DeviceError) as err:
+        variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    assert err.value.errno == errno.ETIME
+    with pytest.raises(DeviceError) as err:  # range errors come first, as in the kernel
+        variant.region_read(BAR4_REGION_INDEX, USE_BAR, 4)
+    assert err.value.errno == errno.EINVAL
+    assert not variant.ready_now()
+
+
+def test_passthrough_of_everything_else(hopper: NvgraceVariant) -> None:
+    assert hopper.device_info() == hopper.backend.device_info()
+    assert hopper.irq_info(2) == hopper.backend.irq_info(2)
+    before = open_fds()
+    hopper.set_irqs(3, IrqAction.TRIGGER, 0, 1, eventfds=[os.eventfd(0)])
+    hopper.close()
+    assert open_fds() == before
+
+
+def test_fallback_without_device_memory(tmp_path: Path) -> None:
+    gpu = SyntheticGpu(get_profile("gh200").with_overrides(memory_size=0), tmp_path)
+    assert make_device(gpu) is gpu
+    assert gpu.region_info(BAR4_REGION_INDEX).size == 0
+    with pytest.raises(ValueError, match="make_device"):
+        NvgraceVariant(gpu)
+    gpu.shutdown()
+
+
+def test_make_device_builds_the_variant(tmp_path: Path) -> None:
+    gpu = SyntheticGpu(get_profile("gb300"), tmp_path)
+    device = make_device(gpu)
+    assert isinstance(device, NvgraceVariant)
+    assert device.region_info(BAR4_REGION_INDEX).size == 512 * GIB
+    device.shutdown()

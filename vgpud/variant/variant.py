@@ -1,0 +1,268 @@
+"""``NvgraceVariant``: the nvgrace-gpu-vfio-pci variant driver over any Backend.
+
+Overrides exactly what the kernel variant overrides (spec nvgrace-gpu.md §3-§5, §7.4) and
+passes everything else to the backend, as the kernel passes it to vfio-pci-core:
+
+* region info, read and write of region 4 (usemem) and, when resmem exists, region 2;
+* config bytes 0x18-0x27 (:mod:`vgpud.variant.config_overlay`);
+* ``bar_val`` cleared on open and reset; the post-reset readiness gate;
+* ioeventfds refused with ENOTTY (§5.4).
+
+Two places where vfio-user cannot do what the kernel does, and what happens instead:
+
+* **Clipped accesses.** The kernel clips a read/write that runs past ``bar_size`` and returns
+  a short count (§5.2-§5.3). A vfio-user REGION_READ reply must carry exactly ``count``
+  bytes (spec vfio-user.md §3.9, R10) and R20 asks for ``offset+count <= region size``, so
+  an access that runs past ``bar_size`` is refused with EINVAL, like one that starts there.
+  Within ``bar_size`` the kernel's rules hold byte for byte: 0xFF past ``memlength`` on read,
+  silent drop past ``memlength`` on write.
+* **Readiness after reset.** The kernel blocks the first access after a reset for up to 30 s
+  (§7.4). The daemon is single-threaded and QEMU gives up after 5 s (spec vfio-user.md R16),
+  so the gate never blocks: while the GPU is not ready the access fails with EAGAIN (the
+  guest sees a failed access, all-ones on read); once 30 s have passed since the reset it
+  fails with ETIME, the kernel's error; the first access that finds the GPU ready clears
+  the gate. Before the readiness test the gate returns EIO if COMMAND.MEM is clear (§7.4
+  step 2). The gate is armed by ``reset()`` and also by ``open()``, because the kernel's
+  open runs a function reset whose ``reset_done`` arms it (§7.4, (I)).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import time
+from collections.abc import Callable, Sequence
+
+from backends.backend import Backend, MemoryWindow
+from backends.device import (
+    BAR2_REGION_INDEX,
+    BAR4_REGION_INDEX,
+    CONFIG_REGION_INDEX,
+    DeviceError,
+    DeviceInfo,
+    DmaRegion,
+    IrqAction,
+    IrqInfo,
+    MmapTarget,
+    RegionFlags,
+    RegionInfo,
+    SparseArea,
+    VfioDevice,
+)
+from vgpud.variant.config_overlay import BarOverlay
+from vgpud.variant.layout import MemRegion, NvgraceLayout, compute_layout
+from vgpud.variant.probe import POLL_TIMEOUT, device_ready, has_mig_hw_bug
+
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 1 << 1
+
+
+class _FakeRegion:
+    """A faked BAR region: its layout entry and the backing window."""
+
+    __slots__ = ("index", "region", "window")
+
+    def __init__(self, index: int, region: MemRegion, window: MemoryWindow) -> None:
+        self.index = index
+        self.region = region
+        self.window = window
+
+
+class NvgraceVariant:
+    """The full variant (``nvgrace-gpu-vfio-pci`` ops) over ``backend``.
+
+    Construction is the kernel's probe minus the readiness wait (which the async daemon
+    drives with :class:`vgpud.variant.probe.ReadinessWait`): read the memory description,
+    decide ``has_mig_hw_bug`` from the DVSEC, compute the layout (a
+    :class:`~vgpud.variant.layout.LayoutError` fails it) and obtain the backing windows.
+    """
+
+    def __init__(self, backend: Backend, *, clock: Callable[[], float] = time.monotonic) -> None:
+        memory = backend.device_memory()
+        if memory is None:
+            raise ValueError("backend has no device memory; use make_device() for the fallback")
+        self.backend = backend
+        self._clock = clock
+        self.layout: NvgraceLayout = compute_layout(
+            memory.memphys, memory.memlength, has_mig_hw_bug(backend)
+        )
+        self._regions: dict[int, _FakeRegion] = {}
+        usemem = self.layout.usemem
+        self._regions[BAR4_REGION_INDEX] = _FakeRegion(
+            BAR4_REGION_INDEX,
+            usemem,
+            backend.memory_window(usemem.memphys - memory.memphys, usemem.memlength, True),
+        )
+        resmem = self.layout.resmem
+        if resmem is not None:
+            self._regions[BAR2_REGION_INDEX] = _FakeRegion(
+                BAR2_REGION_INDEX,
+                resmem,
+                backend.memory_window(resmem.memphys - memory.memphys, resmem.memlength, False),
+            )
+        self.overlay = BarOverlay(usemem, resmem)
+        self._gate_armed = False
+        self._gate_deadline = 0.0
+
+    # -- readiness ---------------------------------------------------------------------------
+
+    def ready_now(self) -> bool:
+        """One probe-time readiness test of the backend (spec nvgrace-gpu.md §7.1)."""
+        return device_ready(self.backend)
+
+    @property
+    def gate_armed(self) -> bool:
+        """Whether the next fake-BAR access runs the post-reset readiness check (§7.4)."""
+        return self._gate_armed
+
+    def _arm_gate(self) -> None:
+        self._gate_armed = True
+        self._gate_deadline = self._clock() + POLL_TIMEOUT
+
+    def _check_ready(self) -> None:
+        """``check_device_ready`` without blocking (module docstring, spec §7.4)."""
+        if not self._gate_armed:
+            return
+        command = struct.unpack("<H", self.backend.region_read(CONFIG_REGION_INDEX, PCI_COMMAND, 2))
+        if not command[0] & PCI_COMMAND_MEMORY:
+            raise DeviceError(errno.EIO, "memory decoding is disabled (COMMAND.MEM clear)")
+        if device_ready(self.backend):
+            self._gate_armed = False
+            return
+        if self._clock() >= self._gate_deadline:
+            raise DeviceError(errno.ETIME, "GPU not ready after reset (30 s elapsed)")
+        raise DeviceError(errno.EAGAIN, "GPU not ready yet after reset; retry")
+
+    # -- VfioDevice --------------------------------------------------------------------------
+
+    def device_info(self) -> DeviceInfo:
+        """The backend's."""
+        return self.backend.device_info()
+
+    def region_info(self, index: int) -> RegionInfo:
+        """Faked regions per spec nvgrace-gpu.md §3.4; the rest from the backend."""
+        fake = self._regions.get(index)
+        if fake is None:
+            return self.backend.region_info(index)
+        window = fake.window
+        return RegionInfo(
+            index=index,
+            size=fake.region.bar_size,
+            # CAPS because the sparse-mmap capability is always attached (§3.4).
+            flags=RegionFlags.READ | RegionFlags.WRITE | RegionFlags.MMAP | RegionFlags.CAPS,
+            mmap=MmapTarget(window.fd, window.offset),
+            # Only the real memory is mappable; the tail up to bar_size is trapped (§3.4).
+            sparse_areas=(SparseArea(0, fake.region.memlength),),
+        )
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        """Spec nvgrace-gpu.md §5.2 for faked regions, §4.3 for config, else the backend."""
+        fake = self._regions.get(index)
+        if fake is not None:
+            return self._bar_read(fake, offset, count)
+        data = self.backend.region_read(index, offset, count)
+        if index == CONFIG_REGION_INDEX and self.overlay.touches(offset, count):
+            patched = bytearray(data)
+            self.overlay.patch_read(offset, patched)
+            return bytes(patched)
+        return data
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        """Spec nvgrace-gpu.md §5.3 for faked regions, §4.4 for config, else the backend."""
+        fake = self._regions.get(index)
+        if fake is not None:
+            self._bar_write(fake, offset, data)
+        elif index == CONFIG_REGION_INDEX:
+            if offset < 0 or offset + len(data) > self.backend.region_info(index).size:
+                raise DeviceError(errno.EINVAL, f"config write [{offset:#x}, +{len(data)})")
+            if not self.overlay.write(offset, data):
+                self.backend.region_write(index, offset, data)
+        else:
+            self.backend.region_write(index, offset, data)
+
+    def irq_info(self, index: int) -> IrqInfo:
+        """The backend's."""
+        return self.backend.irq_info(index)
+
+    def set_irqs(
+        self,
+        index: int,
+        action: IrqAction,
+        start: int,
+        count: int,
+        *,
+        eventfds: Sequence[int] | None = None,
+        data_bool: Sequence[bool] | None = None,
+    ) -> None:
+        """The backend's (it takes ownership of ``eventfds``)."""
+        self.backend.set_irqs(index, action, start, count, eventfds=eventfds, data_bool=data_bool)
+
+    def dma_map(self, region: DmaRegion) -> None:
+        """The backend's."""
+        self.backend.dma_map(region)
+
+    def dma_unmap(self, iova: int, size: int) -> None:
+        """The backend's."""
+        self.backend.dma_unmap(iova, size)
+
+    def reset(self) -> None:
+        """Clear ``bar_val`` (§4.7), reset the backend, re-arm the readiness gate (§7.4)."""
+        self.overlay.clear()
+        self.backend.reset()
+        self._arm_gate()
+
+    def open(self) -> None:
+        """Clear ``bar_val`` (§4.7, usemem always exists here) and arm the gate."""
+        self.overlay.clear()
+        self.backend.open()
+        self._arm_gate()
+
+    def close(self) -> None:
+        """The backend's; ``bar_val`` is deliberately kept (§4.7)."""
+        self.backend.close()
+
+    def region_io_fds(self, index: int) -> None:
+        """``VFIO_DEVICE_IOEVENTFD`` / GET_REGION_IO_FDS: always ENOTTY (§5.4)."""
+        raise DeviceError(errno.ENOTTY, f"ioeventfds are not supported (region {index})")
+
+    def shutdown(self) -> None:
+        """The daemon stops: drop the windows' views, then shut the backend down."""
+        for fake in self._regions.values():
+            fake.window.release()
+        self.backend.shutdown()
+
+    # -- fake BAR data path ------------------------------------------------------------------
+
+    def _check_bar_access(self, fake: _FakeRegion, offset: int, count: int) -> None:
+        bar_size = fake.region.bar_size
+        if offset < 0 or offset >= bar_size:
+            raise DeviceError(errno.EINVAL, f"offset {offset:#x} at/after bar_size {bar_size:#x}")
+        if count < 0 or count > bar_size - offset:
+            # Not clipped: see the module docstring ("Clipped accesses").
+            raise DeviceError(
+                errno.EINVAL, f"access [{offset:#x}, +{count:#x}) runs past bar_size {bar_size:#x}"
+            )
+
+    def _bar_read(self, fake: _FakeRegion, offset: int, count: int) -> bytes:
+        self._check_bar_access(fake, offset, count)
+        self._check_ready()
+        memlength = fake.region.memlength
+        mem_count = 0 if offset >= memlength else min(count, memlength - offset)
+        data = bytes(fake.window.view[offset : offset + mem_count]) if mem_count else b""
+        return data + b"\xff" * (count - mem_count)
+
+    def _bar_write(self, fake: _FakeRegion, offset: int, data: bytes) -> None:
+        self._check_bar_access(fake, offset, len(data))
+        self._check_ready()
+        memlength = fake.region.memlength
+        if offset >= memlength:
+            return  # dropped silently (§5.3 step 3)
+        mem_count = min(len(data), memlength - offset)
+        fake.window.view[offset : offset + mem_count] = data[:mem_count]
+
+
+def make_device(backend: Backend, *, clock: Callable[[], float] = time.monotonic) -> VfioDevice:
+    """The device to serve: the variant, or the backend itself without device memory (§8)."""
+    if backend.device_memory() is None:
+        return backend
+    return NvgraceVariant(backend, clock=clock)
