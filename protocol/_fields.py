@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 
@@ -27,6 +26,9 @@ def check_uint(obj: object, bits: int, *names: str) -> None:
     limit = 1 << bits
     for name in names:
         value = getattr(obj, name)
+        # Fast path first: this runs for every field of every message on the hot path.
+        if type(value) is int and 0 <= value < limit:
+            continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise LocalProtocolError(f"{name} must be an int, not {type(value).__name__}")
         if not 0 <= value < limit:
@@ -45,15 +47,32 @@ def no_overflow(base: int, length: int, bits: int = 64) -> bool:
     return base + length <= 1 << bits
 
 
-@contextmanager
-def peer_input(what: str) -> Iterator[None]:
-    """Decode a peer's payload: any validation failure becomes a non-fatal RemoteProtocolError."""
-    try:
-        yield
-    except LocalProtocolError as exc:
-        raise RemoteProtocolError(f"{what}: {exc.message}", errno=exc.errno) from None
-    except (struct.error, ValueError, TypeError) as exc:
-        raise RemoteProtocolError(f"{what}: {exc}") from None
+class peer_input:  # noqa: N801 (used like the function-style context managers it replaced)
+    """Decode a peer's payload: any validation failure becomes a non-fatal RemoteProtocolError.
+
+    A plain class rather than ``@contextmanager``: it wraps every decode on the hot path.
+    """
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, LocalProtocolError):
+            raise RemoteProtocolError(f"{self.what}: {exc.message}", errno=exc.errno) from None
+        if isinstance(exc, struct.error | ValueError | TypeError):
+            raise RemoteProtocolError(f"{self.what}: {exc}") from None
 
 
 def exact_length(payload: bytes, size: int, what: str) -> None:

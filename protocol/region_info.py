@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from protocol._fields import check_uint, exact_length, min_length, peer_input, require
+from protocol.errors import LocalProtocolError
 from protocol.header import Command
 
 REGION_INFO_STRUCT = struct.Struct("<IIIIQQ")  # argsz, flags, index, cap_offset, size, offset
@@ -251,7 +252,8 @@ def _parse_chain(payload: bytes, first: int) -> tuple[Cap, ...]:
         elif cap_id == CapId.MSIX_MAPPABLE:
             cap = MsixMappableCap()
         else:
-            require(False, f"unknown region cap id {cap_id}")
+            # Refused rather than skipped: QEMU only knows these three either (spec §3.5).
+            raise LocalProtocolError(f"unknown region cap id {cap_id}")
         require(version == cap.VERSION, f"region cap {cap_id} version {version}")
         require(_cap_size(cap) == end - at, f"region cap {cap_id} size mismatch")
         caps.append(cap)

@@ -170,7 +170,7 @@ class Harness:
             config.initrd = self.initrd(script)
             config.append = kernel_cmdline(self.assets.arch, **(inputs or {}))
         qemu = Qemu(self.assets, config, self.workdir, name=self._name("qemu"))
-        self.logs += [qemu.serial, qemu.stderr]
+        self.logs += [qemu.serial, qemu.stderr, qemu.firmware]
         self._qemus.append(qemu)
         await qemu.start(self.nursery, echo=self.echo)
         return qemu

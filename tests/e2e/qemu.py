@@ -130,6 +130,8 @@ async def _pump(stream: trio.abc.ReceiveStream | None, log: OutputLog, echo: boo
         if buffer:
             log.append(buffer.decode("utf-8", "replace"))
         log.close()
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,13 +186,21 @@ class QMP:
                 return message.get("return")
 
     async def query_pci(self) -> list[dict[str, Any]]:
-        """Every PCI device on every bus (recursing through bridges)."""
+        """Every PCI function on every bus (recursing through bridges).
+
+        Devices behind a root port appear only once the firmware numbered the buses, so
+        under ``-S`` only the root port itself is listed.
+        """
         buses = await self.execute("query-pci")
         found: list[dict[str, Any]] = []
+        seen: set[tuple[int, int, int]] = set()
 
         def walk(devices: list[dict[str, Any]]) -> None:
             for dev in devices:
-                found.append(dev)
+                key = (dev["bus"], dev["slot"], dev["function"])
+                if key not in seen:  # buses behind bridges are listed twice
+                    seen.add(key)
+                    found.append(dev)
                 bridge = dev.get("pci_bridge")
                 if bridge:
                     walk(bridge.get("devices", []))
@@ -230,15 +240,19 @@ class Qemu:
         self.name = name
         self.serial = OutputLog(f"{name} serial")
         self.stderr = OutputLog(f"{name} stderr")
+        self.firmware = OutputLog(f"{name} firmware")
         self.process: trio.Process | None = None
         self.qmp: QMP | None = None
         self.argv: list[str] = []
 
-    def build_argv(self, qmp_fd: int) -> list[str]:
+    def build_argv(self, qmp_fd: int, firmware_fd: int | None = None) -> list[str]:
         c = self.config
         argv = [*self.assets.qemu_cmd_prefix]
         argv += ["-nodefaults", "-no-user-config", "-display", "none"]
         argv += ["-serial", "stdio"]
+        if firmware_fd is not None:  # SeaBIOS's debug log (PCI placement, boot) to a pipe
+            argv += ["-chardev", f"file,id=fwlog,path=/dev/fd/{firmware_fd}"]
+            argv += ["-device", "isa-debugcon,iobase=0x402,chardev=fwlog"]
         argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off"]
         argv += ["-object", "monitor-qmp,id=qmpmon,chardev=qmp"]
         if not c.allow_reboot:
@@ -267,26 +281,39 @@ class Qemu:
         listener.bind(str(path))
         listener.listen(1)
         client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fw_read: int | None = None
+        fw_write: int | None = None
+        if self.assets.arch == "x86_64":
+            fw_read, fw_write = os.pipe()
         try:
             # Queued in the backlog now; QEMU accepts it when its monitor starts.
             await client.connect(str(path))
-            self.argv = self.build_argv(listener.fileno())
+            self.argv = self.build_argv(listener.fileno(), fw_write)
+            passed = [listener.fileno()] + ([fw_write] if fw_write is not None else [])
             self.process = await trio.lowlevel.open_process(
                 self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(listener.fileno(),),
+                pass_fds=passed,
                 env=dict(os.environ, **self.assets.qemu_env),
                 start_new_session=True,
             )
         except BaseException:
             client.close()
+            if fw_read is not None:
+                os.close(fw_read)
             raise
         finally:
             listener.close()
+            if fw_write is not None:
+                os.close(fw_write)
         nursery.start_soon(_pump, self.process.stdout, self.serial, echo)
         nursery.start_soon(_pump, self.process.stderr, self.stderr, echo)
+        if fw_read is not None:
+            nursery.start_soon(_pump, trio.lowlevel.FdStream(fw_read), self.firmware, False)
+        else:
+            self.firmware.close()
         self.qmp = QMP(trio.SocketStream(client))
         with trio.move_on_after(30) as scope:
             try:
@@ -319,6 +346,12 @@ class Qemu:
         with trio.move_on_after(within):
             return await self.serial.wait_for(pattern, start=start)
         raise E2EError(f"{self.name}: no serial line matching {pattern!r} within {within:.0f} s")
+
+    async def wait_firmware(self, pattern: str, within: float) -> tuple[int, str]:
+        """Wait for a line of SeaBIOS's debug log (x86 only)."""
+        with trio.move_on_after(within):
+            return await self.firmware.wait_for(pattern)
+        raise E2EError(f"{self.name}: no firmware line matching {pattern!r} within {within:.0f} s")
 
     async def run_guest(self, within: float) -> GuestResults:
         """Wait for the guest's VGTEST-DONE and QEMU's exit (poweroff); parse the results."""

@@ -39,6 +39,7 @@ def frame(
     msg_id: int,
     command: int,
     payload: bytes = b"",
+    *,
     flags: int = 0,
     error: int = 0,
     size: int | None = None,

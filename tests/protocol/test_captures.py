@@ -24,6 +24,7 @@ from protocol import (
     Command,
     DmaMap,
     ErrorReply,
+    Migration,
     Outgoing,
     RegionWriteRequest,
     Reply,
@@ -154,7 +155,7 @@ def test_qemu_version_request_and_our_reply() -> None:
             max_data_xfer_size=1 << 20,
             pgsizes=4096,
             max_dma_maps=65535,
-            migration=event.message.capabilities.migration if event.message.capabilities else None,
+            migration=Migration(pgsize=4096, max_bitmap_size=256 << 20),
             write_multiple=True,
         ),
     )

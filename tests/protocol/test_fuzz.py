@@ -37,7 +37,7 @@ _fd_counter = itertools.count(10_000)
 # A frame: a header around a payload that is valid for *some* command, or random bytes.
 payloads = st.one_of(
     st.binary(max_size=48),
-    st.one_of(*MESSAGES.values()).map(lambda m: m.pack()),  # type: ignore[attr-defined]
+    st.one_of(*MESSAGES.values()).map(lambda m: m.pack()),
 )
 
 
@@ -57,9 +57,9 @@ def frames(draw: st.DrawFn) -> bytes:
 def valid_frames(draw: st.DrawFn) -> bytes:
     """A well-framed message with a real payload, as request or reply, small msg_id."""
     message = draw(st.one_of(*MESSAGES.values()))
-    payload: bytes = message.pack()  # type: ignore[attr-defined]
+    payload: bytes = message.pack()
     flags = draw(st.sampled_from([0, 1, 0x10]))
-    command = int(message.COMMAND)  # type: ignore[attr-defined]
+    command = int(message.COMMAND)
     return HEADER_STRUCT.pack(draw(st.integers(0, 3)), command, 16 + len(payload), flags, 0) + (
         payload
     )

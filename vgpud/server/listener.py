@@ -129,6 +129,7 @@ class DeviceServer:
         self.log: Any = structlog.get_logger("vgpud").bind(device=name)
         self.connections = 0
         self.active: int | None = None
+        self.current_session: Session | None = None
         self._session_finished = trio.Condition()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -180,6 +181,7 @@ class DeviceServer:
         reason = "error"
         try:
             session = Session(stream, self.device, self.capabilities, log, no_mmap=self.no_mmap)
+            self.current_session = session
             reason = await session.run()
             log.info("client disconnected", reason=reason, messages=session.messages)
         except Exception:
@@ -188,6 +190,7 @@ class DeviceServer:
             stream.close()
             if self.active == number:
                 self.active = None
+                self.current_session = None
             async with self._session_finished:
                 self._session_finished.notify_all()
 

@@ -22,7 +22,7 @@ import trio
 _FD_SIZE = array.array("i").itemsize
 
 
-class TransportError(Exception):
+class TransportError(ConnectionError):
     """The socket can no longer be used for this connection."""
 
 

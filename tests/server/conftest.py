@@ -1,0 +1,63 @@
+"""The daemon in-process on a real UNIX socket, and helpers to talk to it."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from vgpud import daemon
+from vgpud.client import VfioUserClient
+from vgpud.config import DaemonConfig, single_device
+from vgpud.server.listener import DeviceServer
+
+# 4 GiB gh200: usemem 3 GiB in a 4 GiB BAR4 (a 1 GiB trapped tail), resmem 1 GiB in BAR2.
+MEMORY_SIZE = "4GiB"
+USEMEM_LENGTH = 3 << 30
+USEMEM_BAR_SIZE = 4 << 30
+RESMEM_LENGTH = 1 << 30
+
+
+def open_fds() -> set[int]:
+    """This process's open descriptors (the daemon runs in-process)."""
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@dataclass
+class Daemon:
+    socket_path: Path
+    backing_dir: Path
+    server: DeviceServer
+
+    async def connect(self) -> VfioUserClient:
+        return await VfioUserClient.connect(self.socket_path)
+
+    async def idle(self) -> None:
+        """Wait until the daemon has finished with every client (its cleanup has run)."""
+        await self.server.wait_idle()
+
+
+async def start_daemon(
+    nursery: trio.Nursery, tmp_path: Path, profile: str = "gh200", memory_size: str = MEMORY_SIZE
+) -> Daemon:
+    socket_path = tmp_path / "gpu0.sock"
+    device = single_device(
+        socket_path=socket_path,
+        profile=profile,
+        memory_size=memory_size,
+        backing_dir=tmp_path / "mem",
+    )
+    servers = await nursery.start(functools.partial(daemon.run, DaemonConfig(devices=(device,))))
+    return Daemon(socket_path, tmp_path / "mem", servers[0])
+
+
+@pytest.fixture
+async def vgpud(tmp_path: Path) -> AsyncIterator[Daemon]:
+    async with trio.open_nursery() as nursery:
+        yield await start_daemon(nursery, tmp_path)
+        nursery.cancel_scope.cancel()
