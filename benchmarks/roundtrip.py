@@ -179,8 +179,18 @@ def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str,
         vgpud_sock = f"{tmp}/vgpud.sock"
         listener = _listener(vgpud_sock)
         cmd = [
-            sys.executable, "-m", "vgpud", "serve", "--fd", str(listener.fileno()),
-            "--memory-size", "8GiB", "--backing-dir", f"{tmp}/mem", "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "vgpud",
+            "serve",
+            "--fd",
+            str(listener.fileno()),
+            "--memory-size",
+            "8GiB",
+            "--backing-dir",
+            f"{tmp}/mem",
+            "--log-level",
+            "warning",
         ]
         with _server(cmd, cpu, listener):
             client = RawClient(vgpud_sock)

@@ -11,11 +11,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import trio
 
-from vgpud import __version__, log
+from vgpud import __version__, daemon, devices, log, probe, qemu_args
+from vgpud.client import VfioUserError
 from vgpud.config import (
     DEFAULT_PROFILE,
     ConfigError,
@@ -48,14 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve devices to vfio-user clients (QEMU)")
     where = serve.add_mutually_exclusive_group()
     where.add_argument("--socket-path", type=Path, help="listen on this UNIX socket")
-    where.add_argument("--fd", type=int, help="serve on this inherited socket (listening or connected)")
+    where.add_argument(
+        "--fd", type=int, help="serve on this inherited socket (listening or connected)"
+    )
     where.add_argument("--config", type=Path, help="TOML file describing one or more devices")
     _device_flags(serve)
     serve.add_argument("--backing-dir", type=Path, help="directory for the memory files")
     serve.add_argument("--socket-group", help="group allowed to connect (mode 0660)")
     serve.add_argument("--socket-mode", help="socket permissions, octal (default 0600)")
-    serve.add_argument("--ready-delay", type=float, default=0.0,
-                       help="seconds the GPU reports not-ready after each reset (testing aid)")
+    serve.add_argument(
+        "--ready-delay",
+        type=float,
+        default=0.0,
+        help="seconds the GPU reports not-ready after each reset (testing aid)",
+    )
     serve.add_argument("--no-mmap", action="store_true", help="trap every access (no mmap)")
     serve.add_argument("--log-level", choices=log.LEVELS, default=None)
     serve.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
@@ -72,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     qemu.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
     qemu.add_argument("--ram", default="1G", help="guest RAM (default 1G)")
     qemu.add_argument("--smp", type=int, default=1)
-    qemu.add_argument("--numa", action="store_true",
-                      help="add 8 generic-initiator NUMA nodes per GPU (needed for MIG)")
+    qemu.add_argument(
+        "--numa",
+        action="store_true",
+        help="add 8 generic-initiator NUMA nodes per GPU (needed for MIG)",
+    )
     qemu.add_argument("--json", action="store_true", help="print a JSON array")
 
     probe = sub.add_parser("probe", help="show what a vfio-user server exposes")
@@ -96,8 +107,9 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
             backing_dir=args.backing_dir,
             name=args.name,
             socket_group=args.socket_group,
-            socket_mode=args.socket_mode if args.socket_mode else (
-                "0660" if args.socket_group else None),
+            socket_mode=args.socket_mode
+            if args.socket_mode
+            else ("0660" if args.socket_group else None),
             ready_delay=args.ready_delay,
             no_mmap=args.no_mmap,
         )
@@ -108,15 +120,11 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
     if args.log_format:
         overrides["log_format"] = args.log_format
     if overrides:
-        from dataclasses import replace
-
         config = replace(config, **overrides)
     return config
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from vgpud import daemon
-
     config = _serve_config(args)
     log.configure(config.log_level, config.log_format)
     try:
@@ -128,8 +136,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_layout(args: argparse.Namespace) -> int:
-    from vgpud import devices
-
     device = single_device(socket_path=None, profile=args.profile, memory_size=args.memory_size)
     report = devices.layout_report(device)
     if args.json:
@@ -140,8 +146,6 @@ def _cmd_layout(args: argparse.Namespace) -> int:
 
 
 def _cmd_qemu_args(args: argparse.Namespace) -> int:
-    from vgpud import devices, qemu_args
-
     configs: Sequence[DeviceConfig]
     if args.config is not None:
         configs = load_file(args.config).devices
@@ -173,9 +177,6 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from vgpud import probe
-    from vgpud.client import VfioUserError
-
     try:
         result = trio.run(probe.probe, args.socket)
     except (OSError, EOFError, VfioUserError) as exc:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from backends.synthetic import PROFILES
 from vgpud.log import LEVELS, LogFormat
 from vgpud.units import parse_size
 
@@ -170,11 +171,9 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
     if socket_path is not None and not isinstance(socket_path, str):
         raise ConfigError(f"{where}: socket_path must be a string")
     profile = _string(raw, "profile", DEFAULT_PROFILE, where)
-    from vgpud.devices import profile_names  # late: keeps config importable on its own
-
-    if profile not in profile_names():
+    if profile not in PROFILES:
         raise ConfigError(
-            f"{where}: unknown profile {profile!r} (known: {', '.join(profile_names())})"
+            f"{where}: unknown profile {profile!r} (known: {', '.join(sorted(PROFILES))})"
         )
     memory_size = _size(raw, "memory_size", where)
     if memory_size is not None and memory_size == 0:
@@ -187,7 +186,7 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
     try:
         mode = int(mode_raw, 8) if isinstance(mode_raw, str) else int(mode_raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: socket_mode must be an octal string like \"0660\"") from None
+        raise ConfigError(f'{where}: socket_mode must be an octal string like "0660"') from None
     if mode & ~0o777:
         raise ConfigError(f"{where}: socket_mode {mode_raw!r} has bits outside 0777")
     group = raw.get("socket_group")
@@ -252,7 +251,7 @@ def _size(raw: Mapping[str, Any], key: str, where: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, str | int) or isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be a size such as \"96GiB\"")
+        raise ConfigError(f'{where}: {key} must be a size such as "96GiB"')
     try:
         return parse_size(value)
     except ValueError as exc:

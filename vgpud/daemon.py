@@ -175,4 +175,3 @@ async def _stop_on_signal(scope: trio.CancelScope, log: Any) -> None:
             log.info("stopping", signal=signal.Signals(signum).name)
             scope.cancel()
             return
-

@@ -67,8 +67,7 @@ def layout_report(config: DeviceConfig) -> LayoutReport:
     profile = profile_for(config)
     layout = layout_for(config)
     title = (
-        f"profile {profile.name}: device {profile.device_id:#06x} "
-        f"({profile.architecture.value})"
+        f"profile {profile.name}: device {profile.device_id:#06x} ({profile.architecture.value})"
     )
     files = {"usemem": "usemem", "resmem": "resmem" if layout.resmem is not None else None}
     return LayoutReport(
@@ -77,8 +76,11 @@ def layout_report(config: DeviceConfig) -> LayoutReport:
             layout,
             profile=profile.name,
             device_id=profile.device_id,
-            bar_sizes={"bar0": BAR0_SIZE, "bar2": guest_bar_sizes(config)[1],
-                       "bar4": layout.usemem.bar_size},
+            bar_sizes={
+                "bar0": BAR0_SIZE,
+                "bar2": guest_bar_sizes(config)[1],
+                "bar4": layout.usemem.bar_size,
+            },
             backing_files=files,
         ),
     )

@@ -15,13 +15,32 @@ from typing import Any
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.units import format_size
 
-REGION_NAMES = {0: "BAR0", 1: "BAR1", 2: "BAR2", 3: "BAR3", 4: "BAR4", 5: "BAR5", 6: "ROM",
-                7: "CONFIG", 8: "VGA"}
+REGION_NAMES = {
+    0: "BAR0",
+    1: "BAR1",
+    2: "BAR2",
+    3: "BAR3",
+    4: "BAR4",
+    5: "BAR5",
+    6: "ROM",
+    7: "CONFIG",
+    8: "VGA",
+}
 IRQ_NAMES = {0: "INTx", 1: "MSI", 2: "MSI-X", 3: "ERR", 4: "REQ"}
-CAP_NAMES = {0x01: "Power Management", 0x05: "MSI", 0x09: "Vendor Specific", 0x10: "PCI Express",
-             0x11: "MSI-X"}
-EXT_CAP_NAMES = {0x0001: "Advanced Error Reporting", 0x0003: "Device Serial Number", 0x000B: "Vendor Specific (VSEC)",
-                 0x0015: "Resizable BAR", 0x0023: "Designated Vendor-Specific (DVSEC)"}
+CAP_NAMES = {
+    0x01: "Power Management",
+    0x05: "MSI",
+    0x09: "Vendor Specific",
+    0x10: "PCI Express",
+    0x11: "MSI-X",
+}
+EXT_CAP_NAMES = {
+    0x0001: "Advanced Error Reporting",
+    0x0003: "Device Serial Number",
+    0x000B: "Vendor Specific (VSEC)",
+    0x0015: "Resizable BAR",
+    0x0023: "Designated Vendor-Specific (DVSEC)",
+}
 _REGION_FLAGS = ((1, "read"), (2, "write"), (4, "mmap"), (8, "caps"))
 _IRQ_FLAGS = ((1, "eventfd"), (2, "maskable"), (4, "automasked"), (8, "noresize"))
 
@@ -64,15 +83,17 @@ async def probe(path: str | Path) -> ProbeResult:
                 for cap in region.caps
                 for off, size in getattr(cap, "areas", ())
             ]
-            result.regions.append({
-                "index": index,
-                "name": REGION_NAMES.get(index, f"region{index}"),
-                "size": region.size,
-                "flags": [name for bit, name in _REGION_FLAGS if region.flags & bit],
-                "mmap_offset": region.offset,
-                "fd_size": fd_size,
-                "sparse_areas": sparse,
-            })
+            result.regions.append(
+                {
+                    "index": index,
+                    "name": REGION_NAMES.get(index, f"region{index}"),
+                    "size": region.size,
+                    "flags": [name for bit, name in _REGION_FLAGS if region.flags & bit],
+                    "mmap_offset": region.offset,
+                    "fd_size": fd_size,
+                    "sparse_areas": sparse,
+                }
+            )
             if index == 7:
                 config_size = region.size
         for index in range(info.num_irqs):
@@ -81,12 +102,14 @@ async def probe(path: str | Path) -> ProbeResult:
             except VfioUserError as exc:
                 result.irqs.append({"index": index, "error": exc.errno})
                 continue
-            result.irqs.append({
-                "index": index,
-                "name": IRQ_NAMES.get(index, f"irq{index}"),
-                "count": irq.count,
-                "flags": [name for bit, name in _IRQ_FLAGS if irq.flags & bit],
-            })
+            result.irqs.append(
+                {
+                    "index": index,
+                    "name": IRQ_NAMES.get(index, f"irq{index}"),
+                    "count": irq.count,
+                    "flags": [name for bit, name in _IRQ_FLAGS if irq.flags & bit],
+                }
+            )
         if config_size:
             config = await client.region_read(7, 0, config_size)
             result.config = decode_config(config)
@@ -102,6 +125,7 @@ async def probe(path: str | Path) -> ProbeResult:
 
 def decode_config(config: bytes) -> dict[str, Any]:
     """Decode a PCI config header and walk both capability lists."""
+
     def u8(off: int) -> int:
         return config[off]
 
@@ -131,9 +155,13 @@ def decode_config(config: bytes) -> dict[str, Any]:
     while pointer and pointer not in seen and pointer + 2 <= min(len(config), 256):
         seen.add(pointer)
         cap_id = u8(pointer)
-        out["capabilities"].append({
-            "offset": pointer, "id": cap_id, "name": CAP_NAMES.get(cap_id, f"cap {cap_id:#x}"),
-        })
+        out["capabilities"].append(
+            {
+                "offset": pointer,
+                "id": cap_id,
+                "name": CAP_NAMES.get(cap_id, f"cap {cap_id:#x}"),
+            }
+        )
         pointer = u8(pointer + 1) & ~3
     offset = 0x100
     while len(config) > 0x100 and offset and offset not in seen and offset + 4 <= len(config):
@@ -143,7 +171,9 @@ def decode_config(config: bytes) -> dict[str, Any]:
             break
         cap_id = header & 0xFFFF
         entry: dict[str, Any] = {
-            "offset": offset, "id": cap_id, "name": EXT_CAP_NAMES.get(cap_id, f"ext cap {cap_id:#x}"),
+            "offset": offset,
+            "id": cap_id,
+            "name": EXT_CAP_NAMES.get(cap_id, f"ext cap {cap_id:#x}"),
         }
         if cap_id == 0x0023 and offset + 10 <= len(config):
             entry["dvsec_vendor"] = u16(offset + 4)
@@ -169,15 +199,14 @@ def render(result: ProbeResult) -> str:
         )
     flags = [n for bit, n in ((1, "reset"), (2, "pci")) if result.device_flags & bit]
     lines.append(f"Device flags: {', '.join(flags) or 'none'}")
-    lines.append(
-        "Negotiated: " + ", ".join(f"{k}={v}" for k, v in result.capabilities.items())
-    )
+    lines.append("Negotiated: " + ", ".join(f"{k}={v}" for k, v in result.capabilities.items()))
     lines.append("Regions:")
     for region in result.regions:
         if not region["size"]:
             lines.append(f"  {region['name']:<7} (absent)")
             continue
-        text = f"  {region['name']:<7} size {format_size(region['size'])} [{', '.join(region['flags'])}]"
+        flags = ", ".join(region["flags"])
+        text = f"  {region['name']:<7} size {format_size(region['size'])} [{flags}]"
         if region["fd_size"] is not None:
             text += f", fd of {format_size(region['fd_size'])} at offset {region['mmap_offset']:#x}"
         lines.append(text)
@@ -194,8 +223,10 @@ def render(result: ProbeResult) -> str:
             lines.append(f"  {irq['name']:<6} count {irq['count']} [{', '.join(irq['flags'])}]")
     if cfg:
         lines.append("Config space:")
-        lines.append(f"  Command {cfg['command']:#06x} Status {cfg['status']:#06x}, "
-                     f"interrupt pin {cfg['interrupt_pin']}")
+        lines.append(
+            f"  Command {cfg['command']:#06x} Status {cfg['status']:#06x}, "
+            f"interrupt pin {cfg['interrupt_pin']}"
+        )
         for i, bar in enumerate(cfg["bars"]):
             lines.append(f"  BAR{i} register {bar:#010x}")
         for cap in cfg["capabilities"]:

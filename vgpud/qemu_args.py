@@ -68,7 +68,10 @@ def build(
     machine_ram = "" if numa else ",memory-backend=ram0"
     if arch == "x86_64":
         args += ["-machine", f"q35{machine_ram}", "-accel", accel]
-        args += ["-cpu", "host,host-phys-bits=on" if accel == "kvm" else f"max,phys-bits={TCG_PHYS_BITS}"]
+        args += [
+            "-cpu",
+            "host,host-phys-bits=on" if accel == "kvm" else f"max,phys-bits={TCG_PHYS_BITS}",
+        ]
         if window > Q35_DEFAULT_HOLE64:
             args += ["-global", f"q35-pcihost.pci-hole64-size={_qemu_size(window)}"]
     else:

@@ -41,9 +41,11 @@ def parse_size(text: str | int) -> int:
     if match is None or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (examples: 96GiB, 512MiB, 4096)")
     number, unit = match.groups()
-    scaled = float(number) * _UNITS[unit.lower()] if "." in number else int(number) * _UNITS[
-        unit.lower()
-    ]
+    scaled = (
+        float(number) * _UNITS[unit.lower()]
+        if "." in number
+        else int(number) * _UNITS[unit.lower()]
+    )
     if scaled != int(scaled):
         raise ValueError(f"size is not a whole number of bytes: {text!r}")
     return int(scaled)

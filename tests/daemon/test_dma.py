@@ -28,8 +28,9 @@ def memfd() -> Iterator[int]:
 def test_fd_backed_map_sees_guest_memory(memfd: int) -> None:
     table = DmaTable(max_maps=8)
     os.pwrite(memfd, b"guest", 4 * PAGE)
-    entry = table.map(0x10000, 8 * PAGE, readable=True, writable=True, fd=os.dup(memfd),
-                      file_offset=4 * PAGE)
+    entry = table.map(
+        0x10000, 8 * PAGE, readable=True, writable=True, fd=os.dup(memfd), file_offset=4 * PAGE
+    )
     assert entry is not None and entry.mapping is not None
     assert entry.region().memory is not None
     assert bytes(entry.mapping[:5]) == b"guest"

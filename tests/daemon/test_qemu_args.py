@@ -38,15 +38,15 @@ def test_small_device_needs_no_hole_override() -> None:
 
 
 def test_aarch64_numa_generic_initiators() -> None:
-    args = build(
-        [GuestDevice("/s", [16 << 20, 512 << 30])], arch="aarch64", numa=True, smp=2
-    )
+    args = build([GuestDevice("/s", [16 << 20, 512 << 30])], arch="aarch64", numa=True, smp=2)
     assert _value(args, "-machine") == ["virt,gic-version=3,highmem-mmio-size=2T"]
     numa = _value(args, "-numa")
     assert numa[0] == "node,nodeid=0,cpus=0-1,memdev=ram0"
     assert numa[1:] == [f"node,nodeid={n}" for n in range(1, 9)]
     gis = [o for o in _value(args, "-object") if o.startswith("acpi-generic-initiator")]
-    assert gis == [f"acpi-generic-initiator,id=gi{n - 1},pci-dev=gpu0,node={n}" for n in range(1, 9)]
+    assert gis == [
+        f"acpi-generic-initiator,id=gi{n - 1},pci-dev=gpu0,node={n}" for n in range(1, 9)
+    ]
 
 
 def test_tray_gets_distinct_ports_and_nodes() -> None:
@@ -59,5 +59,5 @@ def test_tray_gets_distinct_ports_and_nodes() -> None:
 
 def test_shell_rendering_quotes_json() -> None:
     text = render_shell(build([GuestDevice("/s", GH200_BARS)]), "qemu-system-x86_64")
-    assert "'{\"driver\":\"vfio-user-pci\"" in text
+    assert '\'{"driver":"vfio-user-pci"' in text
     assert text.startswith("qemu-system-x86_64 \\\n  -machine q35,memory-backend=ram0")

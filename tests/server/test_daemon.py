@@ -24,6 +24,7 @@ from tests.server.conftest import (
 )
 from tests.server.rawclient import QEMU_VERSION, RawConn
 from vgpud.client import VfioUserClient, VfioUserError
+from vgpud.server.listener import ListenerError, bind_unix_listener
 
 CONFIG = 7
 BAR0, BAR2, BAR4 = 0, 2, 4
@@ -192,8 +193,6 @@ async def test_restart_keeps_device_memory(tmp_path: Path) -> None:
 
 
 async def test_live_socket_is_not_stolen(vgpud: Daemon, tmp_path: Path) -> None:
-    from vgpud.server.listener import ListenerError, bind_unix_listener
-
     with pytest.raises(ListenerError, match="already listening"):
         bind_unix_listener(vgpud.socket_path)
     # The check connected (and left at once); let the daemon see that before we attach.

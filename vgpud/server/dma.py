@@ -97,7 +97,7 @@ class DmaTable:
             if fd is not None:
                 os.close(fd)
 
-    def _map(
+    def _map(  # noqa: PLR0917 (private; mirrors map()'s keywords)
         self,
         iova: int,
         size: int,
@@ -140,9 +140,7 @@ class DmaTable:
         """Remove the mapping that exactly matches [iova, iova+size) and release it."""
         entry = self._maps.get(iova)
         if entry is None or entry.size != size:
-            raise DmaError(
-                errno.EINVAL, f"DMA_UNMAP [{iova:#x}, +{size:#x}) matches no mapping"
-            )
+            raise DmaError(errno.EINVAL, f"DMA_UNMAP [{iova:#x}, +{size:#x}) matches no mapping")
         del self._maps[iova]
         entry.release()
         return entry

@@ -233,7 +233,9 @@ class Session:
         send_fd = mmap_fd is not None and reply.argsz <= msg.argsz
         return self.conn.send_reply(request, reply, (mmap_fd,) if send_fd and mmap_fd else ())
 
-    def _get_region_io_fds(self, request: p.Request, msg: p.RegionIoFdsRequest) -> p.Outgoing | None:
+    def _get_region_io_fds(
+        self, request: p.Request, msg: p.RegionIoFdsRequest
+    ) -> p.Outgoing | None:
         self._check_region(msg.index)
         io_fds = getattr(self.device, "region_io_fds", None)
         if io_fds is not None:
@@ -336,4 +338,3 @@ def _caps_summary(caps: p.Capabilities | None) -> dict[str, Any]:
         "max_dma_maps": caps.max_dma_maps,
         "pgsizes": caps.pgsizes,
     }
-

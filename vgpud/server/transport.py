@@ -65,9 +65,7 @@ class FdStream:
             view = memoryview(data)
             ancdata = []
             if fds:
-                ancdata = [
-                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
-                ]
+                ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
             while view:
                 try:
                     sent = await self.socket.sendmsg([view], ancdata)
@@ -101,4 +99,3 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
         except OSError:
             pass
-
