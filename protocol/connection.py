@@ -116,7 +116,8 @@ class _Connection:
 
         ``fds`` belong to the message whose first byte is ``data[0]``. ``truncated`` reports
         MSG_CTRUNC: fds were lost, which is fatal at the next ``next_event()``. On a broken
-        connection this raises RemoteProtocolError carrying ``fds`` straight back.
+        connection this raises RemoteProtocolError carrying ``fds`` straight back; after EOF
+        it raises LocalProtocolError and the fds stay the caller's.
         """
         if self._state is State.BROKEN:
             raise RemoteProtocolError(
@@ -216,6 +217,8 @@ class _Connection:
         try:
             message = decode_reply(request, frame.payload)
             fd_error = reply_fd_error(message, len(fds))
+            if len(fds) > self.capabilities.max_msg_fds:
+                fd_error = f"{len(fds)} fds > max_msg_fds"
             if fd_error is not None:
                 raise RemoteProtocolError(fd_error)
             if isinstance(message, Version):

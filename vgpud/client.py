@@ -61,7 +61,7 @@ class VfioUserClient:
         except BaseException:
             sock.close()
             raise
-        client = cls(FdStream(sock), capabilities)
+        client = cls(FdStream.from_trio(sock), capabilities)
         try:
             await client.request(p.Version(major=0, minor=0, capabilities=capabilities))
         except BaseException:

@@ -205,8 +205,8 @@ def render(result: ProbeResult) -> str:
         if not region["size"]:
             lines.append(f"  {region['name']:<7} (absent)")
             continue
-        flags = ", ".join(region["flags"])
-        text = f"  {region['name']:<7} size {format_size(region['size'])} [{flags}]"
+        flag_text = ", ".join(region["flags"])
+        text = f"  {region['name']:<7} size {format_size(region['size'])} [{flag_text}]"
         if region["fd_size"] is not None:
             text += f", fd of {format_size(region['fd_size'])} at offset {region['mmap_offset']:#x}"
         lines.append(text)

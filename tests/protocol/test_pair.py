@@ -31,6 +31,7 @@ from protocol import (
     MigDataReadReply,
     MigDataWrite,
     MigrationFeature,
+    Outgoing,
     QemuDmaReadReply,
     QemuDmaReadRequest,
     QemuDmaWriteRequest,
@@ -245,3 +246,32 @@ def test_feature_decoder() -> None:
     assert decode_feature(feature) == MigrationFeature(5)
     assert decode_feature(DeviceFeature(8, FeatureFlags.PROBE | 1)) is None
     assert Command.DEVICE_FEATURE == feature.COMMAND
+
+
+def test_undecodable_reply_is_an_error_reply_and_keeps_the_stream() -> None:
+    client, server = negotiated_pair()
+    msg_id, out = client.send_request(RegionInfoRequest(64, 2))
+    request = deliver_one(out, server)
+    assert isinstance(request, Request)
+    # A region-info reply with two fds (spec R7 allows one): the client refuses the reply,
+    # hands the fds back, and the next reply on the stream is still understood.
+    reply = build_region_info_reply(64, 2, 7, 1 << 30, 0)
+    bad = Outgoing(HEADER_STRUCT.pack(msg_id, 5, 48, 1, 0) + reply.pack(), new_fds(2))
+    event = deliver_one(bad, client)
+    assert isinstance(event, ErrorReply)
+    assert event.errno == errno.EPROTO and event.reason and event.fds == bad.fds
+    msg_id, out = client.send_request(DeviceReset())
+    reset = deliver_one(out, server)
+    assert isinstance(reset, Request)
+    done = server.send_reply(reset)
+    assert done is not None and isinstance(deliver_one(done, client), Reply)
+
+
+def test_short_region_read_reply_is_refused() -> None:
+    client, server = negotiated_pair()
+    msg_id, out = client.send_request(RegionReadRequest(0, 7, 4))
+    assert isinstance(deliver_one(out, server), Request)
+    short = RegionReadReply(0, 7, 2, b"ab").pack()
+    header = HEADER_STRUCT.pack(msg_id, 9, 16 + len(short), 1, 0)
+    event = deliver_one(Outgoing(header + short), client)
+    assert isinstance(event, ErrorReply) and event.errno == errno.EPROTO

@@ -17,7 +17,7 @@ FORBIDDEN = {
 }  # fmt: skip
 ALLOWED_IMPORTS = {
     "__future__", "collections", "contextlib", "dataclasses", "enum", "errno", "json",
-    "struct", "typing", "protocol",
+    "struct", "types", "typing", "protocol",
 }  # fmt: skip
 
 

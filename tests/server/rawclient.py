@@ -53,7 +53,7 @@ class RawConn:
     async def open(cls, path: Path, negotiate: bool = True) -> RawConn:
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.connect(str(path))
-        conn = cls(FdStream(sock))
+        conn = cls(FdStream.from_trio(sock))
         if negotiate:
             await conn.send(QEMU_VERSION)
             reply = await conn.receive()

@@ -175,7 +175,7 @@ async def test_too_many_fds_close_the_connection(vgpud: Daemon) -> None:
     # More fds than max_msg_fds (16): the kernel truncates them (MSG_CTRUNC), we close.
     sock = conn.stream.socket
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    await sock.sendmsg([set_irqs(0x24, 2, 0, 40)], ancillary)
+    sock.sendmsg([set_irqs(0x24, 2, 0, 40)], ancillary)
     for fd in fds:
         os.close(fd)
     assert await conn.receive() is None

@@ -99,7 +99,7 @@ def _group_id(group: str) -> int:
         raise ListenerError(f"unknown group {group!r}") from None
 
 
-def peer_credentials(sock: trio.socket.SocketType) -> dict[str, int]:
+def peer_credentials(sock: socket.socket) -> dict[str, int]:
     """pid/uid/gid of the connected peer (SO_PEERCRED), for the log."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -137,7 +137,7 @@ class DeviceServer:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                sock = await self._accept()
+                sock = socket.socket(fileno=(await self._accept()).detach())
                 self.connections += 1
                 number = self.connections
                 creds = peer_credentials(sock)
@@ -157,7 +157,7 @@ class DeviceServer:
     async def serve_connected(self, sock: socket.socket) -> None:
         """Serve a single already-connected client (``--fd`` with a connected socket)."""
         self.connections += 1
-        await self._run_session(trio.socket.from_stdlib_socket(sock), self.connections, {})
+        await self._run_session(sock, self.connections, peer_credentials(sock))
 
     async def _accept(self) -> trio.socket.SocketType:
         assert self.listener is not None, "serve() needs a listening socket"
@@ -172,9 +172,7 @@ class DeviceServer:
                 raise
             return sock
 
-    async def _run_session(
-        self, sock: trio.socket.SocketType, number: int, creds: dict[str, int]
-    ) -> None:
+    async def _run_session(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
         stream = FdStream(sock)
         log = self.log.bind(connection=number)
         log.info("client connected", **creds)

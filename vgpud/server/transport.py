@@ -1,4 +1,4 @@
-"""An fd-aware byte stream over a trio UNIX socket.
+"""An fd-aware byte stream over a UNIX socket, for trio.
 
 ``trio.SocketStream`` carries no ancillary data, and vfio-user passes file descriptors
 (SCM_RIGHTS) with the first bytes of a message (spec vfio-user.md §1 "FD passing"). This is
@@ -26,16 +26,41 @@ class TransportError(ConnectionError):
     """The socket can no longer be used for this connection."""
 
 
+# Socket operations that complete at once do not pass through trio's scheduler (see
+# FdStream); after this many of them in a row the stream yields anyway, so a client that
+# never pauses cannot starve the other devices' sessions.
+FAIRNESS_BUDGET = 64
+
+
 class FdStream:
     """One connected AF_UNIX SOCK_STREAM socket, with fd passing.
+
+    Trapped guest accesses are on the VM's critical path, and going through trio's socket
+    wrappers costs a scheduler pass (an epoll round) per operation: three per message. Here
+    the non-blocking syscall is tried first and the task only parks on
+    ``wait_readable``/``wait_writable`` when it would block, with a forced checkpoint every
+    :data:`FAIRNESS_BUDGET` operations (measured in benchmarks/roundtrip.py).
 
     Two tasks must never interleave one socket's writes (STYLE.md "trio"): a send in progress
     makes a concurrent ``send`` raise ``trio.BusyResourceError``.
     """
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
         self.socket = sock
         self._sending = False
+        self._budget = FAIRNESS_BUDGET
+
+    @classmethod
+    def from_trio(cls, sock: trio.socket.SocketType) -> FdStream:
+        """Take over a trio socket (e.g. one returned by ``accept``)."""
+        return cls(socket.socket(fileno=sock.detach()))
+
+    async def _spent(self) -> None:
+        self._budget -= 1
+        if self._budget <= 0:
+            self._budget = FAIRNESS_BUDGET
+            await trio.lowlevel.checkpoint()
 
     async def receive(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
         """Read up to ``max_bytes`` and any fds sent with them; ``b""`` means EOF.
@@ -44,16 +69,22 @@ class FdStream:
         sent more fds than it was allowed to, and which message they belonged to is lost.
         """
         ancillary = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
-        try:
-            data, ancdata, msg_flags, _ = await self.socket.recvmsg(
-                max_bytes, ancillary, socket.MSG_CMSG_CLOEXEC
-            )
-        except OSError as exc:
-            raise TransportError(f"recvmsg failed: {exc.strerror}") from exc
+        while True:
+            try:
+                data, ancdata, msg_flags, _ = self.socket.recvmsg(
+                    max_bytes, ancillary, socket.MSG_CMSG_CLOEXEC
+                )
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.socket)
+                self._budget = FAIRNESS_BUDGET
+            except OSError as exc:
+                raise TransportError(f"recvmsg failed: {exc.strerror}") from exc
         fds = _fds_from_ancillary(ancdata)
         if msg_flags & socket.MSG_CTRUNC:
             close_fds(fds)
             raise TransportError(f"peer sent more than {max_fds} fds with one message")
+        await self._spent()
         return data, fds
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -68,7 +99,11 @@ class FdStream:
                 ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
             while view:
                 try:
-                    sent = await self.socket.sendmsg([view], ancdata)
+                    sent = self.socket.sendmsg([view], ancdata)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.socket)
+                    self._budget = FAIRNESS_BUDGET
+                    continue
                 except OSError as exc:
                     raise TransportError(f"sendmsg failed: {exc.strerror}") from exc
                 view = view[sent:]
@@ -77,6 +112,7 @@ class FdStream:
                 ancdata = []
         finally:
             self._sending = False
+        await self._spent()
 
     def close(self) -> None:
         """Close the socket (idempotent)."""
