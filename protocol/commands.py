@@ -203,26 +203,25 @@ def reply_fd_error(message: ReplyMessage, nfds: int) -> str | None:
     return None if nfds == 0 else "this reply cannot carry fds"
 
 
+_DATA_SIZE: dict[type, Callable[[Any], int]] = {
+    RegionReadRequest: lambda m: m.count,
+    RegionWriteRequest: lambda m: m.count,
+    DmaReadRequest: lambda m: m.count,
+    DmaWriteRequest: lambda m: m.count,
+    QemuDmaReadRequest: lambda m: m.count,
+    QemuDmaWriteRequest: lambda m: m.count,
+    MigDataRead: lambda m: m.size,
+    MigDataWrite: lambda m: m.size,
+    DmaUnmap: lambda m: 0 if m.bitmap is None else m.bitmap.size,
+    DeviceFeature: lambda m: m.argsz,
+}
+
+
 def data_size(message: RequestMessage) -> int:
     """The data transfer a request implies (written or to be read back), bounded by the
     receiver's ``max_data_xfer_size`` (spec §1 "Sizes")."""
-    if isinstance(
-        message,
-        RegionReadRequest
-        | RegionWriteRequest
-        | DmaReadRequest
-        | DmaWriteRequest
-        | QemuDmaReadRequest
-        | QemuDmaWriteRequest,
-    ):
-        return message.count
-    if isinstance(message, MigDataRead | MigDataWrite):
-        return message.size
-    if isinstance(message, DmaUnmap) and message.bitmap is not None:
-        return message.bitmap.size
-    if isinstance(message, DeviceFeature):
-        return message.argsz
-    return 0
+    size = _DATA_SIZE.get(type(message))
+    return 0 if size is None else size(message)
 
 
 #: errno for a request whose data transfer is over the limit.

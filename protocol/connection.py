@@ -47,8 +47,8 @@ from protocol.header import (
     FLAG_TYPE_MASK,
     FLAG_TYPE_REPLY,
     HEADER_SIZE,
+    HEADER_STRUCT,
     Command,
-    Header,
 )
 from protocol.state import RECEIVABLE, RECEIVES, SENDABLE, Role, State, Trigger, transition
 from protocol.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, Version, negotiate_reply
@@ -267,8 +267,8 @@ class _Connection:
         if command is Command.VERSION:
             self._move(Trigger.SEND_VERSION_REQUEST)
         flags = FLAG_TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0)
-        header = Header(msg_id, command, HEADER_SIZE + len(payload), flags)
-        return msg_id, Outgoing(header.pack() + payload, tuple(fds))
+        header = HEADER_STRUCT.pack(msg_id, command, HEADER_SIZE + len(payload), flags, 0)
+        return msg_id, Outgoing(header + payload, tuple(fds))
 
     @staticmethod
     def _check_fds(fd_error: str | None, fds: Sequence[int], peer: Capabilities) -> None:
@@ -318,10 +318,9 @@ class _Connection:
         if isinstance(request.message, Version):
             self.negotiated = request.message.capabilities or Capabilities()
             self._move(Trigger.SEND_VERSION_REPLY)
-        header = Header(
-            request.msg_id, request.command, HEADER_SIZE + len(payload), FLAG_TYPE_REPLY
-        )
-        return Outgoing(header.pack() + payload, tuple(fds))
+        size = HEADER_SIZE + len(payload)
+        header = HEADER_STRUCT.pack(request.msg_id, request.command, size, FLAG_TYPE_REPLY, 0)
+        return Outgoing(header + payload, tuple(fds))
 
     def _version_reply_message(self, request: Request, message: ReplyMessage) -> Version:
         assert isinstance(request.message, Version)
@@ -352,7 +351,8 @@ class _Connection:
         if isinstance(request, Request) and isinstance(request.message, Version):
             self._move(Trigger.SEND_VERSION_ERROR)
         flags = FLAG_TYPE_REPLY | FLAG_ERROR
-        return Outgoing(Header(request.msg_id, request.command, HEADER_SIZE, flags, errno).pack())
+        header = HEADER_STRUCT.pack(request.msg_id, request.command, HEADER_SIZE, flags, errno)
+        return Outgoing(header)
 
 
 class ServerConnection(_Connection):

@@ -45,6 +45,7 @@ class FrameReader:
         self._buf = bytearray()
         self._base = 0  # stream offset of _buf[0]
         self._marks: list[tuple[int, list[int]]] = []  # (stream offset, fds), ascending
+        self._header: Header | None = None  # of the message at _buf[0], once checked
         self.eof = False
 
     def feed(self, data: bytes, fds: Sequence[int]) -> None:
@@ -97,15 +98,11 @@ class FrameReader:
                 what = "EOF inside a message header" if buf else "fds with no message"
                 raise self.fatal(what)
             return None
-        header = Header.unpack(buf)
-        kind = header.flags & FLAG_TYPE_MASK
-        if kind not in (FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY):
-            # Spec §2: QEMU marks the connection broken for any other type.
-            raise self.fatal(f"message type {kind} is neither command nor reply")
-        if header.size < HEADER_SIZE:
-            raise self.fatal(f"message size {header.size} < {HEADER_SIZE}")
-        if header.size > self.max_size:
-            raise self.fatal(f"message size {header.size} > limit {self.max_size}", errno.E2BIG)
+        header = self._header
+        if header is None:
+            # Checked as soon as the header is in, before any of the body is buffered; kept
+            # so the reads that complete the body do not parse it again.
+            header = self._header = self._check(Header.unpack(buf))
         if len(buf) < header.size:
             if self.eof:
                 raise self.fatal(f"EOF inside a {header.size}-byte message")
@@ -120,4 +117,16 @@ class FrameReader:
         payload = bytes(buf[HEADER_SIZE : header.size])
         del buf[: header.size]
         self._base = end
+        self._header = None
         return Frame(header, payload, fds)
+
+    def _check(self, header: Header) -> Header:
+        kind = header.flags & FLAG_TYPE_MASK
+        if kind not in (FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY):
+            # Spec §2: QEMU marks the connection broken for any other type.
+            raise self.fatal(f"message type {kind} is neither command nor reply")
+        if header.size < HEADER_SIZE:
+            raise self.fatal(f"message size {header.size} < {HEADER_SIZE}")
+        if header.size > self.max_size:
+            raise self.fatal(f"message size {header.size} > limit {self.max_size}", errno.E2BIG)
+        return header
