@@ -93,6 +93,11 @@ class SyntheticGpu:
     ) -> None:
         self.profile = profile
         self.backing_dir = Path(backing_dir)
+        self._region_sizes = {
+            BAR0_REGION_INDEX: BAR0_SIZE,
+            BAR2_REGION_INDEX: profile.bar1_size,
+            CONFIG_REGION_INDEX: CONFIG_SPACE_SIZE,
+        }
         self.config = _build_config(profile, serial_number)
         self.irqs = InterruptController(self.config, profile.msi_vectors, profile.msix_vectors)
         self.bar0 = Bar0(
@@ -207,7 +212,9 @@ class SyntheticGpu:
         return self._memory.file(BAR1_FILE, self.profile.bar1_size)
 
     def _check_access(self, index: int, offset: int, count: int) -> None:
-        size = self.region_info(index).size
+        # Region sizes are fixed at creation; building a RegionInfo per trapped access (the
+        # hot path) would cost more than the access itself.
+        size = self._region_sizes.get(index, 0)
         if offset < 0 or count < 0 or offset + count > size:
             raise DeviceError(
                 errno.EINVAL, f"access [{offset:#x}, +{count:#x}) outside region {index}"

@@ -8,8 +8,8 @@ receives the recorded libvfio-user replies.
 
 from __future__ import annotations
 
-import hashlib
 import gzip
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
