@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,14 @@ class Assets:
             "kernel": str(manifests["kernel"].get("version", "?")),
             "busybox": str(manifests["busybox"].get("version", "?")),
         }
+        kernel = base / "kernel" / "vmlinuz"
+        busybox = base / "busybox" / "busybox"
+        for path in (kernel, busybox, root / "usr/bin" / spec.qemu.binary):
+            if not path.is_file():
+                raise AssetsMissingError(
+                    f"{path} is missing (run `python -m tests.e2e.assets fetch --arch {arch} "
+                    "--refresh`)"
+                )
         return cls(
             arch=arch,
             qemu_root=root,
@@ -172,8 +180,8 @@ class Assets:
             qemu_env={"QEMU_MODULE_DIR": str(root / "usr/lib" / HOST_MULTIARCH / "qemu")},
             firmware_dir=root / spec.qemu.firmware_dirs[0],
             bios=root / spec.qemu.bios if spec.qemu.bios else None,
-            kernel=base / "kernel" / "vmlinuz",
-            busybox=base / "busybox" / "busybox",
+            kernel=kernel,
+            busybox=busybox,
             versions=versions,
         )
 
@@ -401,6 +409,10 @@ Acquire::http::Timeout "60";
         return target
 
 
+def _print_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _sandbox_user() -> str:
     # apt drops to _apt for downloads when root; _apt cannot enter a 0700 home directory.
     try:
@@ -416,10 +428,12 @@ def _sandbox_user() -> str:
 class Fetcher:
     """Fetches missing assets into ``cache_dir``; see the module docstring."""
 
-    def __init__(self, cache_dir: Path, *, refresh: bool = False, log: Any = None) -> None:
+    def __init__(
+        self, cache_dir: Path, *, refresh: bool = False, log: Callable[[str], None] | None = None
+    ) -> None:
         self.cache_dir = cache_dir
         self.refresh = refresh
-        self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._log = log or _print_progress
         self._apts: dict[str, _Apt] = {}
 
     def apt(self, suite: str, debarch: str) -> _Apt:
@@ -450,7 +464,7 @@ class Fetcher:
         _verify_qemu(assets, f"{arch}/qemu")
         return assets
 
-    def _asset(self, final: Path, asset: str, build: Any) -> None:
+    def _asset(self, final: Path, asset: str, build: Callable[[Path], dict[str, Any]]) -> None:
         if _read_manifest(final) is not None and not self.refresh:
             self._log(f"assets: {asset}: present ({final})")
             return
@@ -641,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for arch in arches:
         try:
             assets = fetcher.fetch(arch)
-        except AssetError as exc:
+        except (AssetError, AssetsMissingError) as exc:
             print(f"error: e2e assets: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:

@@ -485,6 +485,18 @@ class Vgpud:
                 self.process.kill()
         return await self.process.wait()
 
+    def events(self) -> list[dict[str, Any]]:
+        """vgpud's JSON log lines so far, parsed (other lines are skipped)."""
+        parsed: list[dict[str, Any]] = []
+        for line in self.log.lines:
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                parsed.append(value)
+        return parsed
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None

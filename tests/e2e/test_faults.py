@@ -40,7 +40,7 @@ async def test_guest_reboot_keeps_device_memory(harness: Harness) -> None:
         "vg_kv phase 2"
     )
     plan.script(script, writes=False)
-    await harness.start_vgpud(device)
+    daemon = await harness.start_vgpud(device)
     qemu = await harness.start_qemu(device, script, allow_reboot=True)
     first, _ = await qemu.wait_line(r"^VGTEST phase=1", 240)
     # Next: either the second boot's phase 2, or phase 1 again (memory was lost: fail fast).
@@ -48,6 +48,9 @@ async def test_guest_reboot_keeps_device_memory(harness: Harness) -> None:
     assert line.strip() == "VGTEST phase=2", "after the reboot the marker in BAR4 was gone"
     results = await qemu.run_guest(240)
     assert results.boots == 2
+    # Realize's reset plus the guest's reboot (SeaBIOS adds a second one, captures README).
+    resets = [e for e in daemon.events() if e.get("event") == "device reset"]
+    assert len(resets) >= 2, "vgpud logged no DEVICE_RESET for the guest's reboot"
     _assert_reads(plan.mismatches(results))
     _assert_reads(plan.host_mismatches(device.files))
 
