@@ -1,0 +1,166 @@
+"""The ``vgpud`` command as a user runs it: a real process, READY=1, probe, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+VGPUD = [sys.executable, "-m", "vgpud"]
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(30)
+    yield sock
+    sock.close()
+
+
+def start(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    return subprocess.Popen(
+        [*VGPUD, *args], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    return stderr
+
+
+def test_serve_with_only_a_socket_path_then_probe(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    sock = tmp_path / "gpu0.sock"
+    proc = start(
+        ["serve", "--socket-path", str(sock), "--backing-dir", str(tmp_path / "mem")], tmp_path
+    )
+    try:
+        assert notify_socket.recv(64) == b"READY=1"
+        probe = subprocess.run(
+            [*VGPUD, "probe", str(sock), "--json"], capture_output=True, text=True, check=True
+        )
+        result = json.loads(probe.stdout)
+        assert result["config"]["vendor_id"] == 0x10DE
+        assert result["config"]["device_id"] == 0x2342
+        regions = {r["name"]: r for r in result["regions"]}
+        # The default device: gh200, 96 GiB -> 1 GiB resmem (BAR2), 128 GiB BAR4.
+        assert regions["BAR2"]["size"] == 1 << 30
+        assert regions["BAR4"]["size"] == 128 << 30
+        for bar in ("BAR2", "BAR4"):
+            assert "mmap" in regions[bar]["flags"]
+            assert regions[bar]["fd_size"] == regions[bar]["sparse_areas"][0]["size"]
+        assert regions["BAR4"]["sparse_areas"] == [{"offset": 0, "size": 95 << 30}]
+        text = subprocess.run(
+            [*VGPUD, "probe", str(sock)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "10de:2342" in text and "MIG hardware bug: yes" in text
+    finally:
+        stderr = stop(proc)
+    assert not sock.exists(), "socket left behind"
+    assert (tmp_path / "mem" / "usemem").stat().st_size == 95 << 30, "memory file removed"
+    assert '"event": "stopping"' in stderr and '"signal": "SIGTERM"' in stderr
+
+
+def test_serve_on_an_inherited_listening_fd(tmp_path: Path, notify_socket: socket.socket) -> None:
+    path = tmp_path / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    proc = subprocess.Popen(
+        [
+            *VGPUD,
+            "serve",
+            "--fd",
+            str(listener.fileno()),
+            "--backing-dir",
+            str(tmp_path / "m"),
+            "--memory-size",
+            "4GiB",
+        ],
+        pass_fds=(listener.fileno(),),
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listener.close()
+    try:
+        assert notify_socket.recv(64) == b"READY=1"
+        probe = subprocess.run([*VGPUD, "probe", str(path)], capture_output=True, text=True)
+        assert probe.returncode == 0, probe.stderr
+        assert "BAR4    size 4GiB" in probe.stdout
+    finally:
+        stop(proc)
+    assert path.exists(), "an inherited socket is not ours to remove"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--memory-size", "lots"], "memory_size"),
+        (["serve", "--profile", "h100"], "unknown profile"),
+        (["layout", "--memory-size", "1GiB"], "no usemem left"),
+        (["serve", "--config", "/nonexistent.toml"], "No such file"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *VGPUD,
+            *args,
+            *(
+                ["--socket-path", str(tmp_path / "s")]
+                if "--config" not in args and args[0] == "serve"
+                else []
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_refuses_to_steal_a_non_socket(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-socket"
+    path.write_text("precious")
+    result = subprocess.run(
+        [*VGPUD, "serve", "--socket-path", str(path), "--backing-dir", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "is not a socket" in result.stderr
+    assert path.read_text() == "precious"
+
+
+def test_layout_json_matches_the_kernel_formula() -> None:
+    out = subprocess.run(
+        [*VGPUD, "layout", "--profile", "gh200", "--memory-size", "95.75GiB", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    layout = json.loads(out)
+    regions = {r["name"]: r for r in layout["regions"]}
+    # spec nvgrace-gpu.md §3.2's worked example.
+    assert regions["usemem"]["memlength"] == 189 << 29  # 94.5 GiB
+    assert regions["usemem"]["bar_size"] == 128 << 30
+    assert regions["resmem"]["memlength"] == 5 << 28  # 1.25 GiB
+    assert regions["resmem"]["bar_size"] == 2 << 30
