@@ -21,6 +21,8 @@ from typing import Any
 import structlog
 import trio
 
+from backends.device import DeviceError
+from backends.synthetic import BackingFileError
 from vgpud import systemd
 from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
 from vgpud.devices import BuiltDevice, build_device
@@ -115,7 +117,8 @@ async def run(
             built.append(build_device(device_config))
         for device in built:
             await wait_ready(device, log.bind(device=device.name))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, BackingFileError, DeviceError) as exc:
+        # ValueError covers LayoutError: the kernel would fail probe for this memory size.
         for device in built:
             device.release()
         raise StartupError(str(exc)) from exc

@@ -164,3 +164,18 @@ def test_layout_json_matches_the_kernel_formula() -> None:
     assert regions["usemem"]["bar_size"] == 128 << 30
     assert regions["resmem"]["memlength"] == 5 << 28  # 1.25 GiB
     assert regions["resmem"]["bar_size"] == 2 << 30
+
+
+def test_backing_file_of_another_size_is_kept_and_refused(tmp_path: Path) -> None:
+    memory = tmp_path / "mem"
+    memory.mkdir()
+    (memory / "usemem").write_bytes(b"someone's data")
+    result = subprocess.run(
+        [*VGPUD, "serve", "--socket-path", str(tmp_path / "s"), "--backing-dir", str(memory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "belongs to a device of another size" in result.stderr
+    assert (memory / "usemem").read_bytes() == b"someone's data"
