@@ -43,9 +43,10 @@ assets: $(BIN)/.installed
 e2e: assets
 	VGPUD_E2E_REQUIRE=1 $(BIN)/pytest -m e2e
 
-# Everything CI runs: lint, mypy --strict, every test tier including real QEMU guests.
+# Everything CI runs: lint, mypy --strict, every test tier including real QEMU guests
+# (VGPUD_E2E_REQUIRE=1: a missing asset fails the run, it is never silently skipped).
 test: lint typecheck assets
-	$(BIN)/pytest
+	VGPUD_E2E_REQUIRE=1 $(BIN)/pytest
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.roundtrip

@@ -513,12 +513,19 @@ def vgpud_json(*args: str) -> Any:
 
 
 def qemu_device_args(
-    socket_path: Path, profile: str, memory_size: str | None, arch: str = "x86_64"
+    socket_path: Path,
+    profile: str,
+    memory_size: str | None,
+    arch: str = "x86_64",
+    *,
+    numa: bool = False,
 ) -> list[str]:
     """Machine + device args for one vgpud device (``vgpud qemu-args``)."""
     args = ["qemu-args", "--socket-path", str(socket_path), "--profile", profile, "--arch", arch]
     if memory_size:
         args += ["--memory-size", memory_size]
+    if numa:
+        args.append("--numa")
     result = vgpud_json(*args)
     if not isinstance(result, list) or not all(isinstance(a, str) for a in result):
         raise E2EError(f"vgpud qemu-args printed {result!r}, not a list of strings")
@@ -535,30 +542,6 @@ def machine_args(arch: str = "x86_64", ram: str = "1G") -> list[str]:
         *machine,
         *("-accel", "tcg", "-smp", "1", "-m", ram),
         *("-object", f"memory-backend-memfd,id=ram0,size={ram},share=on"),
-    ]
-
-
-def fallback_device_args(
-    socket_path: Path, arch: str = "x86_64", window: int = 1 << 40
-) -> list[str]:
-    """Hand-built args for when ``vgpud qemu-args`` is unavailable: the captures' line."""
-    device = {
-        "driver": "vfio-user-pci",
-        "id": "gpu0",
-        "bus": "rp0",
-        "socket": {"type": "unix", "path": str(socket_path)},
-    }
-    if arch == "aarch64":
-        return [
-            *machine_args(arch),
-            *("-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1"),
-            *("-device", json.dumps(device, separators=(",", ":"))),
-        ]
-    return [
-        *machine_args(arch),
-        *("-global", f"q35-pcihost.pci-hole64-size={window >> 30}G"),
-        *("-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1"),
-        *("-device", json.dumps(device, separators=(",", ":"))),
     ]
 
 
@@ -594,7 +577,6 @@ __all__ = [
     "QemuConfig",
     "Vgpud",
     "VgpudConfig",
-    "fallback_device_args",
     "kernel_cmdline",
     "qemu_device_args",
     "vgpud_json",

@@ -14,7 +14,9 @@ import trio
 from tests.e2e.assets import Assets
 from tests.e2e.expect import NVIDIA
 from tests.e2e.harness import Harness
+from tests.e2e.initramfs import GuestScript
 from tests.e2e.plans import bar_facts, describe_script, memory_plan
+from tests.e2e.qemu import qemu_device_args
 
 pytestmark = [pytest.mark.e2e, pytest.mark.aarch64, pytest.mark.timeout(600)]
 
@@ -47,3 +49,67 @@ async def test_aarch64_guest_uses_gpu_memory(arm: Harness) -> None:
     assert bar_facts(results, 2)["size"] == device.expected.resmem_bar
     bad = plan.mismatches(results) + plan.host_mismatches(device.files)
     assert not bad, "\n".join(bad)
+
+
+GI_NODES = range(1, 9)  # `vgpud qemu-args --numa`: 8 nodes per GPU (spec nvgrace-gpu.md §11.1)
+SRAT_HEADER = 48  # ACPI table header (36) + SRAT reserved (12)
+SRAT_GENERIC_INITIATOR = 5
+GI_HANDLE_PCI = 1
+
+
+def generic_initiators(srat: bytes) -> list[tuple[int, int, bytes]]:
+    """(proximity domain, segment, BDF bytes) of every PCI generic-initiator affinity entry."""
+    entries = []
+    offset = SRAT_HEADER
+    while offset + 2 <= len(srat):
+        kind, length = srat[offset], srat[offset + 1]
+        if length == 0:
+            break
+        entry = srat[offset : offset + length]
+        if kind == SRAT_GENERIC_INITIATOR and entry[3] == GI_HANDLE_PCI:
+            domain = int.from_bytes(entry[4:8], "little")
+            segment = int.from_bytes(entry[8:10], "little")
+            entries.append((domain, segment, bytes(entry[10:12])))
+        offset += length
+    return entries
+
+
+async def test_aarch64_numa_generic_initiators(arm: Harness) -> None:
+    """The guest sees 8 memory-less, CPU-less generic-initiator nodes bound to the GPU."""
+    device = arm.device("gh200", "8448MiB")
+    await arm.start_vgpud(device)
+    args = qemu_device_args(device.socket_path, "gh200", "8448MiB", "aarch64", numa=True)
+    script = (
+        GuestScript()
+        .find_device()
+        .raw(
+            'vg_kv bdf "$BDF"\n'
+            'vg_kv gi_nodes "$(cat /sys/devices/system/node/has_generic_initiator)"\n'
+            "vg_kv srat \"$(od -An -tx1 -v /sys/firmware/acpi/tables/SRAT | tr -d ' \\n')\"\n"
+            "for n in 1 2 3 4 5 6 7 8; do\n"
+            '  vg_kv node${n}_cpus "$(cat /sys/devices/system/node/node$n/cpulist)"\n'
+            "  vg_kv node${n}_mem_kb "
+            "\"$(awk '/MemTotal/ {print $4}' /sys/devices/system/node/node$n/meminfo)\"\n"
+            "done"
+        )
+    )
+    results = await arm.boot(device, script, qemu_args=args)
+    assert results.done_rc == 0
+    assert results.values["gi_nodes"] == "1-8"
+    for node in GI_NODES:
+        assert results.values[f"node{node}_cpus"] == "", f"node{node} has CPUs"
+        assert results.values[f"node{node}_mem_kb"] == "0", f"node{node} has memory"
+    segment, bus, device_fn = results.values["bdf"].split(":")
+    dev, fn = device_fn.split(".")
+    devfn = int(dev, 16) << 3 | int(fn, 16)
+    initiators = generic_initiators(bytes.fromhex(results.values["srat"]))
+    assert [domain for domain, _, _ in sorted(initiators)] == list(GI_NODES)
+    # The handle names our GPU. ACPI's 16-bit BDF is bus in bits 15:8; the guest NVIDIA
+    # driver also accepts the bytes swapped (old hypervisors), so either order is the GPU.
+    ours = {bytes([devfn, int(bus, 16)]), bytes([int(bus, 16), devfn])}
+    for _, seg, handle in initiators:
+        assert seg == int(segment, 16) and handle in ours, (
+            seg,
+            handle.hex(),
+            results.values["bdf"],
+        )
