@@ -98,7 +98,9 @@ def test_serve_on_an_inherited_listening_fd(tmp_path: Path, notify_socket: socke
     listener.close()
     try:
         assert notify_socket.recv(64) == b"READY=1"
-        probe = subprocess.run([*VGPUD, "probe", str(path)], capture_output=True, text=True)
+        probe = subprocess.run(
+            [*VGPUD, "probe", str(path)], capture_output=True, text=True, check=False
+        )
         assert probe.returncode == 0, probe.stderr
         assert "BAR4    size 4GiB" in probe.stdout
     finally:
@@ -128,6 +130,7 @@ def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Pa
         ],
         capture_output=True,
         text=True,
+        check=False,
         timeout=60,
     )
     assert result.returncode == 2
@@ -143,6 +146,7 @@ def test_refuses_to_steal_a_non_socket(tmp_path: Path) -> None:
         [*VGPUD, "serve", "--socket-path", str(path), "--backing-dir", str(tmp_path / "m")],
         capture_output=True,
         text=True,
+        check=False,
         timeout=60,
     )
     assert result.returncode == 1
@@ -174,6 +178,7 @@ def test_backing_file_of_another_size_is_kept_and_refused(tmp_path: Path) -> Non
         [*VGPUD, "serve", "--socket-path", str(tmp_path / "s"), "--backing-dir", str(memory)],
         capture_output=True,
         text=True,
+        check=False,
         timeout=60,
     )
     assert result.returncode == 1
