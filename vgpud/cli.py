@@ -20,6 +20,7 @@ from vgpud import __version__, daemon, devices, log, probe, qemu_args
 from vgpud.client import VfioUserError
 from vgpud.config import (
     DEFAULT_PROFILE,
+    ENGINES,
     ConfigError,
     DaemonConfig,
     DeviceConfig,
@@ -65,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the GPU reports not-ready after each reset (testing aid)",
     )
     serve.add_argument("--no-mmap", action="store_true", help="trap every access (no mmap)")
+    serve.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="python (default) or libvfio-user (the C library, see docs/libvfio-user-engine.md)",
+    )
+    serve.add_argument(
+        "--libvfio-user",
+        metavar="PATH",
+        help="libvfio-user.so.0 to load (default: $VGPUD_LIBVFIO_USER, then the loader's)",
+    )
     serve.add_argument("--log-level", choices=log.LEVELS, default=None)
     serve.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
 
@@ -119,6 +131,10 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
         overrides["log_level"] = args.log_level
     if args.log_format:
         overrides["log_format"] = args.log_format
+    if args.engine:
+        overrides["engine"] = args.engine
+    if args.libvfio_user:
+        overrides["libvfio_user"] = args.libvfio_user
     if overrides:
         config = replace(config, **overrides)
     return config

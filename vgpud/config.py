@@ -6,6 +6,8 @@ names are reported with the key that is wrong. Example (one file can describe a 
     [daemon]
     log_level = "info"          # debug | info | warning | error
     log_format = "auto"         # auto (console on a tty, JSON otherwise) | console | json
+    engine = "python"           # python | libvfio-user (optional, needs libvfio-user.so.0)
+    libvfio_user = "/usr/lib/x86_64-linux-gnu/libvfio-user.so.0"   # default: the loader's
 
     [[device]]
     name = "gpu0"
@@ -71,6 +73,9 @@ class DaemonConfig:
     devices: tuple[DeviceConfig, ...]
     log_level: str = "info"
     log_format: LogFormat = "auto"
+    # "python" (trio, the default) or "libvfio-user" (the C library through cffi).
+    engine: str = "python"
+    libvfio_user: str | None = None
 
 
 _DEVICE_KEYS = {
@@ -85,7 +90,8 @@ _DEVICE_KEYS = {
     "ready_delay",
     "no_mmap",
 }
-_DAEMON_KEYS = {"log_level", "log_format"}
+_DAEMON_KEYS = {"log_level", "log_format", "engine", "libvfio_user"}
+ENGINES = ("python", "libvfio-user")
 
 
 def default_socket_path(name: str) -> Path:
@@ -129,7 +135,13 @@ def parse(raw: Mapping[str, Any], source: str = "config") -> DaemonConfig:
     log_format = _string(daemon, "log_format", "auto", f"{source}: [daemon]")
     if log_format not in ("auto", "console", "json"):
         raise ConfigError(f"{source}: [daemon] log_format must be auto, console or json")
-    return DaemonConfig(devices, level, cast(LogFormat, log_format))
+    engine = _string(daemon, "engine", "python", f"{source}: [daemon]")
+    if engine not in ENGINES:
+        raise ConfigError(f"{source}: [daemon] engine must be one of {', '.join(ENGINES)}")
+    library = daemon.get("libvfio_user")
+    if library is not None and not isinstance(library, str):
+        raise ConfigError(f"{source}: [daemon] libvfio_user must be a path")
+    return DaemonConfig(devices, level, cast(LogFormat, log_format), engine, library)
 
 
 def single_device(

@@ -10,13 +10,14 @@ backing files stay (device memory outlives the daemon).
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import trio
@@ -26,6 +27,8 @@ from backends.synthetic import BackingFileError
 from vgpud import systemd
 from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
 from vgpud.devices import BuiltDevice, build_device
+from vgpud.libvfio_user.engine import serve_device
+from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.server.listener import DeviceServer, ListenerError, bind_unix_listener
 
 READY_POLL_SECONDS = 1.0  # POLL_QUANTUM_MS, spec nvgrace-gpu.md §7.1
@@ -99,17 +102,32 @@ def _close_endpoints(endpoints: list[_Endpoint]) -> None:
             endpoint.path.unlink(missing_ok=True)
 
 
+class ServedDevice(Protocol):
+    """What each engine hands back per device once it listens (tests use it)."""
+
+    name: str
+    connections: int
+
+    async def wait_idle(self) -> None:
+        """Until no client is attached."""
+
+
 async def run(
     config: DaemonConfig,
     *,
     inherited_fd: int | None = None,
-    task_status: trio.TaskStatus[list[DeviceServer]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the daemon until cancelled or signalled."""
+    """Run the daemon until cancelled or signalled.
+
+    ``task_status.started`` gets one :class:`ServedDevice` per configured device: a
+    :class:`DeviceServer` for the Python engine, a ``LibvfioUserServer`` otherwise.
+    """
     log = structlog.get_logger("vgpud")
     _raise_fd_limit()
     if inherited_fd is not None and len(config.devices) != 1:
         raise StartupError("--fd serves exactly one device")
+    library = _load_engine(config, inherited_fd)
     built: list[BuiltDevice] = []
     started = trio.current_time()
     try:
@@ -122,11 +140,13 @@ async def run(
         for device in built:
             device.release()
         raise StartupError(str(exc)) from exc
-    endpoints = _open_endpoints(config, built, inherited_fd)
-    servers: list[DeviceServer] = []
+    endpoints = [] if library is not None else _open_endpoints(config, built, inherited_fd)
+    servers: list[ServedDevice] = []
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, log)
+            if library is not None:
+                servers += await _start_libvfio_user(nursery, config, built, library, log)
             for endpoint in endpoints:
                 server = DeviceServer(
                     endpoint.config.name,
@@ -143,6 +163,7 @@ async def run(
                     "serving",
                     device=endpoint.config.name,
                     socket=str(endpoint.path) if endpoint.path else "inherited",
+                    engine="python",
                     **endpoint.built.summary(),
                 )
             elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
@@ -155,6 +176,54 @@ async def run(
         for device in built:
             device.release()
         log.info("stopped")
+
+
+def _load_engine(config: DaemonConfig, inherited_fd: int | None) -> Library | None:
+    """The libvfio-user library when that engine is chosen (checked before anything starts)."""
+    if config.engine != "libvfio-user":
+        return None
+    if inherited_fd is not None or systemd.listen_fds_pending():
+        # libvfio-user creates and binds its socket itself.
+        raise StartupError("the libvfio-user engine cannot serve an inherited socket")
+    try:
+        return load_library(config.libvfio_user)
+    except EngineUnavailable as exc:
+        raise StartupError(str(exc)) from exc
+
+
+async def _start_libvfio_user(
+    nursery: trio.Nursery,
+    config: DaemonConfig,
+    built: list[BuiltDevice],
+    library: Library,
+    log: Any,
+) -> list[ServedDevice]:
+    servers: list[ServedDevice] = []
+    for device_config, device in zip(config.devices, built, strict=True):
+        path = device_config.socket_path or default_socket_path(device_config.name)
+        try:
+            server = await nursery.start(
+                functools.partial(
+                    serve_device,
+                    device,
+                    path,
+                    socket_mode=device_config.socket_mode,
+                    socket_group=device_config.socket_group,
+                    no_mmap=device_config.no_mmap,
+                    library=library,
+                )
+            )
+        except (EngineUnavailable, ListenerError) as exc:
+            raise StartupError(str(exc)) from exc
+        servers.append(server)
+        log.info(
+            "serving",
+            device=device.name,
+            socket=str(path),
+            engine="libvfio-user",
+            **device.summary(),
+        )
+    return servers
 
 
 def _raise_fd_limit() -> None:

@@ -49,8 +49,8 @@ def bind_unix_listener(path: Path, mode: int = 0o600, group: str | None = None) 
     off.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_if_stale(path)
-    gid = _group_id(group) if group is not None else None
+    remove_if_stale(path)
+    gid = group_id(group) if group is not None else None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         # Born owner-only, so no other user can connect in the window before chmod.
@@ -69,7 +69,8 @@ def bind_unix_listener(path: Path, mode: int = 0o600, group: str | None = None) 
     return sock
 
 
-def _remove_if_stale(path: Path) -> None:
+def remove_if_stale(path: Path) -> None:
+    """Unlink a socket file nobody listens on; refuse live sockets and non-sockets."""
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -90,7 +91,8 @@ def _remove_if_stale(path: Path) -> None:
     raise ListenerError(f"another server is already listening on {path}")
 
 
-def _group_id(group: str) -> int:
+def group_id(group: str) -> int:
+    """A group name (or number) as a gid."""
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:

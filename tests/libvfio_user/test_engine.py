@@ -1,0 +1,332 @@
+"""The libvfio-user engine over a real socket, driven by the project's own client.
+
+Needs a libvfio-user build: point ``VGPUD_LIBVFIO_USER`` at its ``libvfio-user.so.0``.
+Without one the whole module is skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+import protocol as p
+from backends.device import DmaRegion
+from vgpud.client import VfioUserClient, VfioUserError
+from vgpud.config import single_device
+from vgpud.devices import BuiltDevice, build_device
+from vgpud.libvfio_user import EngineUnavailable, LibvfioUserServer, load_library
+from vgpud.libvfio_user import engine as engine_module
+from vgpud.libvfio_user.engine import serve_device
+
+try:
+    LIBRARY = load_library()
+except EngineUnavailable as exc:
+    pytest.skip(f"libvfio-user engine tests need the library ({exc})", allow_module_level=True)
+
+CONFIG = 7
+BAR0, BAR2, BAR4 = 0, 2, 4
+COMMAND_MEMORY = 0x0002
+MSIX_CAP = 0xA0
+DOORBELL = 0xFF0000
+SET_IRQS_EVENTFD_TRIGGER = 0x4 | 0x20
+SET_IRQS_NONE_TRIGGER = 0x1 | 0x20
+MSIX_IRQ = 2
+# 4 GiB gh200: usemem 3 GiB in a 4 GiB BAR4 (a 1 GiB trapped tail), resmem 1 GiB in BAR2.
+USEMEM_LENGTH = 3 << 30
+USEMEM_BAR_SIZE = 4 << 30
+RESMEM_LENGTH = 1 << 30
+
+
+@dataclass
+class Engine:
+    socket_path: Path
+    backing_dir: Path
+    built: BuiltDevice
+    server: LibvfioUserServer
+
+    async def connect(self) -> VfioUserClient:
+        return await VfioUserClient.connect(self.socket_path)
+
+
+async def start_engine(nursery: trio.Nursery, tmp_path: Path, ready_delay: float = 0.0) -> Engine:
+    socket_path = tmp_path / "gpu0.sock"
+    config = single_device(
+        socket_path=socket_path,
+        memory_size="4GiB",
+        backing_dir=tmp_path / "mem",
+        ready_delay=ready_delay,
+    )
+    built = build_device(config)
+
+    async def run(task_status: trio.TaskStatus[LibvfioUserServer]) -> None:
+        try:
+            await serve_device(built, socket_path, library=LIBRARY, task_status=task_status)
+        finally:
+            built.release()
+
+    server = await nursery.start(run)
+    return Engine(socket_path, tmp_path / "mem", built, server)
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
+    async with trio.open_nursery() as nursery:
+        yield await start_engine(nursery, tmp_path)
+        nursery.cancel_scope.cancel()
+
+
+async def enable_memory(client: VfioUserClient) -> None:
+    await client.region_write(CONFIG, 0x04, struct.pack("<H", COMMAND_MEMORY))
+
+
+async def test_negotiation_and_device_info(engine: Engine) -> None:
+    async with await engine.connect() as client:
+        caps = client.server_capabilities
+        assert caps is not None and caps.max_msg_fds > 0
+        info = await client.device_info()
+        assert (info.num_regions, info.num_irqs) == (9, 5)
+        assert info.flags == 0x3  # RESET | PCI
+        assert (await client.irq_info(MSIX_IRQ)).count == engine.built.device.irq_info(2).count
+
+
+@pytest.mark.parametrize(("region", "length"), [(BAR4, USEMEM_LENGTH), (BAR2, RESMEM_LENGTH)])
+async def test_region_fd_and_sparse_area_show_device_memory(
+    engine: Engine, region: int, length: int
+) -> None:
+    async with await engine.connect() as client:
+        await enable_memory(client)
+        got = await client.region_info(region)
+        assert got.fd is not None
+        expected = engine.built.device.region_info(region)
+        assert got.info.size == expected.size
+        assert got.info.flags & 0x7 == 0x7  # READ | WRITE | MMAP
+        assert expected.mmap is not None and got.info.offset == expected.mmap.offset
+        sparse = [cap for cap in got.info.caps if isinstance(cap, p.SparseMmapCap)]
+        assert sparse[0].areas == ((0, length),)
+        view = mmap.mmap(got.fd, length, mmap.MAP_SHARED, offset=got.info.offset)
+        os.close(got.fd)
+        try:
+            view[0x1000:0x1008] = b"from-mm!"
+            assert await client.region_read(region, 0x1000, 8) == b"from-mm!"
+            await client.region_write(region, length - 8, b"from-rw!")
+            assert view[length - 8 : length] == b"from-rw!"
+        finally:
+            view.close()
+
+
+async def test_config_space_is_the_variants(engine: Engine) -> None:
+    async with await engine.connect() as client:
+        ids = struct.unpack("<HH", await client.region_read(CONFIG, 0, 4))
+        assert ids == (0x10DE, 0x2342)
+        # BAR4 sizing goes to the variant's emulated register, not libvfio-user's BAR code.
+        await client.region_write(CONFIG, 0x20, struct.pack("<I", 0xFFFFFFFF))
+        await client.region_write(CONFIG, 0x24, struct.pack("<I", 0xFFFFFFFF))
+        low, high = struct.unpack("<II", await client.region_read(CONFIG, 0x20, 8))
+        sized = (high << 32) | low
+        assert sized == (0xFFFFFFFFFFFFFFFF & ~(USEMEM_BAR_SIZE - 1)) | 0xC
+        # Whole-dword and odd-sized accesses reach the device unchanged.
+        assert await client.region_read(CONFIG, 0x20, 8) == engine.built.device.region_read(
+            CONFIG, 0x20, 8
+        )
+
+
+async def test_bar4_tail_reads_ff_and_drops_writes(engine: Engine) -> None:
+    async with await engine.connect() as client:
+        await enable_memory(client)
+        tail = USEMEM_LENGTH + 0x100
+        await client.region_write(BAR4, tail, b"\x12\x34\x56\x78")
+        assert await client.region_read(BAR4, tail, 4) == b"\xff" * 4
+        await client.region_write(BAR4, USEMEM_LENGTH - 4, b"ABCDEFGH")
+        assert await client.region_read(BAR4, USEMEM_LENGTH - 4, 8) == b"ABCD" + b"\xff" * 4
+        with pytest.raises(VfioUserError) as info:
+            await client.region_read(BAR4, USEMEM_BAR_SIZE - 4, 8)  # past bar_size
+        assert info.value.errno == errno.EINVAL
+
+
+async def test_device_errors_become_error_replies(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        # Not ready yet: the variant refuses BAR4 accesses with EAGAIN (spec nvgrace-gpu.md
+        # §7.4); the errno set in the C callback must reach the client.
+        engine = await start_engine(nursery, tmp_path, ready_delay=30.0)
+        async with await engine.connect() as client:
+            await enable_memory(client)
+            with pytest.raises(VfioUserError) as info:
+                await client.region_read(BAR4, 0, 8)
+            assert info.value.errno == errno.EAGAIN
+            assert (await client.device_info()).num_regions == 9  # connection still fine
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bug_in_the_device_costs_one_request(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(index: int, offset: int, count: int) -> bytes:
+        raise RuntimeError("bug")
+
+    async with await engine.connect() as client:
+        monkeypatch.setattr(engine.built.device, "region_read", broken)
+        with pytest.raises(VfioUserError) as info:
+            await client.region_read(BAR0, 0, 4)
+        assert info.value.errno == errno.EIO
+        monkeypatch.undo()
+        assert len(await client.region_read(BAR0, 0, 4)) == 4
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+async def test_a_client_session_leaks_no_fds(engine: Engine) -> None:
+    before = open_fds()
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 1 << 20)
+    async with await engine.connect() as client:
+        await enable_msix(client)
+        await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 0, 1, [efd])
+        await client.dma_map(0, 1 << 20, fd=ram)
+        got = await client.region_info(BAR4)
+        assert got.fd is not None
+        os.close(got.fd)
+    await engine.server.wait_idle()
+    os.close(efd)
+    os.close(ram)
+    assert open_fds() == before
+
+
+async def test_reset_clears_emulated_bars_and_keeps_memory(engine: Engine) -> None:
+    async with await engine.connect() as client:
+        await enable_memory(client)
+        await client.region_write(BAR4, 0, b"keep me!")
+        await client.region_write(CONFIG, 0x20, struct.pack("<I", 0xFFFFFFFF))
+        await client.reset()
+        assert struct.unpack("<I", await client.region_read(CONFIG, 0x20, 4))[0] == 0xC
+        await enable_memory(client)
+        assert await client.region_read(BAR4, 0, 8) == b"keep me!"
+
+
+async def test_reconnect_keeps_device_memory(engine: Engine) -> None:
+    async with await engine.connect() as client:
+        await enable_memory(client)
+        await client.region_write(BAR2, 0x40, b"persist!")
+    async with await engine.connect() as client:
+        await enable_memory(client)
+        assert await client.region_read(BAR2, 0x40, 8) == b"persist!"
+    await engine.server.wait_idle()
+    assert engine.server.connections == 2
+    with (engine.backing_dir / "resmem").open("rb") as handle:
+        handle.seek(0x40)
+        assert handle.read(8) == b"persist!"
+
+
+async def enable_msix(client: VfioUserClient) -> None:
+    control = struct.unpack("<H", await client.region_read(CONFIG, MSIX_CAP + 2, 2))[0]
+    await client.region_write(CONFIG, MSIX_CAP + 2, struct.pack("<H", control | 0x8000))
+
+
+async def test_doorbell_reaches_the_msix_eventfd_through_libvfio_user(engine: Engine) -> None:
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        async with await engine.connect() as client:
+            await enable_msix(client)
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 3, 1, [efd])
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 3))
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(efd)
+            assert os.eventfd_read(efd) == 1
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_NONE_TRIGGER, 0, 0)
+    finally:
+        os.close(efd)
+
+
+async def test_interrupt_waits_until_the_client_wires_the_vector(engine: Engine) -> None:
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        async with await engine.connect() as client:
+            await enable_msix(client)
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 5))  # not wired yet
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 5, 1, [efd])
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(efd)
+            assert os.eventfd_read(efd) == 1
+    finally:
+        os.close(efd)
+
+
+async def test_dma_map_and_unmap_reach_the_device(engine: Engine) -> None:
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 1 << 20)
+    seen: list[tuple[str, int, int, bytes]] = []
+    device = engine.built.device
+    real_map, real_unmap = device.dma_map, device.dma_unmap
+
+    def dma_map(region: DmaRegion) -> None:
+        assert region.memory is not None
+        seen.append(("map", region.iova, region.size, bytes(region.memory[:4])))
+        real_map(region)
+
+    def dma_unmap(iova: int, size: int) -> None:
+        seen.append(("unmap", iova, size, b""))
+        real_unmap(iova, size)
+
+    os.pwrite(ram, b"RAM!", 0x1000)
+    try:
+        device.dma_map = dma_map  # type: ignore[method-assign]
+        device.dma_unmap = dma_unmap  # type: ignore[method-assign]
+        async with await engine.connect() as client:
+            await client.dma_map(0x10000, 0x1000, fd=ram, offset=0x1000)
+            await client.dma_map(0xFFFC0000, 0x40000, flags=1)  # fd-less, read-only
+            await client.dma_unmap(0x10000, 0x1000)
+        await engine.server.wait_idle()
+    finally:
+        os.close(ram)
+        del device.dma_map, device.dma_unmap
+    assert seen[0] == ("map", 0x10000, 0x1000, b"RAM!")
+    assert ("unmap", 0x10000, 0x1000, b"") in seen
+    assert ("unmap", 0xFFFC0000, 0x40000, b"") in seen  # dropped when the client left
+
+
+async def test_silent_client_is_cut_off_and_the_next_one_served(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "NEGOTIATION_TIMEOUT", 0.3)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        silent.connect(str(engine.socket_path))
+        await trio.sleep(0.1)  # let the engine start negotiating with it
+        with trio.fail_after(10):
+            async with await engine.connect() as client:
+                assert (await client.device_info()).num_regions == 9
+    finally:
+        silent.close()
+
+
+async def test_stop_while_a_client_is_negotiating(tmp_path: Path) -> None:
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                engine = await start_engine(nursery, tmp_path)
+                silent.connect(str(engine.socket_path))
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+    finally:
+        silent.close()
+    assert not (tmp_path / "gpu0.sock").exists()
+
+
+async def test_socket_is_owner_only_and_removed_on_stop(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        engine = await start_engine(nursery, tmp_path)
+        assert engine.socket_path.stat().st_mode & 0o777 == 0o600
+        nursery.cancel_scope.cancel()
+    assert not engine.socket_path.exists()

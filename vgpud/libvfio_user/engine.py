@@ -1,0 +1,520 @@
+"""The libvfio-user engine: nutanix's C vfio-user server driving the same ``VfioDevice``.
+
+Theory of operation (DESIGN.md "Engines" #2):
+
+* One ``vfu_ctx`` per device, created non-blocking (``LIBVFIO_USER_FLAG_ATTACH_NB``); it binds
+  and listens on the socket path itself. Every region the device has is registered with a
+  callback that calls ``region_read``/``region_write``; BAR2/BAR4 also carry the device's fd,
+  offset and sparse areas, so QEMU mmaps the backing files directly, as with the Python engine.
+* Config space is registered with ``VFU_REGION_FLAG_ALWAYS_CB``: libvfio-user then forwards
+  *every* config access to us instead of emulating the standard header, BARs, ROM and
+  capabilities itself (lib/libvfio-user.c ``region_access``), so the client sees the variant's
+  emulated BAR registers exactly as under the Python engine.
+* The library is not thread-safe. Everything runs on the trio thread --
+  ``vfu_get_poll_fd`` + ``trio.lowlevel.wait_readable`` + ``vfu_run_ctx`` until it has nothing
+  left -- except ``vfu_attach_ctx``: it accepts *and negotiates* (a blocking read of VERSION,
+  lib/tran.c), so it runs in a worker thread while the trio thread leaves the context alone,
+  and a client that connects but never speaks is cut off after ``NEGOTIATION_TIMEOUT``.
+* Callbacks are short and never let a Python exception reach C: ``DeviceError`` becomes
+  ``-1``/errno (libvfio-user replies with it), anything else is logged and becomes EIO.
+* A client leaving (``ENOTCONN``): libvfio-user unmaps its DMA regions (``dma_unregister`` ->
+  ``dma_unmap``), then calls the reset callback with ``VFU_RESET_LOST_CONN`` (-> ``close``)
+  and closes its eventfds; the device and its memory stay, and we attach the next client.
+* Interrupts: see :mod:`vgpud.libvfio_user.irq`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from backends.device import (
+    CONFIG_REGION_INDEX,
+    INTX_IRQ_INDEX,
+    NUM_PCI_IRQS,
+    DeviceError,
+    DmaRegion,
+    IrqAction,
+    VfioDevice,
+)
+from vgpud.devices import BuiltDevice
+from vgpud.libvfio_user import ffi as vfu
+from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
+from vgpud.libvfio_user.irq import FORWARDED_IRQS, IrqBridge
+from vgpud.server.listener import ListenerError, group_id, peer_credentials, remove_if_stale
+
+NUM_VFU_REGIONS = 9  # VFU_PCI_DEV_NUM_REGIONS: libvfio-user serves the nine PCI regions only
+NEGOTIATION_TIMEOUT = 10.0  # seconds a connected client has to send VERSION
+_YIELD_EVERY = 32  # requests served back to back before letting other tasks run
+_PROT_READ, _PROT_WRITE = 1, 2
+_PCI_BASE_ADDRESS_0 = 0x10
+_BAR_IO, _BAR_MEM_64, _BAR_PREFETCH = 0x1, 0x4, 0x8
+_SYSLOG_METHODS = {0: "error", 1: "error", 2: "error", 3: "warning", 4: "warning"}
+
+
+class LibvfioUserServer:
+    """One device served by one libvfio-user context on one socket path."""
+
+    def __init__(
+        self,
+        name: str,
+        device: VfioDevice,
+        socket_path: Path,
+        library: Library,
+        *,
+        socket_mode: int = 0o600,
+        socket_group: str | None = None,
+        no_mmap: bool = False,
+        library_log_level: int = vfu.LOG_INFO,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.socket_path = socket_path
+        self.library = library
+        self.log: Any = structlog.get_logger("vgpud").bind(device=name, engine="libvfio-user")
+        self.connections = 0
+        self.messages = 0
+        self.attached = False
+        self._socket_mode = socket_mode
+        self._socket_group = socket_group
+        self._no_mmap = no_mmap
+        self._library_log_level = library_log_level
+        self._ffi = library.ffi
+        self._lib = library.lib
+        self._ctx: Any = self._ffi.NULL
+        self._device_open = False
+        self._callbacks: list[Any] = []  # keeps the C trampolines alive as long as the ctx
+        self._dma_views: dict[tuple[int, int], memoryview] = {}
+        self._idle = trio.Condition()
+        counts = {index: device.irq_info(index).count for index in FORWARDED_IRQS}
+        self._bridge = IrqBridge(counts, self._trigger, self.log)
+
+    # -- set-up and tear-down ------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create, configure and realize the context; the socket listens afterwards.
+
+        Raises :class:`EngineUnavailable` when the library refuses the configuration (an
+        incompatible build) and :class:`ListenerError` for socket problems.
+        """
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_if_stale(path)
+        old_umask = os.umask(0o177)  # born owner-only, as bind_unix_listener does
+        try:
+            ctx = self._lib.vfu_create_ctx(
+                self._lib.VFU_TRANS_SOCK,
+                os.fsencode(path),
+                vfu.LIBVFIO_USER_FLAG_ATTACH_NB,
+                self._ffi.NULL,
+                self._lib.VFU_DEV_TYPE_PCI,
+            )
+            err = self._ffi.errno
+        finally:
+            os.umask(old_umask)
+        if ctx == self._ffi.NULL:
+            raise ListenerError(f"cannot listen on {path}: {os.strerror(err)}")
+        self._ctx = ctx
+        try:
+            if self._socket_group is not None:
+                os.chown(path, -1, group_id(self._socket_group))
+            os.chmod(path, self._socket_mode)
+            self._configure()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _configure(self) -> None:
+        lib, ffi = self._lib, self._ffi
+        log_cb = self._keep(ffi.callback("vfu_log_fn_t", self._on_log))
+        self._check("vfu_setup_log", lib.vfu_setup_log(self._ctx, log_cb, self._library_log_level))
+        self._check(
+            "vfu_pci_init",
+            lib.vfu_pci_init(self._ctx, lib.VFU_PCI_TYPE_EXPRESS, vfu.PCI_HEADER_TYPE_NORMAL, 0),
+        )
+        ids = self.device.region_read(CONFIG_REGION_INDEX, 0, 4)
+        sub_ids = self.device.region_read(CONFIG_REGION_INDEX, 0x2C, 4)
+        # Only libvfio-user's own (unused, see ALWAYS_CB) copy of the header; kept coherent.
+        lib.vfu_pci_set_id(
+            self._ctx,
+            int.from_bytes(ids[:2], "little"),
+            int.from_bytes(ids[2:], "little"),
+            int.from_bytes(sub_ids[:2], "little"),
+            int.from_bytes(sub_ids[2:], "little"),
+        )
+        info = self.device.device_info()
+        if info.num_regions > NUM_VFU_REGIONS:
+            self.log.warning(
+                "libvfio-user serves only the nine PCI regions",
+                device_regions=info.num_regions,
+            )
+        for index in range(min(info.num_regions, NUM_VFU_REGIONS)):
+            self._setup_region(index)
+        for index in range(min(info.num_irqs, NUM_PCI_IRQS)):
+            count = self.device.irq_info(index).count
+            self._check(
+                "vfu_setup_device_nr_irqs", lib.vfu_setup_device_nr_irqs(self._ctx, index, count)
+            )
+        intx_cb = self._keep(ffi.callback("vfu_dev_irq_state_cb_t", self._on_intx_state))
+        self._check(
+            "vfu_setup_irq_state_callback",
+            lib.vfu_setup_irq_state_callback(self._ctx, lib.VFU_DEV_INTX_IRQ, intx_cb),
+        )
+        reset_cb = self._keep(ffi.callback("vfu_reset_cb_t", self._on_reset, error=-1))
+        self._check("vfu_setup_device_reset_cb", lib.vfu_setup_device_reset_cb(self._ctx, reset_cb))
+        dma_register = self._keep(ffi.callback("vfu_dma_register_cb_t", self._on_dma_register))
+        dma_unregister = self._keep(
+            ffi.callback("vfu_dma_unregister_cb_t", self._on_dma_unregister)
+        )
+        # Same bound as the Python engine advertises (vgpud.server.listener).
+        self._check(
+            "vfu_setup_device_dma",
+            lib.vfu_setup_device_dma(self._ctx, 65535, dma_register, dma_unregister),
+        )
+        self._check("vfu_realize_ctx", lib.vfu_realize_ctx(self._ctx))
+
+    def _setup_region(self, index: int) -> None:
+        info = self.device.region_info(index)
+        if info.size == 0:
+            return
+        ffi = self._ffi
+        if index == CONFIG_REGION_INDEX:
+            flags = vfu.VFU_REGION_FLAG_READ | vfu.VFU_REGION_FLAG_WRITE
+            flags |= vfu.VFU_REGION_FLAG_ALWAYS_CB
+        else:
+            flags = self._bar_flags(index)
+        areas: Any = ffi.NULL
+        nr_areas, fd, offset = 0, -1, 0
+        if info.mmap is not None and not self._no_mmap:
+            fd, offset = info.mmap.fd, info.mmap.offset
+            if info.sparse_areas:
+                nr_areas = len(info.sparse_areas)
+                areas = ffi.new("struct iovec[]", nr_areas)
+                for i, area in enumerate(info.sparse_areas):
+                    areas[i].iov_base = ffi.cast("void *", area.offset)
+                    areas[i].iov_len = area.size
+        access_cb = self._keep(
+            ffi.callback("vfu_region_access_cb_t", self._region_callback(index), error=-1)
+        )
+        rc = self._lib.vfu_setup_region(
+            self._ctx, index, info.size, access_cb, flags, areas, nr_areas, fd, offset
+        )
+        self._check(f"vfu_setup_region({index})", rc)
+
+    def _bar_flags(self, index: int) -> int:
+        """Region flags from the BAR register the device presents (informational to the
+        library -- with ALWAYS_CB it never emulates BARs -- but it validates them)."""
+        flags = vfu.VFU_REGION_FLAG_READ | vfu.VFU_REGION_FLAG_WRITE
+        if index > 5:
+            return flags
+        raw = self.device.region_read(CONFIG_REGION_INDEX, _PCI_BASE_ADDRESS_0 + 4 * index, 4)
+        bar = int.from_bytes(raw, "little")
+        if bar & _BAR_IO:
+            return flags
+        flags |= vfu.VFU_REGION_FLAG_MEM
+        if bar & 0x6 == _BAR_MEM_64:
+            flags |= vfu.VFU_REGION_FLAG_64_BITS
+        if bar & _BAR_PREFETCH:
+            flags |= vfu.VFU_REGION_FLAG_PREFETCH
+        return flags
+
+    def destroy(self) -> None:
+        """Destroy the context (removes the socket); the device keeps its memory."""
+        if self._ctx != self._ffi.NULL:
+            # May call the reset (LOST_CONN) and DMA callbacks for an attached client.
+            self._lib.vfu_destroy_ctx(self._ctx)
+            self._ctx = self._ffi.NULL
+        self._client_gone()
+        self._bridge.close()
+        self._callbacks.clear()
+
+    def _keep(self, callback: Any) -> Any:
+        self._callbacks.append(callback)
+        return callback
+
+    def _check(self, what: str, rc: int) -> None:
+        if rc < 0:
+            err = self._ffi.errno
+            raise EngineUnavailable(
+                f"libvfio-user engine: {what} failed: {os.strerror(err)} (errno {err}); "
+                f"{self.library.path} may be a build this engine does not support"
+            )
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Attach clients one after the other, forever; the device stays between them."""
+        while True:
+            await self._attach()
+            self.connections += 1
+            number = self.connections
+            log = self.log.bind(connection=number)
+            log.info("client connected", **self._peer())
+            try:
+                self.device.open()
+                self._device_open = True
+                self._bridge.connect(self.device)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._forward_irqs)
+                    reason = await self._run_until_detached(log)
+                    nursery.cancel_scope.cancel()
+                log.info("client disconnected", reason=reason, messages=self.messages)
+            finally:
+                self.attached = False
+                async with self._idle:
+                    self._idle.notify_all()
+
+    async def _attach(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
+            done = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._negotiation_watchdog, done)
+                try:
+                    # Not cancellable: the thread owns the context until it returns.
+                    rc, err = await trio.to_thread.run_sync(self._attach_blocking)
+                finally:
+                    done.set()
+            if rc == 0:
+                self.attached = True
+                return
+            if err not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.log.warning("client failed to attach", error=os.strerror(err), errno=err)
+
+    def _attach_blocking(self) -> tuple[int, int]:
+        rc = self._lib.vfu_attach_ctx(self._ctx)
+        return rc, self._ffi.errno
+
+    async def _negotiation_watchdog(self, done: trio.Event) -> None:
+        try:
+            with trio.move_on_after(NEGOTIATION_TIMEOUT):
+                await done.wait()
+                return
+        except trio.Cancelled:
+            self._cut_unattached_connections()
+            raise
+        self.log.warning("client did not negotiate in time, dropping it")
+        self._cut_unattached_connections()
+
+    def _cut_unattached_connections(self) -> None:
+        """Shut down the connection libvfio-user is negotiating on (its fd is private).
+
+        It is the only non-listening socket of this process whose local address is our
+        socket path; shutting it down makes the blocked read return and attach fail.
+        """
+        path = os.fsencode(self.socket_path)
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                    continue
+                sock = socket.socket(fileno=os.dup(int(name)))
+            except OSError:
+                continue
+            with sock:
+                try:
+                    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    local = sock.getsockname() if sock.family == socket.AF_UNIX else None
+                    if not listening and local is not None and os.fsencode(local) == path:
+                        sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    continue
+
+    async def _run_until_detached(self, log: Any) -> str:
+        lib, ctx = self._lib, self._ctx
+        fd = lib.vfu_get_poll_fd(ctx)
+        streak = 0
+        while True:
+            rc = lib.vfu_run_ctx(ctx)
+            if rc > 0:
+                self.messages += rc
+                self._bridge.drain()  # retries vectors the client may just have wired
+                streak += 1
+                if streak % _YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()
+                continue
+            if rc == 0:
+                streak = 0
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            err = self._ffi.errno
+            if err == errno.ENOTCONN:
+                return "closed"
+            # A transport failure mid-message: the stream cannot be trusted any more (DESIGN.md
+            # "Errors"). Shutting it down makes the next run see EOF and reset the context.
+            log.warning("libvfio-user run failed, closing", error=os.strerror(err), errno=err)
+            _shutdown_fd(fd)
+
+    async def _forward_irqs(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self._bridge.fileno())
+            self._bridge.drain()
+
+    def _trigger(self, vector: int) -> int:
+        if self._lib.vfu_irq_trigger(self._ctx, vector) == 0:
+            return 0
+        return int(self._ffi.errno)
+
+    def _peer(self) -> dict[str, int]:
+        fd = self._lib.vfu_get_poll_fd(self._ctx)
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                return peer_credentials(sock)
+        except OSError:
+            return {}
+
+    def _client_gone(self) -> None:
+        if self._device_open:
+            self._device_open = False
+            self.device.close()
+        self._dma_views.clear()
+
+    async def wait_idle(self) -> None:
+        """Wait until no client is attached (used by tests)."""
+        async with self._idle:
+            while self.attached:
+                await self._idle.wait()
+
+    # -- callbacks (called from C: must not raise) ---------------------------------------
+
+    def _region_callback(self, index: int) -> Callable[[Any, Any, int, int, bool], int]:
+        device, ffi, bridge = self.device, self._ffi, self._bridge
+
+        def access(_ctx: Any, buf: Any, count: int, offset: int, is_write: bool) -> int:
+            try:
+                if is_write:
+                    device.region_write(index, offset, ffi.buffer(buf, count)[:])
+                    bridge.drain()  # a doorbell or config write may have raised an interrupt
+                else:
+                    data = device.region_read(index, offset, count)
+                    ffi.memmove(buf, data, min(len(data), count))
+                return count
+            except DeviceError as exc:
+                ffi.errno = exc.errno
+            except Exception:
+                self.log.exception("region access failed", region=index, offset=offset)
+                ffi.errno = errno.EIO
+            return -1
+
+        return access
+
+    def _on_reset(self, _ctx: Any, reset_type: int) -> int:
+        try:
+            if reset_type == self._lib.VFU_RESET_LOST_CONN:
+                self._client_gone()
+                return 0
+            self.device.reset()
+            self.log.info("device reset", flr=reset_type == self._lib.VFU_RESET_PCI_FLR)
+            self._bridge.drain()
+            return 0
+        except DeviceError as exc:
+            self._ffi.errno = exc.errno
+        except Exception:
+            self.log.exception("reset failed")
+            self._ffi.errno = errno.EIO
+        return -1
+
+    def _on_intx_state(self, _ctx: Any, start: int, count: int, mask: bool) -> None:
+        action = IrqAction.MASK if mask else IrqAction.UNMASK
+        try:
+            self.device.set_irqs(INTX_IRQ_INDEX, action, start, count)
+            self._bridge.drain()
+        except DeviceError as exc:
+            self.log.info("INTx (un)mask refused", error=str(exc))
+        except Exception:
+            self.log.exception("INTx (un)mask failed")
+
+    def _on_dma_register(self, _ctx: Any, info: Any) -> None:
+        ffi = self._ffi
+        try:
+            iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
+            size = int(info.iova.iov_len)
+            memory: memoryview | None = None
+            if info.vaddr != ffi.NULL:
+                memory = memoryview(ffi.buffer(ffi.cast("char *", info.vaddr), size))
+                if not info.prot & _PROT_WRITE:
+                    memory = memory.toreadonly()
+                self._dma_views[(iova, size)] = memory
+            region = DmaRegion(
+                iova, size, bool(info.prot & _PROT_READ), bool(info.prot & _PROT_WRITE), memory
+            )
+            self.device.dma_map(region)
+        except DeviceError as exc:
+            # libvfio-user gives this callback no way to refuse the map.
+            self.log.warning("device refused a DMA map it cannot veto here", error=str(exc))
+        except Exception:
+            self.log.exception("DMA map notification failed")
+
+    def _on_dma_unregister(self, _ctx: Any, info: Any) -> None:
+        try:
+            iova = int(self._ffi.cast("uintptr_t", info.iova.iov_base))
+            size = int(info.iova.iov_len)
+            try:
+                self.device.dma_unmap(iova, size)
+            finally:
+                # libvfio-user munmaps right after we return: no view may outlive this.
+                view = self._dma_views.pop((iova, size), None)
+                if view is not None:
+                    view.release()
+        except DeviceError as exc:
+            self.log.warning("device refused a DMA unmap", error=str(exc))
+        except Exception:
+            self.log.exception("DMA unmap notification failed")
+
+    def _on_log(self, _ctx: Any, level: int, msg: Any) -> None:
+        try:
+            text = self._ffi.string(msg).decode(errors="replace")
+            method = _SYSLOG_METHODS.get(level, "info" if level < vfu.LOG_DEBUG else "debug")
+            getattr(self.log, method)("libvfio-user", message=text)
+        except Exception:
+            pass  # a log line must never fail a request
+
+
+def _shutdown_fd(fd: int) -> None:
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+async def serve_device(
+    built: BuiltDevice,
+    socket_path: Path,
+    *,
+    socket_mode: int = 0o600,
+    socket_group: str | None = None,
+    no_mmap: bool = False,
+    library: Library | str | os.PathLike[str] | None = None,
+    task_status: trio.TaskStatus[LibvfioUserServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``built.device`` with libvfio-user on ``socket_path`` until cancelled.
+
+    ``library``: a loaded :class:`Library`, or a path/soname to load (default:
+    ``$VGPUD_LIBVFIO_USER``, else ``libvfio-user.so.0``). ``task_status.started()`` fires once
+    the socket listens. Raises :class:`EngineUnavailable` (library missing or incompatible) or
+    :class:`ListenerError` (socket) before that. The socket is removed on exit.
+    """
+    loaded = library if isinstance(library, Library) else load_library(library)
+    server = LibvfioUserServer(
+        built.name,
+        built.device,
+        socket_path,
+        loaded,
+        socket_mode=socket_mode,
+        socket_group=socket_group,
+        no_mmap=no_mmap,
+    )
+    try:
+        server.create()
+        task_status.started(server)
+        await server.serve()
+    finally:
+        server.destroy()
