@@ -4,6 +4,8 @@ Measures, in one run and against the same minimal client:
 - ``floor``: a raw AF_UNIX ping-pong with the same message sizes (a Python echo process),
   the least any Python server could cost;
 - ``vgpud``: ``vgpud serve`` (pure-Python engine), config read and BAR0 register read;
+- ``vgpud+libvfio-user``: the same device through ``--engine libvfio-user`` when
+  $VGPUD_LIBVFIO_USER names a libvfio-user.so.0;
 - ``libvfio-user``: libvfio-user's C sample server, when ``--libvfio-user-server PATH``
   (or $VGPUD_LIBVFIO_USER_SERVER) names a built ``samples/server`` binary (config read only:
   its BAR0 is different).
@@ -201,6 +203,21 @@ def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str,
                 client.region_read_timer(BAR0_REGION, C2C_LINK_BAR0_OFFSET, 4), iterations
             )
             client.close()
+
+        if os.environ.get("VGPUD_LIBVFIO_USER"):
+            # The same device through the optional libvfio-user engine (cffi callbacks).
+            engine_sock = f"{tmp}/engine.sock"
+            cmd = [
+                sys.executable, "-m", "vgpud", "serve", "--engine", "libvfio-user",
+                "--socket-path", engine_sock, "--memory-size", "8GiB",
+                "--backing-dir", f"{tmp}/mem2", "--log-level", "warning",
+            ]  # fmt: skip
+            with _server(cmd, cpu):
+                client = RawClient(engine_sock)
+                results["vgpud+libvfio-user config read"] = measure(
+                    client.region_read_timer(CONFIG_REGION, 0, 4), iterations
+                )
+                client.close()
 
         if libvfio_user_server:
             lvu_sock = f"{tmp}/lvu.sock"
