@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     layout = sub.add_parser("layout", help="print the kernel-exact BAR layout of a profile")
     _device_flags(layout)
+    layout.add_argument("--backing-dir", type=Path, help="where the memory files would live")
     layout.add_argument("--json", action="store_true", help="machine-readable output")
 
     qemu = sub.add_parser("qemu-args", help="print QEMU arguments that attach the device")
@@ -152,7 +153,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_layout(args: argparse.Namespace) -> int:
-    device = single_device(socket_path=None, profile=args.profile, memory_size=args.memory_size)
+    device = single_device(
+        socket_path=None,
+        profile=args.profile,
+        memory_size=args.memory_size,
+        name=args.name,
+        backing_dir=args.backing_dir,
+    )
     report = devices.layout_report(device)
     if args.json:
         print(json.dumps(report.as_dict, indent=2))

@@ -63,24 +63,40 @@ class LayoutReport:
 
 
 def layout_report(config: DeviceConfig) -> LayoutReport:
-    """The layout of ``config`` with the backing-file names it maps to."""
+    """The layout of ``config`` and where each region lives in the backing files."""
     profile = profile_for(config)
     layout = layout_for(config)
+    backing_dir = config.resolved_backing_dir()
     title = (
         f"profile {profile.name}: device {profile.device_id:#06x} ({profile.architecture.value})"
     )
-    files = {"usemem": "usemem", "resmem": "resmem" if layout.resmem is not None else None}
+    # Each region has a file of its own, mapped from offset 0: the mmap offset QEMU gets in
+    # the region-info reply is 0 and the file's size is the region's memlength.
+    files: dict[str, dict[str, Any]] = {
+        "usemem": {
+            "path": str(backing_dir / "usemem"),
+            "offset": 0,
+            "size": layout.usemem.memlength,
+        },
+    }
+    if layout.resmem is not None:
+        files["resmem"] = {
+            "path": str(backing_dir / "resmem"),
+            "offset": 0,
+            "size": layout.resmem.memlength,
+        }
+    else:
+        files["bar1"] = {"path": str(backing_dir / "bar1"), "offset": 0, "size": profile.bar1_size}
+    lines = [format_layout(layout, title=title).rstrip("\n"), "backing files (mmap offset 0):"]
+    lines += [f"  {name:<7} {f['path']}  {f['size']:#x} bytes" for name, f in files.items()]
+    bar_sizes = guest_bar_sizes(config)
     return LayoutReport(
-        text=format_layout(layout, title=title),
+        text="\n".join(lines) + "\n",
         as_dict=layout_as_dict(
             layout,
             profile=profile.name,
             device_id=profile.device_id,
-            bar_sizes={
-                "bar0": BAR0_SIZE,
-                "bar2": guest_bar_sizes(config)[1],
-                "bar4": layout.usemem.bar_size,
-            },
+            bar_sizes={"bar0": bar_sizes[0], "bar2": bar_sizes[1], "bar4": bar_sizes[2]},
             backing_files=files,
         ),
     )

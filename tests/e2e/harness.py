@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import trio
 
 from tests.e2e.assets import Assets
-from tests.e2e.expect import GIB, BackingFile, Expected, backing_files
+from tests.e2e.expect import BackingFile, Expected, backing_files
 from tests.e2e.initramfs import GuestResults, GuestScript, build_initramfs
 from tests.e2e.qemu import (
     E2EError,
@@ -34,7 +34,6 @@ from tests.e2e.qemu import (
 from vgpud.units import parse_size
 
 T = TypeVar("T")
-DEFAULT_MEMORY_SIZE = 96 * GIB  # gh200's default (spec: 96 GiB → BAR4 128 GiB)
 ECHO = os.environ.get("VGPUD_E2E_ECHO") == "1"  # stream every log line live to stderr
 
 
@@ -90,26 +89,23 @@ class Harness:
 
     def device(self, profile: str = "gh200", memory_size: str | None = None) -> Device:
         """Describe a device (nothing started): socket, backing dir, expected layout."""
-        layout: dict[str, Any] | None
-        try:
-            args = ["layout", "--profile", profile]
-            if memory_size:
-                args += ["--memory-size", memory_size]
-            raw = vgpud_json(*args)
-            layout = raw if isinstance(raw, dict) else None
-        except E2EError as exc:
-            layout = None
-            self.notes.append(f"vgpud layout unavailable, using the spec's formulas: {exc}")
-        size = parse_size(memory_size) if memory_size else _layout_memory_size(layout)
         name = self._name("gpu")
+        backing_dir = self.workdir / f"{name}-mem"
+        args = ["layout", "--profile", profile, "--backing-dir", str(backing_dir)]
+        if memory_size:
+            args += ["--memory-size", memory_size]
+        layout = vgpud_json(*args)
+        if not isinstance(layout, dict):
+            raise E2EError(f"vgpud layout printed {layout!r}, not an object")
+        size = parse_size(memory_size) if memory_size else int(layout["memlength"])
         return Device(
             profile=profile,
             memory_size=memory_size,
             socket_path=self.workdir / f"{name}.sock",
-            backing_dir=self.workdir / f"{name}-mem",
+            backing_dir=backing_dir,
             expected=Expected.for_profile(profile, size),
             layout=layout,
-            files=backing_files(layout, self.workdir / f"{name}-mem"),
+            files=backing_files(layout, backing_dir),
         )
 
     async def start_vgpud(self, device: Device, extra: Sequence[str] = ()) -> Vgpud:
@@ -203,15 +199,6 @@ class Harness:
 
     def cleanup(self) -> None:
         remove_workdir(self.workdir)
-
-
-def _layout_memory_size(layout: dict[str, Any] | None) -> int:
-    if layout:
-        for key in ("memory_size", "memlength", "memory_length"):
-            value = layout.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return DEFAULT_MEMORY_SIZE
 
 
 @dataclass
