@@ -10,7 +10,7 @@ machine, directions, pending requests, what is fatal -- are described and tabula
 from __future__ import annotations
 
 import errno
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import ClassVar
@@ -38,6 +38,8 @@ from protocol.events import (
     ReplyMessage,
     Request,
     RequestMessage,
+    new_outgoing,
+    new_request,
 )
 from protocol.framing import Frame, FrameReader
 from protocol.header import (
@@ -50,19 +52,18 @@ from protocol.header import (
     HEADER_STRUCT,
     Command,
 )
-from protocol.region_access import (
-    RegionReadReply,
-    RegionReadRequest,
-    RegionWriteReply,
-    RegionWriteRequest,
-)
-from protocol.state import RECEIVABLE, RECEIVES, SENDABLE, Role, State, Trigger, transition
+from protocol.region_access import pack_access_reply, trapped_access_reply_ok
+from protocol.state import ACCEPTED, SENDABLE, Role, State, Trigger, refusal, transition
 from protocol.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, Version, negotiate_reply
 
 #: Room for fixed structs and JSON on top of ``max_data_xfer_size`` when bounding a
 #: received message's ``size`` (spec §1 "Sizes": data messages are bounded by the receiver's
 #: max_data_xfer_size; headers and argument structs come on top).
 MESSAGE_OVERHEAD = 4096
+
+# Enum members are looked up through the enum's metaclass (~60 ns each); the per-message
+# paths compare against these instead.
+_BROKEN, _CLOSED, _VERSION = State.BROKEN, State.CLOSED, Command.VERSION
 
 
 @contextmanager
@@ -85,11 +86,12 @@ class _Connection:
         self.negotiated: Capabilities | None = None
         self.dma_layout = dma_layout
         self._state = State.AWAITING_VERSION
+        self._accepted = ACCEPTED[self._role, self._state]
         self._reader = FrameReader(capabilities.max_data_xfer_size + MESSAGE_OVERHEAD)
         self._truncated = False
         self._broken_reason = ""
-        # Requests we received and still owe a reply, by (msg_id, command).
-        self._incoming: Counter[tuple[int, int]] = Counter()
+        # Requests we received and still owe a reply, by (msg_id, command): count >= 1.
+        self._incoming: dict[tuple[int, int], int] = {}
         # Requests we sent and await a reply to, FIFO per (msg_id, command).
         self._outgoing: dict[tuple[int, int], deque[RequestMessage]] = {}
         self._next_msg_id = 0
@@ -106,7 +108,8 @@ class _Connection:
     def bytes_wanted(self) -> int:
         """How many bytes to read next so a read never crosses a message boundary: the rest
         of the header, else the rest of the body. 0 once closed or broken."""
-        if self._state in (State.CLOSED, State.BROKEN) or self._reader.eof:
+        state = self._state
+        if state is _CLOSED or state is _BROKEN or self._reader.eof:
             return 0
         return self._reader.bytes_wanted
 
@@ -125,21 +128,23 @@ class _Connection:
         connection this raises RemoteProtocolError carrying ``fds`` straight back; after EOF
         it raises LocalProtocolError and the fds stay the caller's.
         """
-        if self._state is State.BROKEN:
+        if self._state is _BROKEN:
             raise RemoteProtocolError(
                 f"connection is broken: {self._broken_reason}", fatal=True, fds=fds
             )
         if self._reader.eof:
             raise LocalProtocolError("receive_data() after EOF")
-        self._reader.feed(bytes(data), fds)
+        # No bytes() copy: the reader's buffer copies whatever buffer type it is given.
+        self._reader.feed(data, fds)
         self._truncated |= truncated
 
     def next_event(self) -> Event | NeedDataType:
         """The next event, or NEED_DATA. Raises a fatal RemoteProtocolError when the stream
         is lost (then on every later call too)."""
-        if self._state is State.BROKEN:
+        state = self._state
+        if state is _BROKEN:
             raise RemoteProtocolError(f"connection is broken: {self._broken_reason}", fatal=True)
-        if self._state is State.CLOSED:
+        if state is _CLOSED:
             return ConnectionClosed()
         try:
             if self._truncated:
@@ -150,63 +155,71 @@ class _Connection:
             raise
         if frame is None:
             if self._reader.eof:
-                self._state = State.CLOSED
+                self._enter(State.CLOSED)
                 return ConnectionClosed()
             return NEED_DATA
-        if frame.header.flags & FLAG_TYPE_MASK == FLAG_TYPE_REPLY:
+        if frame.flags & FLAG_TYPE_MASK == FLAG_TYPE_REPLY:
             return self._on_reply(frame)
         return self._on_request(frame)
 
+    def _enter(self, state: State) -> None:
+        self._state = state
+        self._accepted = ACCEPTED.get((self._role, state), {})
+
     def _break(self, reason: str) -> None:
-        self._state = State.BROKEN
+        self._enter(State.BROKEN)
         self._broken_reason = reason
 
+    def _reject(self, frame: Frame, err: int, reason: str) -> RejectedRequest:
+        no_reply = frame.no_reply
+        if not no_reply:
+            key = (frame.msg_id, frame.command)
+            self._incoming[key] = self._incoming.get(key, 0) + 1
+        return RejectedRequest(frame.msg_id, frame.command, no_reply, err, reason, frame.fds)
+
     def _on_request(self, frame: Frame) -> Request | RejectedRequest:
-        header, fds = frame.header, frame.fds
-
-        def reject(err: int, reason: str) -> RejectedRequest:
-            if not header.no_reply:
-                self._incoming[header.msg_id, header.command] += 1
-            return RejectedRequest(header.msg_id, header.command, header.no_reply, err, reason, fds)
-
-        try:
-            command = Command(header.command)
-        except ValueError:
-            return reject(errno.ENOSYS, f"unknown command {header.command}")  # spec R18
-        if command not in RECEIVES[self._role]:
-            return reject(errno.EINVAL, f"{command.name} is not a {self._role.value}'s request")
-        if header.flags & ~(FLAG_TYPE_MASK | FLAG_NO_REPLY):
-            return reject(errno.EINVAL, f"request flags {header.flags:#x}")
-        if command not in RECEIVABLE[self._role, self._state]:
-            return reject(errno.EINVAL, f"{command.name} not allowed in state {self._state.value}")
+        command = self._accepted.get(frame.command)
+        if command is None or frame.flags & ~(FLAG_TYPE_MASK | FLAG_NO_REPLY):
+            return self._reject(
+                frame, *refusal(self._role, self._state, frame.command, frame.flags)
+            )
+        fds = frame.fds
         if len(fds) > self.capabilities.max_msg_fds:
-            return reject(errno.EINVAL, f"{len(fds)} fds > max_msg_fds")
+            return self._reject(frame, errno.EINVAL, f"{len(fds)} fds > max_msg_fds")
         try:
             message = decode_request(command, frame.payload, self.dma_layout)
         except RemoteProtocolError as exc:
-            return reject(exc.errno, exc.message)
+            return self._reject(frame, exc.errno, exc.message)
         if data_size(message) > self.capabilities.max_data_xfer_size:
-            return reject(TOO_BIG, f"{command.name} transfer exceeds max_data_xfer_size")
-        fd_error = request_fd_error(message, len(fds))
-        if fd_error is not None:
-            return reject(errno.EINVAL, fd_error)
+            return self._reject(
+                frame, TOO_BIG, f"{command.name} transfer exceeds max_data_xfer_size"
+            )
+        if fds:
+            # Without fds there is nothing to check: no request needs fds (DMA_MAP without
+            # one is anonymous memory, SET_IRQS eventfds without any de-assigns).
+            fd_error = request_fd_error(message, len(fds))
+            if fd_error is not None:
+                return self._reject(frame, errno.EINVAL, fd_error)
+        no_reply = frame.no_reply
         if isinstance(message, Version):
             # Spec §3.1: the reply major must equal the proposal; we only speak 0.
-            if header.no_reply or message.major != PROTOCOL_MAJOR:
-                return reject(errno.EINVAL, f"cannot answer VERSION {message.major}.x")
-            self._version_request_size = header.size
+            if no_reply or message.major != PROTOCOL_MAJOR:
+                return self._reject(frame, errno.EINVAL, f"cannot answer VERSION {message.major}.x")
+            self._version_request_size = frame.size
             self._move(Trigger.RECEIVE_VERSION_REQUEST)
-        if not header.no_reply:
-            self._incoming[header.msg_id, command] += 1
-        return Request(header.msg_id, command, header.no_reply, message, fds)
+        msg_id = frame.msg_id
+        if not no_reply:
+            key = (msg_id, command)
+            self._incoming[key] = self._incoming.get(key, 0) + 1
+        return new_request(msg_id, command, no_reply, message, fds)
 
     def _on_reply(self, frame: Frame) -> Reply | ErrorReply:
-        header, fds = frame.header, frame.fds
-        key = (header.msg_id, header.command)
+        fds = frame.fds
+        key = (frame.msg_id, frame.command)
         queue = self._outgoing.get(key)
         if not queue:
             # The body could be anything (even a crafted request): never parse it on (§12).
-            reason = f"unexpected reply msg_id {header.msg_id} command {header.command}"
+            reason = f"unexpected reply msg_id {frame.msg_id} command {frame.command}"
             self._break(reason)
             raise RemoteProtocolError(
                 reason, errno=errno.EPROTO, fatal=True, fds=fds + self._reader.release_fds()
@@ -214,12 +227,12 @@ class _Connection:
         request = queue.popleft()
         if not queue:
             del self._outgoing[key]
-        command = Command(header.command)
-        if header.flags & FLAG_ERROR:
+        command = Command(frame.command)
+        if frame.flags & FLAG_ERROR:
             # Payloads on error replies (a libvfio-user habit) are ignored.
             if command is Command.VERSION:
                 self._move(Trigger.RECEIVE_VERSION_ERROR)
-            return ErrorReply(header.msg_id, command, header.error, fds, "", request)
+            return ErrorReply(frame.msg_id, command, frame.error, fds, "", request)
         try:
             message = decode_reply(request, frame.payload)
             fd_error = reply_fd_error(message, len(fds))
@@ -232,8 +245,8 @@ class _Connection:
         except RemoteProtocolError as exc:
             if command is Command.VERSION:
                 self._move(Trigger.RECEIVE_VERSION_ERROR)
-            return ErrorReply(header.msg_id, command, errno.EPROTO, fds, exc.message, request)
-        return Reply(header.msg_id, command, message, fds, request)
+            return ErrorReply(frame.msg_id, command, errno.EPROTO, fds, exc.message, request)
+        return Reply(frame.msg_id, command, message, fds, request)
 
     def _accept_version_reply(self, reply: Version) -> None:
         if reply.major != PROTOCOL_MAJOR or reply.minor > PROTOCOL_MINOR:
@@ -242,7 +255,7 @@ class _Connection:
         self._move(Trigger.RECEIVE_VERSION_REPLY)
 
     def _move(self, trigger: Trigger) -> None:
-        self._state = transition(self._role, self._state, trigger)
+        self._enter(transition(self._role, self._state, trigger))
 
     # -- sending -------------------------------------------------------------------------
 
@@ -287,7 +300,7 @@ class _Connection:
 
     def _check_pending(self, request: Request | RejectedRequest) -> tuple[int, int]:
         key = (request.msg_id, int(request.command))
-        if self._incoming[key] <= 0:
+        if self._incoming.get(key, 0) <= 0:
             raise LocalProtocolError(
                 f"no pending request msg_id {request.msg_id} command {request.command}"
                 " (already answered?)"
@@ -295,8 +308,10 @@ class _Connection:
         return key
 
     def _settle(self, key: tuple[int, int]) -> None:
-        self._incoming[key] -= 1
-        if not self._incoming[key]:
+        left = self._incoming[key] - 1
+        if left:
+            self._incoming[key] = left
+        else:
             del self._incoming[key]
 
     def send_reply(
@@ -310,10 +325,11 @@ class _Connection:
         if request.no_reply:
             return None
         key = self._check_pending(request)
-        if request.command is Command.VERSION:
+        if request.command is _VERSION:
             message = self._version_reply_message(request, message)
         payload = b"" if message is None else message.pack()
-        if not _trapped_access_reply_ok(request.message, message):
+        trapped = trapped_access_reply_ok(request.message, message)
+        if not trapped:
             # Everything but the trapped-access hot path is checked by decoding what we are
             # about to send with the peer's rules: our mistakes surface here, not in QEMU.
             with _our_bug(f"{request.command.name} reply"):
@@ -322,14 +338,34 @@ class _Connection:
                 raise LocalProtocolError(
                     f"{type(message).__name__} is not a {request.command.name} reply"
                 )
-        self._check_fds(reply_fd_error(message, len(fds)), fds, self._peer())
+        if fds or not trapped:
+            # A trapped-access reply without fds passes these checks by definition.
+            self._check_fds(reply_fd_error(message, len(fds)), fds, self._peer())
         self._settle(key)
         if isinstance(request.message, Version):
             self.negotiated = request.message.capabilities or Capabilities()
             self._move(Trigger.SEND_VERSION_REPLY)
         size = HEADER_SIZE + len(payload)
         header = HEADER_STRUCT.pack(request.msg_id, request.command, size, FLAG_TYPE_REPLY, 0)
-        return Outgoing(header + payload, tuple(fds))
+        return new_outgoing(header + payload, tuple(fds))
+
+    def send_access_reply(self, request: Request, data: bytes = b"") -> Outgoing | None:
+        """The reply to a REGION_READ (``data``: exactly the ``count`` bytes read, spec R10)
+        or a REGION_WRITE (no ``data``): the trapped-access hot path.
+
+        Sends the same bytes, with the same checks and bookkeeping, as ``send_reply`` with a
+        ``RegionReadReply``/``RegionWriteReply`` echoing the request's offset, region and
+        count, without building that message: the head is the request's own, validated when
+        it arrived. None for a NO_REPLY request.
+        """
+        if not isinstance(request, Request):
+            raise LocalProtocolError("send_access_reply() takes a Request")
+        if request.no_reply:
+            return None
+        key = self._check_pending(request)
+        wire = pack_access_reply(request.msg_id, request.message, data)
+        self._settle(key)
+        return new_outgoing(wire, ())
 
     def _version_reply_message(self, request: Request, message: ReplyMessage) -> Version:
         assert isinstance(request.message, Version)
@@ -361,7 +397,7 @@ class _Connection:
             self._move(Trigger.SEND_VERSION_ERROR)
         flags = FLAG_TYPE_REPLY | FLAG_ERROR
         header = HEADER_STRUCT.pack(request.msg_id, request.command, HEADER_SIZE, flags, errno)
-        return Outgoing(header)
+        return new_outgoing(header, ())
 
 
 class ServerConnection(_Connection):
@@ -411,18 +447,3 @@ class ClientConnection(_Connection):
     def version_request(self) -> tuple[int, Outgoing]:
         """VERSION 0.0 with our capabilities."""
         return self.send_request(Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, self.capabilities))
-
-
-def _trapped_access_reply_ok(request: RequestMessage, reply: ReplyMessage) -> bool:
-    """Cheap self-check for REGION_READ/WRITE replies, the per-guest-access path.
-
-    The dataclasses validated their own fields when built; what decoding would add is the
-    cross-check against the request, done here directly (spec R10: exactly ``count`` bytes).
-    """
-    if type(reply) is RegionReadReply and type(request) is RegionReadRequest:
-        if reply.count != request.count:
-            raise LocalProtocolError(
-                f"REGION_READ reply of {reply.count} bytes, {request.count} asked"
-            )
-        return True
-    return type(reply) is RegionWriteReply and type(request) is RegionWriteRequest

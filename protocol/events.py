@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
+from protocol._fields import slot_setters
 from protocol.device import DeviceInfo, DeviceReset, IrqInfo, SetIrqs
 from protocol.dma import (
     DmaMap,
@@ -113,6 +114,34 @@ class Request:
     no_reply: bool
     message: RequestMessage
     fds: tuple[int, ...] = ()
+
+
+_new = object.__new__
+_out_data, _out_fds = slot_setters(Outgoing, "data", "fds")
+_req_msg_id, _req_command, _req_no_reply, _req_message, _req_fds = slot_setters(
+    Request, "msg_id", "command", "no_reply", "message", "fds"
+)
+
+
+def new_outgoing(data: bytes, fds: tuple[int, ...]) -> Outgoing:
+    """``Outgoing(data, fds)`` for the connection's hot path (see ``slot_setters``)."""
+    outgoing: Outgoing = _new(Outgoing)
+    _out_data(outgoing, data)
+    _out_fds(outgoing, fds)
+    return outgoing
+
+
+def new_request(
+    msg_id: int, command: Command, no_reply: bool, message: RequestMessage, fds: tuple[int, ...]
+) -> Request:
+    """``Request(...)`` for the connection's hot path (see ``slot_setters``)."""
+    request: Request = _new(Request)
+    _req_msg_id(request, msg_id)
+    _req_command(request, command)
+    _req_no_reply(request, no_reply)
+    _req_message(request, message)
+    _req_fds(request, fds)
+    return request
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,26 +11,45 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from protocol.errors import RemoteProtocolError
 from protocol.header import (
+    FLAG_NO_REPLY,
     FLAG_TYPE_COMMAND,
     FLAG_TYPE_MASK,
     FLAG_TYPE_REPLY,
     HEADER_SIZE,
     HEADER_STRUCT,
-    Header,
 )
 
+_unpack_header = HEADER_STRUCT.unpack_from
 
-@dataclass(frozen=True, slots=True)
+
 class Frame:
-    """One complete message: header, payload and the fds that came with it."""
+    """One complete message: the header's fields, the payload and the fds that came with it.
 
-    header: Header
-    payload: bytes
-    fds: tuple[int, ...]
+    Internal to the connection and built once per message, so a plain slotted class rather
+    than a :class:`~protocol.header.Header`: the header fields come from ``struct`` unpacking
+    (so they fit their widths) and :meth:`FrameReader._check` has vetted type and size, so
+    the dataclass's own checks would only repeat them.
+    """
+
+    __slots__ = ("command", "error", "fds", "flags", "msg_id", "payload", "size")
+
+    def __init__(
+        self,
+        head: tuple[int, int, int, int, int],
+        payload: bytes,
+        fds: tuple[int, ...],
+    ) -> None:
+        self.msg_id, self.command, self.size, self.flags, self.error = head
+        self.payload = payload
+        self.fds = fds
+
+    @property
+    def no_reply(self) -> bool:
+        """The NO_REPLY bit."""
+        return bool(self.flags & FLAG_NO_REPLY)
 
 
 class FrameReader:
@@ -45,7 +64,8 @@ class FrameReader:
         self._buf = bytearray()
         self._base = 0  # stream offset of _buf[0]
         self._marks: list[tuple[int, list[int]]] = []  # (stream offset, fds), ascending
-        self._header: Header | None = None  # of the message at _buf[0], once checked
+        # (msg_id, command, size, flags, error) of the message at _buf[0], once checked.
+        self._head: tuple[int, int, int, int, int] | None = None
         self.eof = False
 
     def feed(self, data: bytes, fds: Sequence[int]) -> None:
@@ -74,10 +94,15 @@ class FrameReader:
     @property
     def bytes_wanted(self) -> int:
         """Bytes to read so that the read ends at or before the next message boundary."""
-        pos = 0
         buffered = len(self._buf)
+        head = self._head
+        if head is not None and buffered < head[2]:
+            # The usual case between the header read and the body read: no need to parse
+            # the (already checked) header again.
+            return head[2] - buffered
+        pos = 0
         while buffered - pos >= HEADER_SIZE:
-            size: int = HEADER_STRUCT.unpack_from(self._buf, pos)[2]
+            size: int = _unpack_header(self._buf, pos)[2]
             if size < HEADER_SIZE:
                 return HEADER_SIZE  # next_event() will report it; any read is as good
             if buffered - pos < size:
@@ -98,35 +123,39 @@ class FrameReader:
                 what = "EOF inside a message header" if buf else "fds with no message"
                 raise self.fatal(what)
             return None
-        header = self._header
-        if header is None:
+        head = self._head
+        if head is None:
             # Checked as soon as the header is in, before any of the body is buffered; kept
             # so the reads that complete the body do not parse it again.
-            header = self._header = self._check(Header.unpack(buf))
-        if len(buf) < header.size:
+            head = self._head = self._check(_unpack_header(buf))
+        size = head[2]
+        if len(buf) < size:
             if self.eof:
-                raise self.fatal(f"EOF inside a {header.size}-byte message")
+                raise self.fatal(f"EOF inside a {size}-byte message")
             return None
-        start, end = self._base, self._base + header.size
         fds: tuple[int, ...] = ()
-        inside = [at for at, _ in self._marks if at < end]
-        if any(at != start for at in inside):
-            raise self.fatal("fds arrived after the first byte of a message")
-        if inside:
-            fds = tuple(self._marks.pop(0)[1])
-        payload = bytes(buf[HEADER_SIZE : header.size])
-        del buf[: header.size]
-        self._base = end
-        self._header = None
-        return Frame(header, payload, fds)
+        marks = self._marks
+        if marks:
+            start, end = self._base, self._base + size
+            inside = [at for at, _ in marks if at < end]
+            if any(at != start for at in inside):
+                raise self.fatal("fds arrived after the first byte of a message")
+            if inside:
+                fds = tuple(marks.pop(0)[1])
+        payload = bytes(buf[HEADER_SIZE:size])
+        del buf[:size]
+        self._base += size
+        self._head = None
+        return Frame(head, payload, fds)
 
-    def _check(self, header: Header) -> Header:
-        kind = header.flags & FLAG_TYPE_MASK
+    def _check(self, head: tuple[int, int, int, int, int]) -> tuple[int, int, int, int, int]:
+        kind = head[3] & FLAG_TYPE_MASK
         if kind not in (FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY):
             # Spec §2: QEMU marks the connection broken for any other type.
             raise self.fatal(f"message type {kind} is neither command nor reply")
-        if header.size < HEADER_SIZE:
-            raise self.fatal(f"message size {header.size} < {HEADER_SIZE}")
-        if header.size > self.max_size:
-            raise self.fatal(f"message size {header.size} > limit {self.max_size}", errno.E2BIG)
-        return header
+        size = head[2]
+        if size < HEADER_SIZE:
+            raise self.fatal(f"message size {size} < {HEADER_SIZE}")
+        if size > self.max_size:
+            raise self.fatal(f"message size {size} > limit {self.max_size}", errno.E2BIG)
+        return head

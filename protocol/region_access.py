@@ -15,14 +15,23 @@ from protocol._fields import (
     no_overflow,
     peer_input,
     require,
+    slot_setters,
 )
-from protocol.header import Command
+from protocol.errors import LocalProtocolError
+from protocol.header import FLAG_TYPE_REPLY, HEADER_STRUCT, Command
 
 REGION_ACCESS_STRUCT = struct.Struct("<QII")  # offset, region, count
 WRITE_MULTI_COUNT_STRUCT = struct.Struct("<Q")  # wr_cnt
 WRITE_MULTI_ENTRY_STRUCT = struct.Struct("<QII8s")  # offset, region, count, data[8]
 #: A WRITE_MULTI entry holds at most 8 data bytes (spec §3.11).
 WRITE_MULTI_MAX_DATA = 8
+_ACCESS_SIZE = REGION_ACCESS_STRUCT.size
+_ADDRESS_LIMIT = 1 << 64
+_unpack_access = REGION_ACCESS_STRUCT.unpack_from
+_new = object.__new__
+#: A REGION_READ/REGION_WRITE reply up to its data: message header and access head.
+_ACCESS_REPLY_STRUCT = struct.Struct(HEADER_STRUCT.format + REGION_ACCESS_STRUCT.format[1:])
+_pack_access_reply = _ACCESS_REPLY_STRUCT.pack
 
 
 def _check_head(obj: object, offset: int, count: int) -> None:
@@ -51,6 +60,17 @@ class RegionReadRequest:
     @classmethod
     def unpack(cls, payload: bytes) -> Self:
         """Parse."""
+        if len(payload) == _ACCESS_SIZE:
+            # Trapped-access fast path: unpacked u64/u32 fields are in range by construction,
+            # so of __post_init__'s checks only the overflow one is left to make here. Any
+            # payload that fails it takes the full path below, for the same error.
+            offset, region, count = _unpack_access(payload)
+            if offset + count <= _ADDRESS_LIMIT:
+                message = _new(cls)
+                _rd_offset(message, offset)
+                _rd_region(message, region)
+                _rd_count(message, count)
+                return message
         with peer_input("REGION_READ"):
             exact_length(payload, REGION_ACCESS_STRUCT.size, "REGION_READ")
             return cls(*REGION_ACCESS_STRUCT.unpack(payload))
@@ -108,10 +128,28 @@ class RegionWriteRequest:
     @classmethod
     def unpack(cls, payload: bytes) -> Self:
         """Parse."""
+        if len(payload) >= _ACCESS_SIZE:
+            # Trapped-access fast path, as for REGION_READ: what __post_init__ would still
+            # check is the overflow and that exactly ``count`` bytes follow (spec R20).
+            offset, region, count = _unpack_access(payload)
+            data = payload[_ACCESS_SIZE:]
+            if offset + count <= _ADDRESS_LIMIT and len(data) == count:
+                message = _new(cls)
+                _wr_offset(message, offset)
+                _wr_region(message, region)
+                _wr_count(message, count)
+                _wr_data(message, bytes(data))
+                return message
         with peer_input("REGION_WRITE"):
             min_length(payload, REGION_ACCESS_STRUCT.size, "REGION_WRITE")
             offset, region, count = REGION_ACCESS_STRUCT.unpack_from(payload)
             return cls(offset, region, count, bytes(payload[REGION_ACCESS_STRUCT.size :]))
+
+
+_rd_offset, _rd_region, _rd_count = slot_setters(RegionReadRequest, "offset", "region", "count")
+_wr_offset, _wr_region, _wr_count, _wr_data = slot_setters(
+    RegionWriteRequest, "offset", "region", "count", "data"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,3 +255,53 @@ class RegionWriteMultiReply:
         with peer_input("REGION_WRITE_MULTI reply"):
             exact_length(payload, WRITE_MULTI_COUNT_STRUCT.size, "REGION_WRITE_MULTI reply")
             return cls(*WRITE_MULTI_COUNT_STRUCT.unpack(payload))
+
+
+def trapped_access_reply_ok(request: object, reply: object) -> bool:
+    """Cheap self-check for REGION_READ/WRITE replies, the per-guest-access path.
+
+    The dataclasses validated their own fields when built; what decoding would add is the
+    cross-check against the request, done here directly (spec R10: exactly ``count`` bytes).
+    """
+    if type(reply) is RegionReadReply and type(request) is RegionReadRequest:
+        if reply.count != request.count:
+            raise LocalProtocolError(
+                f"REGION_READ reply of {reply.count} bytes, {request.count} asked"
+            )
+        return True
+    return type(reply) is RegionWriteReply and type(request) is RegionWriteRequest
+
+
+def pack_access_reply(msg_id: int, request: object, data: bytes) -> bytes:
+    """The whole reply message to a REGION_READ (``data`` = the bytes read) or a REGION_WRITE
+    (no ``data``), echoing the request's head: the bytes ``RegionReadReply``/
+    ``RegionWriteReply`` would pack, with the checks they and the reply decoder would make.
+
+    The head needs none: it is the request's, validated when it arrived.
+    """
+    if type(request) is RegionReadRequest:
+        if type(data) is not bytes:
+            raise LocalProtocolError("REGION_READ reply data must be bytes")
+        if len(data) != request.count:
+            # Spec R10: QEMU fails an access whose reply is not exactly count bytes.
+            raise LocalProtocolError(
+                f"REGION_READ reply of {len(data)} bytes, {request.count} asked"
+            )
+    elif type(request) is RegionWriteRequest:
+        if data:
+            raise LocalProtocolError("a REGION_WRITE reply carries no data")
+    else:
+        raise LocalProtocolError(
+            f"an access reply answers REGION_READ or REGION_WRITE, not {type(request).__name__}"
+        )
+    head = _pack_access_reply(
+        msg_id,
+        request.COMMAND,
+        _ACCESS_REPLY_STRUCT.size + len(data),
+        FLAG_TYPE_REPLY,
+        0,
+        request.offset,
+        request.region,
+        request.count,
+    )
+    return head + data if data else head

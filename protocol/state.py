@@ -49,8 +49,9 @@ Everything else the peer gets wrong in one message is a ``RejectedRequest`` (or 
 from __future__ import annotations
 
 import enum
+import errno
 
-from protocol.header import Command
+from protocol.header import FLAG_NO_REPLY, FLAG_TYPE_MASK, Command
 
 
 class Role(enum.Enum):
@@ -124,6 +125,33 @@ RECEIVES: dict[Role, frozenset[Command]] = {
 }
 
 
+#: RECEIVABLE keyed by command number, for the per-message check: one dict lookup answers
+#: "known, right direction, right state" without constructing a Command or hashing Role/State
+#: members (plain Enums hash in Python).
+ACCEPTED: dict[tuple[Role, State], dict[int, Command]] = {
+    key: {int(command): command for command in commands} for key, commands in RECEIVABLE.items()
+}
+
+
 def transition(role: Role, state: State, trigger: Trigger) -> State:
     """The next state; a trigger with no entry leaves the state as it is."""
     return TRANSITIONS.get((role, state, trigger), state)
+
+
+def refusal(role: Role, state: State, number: int, flags: int) -> tuple[int, str]:
+    """errno and reason for rejecting request ``number`` that ``ACCEPTED`` does not let
+    through, or that has bad ``flags``.
+
+    The checks the lookup folds into one, plus the flags, in the order that picks the errno
+    (spec R18): unknown command ENOSYS; wrong direction, bad flags, wrong state EINVAL.
+    """
+    try:
+        command = Command(number)
+    except ValueError:
+        return errno.ENOSYS, f"unknown command {number}"
+    if command not in RECEIVES[role]:
+        return errno.EINVAL, f"{command.name} is not a {role.value}'s request"
+    if flags & ~(FLAG_TYPE_MASK | FLAG_NO_REPLY):
+        return errno.EINVAL, f"request flags {flags:#x}"
+    assert command not in RECEIVABLE[role, state]
+    return errno.EINVAL, f"{command.name} not allowed in state {state.value}"

@@ -117,6 +117,8 @@ class Session:
 
     def _handle(self, event: object) -> p.Outgoing | None:
         """Turn one event into (at most) one reply."""
+        if type(event) is p.Request:
+            return self._dispatch(event)
         if isinstance(event, p.RejectedRequest):
             close_fds(event.fds)
             self.log.info(
@@ -133,6 +135,9 @@ class Session:
             fds = getattr(event, "fds", ())
             close_fds(fds)
             raise AssertionError(f"unexpected event {event!r}")
+        return self._dispatch(event)
+
+    def _dispatch(self, event: p.Request) -> p.Outgoing | None:
         self.messages += 1
         handler = self._handlers.get(type(event.message))
         try:
@@ -282,7 +287,8 @@ class Session:
             raise DeviceError(errno.EINVAL, f"region {index} >= {self.num_regions}")
 
     def _check_access(self, index: int, offset: int, count: int) -> None:
-        self._check_region(index)
+        if index >= self.num_regions:
+            raise DeviceError(errno.EINVAL, f"region {index} >= {self.num_regions}")
         size = self._region_sizes[index]
         if offset >= size or count > size - offset:
             raise DeviceError(
@@ -290,20 +296,22 @@ class Session:
             )
 
     def _region_read(self, request: p.Request, msg: p.RegionReadRequest) -> p.Outgoing | None:
-        if msg.count == 0:
+        count = msg.count
+        if count == 0:
             data = b""
         else:
-            self._check_access(msg.region, msg.offset, msg.count)
-            data = self.device.region_read(msg.region, msg.offset, msg.count)
-        reply = p.RegionReadReply(offset=msg.offset, region=msg.region, count=len(data), data=data)
-        return self.conn.send_reply(request, reply)
+            region, offset = msg.region, msg.offset
+            self._check_access(region, offset, count)
+            data = self.device.region_read(region, offset, count)
+        # Checks that the device returned exactly ``count`` bytes (spec R10).
+        return self.conn.send_access_reply(request, data)
 
     def _region_write(self, request: p.Request, msg: p.RegionWriteRequest) -> p.Outgoing | None:
         if msg.count:
-            self._check_access(msg.region, msg.offset, msg.count)
-            self.device.region_write(msg.region, msg.offset, msg.data)
-        reply = p.RegionWriteReply(offset=msg.offset, region=msg.region, count=msg.count)
-        return self.conn.send_reply(request, reply)
+            region, offset = msg.region, msg.offset
+            self._check_access(region, offset, msg.count)
+            self.device.region_write(region, offset, msg.data)
+        return self.conn.send_access_reply(request)
 
     def _region_write_multi(self, request: p.Request, msg: p.RegionWriteMulti) -> p.Outgoing | None:
         # Spec vfio-user.md §3.11: entries apply in order, each like a posted write.

@@ -20,6 +20,10 @@ from collections.abc import Sequence
 import trio
 
 _FD_SIZE = array.array("i").itemsize
+# Plain ints: socket's constants are IntFlag members, and ``int & IntFlag`` runs enum code in
+# Python (two flag constructions, ~1 µs per receive).
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 class TransportError(ConnectionError):
@@ -50,17 +54,13 @@ class FdStream:
         self.socket = sock
         self._sending = False
         self._budget = FAIRNESS_BUDGET
+        # CMSG_SPACE per fd limit (the connection's max_fds does not change).
+        self._ancillary: dict[int, int] = {}
 
     @classmethod
     def from_trio(cls, sock: trio.socket.SocketType) -> FdStream:
         """Take over a trio socket (e.g. one returned by ``accept``)."""
         return cls(socket.socket(fileno=sock.detach()))
-
-    async def _spent(self) -> None:
-        self._budget -= 1
-        if self._budget <= 0:
-            self._budget = FAIRNESS_BUDGET
-            await trio.lowlevel.checkpoint()
 
     async def receive(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
         """Read up to ``max_bytes`` and any fds sent with them; ``b""`` means EOF.
@@ -68,23 +68,28 @@ class FdStream:
         Raises TransportError when the kernel had to drop descriptors (MSG_CTRUNC): the peer
         sent more fds than it was allowed to, and which message they belonged to is lost.
         """
-        ancillary = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
+        ancillary = self._ancillary.get(max_fds)
+        if ancillary is None:
+            ancillary = self._ancillary[max_fds] = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
+        recvmsg = self.socket.recvmsg
         while True:
             try:
-                data, ancdata, msg_flags, _ = self.socket.recvmsg(
-                    max_bytes, ancillary, socket.MSG_CMSG_CLOEXEC
-                )
+                data, ancdata, msg_flags, _ = recvmsg(max_bytes, ancillary, _CLOEXEC)
                 break
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.socket)
                 self._budget = FAIRNESS_BUDGET
             except OSError as exc:
                 raise TransportError(f"recvmsg failed: {exc.strerror}") from exc
-        fds = _fds_from_ancillary(ancdata)
-        if msg_flags & socket.MSG_CTRUNC:
+        fds = _fds_from_ancillary(ancdata) if ancdata else []
+        if msg_flags & _CTRUNC:
             close_fds(fds)
             raise TransportError(f"peer sent more than {max_fds} fds with one message")
-        await self._spent()
+        # Inlined rather than a helper coroutine: this runs three times per message.
+        self._budget -= 1
+        if self._budget <= 0:
+            self._budget = FAIRNESS_BUDGET
+            await trio.lowlevel.checkpoint()
         return data, fds
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
@@ -93,26 +98,33 @@ class FdStream:
             raise trio.BusyResourceError("another task is already sending on this socket")
         self._sending = True
         try:
-            view = memoryview(data)
+            sock = self.socket
             ancdata = []
             if fds:
                 ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            view: bytes | memoryview = data
             while view:
                 try:
-                    sent = self.socket.sendmsg([view], ancdata)
+                    # send() when there are no fds: a third cheaper than sendmsg().
+                    sent = sock.sendmsg([view], ancdata) if ancdata else sock.send(view)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self.socket)
+                    await trio.lowlevel.wait_writable(sock)
                     self._budget = FAIRNESS_BUDGET
                     continue
                 except OSError as exc:
                     raise TransportError(f"sendmsg failed: {exc.strerror}") from exc
-                view = view[sent:]
+                if sent == len(view):
+                    break
+                view = memoryview(view)[sent:]
                 # The kernel attached the fds to the bytes of the first sendmsg; the rest of a
                 # partially sent message goes without them (spec vfio-user.md §1 "Server TX").
                 ancdata = []
         finally:
             self._sending = False
-        await self._spent()
+        self._budget -= 1
+        if self._budget <= 0:
+            self._budget = FAIRNESS_BUDGET
+            await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
         """Close the socket (idempotent)."""
