@@ -32,8 +32,8 @@ def start(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
     )
 
 
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
+def stop(proc: subprocess.Popen[str], signum: int = signal.SIGTERM) -> str:
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     return stderr
@@ -71,6 +71,17 @@ def test_serve_with_only_a_socket_path_then_probe(
     assert not sock.exists(), "socket left behind"
     assert (tmp_path / "mem" / "usemem").stat().st_size == 95 << 30, "memory file removed"
     assert '"event": "stopping"' in stderr and '"signal": "SIGTERM"' in stderr
+
+
+def test_sigint_stops_cleanly_too(tmp_path: Path, notify_socket: socket.socket) -> None:
+    sock = tmp_path / "gpu0.sock"
+    proc = start(
+        ["serve", "--socket-path", str(sock), "--backing-dir", str(tmp_path / "mem")], tmp_path
+    )
+    assert notify_socket.recv(64) == b"READY=1"
+    stderr = stop(proc, signal.SIGINT)
+    assert '"signal": "SIGINT"' in stderr
+    assert not sock.exists()
 
 
 def test_serve_on_an_inherited_listening_fd(tmp_path: Path, notify_socket: socket.socket) -> None:
