@@ -195,3 +195,47 @@ def test_backing_file_of_another_size_is_kept_and_refused(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert "belongs to a device of another size" in result.stderr
     assert (memory / "usemem").read_bytes() == b"someone's data"
+
+
+def test_socket_activation_by_name(tmp_path: Path, notify_socket: socket.socket) -> None:
+    """As systemd starts vgpud@gpu7.service: fd 3 listening, LISTEN_FDNAMES=gpu7."""
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    env = dict(
+        os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), LISTEN_FDS="1", LISTEN_FDNAMES="gpu7"
+    )
+    # LISTEN_PID must be the daemon's own pid: set it in the shell that execs it, and put the
+    # socket at fd 3 (SD_LISTEN_FDS_START).
+    cmd = " ".join(
+        [
+            *VGPUD,
+            "serve",
+            "--name",
+            "gpu7",
+            "--backing-dir",
+            str(tmp_path / "m"),
+            "--memory-size",
+            "4GiB",
+        ]
+    )
+    proc = subprocess.Popen(
+        ["bash", "-c", f"LISTEN_PID=$$ exec {cmd} 3<&{listener.fileno()}"],
+        pass_fds=(listener.fileno(),),
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listener.close()
+    try:
+        assert notify_socket.recv(64) == b"READY=1"
+        probe = subprocess.run(
+            [*VGPUD, "probe", str(path)], capture_output=True, text=True, check=False
+        )
+        assert probe.returncode == 0, probe.stderr
+        assert "BAR4    size 4GiB" in probe.stdout
+    finally:
+        stderr = stop(proc)
+    assert '"socket": "inherited"' in stderr
+    assert path.exists(), "systemd's socket is not ours to remove"
