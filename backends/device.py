@@ -215,3 +215,21 @@ class VfioDevice(Protocol):
     def close(self) -> None:
         """The client went away: release every eventfd; device state and memory stay."""
         ...
+
+
+@runtime_checkable
+class WatchesFds(Protocol):
+    """Optional part of a device: eventfds the VMM signals to it (INTx resample).
+
+    A synchronous device cannot wait on them, so the engine does: it waits for any fd in
+    :meth:`watched_fds` to become readable and calls :meth:`fd_readable`. The set changes
+    only inside ``set_irqs``, ``reset`` and ``close``; the engine re-reads it after each.
+    """
+
+    def watched_fds(self) -> Sequence[int]:
+        """The fds to wait on now (owned by the device)."""
+        ...
+
+    def fd_readable(self, fd: int) -> None:
+        """``fd`` became readable: consume the signal and act on it."""
+        ...

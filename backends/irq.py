@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 from collections.abc import Iterable, Sequence
 
 from backends.device import (
@@ -126,3 +127,16 @@ def validate_set_irqs(
         raise DeviceError(errno.EINVAL, f"{len(eventfds)} eventfds for count {count}")
     if data_bool is not None and len(data_bool) != count:
         raise DeviceError(errno.EINVAL, f"{len(data_bool)} bools for count {count}")
+
+
+def drain_eventfd(fd: int) -> bool:
+    """Read (and so reset) an eventfd's counter; False if it was not signalled.
+
+    The fd's blocking mode belongs to the VMM (the open file description is shared), so
+    readiness is checked first rather than switching it to non-blocking.
+    """
+    try:
+        readable, _, _ = select.select([fd], [], [], 0)
+        return bool(readable) and os.eventfd_read(fd) > 0
+    except (BlockingIOError, OSError):
+        return False

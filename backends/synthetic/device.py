@@ -164,6 +164,14 @@ class SyntheticGpu:
         else:
             self._bar1().view()[offset : offset + len(data)] = data
 
+    def watched_fds(self) -> tuple[int, ...]:
+        """See :class:`backends.device.WatchesFds`: the INTx resample eventfd."""
+        return self.irqs.watched_fds()
+
+    def fd_readable(self, fd: int) -> None:
+        """See :class:`backends.device.WatchesFds`."""
+        self.irqs.fd_readable(fd)
+
     def irq_info(self, index: int) -> IrqInfo:
         """See :meth:`InterruptController.irq_info`."""
         return self.irqs.irq_info(index)

@@ -34,7 +34,13 @@ from backends.device import (
     IrqInfo,
     IrqInfoFlags,
 )
-from backends.irq import EventfdTable, close_fds, signal_eventfd, validate_set_irqs
+from backends.irq import (
+    EventfdTable,
+    close_fds,
+    drain_eventfd,
+    signal_eventfd,
+    validate_set_irqs,
+)
 from backends.synthetic.capabilities import (
     MSI_FLAGS,
     MSI_FLAGS_ENABLE,
@@ -166,9 +172,9 @@ class InterruptController:
         data_bool: Sequence[bool] | None,
     ) -> None:
         if eventfds is not None:
-            # UNMASK with an eventfd: the resampler the VMM signals when the guest unmasks.
-            # The device keeps (and owns) it; a synchronous device cannot poll it, so the
-            # engine's UNMASK messages remain the way INTx is unmasked.
+            # UNMASK with an eventfd: the resampler KVM signals when the guest EOIs the line
+            # (irqfd resample). The device owns it and lists it in watched_fds(); the engine
+            # waits on it and calls fd_readable(), which unmasks like an UNMASK message.
             fd = eventfds[0] if eventfds else -1
             if self._intx_unmask_fd >= 0 and self._intx_unmask_fd != fd:
                 close_fds((self._intx_unmask_fd,))
@@ -178,6 +184,18 @@ class InterruptController:
             return
         self.intx_masked = action is IrqAction.MASK
         self._update()
+
+    def watched_fds(self) -> tuple[int, ...]:
+        """Eventfds the VMM signals *to* the device: the INTx resampler, if installed."""
+        return (self._intx_unmask_fd,) if self._intx_unmask_fd >= 0 else ()
+
+    def fd_readable(self, fd: int) -> None:
+        """The VMM signalled ``fd``: drain it and act (INTx resample = unmask)."""
+        if fd != self._intx_unmask_fd or fd < 0:
+            return
+        if drain_eventfd(fd):
+            self.intx_masked = False
+            self._update()  # re-signals while the device still asserts the line
 
     # -- the device side ------------------------------------------------------------------
 

@@ -204,3 +204,51 @@ async def test_live_socket_is_not_stolen(vgpud: Daemon, tmp_path: Path) -> None:
 
 async def test_socket_is_owner_only(vgpud: Daemon) -> None:
     assert vgpud.socket_path.stat().st_mode & 0o777 == 0o600
+
+
+INTX_IRQ = 0
+INTX_STATUS = 0xFF0004
+SET_IRQS_EVENTFD_UNMASK = 0x4 | 0x10
+
+
+def _signalled(fd: int) -> bool:
+    try:
+        return os.eventfd_read(fd) > 0
+    except BlockingIOError:
+        return False
+
+
+async def test_intx_resample_eventfd_unmasks_like_kvm(vgpud: Daemon) -> None:
+    """KVM's irqfd INTx: trigger fd + resample fd that KVM signals on the guest's EOI."""
+    trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    before = open_fds()
+    try:
+        async with await vgpud.connect() as client:
+            await client.set_irqs(INTX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 0, 1, [trigger])
+            await client.set_irqs(INTX_IRQ, SET_IRQS_EVENTFD_UNMASK, 0, 1, [resample])
+            # No MSI/MSI-X enabled: the doorbell asserts INTx, which signals and automasks.
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 0))
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(trigger)
+            assert _signalled(trigger)
+            # EOI while the device still asserts the line: KVM resamples, the device
+            # unmasks and interrupts again.
+            os.eventfd_write(resample, 1)
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(trigger)
+            assert _signalled(trigger)
+            # The driver acknowledges (line drops), then EOI: no new interrupt, and the
+            # resample signal was consumed by the device.
+            await client.region_write(BAR0, INTX_STATUS, struct.pack("<I", 1))
+            os.eventfd_write(resample, 1)
+            await client.device_info()  # a round trip, then let the watcher run
+            await trio.testing.wait_all_tasks_blocked()
+            assert not _signalled(trigger)
+            assert not _signalled(resample)
+        await vgpud.idle()
+        # The device closed its dups of both eventfds when the client left.
+        assert open_fds() == before
+    finally:
+        os.close(trigger)
+        os.close(resample)

@@ -18,10 +18,13 @@ import errno
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import trio
+
 import protocol as p
 from backends.device import DeviceError, IrqAction, RegionFlags, VfioDevice
 from vgpud.server.dma import DmaError, DmaTable
 from vgpud.server.transport import FdStream, TransportError, close_fds
+from vgpud.server.watchers import FdWatchers
 
 # VFIO_IRQ_SET_* (linux/vfio.h; spec vfio-user.md §3.8, §4).
 _DATA_NONE, _DATA_BOOL, _DATA_EVENTFD = 1, 2, 4
@@ -57,6 +60,7 @@ class Session:
         # Region sizes never change while a device exists; cache them for bounds checks.
         self._region_sizes = [device.region_info(i).size for i in range(info.num_regions)]
         self.messages = 0
+        self.watchers = FdWatchers(None, device, log)
         # Keyed by message type: one dict lookup per request, and typed handlers.
         self._handlers: dict[type, Callable[[p.Request, Any], p.Outgoing | None]] = {
             p.RegionReadRequest: self._region_read,
@@ -80,7 +84,11 @@ class Session:
         """Serve until the client leaves; return why the session ended."""
         self.device.open()
         try:
-            return await self._serve()
+            async with trio.open_nursery() as nursery:
+                self.watchers = FdWatchers(nursery, self.device, self.log)
+                reason = await self._serve()
+                self.watchers.stop()
+            return reason
         finally:
             # Spec vfio-user.md R19: drop the client's DMA mappings and eventfds, keep the
             # device's state and memory for the next client.
@@ -268,16 +276,21 @@ class Session:
         except DeviceError:
             close_fds(fds)
             raise
-        if data_type == _DATA_EVENTFD:
-            # Zero fds de-assigns the vectors (spec vfio-user.md §3.8); ownership of the fds
-            # passes to the device, which closes them on every path.
-            eventfds = list(fds) if fds else [-1] * msg.count
-            self.device.set_irqs(msg.index, action, msg.start, msg.count, eventfds=eventfds)
-        elif data_type == _DATA_BOOL:
-            flags_bool = [bool(b) for b in msg.data[: msg.count]]
-            self.device.set_irqs(msg.index, action, msg.start, msg.count, data_bool=flags_bool)
-        else:
-            self.device.set_irqs(msg.index, action, msg.start, msg.count)
+        # The device may close (and replace) eventfds it asked us to watch.
+        self.watchers.stop()
+        try:
+            if data_type == _DATA_EVENTFD:
+                # Zero fds de-assigns the vectors (spec vfio-user.md §3.8); ownership of the
+                # fds passes to the device, which closes them on every path.
+                eventfds = list(fds) if fds else [-1] * msg.count
+                self.device.set_irqs(msg.index, action, msg.start, msg.count, eventfds=eventfds)
+            elif data_type == _DATA_BOOL:
+                flags_bool = [bool(b) for b in msg.data[: msg.count]]
+                self.device.set_irqs(msg.index, action, msg.start, msg.count, data_bool=flags_bool)
+            else:
+                self.device.set_irqs(msg.index, action, msg.start, msg.count)
+        finally:
+            self.watchers.start()
         return self.conn.send_reply(request)
 
     # -- region access ---------------------------------------------------------------------
@@ -324,7 +337,11 @@ class Session:
     # -- reset and the rest ------------------------------------------------------------------
 
     def _reset(self, request: p.Request, msg: p.DeviceReset) -> p.Outgoing | None:
-        self.device.reset()
+        self.watchers.stop()
+        try:
+            self.device.reset()
+        finally:
+            self.watchers.start()
         self.log.info("device reset")
         return self.conn.send_reply(request)
 

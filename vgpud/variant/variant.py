@@ -48,6 +48,7 @@ from backends.device import (
     RegionInfo,
     SparseArea,
     VfioDevice,
+    WatchesFds,
 )
 from vgpud.variant.config_overlay import BarOverlay
 from vgpud.variant.layout import MemRegion, NvgraceLayout, compute_layout
@@ -179,6 +180,15 @@ class NvgraceVariant:
                 self.backend.region_write(index, offset, data)
         else:
             self.backend.region_write(index, offset, data)
+
+    def watched_fds(self) -> Sequence[int]:
+        """The backend's (interrupts are not the variant's business)."""
+        return self.backend.watched_fds() if isinstance(self.backend, WatchesFds) else ()
+
+    def fd_readable(self, fd: int) -> None:
+        """The backend's."""
+        if isinstance(self.backend, WatchesFds):
+            self.backend.fd_readable(fd)
 
     def irq_info(self, index: int) -> IrqInfo:
         """The backend's."""
