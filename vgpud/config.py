@@ -33,6 +33,7 @@ from vgpud.log import LEVELS, LogFormat
 from vgpud.units import parse_size
 
 DEFAULT_PROFILE = "gh200"
+MEMORY_GRANULE = 64 << 10
 DEFAULT_DEVICE_NAME = "gpu0"
 
 
@@ -190,6 +191,11 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
     memory_size = _size(raw, "memory_size", where)
     if memory_size is not None and memory_size == 0:
         raise ConfigError(f"{where}: memory_size must not be 0")
+    if memory_size is not None and memory_size % MEMORY_GRANULE:
+        # The mmappable (sparse) areas QEMU maps must be host-page aligned (spec
+        # vfio-user.md R14, §5.5; 64 KiB pages on some arm64 hosts), and resmem ends where
+        # device memory ends.
+        raise ConfigError(f"{where}: memory_size must be a multiple of 64 KiB")
     memphys = _size(raw, "memphys", where)
     backing_dir = raw.get("backing_dir")
     if backing_dir is not None and not isinstance(backing_dir, str):

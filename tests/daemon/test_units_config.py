@@ -59,6 +59,7 @@ def test_tray_config(tmp_path: Path) -> None:
         ({"device": [{"name": "a", "colour": "red"}]}, "unknown key"),
         ({"device": [{"memory_size": "lots"}]}, "memory_size"),
         ({"device": [{"memory_size": "0"}]}, "must not be 0"),
+        ({"device": [{"memory_size": "1000000000"}]}, "multiple of 64 KiB"),
         ({"device": [{"profile": "h100"}]}, "unknown profile"),
         ({"device": [{"name": "a"}, {"name": "a"}]}, "two devices are named"),
         (
