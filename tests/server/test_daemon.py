@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import mmap
 import os
@@ -23,7 +24,9 @@ from tests.server.conftest import (
     start_daemon,
 )
 from tests.server.rawclient import QEMU_VERSION, RawConn
+from vgpud import daemon
 from vgpud.client import VfioUserClient, VfioUserError
+from vgpud.config import DaemonConfig, single_device
 from vgpud.server.listener import ListenerError, bind_unix_listener
 
 CONFIG = 7
@@ -252,3 +255,20 @@ async def test_intx_resample_eventfd_unmasks_like_kvm(vgpud: Daemon) -> None:
     finally:
         os.close(trigger)
         os.close(resample)
+
+
+async def test_no_mmap_serves_bars_trapped(tmp_path: Path) -> None:
+    socket_path = tmp_path / "trapped.sock"
+    device = single_device(
+        socket_path=socket_path, memory_size="4GiB", backing_dir=tmp_path / "m", no_mmap=True
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(daemon.run, DaemonConfig(devices=(device,))))
+        async with await VfioUserClient.connect(socket_path) as client:
+            for region in (BAR2, BAR4):
+                got = await client.region_info(region)
+                assert got.fd is None and not got.info.flags & 0x4 and not got.info.caps
+            await enable_memory(client)
+            await client.region_write(BAR4, 0x10, b"trapped!")
+            assert await client.region_read(BAR4, 0x10, 8) == b"trapped!"
+        nursery.cancel_scope.cancel()
