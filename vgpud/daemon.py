@@ -1,15 +1,17 @@
 """``vgpud serve``: build every configured device, listen, serve, stop cleanly.
 
 Order matters and follows the kernel's probe (spec nvgrace-gpu.md §2.4): the device is
-built and its readiness registers polled (§7.1: every second, up to 30 s) *before* its
-socket exists, so a VMM can never attach to a GPU that is not ready. Only when every device
-listens does the service manager hear READY=1 (STYLE.md "trio": ``started()`` only once
-listening). SIGTERM/SIGINT cancel everything; the sockets we created are removed and the
-backing files stay (device memory outlives the daemon).
+built and its readiness polled (§7.1: BAR0 registers every second, up to 30 s; §7.3: with a
+CXL DVSEC, its status register every second, up to 1 s + 256 s) *before* its socket exists,
+so a VMM can never attach to a GPU that is not ready. Only when every device listens does
+the service manager hear READY=1 (STYLE.md "trio": ``started()`` only once listening).
+SIGTERM/SIGINT cancel everything; the sockets we created are removed and the backing files
+stay (device memory outlives the daemon).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import resource
@@ -30,9 +32,7 @@ from vgpud.devices import BuiltDevice, build_device
 from vgpud.libvfio_user.engine import serve_device
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.server.listener import DeviceServer, ListenerError, bind_unix_listener
-
-READY_POLL_SECONDS = 1.0  # POLL_QUANTUM_MS, spec nvgrace-gpu.md §7.1
-READY_TIMEOUT_SECONDS = 30.0  # POLL_TIMEOUT_MS
+from vgpud.variant import CxlReadinessWait, probe_wait
 
 
 class StartupError(Exception):
@@ -49,23 +49,35 @@ class _Endpoint:
 
 
 async def wait_ready(built: BuiltDevice, log: Any) -> None:
-    """Poll the device's readiness like the kernel's probe does (spec nvgrace-gpu.md §7.1)."""
-    deadline = trio.current_time() + READY_TIMEOUT_SECONDS
-    polls = 0
+    """Poll the device's readiness like the kernel's probe does (spec nvgrace-gpu.md §7).
+
+    The variant's :func:`~vgpud.variant.probe_wait` decides the path, the poll interval and
+    the deadline: BAR0 every 1 s for 30 s (§7.1), or the CXL DVSEC every 1 s for 1 s plus
+    the device's Memory_Active_Timeout, up to 256 s (§7.3).
+    """
+    started = trio.current_time()
+    wait = probe_wait(built.backend, clock=trio.current_time)
     while True:
-        polls += 1
-        if built.ready_now():
-            if polls > 1:
-                log.info("device ready", polls=polls)
-            return
-        if trio.current_time() >= deadline:
+        try:
+            delay = wait.poll()
+        except DeviceError as exc:
+            if exc.errno != errno.ETIME:
+                raise  # ENODEV: the CXL register read all-ones (§7.3)
+            elapsed = trio.current_time() - started
+            if isinstance(wait, CxlReadinessWait):
+                reason = exc.message
+            else:
+                reason = "readiness registers never read 0xFF"
             raise StartupError(
-                f"device {built.name}: not ready after {READY_TIMEOUT_SECONDS:.0f} s "
-                "(readiness registers never read 0xFF; ETIME)"
-            )
-        if polls == 1:
+                f"device {built.name}: not ready after {elapsed:.0f} s ({reason}; ETIME)"
+            ) from exc
+        if delay is None:
+            if wait.polls > 1:
+                log.info("device ready", polls=wait.polls)
+            return
+        if wait.polls == 1:
             log.info("waiting for the device to become ready")
-        await trio.sleep(READY_POLL_SECONDS)
+        await trio.sleep(delay)
 
 
 def _open_endpoints(

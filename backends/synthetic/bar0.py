@@ -18,6 +18,9 @@ from NVIDIA's engines): they let tests and guest programs make the device interr
 Readiness: after creation and after every reset the two readiness registers read 0 until
 ``ready_delay`` seconds have passed on the injected monotonic clock, so probe-time and
 post-reset timeouts can be tested without sleeping. ``ready_delay`` 0 means ready at once.
+The same :class:`Readiness` drives the CXL DVSEC's MEM_INFO_VALID / MEM_ACTIVE bits when the
+profile has one (spec nvgrace-gpu.md §7.3; see :mod:`backends.synthetic.capabilities`):
+ACTIVE is :attr:`Readiness.ready`, VALID is :attr:`Readiness.valid`.
 """
 
 from __future__ import annotations
@@ -46,26 +49,41 @@ SCRATCH_SIZE = 0x1000
 Clock = Callable[[], float]
 
 
+# When MEM_INFO_VALID comes up after creation or reset unless told otherwise: well inside the
+# driver's 1 s VALID budget (spec nvgrace-gpu.md §7.3 wait step 1), and never after ACTIVE.
+DEFAULT_VALID_DELAY = 0.25
+
+
 class Readiness:
-    """When the readiness registers start reading :data:`STATUS_READY`."""
+    """When the device reads ready: BAR0 registers :data:`STATUS_READY`, CXL VALID/ACTIVE."""
 
-    __slots__ = ("_clock", "_ready_at", "delay")
+    __slots__ = ("_armed_at", "_clock", "delay", "valid_delay")
 
-    def __init__(self, clock: Clock, delay: float) -> None:
+    def __init__(self, clock: Clock, delay: float, valid_delay: float | None = None) -> None:
         if delay < 0 or math.isnan(delay):
             raise ValueError(f"ready_delay must be >= 0, got {delay}")
+        if valid_delay is None:
+            valid_delay = min(delay, DEFAULT_VALID_DELAY)
+        if valid_delay < 0 or math.isnan(valid_delay):
+            raise ValueError(f"valid_delay must be >= 0, got {valid_delay}")
         self._clock = clock
         self.delay = delay
-        self._ready_at = clock() + delay
+        self.valid_delay = valid_delay
+        self._armed_at = clock()
 
     def arm(self) -> None:
         """Start a new training period (creation, reset)."""
-        self._ready_at = self._clock() + self.delay
+        self._armed_at = self._clock()
 
     @property
     def ready(self) -> bool:
-        """Whether the training period is over."""
-        return self._clock() >= self._ready_at
+        """Whether the training period is over (BAR0 registers 0xFF, CXL MEM_ACTIVE)."""
+        return self._clock() >= self._armed_at + self.delay
+
+    @property
+    def valid(self) -> bool:
+        """Whether the CXL memory range info is valid yet (MEM_INFO_VALID, spec §7.3)."""
+        return self._clock() >= self._armed_at + self.valid_delay
 
 
 class Bar0:

@@ -1,10 +1,17 @@
-"""The capability lists of the synthetic GPU: PM, MSI, PCI Express, MSI-X, DSN, NVIDIA DVSEC.
+"""The capability lists of the synthetic GPU: PM, MSI, PCI Express, MSI-X, DSN, DVSECs.
 
 Layout (offsets chosen here; a real GH100 has a similar set at other offsets)::
 
     0x40 Power Management    0x48 MSI (64-bit, per-vector mask)
     0x60 PCI Express v2 (Endpoint, FLR capable)      0xA0 MSI-X (table/PBA in BAR0)
     0x100 Device Serial Number   0x110 NVIDIA DVSEC (ID 3, bitmap at +0xA)
+    0x120 CXL Device DVSEC (vendor 0x1E98, ID 0), only with ``Profile.cxl_dvsec``
+
+The CXL Device DVSEC follows the CXL 2.0 layout (revision 1, length 0x38). Everything in it
+is read-only to software here. The driver reads one register only: Range 1 Size Low at
++0x1C, whose MEM_INFO_VALID (bit 0) and MEM_ACTIVE (bit 1) bits the device model updates
+from its :class:`~backends.synthetic.bar0.Readiness` and whose Memory_Active_Timeout (bits
+15:13) comes from the profile (spec nvgrace-gpu.md §2.3, §7.3).
 
 The DSN has extended capability ID 3 -- the same number as the NVIDIA DVSEC ID -- so a DVSEC
 lookup that confuses the two is caught by the tests (spec nvgrace-gpu.md §2.2).
@@ -35,6 +42,7 @@ PCIE_OFFSET = 0x60
 MSIX_OFFSET = 0xA0
 DSN_OFFSET = 0x100
 DVSEC_OFFSET = 0x110
+CXL_DVSEC_OFFSET = 0x120  # right after the NVIDIA DVSEC (0x110 + DVSEC_LENGTH)
 
 # Field offsets inside the capabilities.
 PM_CTRL = 4
@@ -66,6 +74,26 @@ DVSEC_HEADER2 = 8
 DVSEC_BITMAP_OFFSET = 0xA
 DVSEC_LENGTH = 0x10
 
+# CXL Device DVSEC (spec nvgrace-gpu.md §2.3, §7.3; CXL 2.0 §8.1.3 for the other fields).
+PCI_VENDOR_ID_CXL = 0x1E98
+PCI_DVSEC_CXL_DEVICE = 0
+CXL_DVSEC_REVISION = 1
+CXL_DVSEC_LENGTH = 0x38
+CXL_DVSEC_CAP = 0xA
+CXL_DVSEC_CTRL = 0xC
+CXL_DVSEC_RANGE_SIZE_HIGH1 = 0x18
+CXL_DVSEC_RANGE_SIZE_LOW1 = 0x1C  # PCI_DVSEC_CXL_RANGE_SIZE_LOW(0): readiness (§7.3)
+CXL_DVSEC_RANGE_BASE_HIGH1 = 0x20
+CXL_DVSEC_RANGE_BASE_LOW1 = 0x24
+CXL_DVSEC_CAP_MEM_CAPABLE = 1 << 2
+CXL_DVSEC_CAP_MEM_HWINIT_MODE = 1 << 3  # memory is set up by the device/firmware
+CXL_DVSEC_CAP_HDM_COUNT_1 = 1 << 4  # one HDM range
+CXL_DVSEC_CTRL_MEM_ENABLE = 1 << 2
+CXL_MEM_INFO_VALID = 1 << 0
+CXL_MEM_ACTIVE = 1 << 1
+CXL_MEM_ACTIVE_TIMEOUT_SHIFT = 13  # bits 15:13
+CXL_MEM_LOW_MASK = 0xF000_0000  # bits 31:28 of the range size / base (256 MiB units)
+
 # MSI-X table and PBA inside BAR0: page-aligned, away from the readiness registers at
 # 0x1498 and 0x200BC (spec nvgrace-gpu.md §7.1) and never mmapped (spec vfio-user.md R14).
 MSIX_TABLE_OFFSET = 0x2000
@@ -81,6 +109,11 @@ class CapabilityParams:
     msix_vectors: int
     serial_number: int
     dvsec_bitmap: int | None
+    # None: no CXL Device DVSEC. Otherwise the Memory_Active_Timeout code (0..7) it carries.
+    cxl_mem_active_timeout: int | None = None
+    # What the CXL DVSEC's Range 1 describes (the device memory, as firmware reports it).
+    memory_base: int = 0
+    memory_size: int = 0
 
 
 def build_capabilities(cfg: ConfigSpace, params: CapabilityParams) -> None:
@@ -91,11 +124,19 @@ def build_capabilities(cfg: ConfigSpace, params: CapabilityParams) -> None:
     _msi(cfg, MSI_OFFSET, params.msi_vectors, next_cap=PCIE_OFFSET)
     _pci_express(cfg, PCIE_OFFSET, next_cap=MSIX_OFFSET)
     _msix(cfg, MSIX_OFFSET, params.msix_vectors, next_cap=0)
-    has_dvsec = params.dvsec_bitmap is not None
-    _ext_header(cfg, DSN_OFFSET, PCI_EXT_CAP_ID_DSN, next_cap=DVSEC_OFFSET if has_dvsec else 0)
+    # The extended list: DSN, then whichever DVSECs exist, in offset order.
+    chain = [DSN_OFFSET]
+    if params.dvsec_bitmap is not None:
+        chain.append(DVSEC_OFFSET)
+    if params.cxl_mem_active_timeout is not None:
+        chain.append(CXL_DVSEC_OFFSET)
+    after = dict(zip(chain, [*chain[1:], 0], strict=True))
+    _ext_header(cfg, DSN_OFFSET, PCI_EXT_CAP_ID_DSN, next_cap=after[DSN_OFFSET])
     cfg.set(DSN_OFFSET + 4, 8, params.serial_number)
     if params.dvsec_bitmap is not None:
-        _nvidia_dvsec(cfg, DVSEC_OFFSET, params.dvsec_bitmap)
+        _nvidia_dvsec(cfg, DVSEC_OFFSET, params.dvsec_bitmap, next_cap=after[DVSEC_OFFSET])
+    if params.cxl_mem_active_timeout is not None:
+        _cxl_device_dvsec(cfg, CXL_DVSEC_OFFSET, params, params.cxl_mem_active_timeout)
 
 
 def _header(cfg: ConfigSpace, offset: int, cap_id: int, next_cap: int) -> None:
@@ -152,8 +193,30 @@ def _msix(cfg: ConfigSpace, at: int, vectors: int, next_cap: int) -> None:
     cfg.set(at + MSIX_PBA, 4, MSIX_PBA_OFFSET)  # BIR 0
 
 
-def _nvidia_dvsec(cfg: ConfigSpace, at: int, bitmap: int) -> None:
-    _ext_header(cfg, at, PCI_EXT_CAP_ID_DVSEC, next_cap=0)
+def _nvidia_dvsec(cfg: ConfigSpace, at: int, bitmap: int, next_cap: int) -> None:
+    _ext_header(cfg, at, PCI_EXT_CAP_ID_DVSEC, next_cap=next_cap)
     cfg.set(at + DVSEC_HEADER1, 4, NVIDIA_VENDOR_ID | DVSEC_LENGTH << 20)  # revision 0
     cfg.set(at + DVSEC_HEADER2, 2, GPU_CAP_DVSEC_REGISTER)
     cfg.set(at + DVSEC_BITMAP_OFFSET, 2, bitmap)
+
+
+def _cxl_device_dvsec(cfg: ConfigSpace, at: int, params: CapabilityParams, code: int) -> None:
+    """The CXL Device DVSEC the v7.2 driver finds by (0x1E98, 0) (spec nvgrace-gpu.md §2.3).
+
+    All registers are read-only (wmask 0): a guest write is ignored, so it can neither fake
+    readiness nor change the timeout the driver budgets for. Range 1 Size Low is stored
+    with VALID and ACTIVE clear; the device model sets them on every read (§7.3).
+    """
+    _ext_header(cfg, at, PCI_EXT_CAP_ID_DVSEC, next_cap=0)
+    header1 = PCI_VENDOR_ID_CXL | CXL_DVSEC_REVISION << 16 | CXL_DVSEC_LENGTH << 20
+    cfg.set(at + DVSEC_HEADER1, 4, header1)
+    cfg.set(at + DVSEC_HEADER2, 2, PCI_DVSEC_CXL_DEVICE)
+    capability = CXL_DVSEC_CAP_MEM_CAPABLE | CXL_DVSEC_CAP_MEM_HWINIT_MODE
+    cfg.set(at + CXL_DVSEC_CAP, 2, capability | CXL_DVSEC_CAP_HDM_COUNT_1)
+    cfg.set(at + CXL_DVSEC_CTRL, 2, CXL_DVSEC_CTRL_MEM_ENABLE)
+    size, base = params.memory_size, params.memory_base
+    cfg.set(at + CXL_DVSEC_RANGE_SIZE_HIGH1, 4, size >> 32)
+    timeout = code << CXL_MEM_ACTIVE_TIMEOUT_SHIFT
+    cfg.set(at + CXL_DVSEC_RANGE_SIZE_LOW1, 4, (size & CXL_MEM_LOW_MASK) | timeout)
+    cfg.set(at + CXL_DVSEC_RANGE_BASE_HIGH1, 4, base >> 32)
+    cfg.set(at + CXL_DVSEC_RANGE_BASE_LOW1, 4, base & CXL_MEM_LOW_MASK)

@@ -15,6 +15,11 @@ Device memory is described like firmware does (``memphys``/``memlength``, spec n
 §2.1) and backed by sparse files in ``backing_dir`` (see :mod:`backends.synthetic.memory`).
 A profile with ``memory_size`` 0 is a GPU whose C2C link failed: firmware reports size 0
 and the daemon falls back to plain passthrough (spec nvgrace-gpu.md §2.1, §8).
+
+Readiness (spec nvgrace-gpu.md §7): one :class:`~backends.synthetic.bar0.Readiness`, armed at
+creation and by every reset, drives both the BAR0 registers (§7.1) and, with
+``Profile.cxl_dvsec``, the CXL DVSEC's MEM_ACTIVE (after ``ready_delay``) and MEM_INFO_VALID
+(after ``valid_delay``, default min(ready_delay, 0.25 s)) bits (§7.3).
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ from backends.device import (
 )
 from backends.synthetic.bar0 import BAR0_SIZE, Bar0, Clock, Readiness
 from backends.synthetic.capabilities import (
+    CXL_DVSEC_OFFSET,
+    CXL_DVSEC_RANGE_SIZE_LOW1,
+    CXL_MEM_ACTIVE,
+    CXL_MEM_INFO_VALID,
     PCI_EXP_DEVCTL,
     PCI_EXP_DEVCTL_BCR_FLR,
     PCIE_OFFSET,
@@ -69,6 +78,7 @@ from backends.synthetic.config_space import (
     PCI_SUBSYSTEM_VENDOR_ID,
     PCI_VENDOR_ID,
     ConfigSpace,
+    intersects,
 )
 from backends.synthetic.irq import InterruptController
 from backends.synthetic.memory import BAR1_FILE, BackingFile, MemoryBacking
@@ -77,6 +87,8 @@ from backends.synthetic.profiles import NVIDIA_VENDOR_ID, Profile
 CLASS_3D_CONTROLLER = 0x030200
 # COMMAND bits software may set: MEM, MASTER, PARITY, SERR, INTX_DISABLE (no I/O BARs).
 COMMAND_WMASK = 0x0546
+# The CXL readiness register (spec nvgrace-gpu.md §7.3), when the profile has the DVSEC.
+CXL_READY_REGISTER = CXL_DVSEC_OFFSET + CXL_DVSEC_RANGE_SIZE_LOW1
 
 
 class SyntheticGpu:
@@ -90,6 +102,7 @@ class SyntheticGpu:
         ready_delay: float = 0.0,
         clock: Clock = time.monotonic,
         serial_number: int | None = None,
+        valid_delay: float | None = None,
     ) -> None:
         self.profile = profile
         self.backing_dir = Path(backing_dir)
@@ -100,9 +113,8 @@ class SyntheticGpu:
         }
         self.config = _build_config(profile, serial_number)
         self.irqs = InterruptController(self.config, profile.msi_vectors, profile.msix_vectors)
-        self.bar0 = Bar0(
-            profile.boot0, Readiness(clock, ready_delay), self.irqs, profile.msix_vectors
-        )
+        self.readiness = Readiness(clock, ready_delay, valid_delay)
+        self.bar0 = Bar0(profile.boot0, self.readiness, self.irqs, profile.msix_vectors)
         self._memory = MemoryBacking(self.backing_dir, profile.memory_size)
         self._dma: dict[int, DmaRegion] = {}
 
@@ -149,6 +161,8 @@ class SyntheticGpu:
         """Read through the region's model; EINVAL outside the region."""
         self._check_access(index, offset, count)
         if index == CONFIG_REGION_INDEX:
+            if self.profile.cxl_dvsec and intersects(offset, count, CXL_READY_REGISTER, 4):
+                self._update_cxl_status()
             return self.config.read(offset, count)
         if index == BAR0_REGION_INDEX:
             return self.bar0.read(offset, count)
@@ -228,6 +242,13 @@ class SyntheticGpu:
                 errno.EINVAL, f"access [{offset:#x}, +{count:#x}) outside region {index}"
             )
 
+    def _update_cxl_status(self) -> None:
+        # The bits depend on the clock, so they are computed when read rather than stored
+        # by a timer; they are read-only (wmask 0), so no write can have changed them.
+        readiness = self.readiness
+        self.config.set_bits(CXL_READY_REGISTER, 4, CXL_MEM_INFO_VALID, readiness.valid)
+        self.config.set_bits(CXL_READY_REGISTER, 4, CXL_MEM_ACTIVE, readiness.ready)
+
     def _config_write(self, offset: int, data: bytes) -> None:
         self.config.write(offset, data)
         flr_byte = PCIE_OFFSET + PCI_EXP_DEVCTL + 1
@@ -268,6 +289,9 @@ def _build_config(profile: Profile, serial_number: int | None) -> ConfigSpace:
             msix_vectors=profile.msix_vectors,
             serial_number=serial,
             dvsec_bitmap=profile.dvsec_bitmap,
+            cxl_mem_active_timeout=profile.cxl_mem_active_timeout if profile.cxl_dvsec else None,
+            memory_base=profile.memphys,
+            memory_size=profile.memory_size,
         ),
     )
     cfg.freeze_reset_values()

@@ -59,6 +59,16 @@ class Profile:
     bar1_size: int = 64 * MIB
     msix_vectors: int = 16
     msi_vectors: int = 16
+    # A CXL Device DVSEC in the extended capability list (spec nvgrace-gpu.md §2.3): the
+    # v7.2 driver then takes readiness from its Range 1 Size Low register instead of BAR0
+    # (§7.3). The kernel keys this on the capability, not the device ID, and the IDs of
+    # the "Blackwell-Next" parts it was written for are unknown, so no named profile has it;
+    # enable it with ``with_overrides(cxl_dvsec=True)``.
+    cxl_dvsec: bool = False
+    # Memory_Active_Timeout (Range 1 Size Low bits 15:13) the CXL DVSEC advertises: code t
+    # means 1 s * 4^min(t, 4) (§7.3). 3 = 64 s, the first code that covers the legacy 30 s
+    # BAR0 budget, so a ``ready_delay`` that works on the BAR0 path also works here.
+    cxl_mem_active_timeout: int = 3
 
     def __post_init__(self) -> None:
         for name in ("device_id", "subsystem_vendor_id", "subsystem_id"):
@@ -79,6 +89,9 @@ class Profile:
             raise ValueError(f"msi_vectors {self.msi_vectors} is not a power of two <= 32")
         if self.dvsec_bitmap is not None and not 0 <= self.dvsec_bitmap <= 0xFFFF:
             raise ValueError(f"dvsec_bitmap {self.dvsec_bitmap:#x} is not 16 bits")
+        if not 0 <= self.cxl_mem_active_timeout <= 7:
+            # A 3-bit field: 5-7 are valid encodings (the driver clamps them), 8+ are not.
+            raise ValueError(f"cxl_mem_active_timeout {self.cxl_mem_active_timeout} outside 0..7")
 
     @property
     def has_mig_hw_bug(self) -> bool:

@@ -12,9 +12,13 @@ from vgpud.variant.layout import (
 from vgpud.variant.probe import (
     POLL_QUANTUM,
     POLL_TIMEOUT,
+    CxlReadinessWait,
+    ProbeWait,
     ReadinessWait,
     device_ready,
+    find_cxl_dvsec,
     has_mig_hw_bug,
+    probe_wait,
 )
 from vgpud.variant.variant import NvgraceVariant, make_device
 
@@ -23,15 +27,19 @@ __all__ = [
     "POLL_QUANTUM",
     "POLL_TIMEOUT",
     "RESMEM_SIZE",
+    "CxlReadinessWait",
     "LayoutError",
     "MemRegion",
     "NvgraceLayout",
     "NvgraceVariant",
+    "ProbeWait",
     "ReadinessWait",
     "compute_layout",
     "device_ready",
+    "find_cxl_dvsec",
     "format_layout",
     "has_mig_hw_bug",
     "layout_as_dict",
     "make_device",
+    "probe_wait",
 ]

@@ -24,6 +24,15 @@ Two places where vfio-user cannot do what the kernel does, and what happens inst
   the gate. Before the readiness test the gate returns EIO if COMMAND.MEM is clear (§7.4
   step 2). The gate is armed by ``reset()`` and also by ``open()``, because the kernel's
   open runs a function reset whose ``reset_done`` arms it (§7.4, (I)).
+
+  With a CXL Device DVSEC (v7.2, §2.3) the kernel's gate is a single CXL test instead of
+  the 30 s BAR0 poll (§7.4 step 3): ready clears the gate, all-ones fails with ENODEV, and
+  anything else is EAGAIN. The kernel's gate sets no deadline there; this one keeps the
+  shape of the legacy gate and ends the EAGAINs with ETIME after the budget of the §7.3
+  probe wait, counted from the reset: 1 s for MEM_INFO_VALID and, from the first access
+  that sees VALID, the Memory_Active_Timeout the register advertises (up to 256 s). An
+  access is the only moment the gate can look, so VALID may be seen later than the kernel
+  would; the budget then ends later too, never earlier.
 """
 
 from __future__ import annotations
@@ -52,7 +61,14 @@ from backends.device import (
 )
 from vgpud.variant.config_overlay import BarOverlay
 from vgpud.variant.layout import MemRegion, NvgraceLayout, compute_layout
-from vgpud.variant.probe import POLL_TIMEOUT, device_ready, has_mig_hw_bug
+from vgpud.variant.probe import (
+    POLL_TIMEOUT,
+    CxlReadinessWait,
+    bar0_device_ready,
+    cxl_device_ready,
+    find_cxl_dvsec,
+    has_mig_hw_bug,
+)
 
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 1 << 1
@@ -73,9 +89,10 @@ class NvgraceVariant:
     """The full variant (``nvgrace-gpu-vfio-pci`` ops) over ``backend``.
 
     Construction is the kernel's probe minus the readiness wait (which the async daemon
-    drives with :class:`vgpud.variant.probe.ReadinessWait`): read the memory description,
-    decide ``has_mig_hw_bug`` from the DVSEC, compute the layout (a
-    :class:`~vgpud.variant.layout.LayoutError` fails it) and obtain the backing windows.
+    drives with :func:`vgpud.variant.probe.probe_wait`): read the memory description, look
+    up ``cxl_dvsec`` (spec §2.3-§2.4), decide ``has_mig_hw_bug`` from the NVIDIA DVSEC,
+    compute the layout (a :class:`~vgpud.variant.layout.LayoutError` fails it) and obtain
+    the backing windows.
     """
 
     def __init__(self, backend: Backend, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -84,6 +101,8 @@ class NvgraceVariant:
             raise ValueError("backend has no device memory; use make_device() for the fallback")
         self.backend = backend
         self._clock = clock
+        # Looked up once, like the kernel's probe (§2.4 step 3): it picks the readiness path.
+        self.cxl_dvsec: int | None = find_cxl_dvsec(backend)
         self.layout: NvgraceLayout = compute_layout(
             memory.memphys, memory.memlength, has_mig_hw_bug(backend)
         )
@@ -104,12 +123,15 @@ class NvgraceVariant:
         self.overlay = BarOverlay(usemem, resmem)
         self._gate_armed = False
         self._gate_deadline = 0.0
+        self._cxl_gate: CxlReadinessWait | None = None
 
     # -- readiness ---------------------------------------------------------------------------
 
     def ready_now(self) -> bool:
-        """One probe-time readiness test of the backend (spec nvgrace-gpu.md §7.1)."""
-        return device_ready(self.backend)
+        """One readiness test of the backend: CXL (§7.3) or BAR0 (§7.1) per ``cxl_dvsec``."""
+        if self.cxl_dvsec is not None:
+            return cxl_device_ready(self.backend, self.cxl_dvsec)
+        return bar0_device_ready(self.backend)
 
     @property
     def gate_armed(self) -> bool:
@@ -119,6 +141,9 @@ class NvgraceVariant:
     def _arm_gate(self) -> None:
         self._gate_armed = True
         self._gate_deadline = self._clock() + POLL_TIMEOUT
+        if self.cxl_dvsec is not None:
+            # The §7.3 budget restarts with every reset (module docstring).
+            self._cxl_gate = CxlReadinessWait(self.backend, self.cxl_dvsec, clock=self._clock)
 
     def _check_ready(self) -> None:
         """``check_device_ready`` without blocking (module docstring, spec §7.4)."""
@@ -127,7 +152,13 @@ class NvgraceVariant:
         command = struct.unpack("<H", self.backend.region_read(CONFIG_REGION_INDEX, PCI_COMMAND, 2))
         if not command[0] & PCI_COMMAND_MEMORY:
             raise DeviceError(errno.EIO, "memory decoding is disabled (COMMAND.MEM clear)")
-        if device_ready(self.backend):
+        if self._cxl_gate is not None:
+            # CXL path (§7.4 step 3): one test; ENODEV and ETIME propagate from the wait.
+            if self._cxl_gate.poll() is None:
+                self._gate_armed = False
+                return
+            raise DeviceError(errno.EAGAIN, "GPU CXL memory not active yet after reset; retry")
+        if bar0_device_ready(self.backend):
             self._gate_armed = False
             return
         if self._clock() >= self._gate_deadline:
