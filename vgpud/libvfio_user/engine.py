@@ -330,12 +330,16 @@ class LibvfioUserServer:
     async def _run_until_detached(self, log: Any) -> str:
         lib, ctx = self._lib, self._ctx
         fd = lib.vfu_get_poll_fd(ctx)
+        bridge = self._bridge
         streak = 0
         while True:
             rc = lib.vfu_run_ctx(ctx)
             if rc > 0:
                 self.messages += rc
-                self._bridge.drain()  # retries vectors the client may just have wired
+                # The client may just have wired a pending vector (SET_IRQS). Proxies the
+                # device signalled are forwarded by the write callback and _forward_irqs, so
+                # the trapped-read path makes no extra syscall here.
+                bridge.retry_pending()
                 streak += 1
                 if streak % _YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()

@@ -73,6 +73,10 @@ class IrqBridge:
         for fd, _ in self._epoll.poll(0):
             if _drain_eventfd(fd):
                 self._forward(self._vector_of[fd])
+        self.retry_pending()
+
+    def retry_pending(self) -> None:
+        """Forward the vectors that were not wired yet; no syscall when there are none."""
         if self.pending:
             for vector in sorted(self.pending):
                 self.pending.discard(vector)
