@@ -67,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-mmap", action="store_true", help="trap every access (no mmap)")
     serve.add_argument(
+        "--cxl-dvsec",
+        action="store_true",
+        help="add a CXL Device DVSEC: readiness then comes from its MEM_INFO_VALID/MEM_ACTIVE "
+        "bits, the v7.2 driver's CXL path, instead of the BAR0 registers",
+    )
+    serve.add_argument(
+        "--cxl-mem-active-timeout",
+        type=int,
+        metavar="CODE",
+        help="Memory_Active_Timeout the CXL DVSEC advertises (needs --cxl-dvsec): code t "
+        "means 1 s * 4^min(t,4), 0..7 (default 3 = 64 s)",
+    )
+    serve.add_argument(
         "--engine",
         choices=ENGINES,
         default=None,
@@ -125,6 +138,8 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
             else ("0660" if args.socket_group else None),
             ready_delay=args.ready_delay,
             no_mmap=args.no_mmap,
+            cxl_dvsec=args.cxl_dvsec,
+            cxl_mem_active_timeout=args.cxl_mem_active_timeout,
         )
         config = DaemonConfig(devices=(device,))
     overrides = {}

@@ -17,10 +17,17 @@ names are reported with the key that is wrong. Example (one file can describe a 
     backing_dir = "/dev/shm/vgpud/gpu0"
     socket_mode = "0600"
     socket_group = "kvm"
+    ready_delay = 0.0           # seconds the GPU reads not-ready after each reset (testing aid)
+    no_mmap = false             # true: trap every access (no mmap)
+    cxl_dvsec = false           # true: add a CXL Device DVSEC, the v7.2 driver's readiness
+                                # path (spec nvgrace-gpu.md §2.3, §7.3) instead of BAR0's
+    # cxl_mem_active_timeout = 3  # with cxl_dvsec = true only: its Memory_Active_Timeout
+                                  # code t, 0..7, meaning 1 s * 4^min(t, 4) (default 3 = 64 s)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -28,13 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from backends.synthetic import PROFILES
+from backends.synthetic import PROFILES, Profile
 from vgpud.log import LEVELS, LogFormat
 from vgpud.units import parse_size
 
 DEFAULT_PROFILE = "gh200"
 MEMORY_GRANULE = 64 << 10
 DEFAULT_DEVICE_NAME = "gpu0"
+# The Memory_Active_Timeout code a CXL Device DVSEC advertises unless configured: the
+# profile's default (3 = 64 s, spec nvgrace-gpu.md §7.3), so the two cannot drift apart.
+DEFAULT_CXL_MEM_ACTIVE_TIMEOUT = cast(
+    int, next(f.default for f in dataclasses.fields(Profile) if f.name == "cxl_mem_active_timeout")
+)
+# Memory_Active_Timeout is a 3-bit field: 0..7 (the driver clamps 5-7 to 4, i.e. 256 s).
+CXL_MEM_ACTIVE_TIMEOUT_MAX = 7
 
 
 class ConfigError(Exception):
@@ -59,6 +73,13 @@ class DeviceConfig:
     # Serve every region as trapped (no MMAP, no fds): a debugging aid, and what the
     # captures' "nommap" scenario shows QEMU doing.
     no_mmap: bool = False
+    # Give the synthetic GPU a CXL Device DVSEC (spec nvgrace-gpu.md §2.3): the v7.2 driver,
+    # and the daemon's probe-time wait, then take readiness from its Range 1 Size Low
+    # register (MEM_INFO_VALID, MEM_ACTIVE; §7.3) instead of the BAR0 registers (§7.1).
+    cxl_dvsec: bool = False
+    # The DVSEC's Memory_Active_Timeout code t: the wait allows 1 s * 4^min(t, 4) for
+    # MEM_ACTIVE (§7.3). Only meaningful, and only accepted, with ``cxl_dvsec``.
+    cxl_mem_active_timeout: int = DEFAULT_CXL_MEM_ACTIVE_TIMEOUT
 
     def resolved_backing_dir(self) -> Path:
         """Where the device's memory files live."""
@@ -90,6 +111,8 @@ _DEVICE_KEYS = {
     "socket_group",
     "ready_delay",
     "no_mmap",
+    "cxl_dvsec",
+    "cxl_mem_active_timeout",
 }
 _DAEMON_KEYS = {"log_level", "log_format", "engine", "libvfio_user"}
 ENGINES = ("python", "libvfio-user")
@@ -156,6 +179,8 @@ def single_device(
     socket_mode: str | None = None,
     ready_delay: float = 0.0,
     no_mmap: bool = False,
+    cxl_dvsec: bool = False,
+    cxl_mem_active_timeout: int | None = None,
 ) -> DeviceConfig:
     """The device described by command-line flags (validated like a config entry)."""
     raw: dict[str, Any] = {"name": name, "profile": profile, "ready_delay": ready_delay}
@@ -170,6 +195,9 @@ def single_device(
     if socket_mode is not None:
         raw["socket_mode"] = socket_mode
     raw["no_mmap"] = no_mmap
+    raw["cxl_dvsec"] = cxl_dvsec
+    if cxl_mem_active_timeout is not None:
+        raw["cxl_mem_active_timeout"] = cxl_mem_active_timeout
     return _parse_device(raw, "command line")
 
 
@@ -216,6 +244,21 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
     no_mmap = raw.get("no_mmap", False)
     if not isinstance(no_mmap, bool):
         raise ConfigError(f"{where}: no_mmap must be true or false")
+    cxl_dvsec = raw.get("cxl_dvsec", False)
+    if not isinstance(cxl_dvsec, bool):
+        raise ConfigError(f"{where}: cxl_dvsec must be true or false")
+    timeout = raw.get("cxl_mem_active_timeout", DEFAULT_CXL_MEM_ACTIVE_TIMEOUT)
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int)
+        or not 0 <= timeout <= CXL_MEM_ACTIVE_TIMEOUT_MAX
+    ):
+        raise ConfigError(
+            f"{where}: cxl_mem_active_timeout must be an integer code 0..7 "
+            "(Memory_Active_Timeout: 1 s * 4^min(code, 4))"
+        )
+    if "cxl_mem_active_timeout" in raw and not cxl_dvsec:
+        raise ConfigError(f"{where}: cxl_mem_active_timeout needs cxl_dvsec = true")
     return DeviceConfig(
         name=name,
         socket_path=Path(socket_path) if socket_path is not None else None,
@@ -227,6 +270,8 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
         socket_group=group,
         ready_delay=float(delay),
         no_mmap=no_mmap,
+        cxl_dvsec=cxl_dvsec,
+        cxl_mem_active_timeout=timeout,
     )
 
 

@@ -37,6 +37,11 @@ def profile_for(config: DeviceConfig) -> Profile:
         overrides["memory_size"] = config.memory_size
     if config.memphys is not None:
         overrides["memphys"] = config.memphys
+    if config.cxl_dvsec:
+        # The CXL Device DVSEC and the Memory_Active_Timeout it advertises (spec
+        # nvgrace-gpu.md §2.3, §7.3). Without the key the profile's own setting stands.
+        overrides["cxl_dvsec"] = True
+        overrides["cxl_mem_active_timeout"] = config.cxl_mem_active_timeout
     return profile.with_overrides(**overrides) if overrides else profile
 
 
@@ -125,6 +130,8 @@ class BuiltDevice:
             "memory": profile.memory_size,
             "backing_dir": str(self.backend.backing_dir),
         }
+        if profile.cxl_dvsec:
+            facts["cxl_mem_active_timeout"] = profile.cxl_mem_active_timeout
         if layout is not None:
             facts["usemem_bar_size"] = layout.usemem.bar_size
             facts["resmem_bar_size"] = layout.resmem.bar_size if layout.resmem else 0

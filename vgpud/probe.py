@@ -14,6 +14,19 @@ from typing import Any
 
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.units import format_size
+from vgpud.variant.probe import (
+    CXL_MEM_ACTIVE,
+    CXL_MEM_ACTIVE_TIMEOUT_MASK,
+    CXL_MEM_ACTIVE_TIMEOUT_SHIFT,
+    CXL_MEM_INFO_VALID,
+    GPU_CAP_DVSEC_REGISTER,
+    NVIDIA_VENDOR_ID,
+    PCI_DVSEC_CXL_DEVICE,
+    PCI_DVSEC_CXL_RANGE_SIZE_LOW0,
+    PCI_EXT_CAP_ID_DVSEC,
+    PCI_VENDOR_ID_CXL,
+    cxl_active_timeout,
+)
 
 REGION_NAMES = {
     0: "BAR0",
@@ -40,6 +53,12 @@ EXT_CAP_NAMES = {
     0x000B: "Vendor Specific (VSEC)",
     0x0015: "Resizable BAR",
     0x0023: "Designated Vendor-Specific (DVSEC)",
+}
+# DVSECs known by (vendor, DVSEC ID): the two the nvgrace variant looks for (spec
+# nvgrace-gpu.md §2.2, §2.3).
+DVSEC_NAMES = {
+    (NVIDIA_VENDOR_ID, GPU_CAP_DVSEC_REGISTER): "NVIDIA GPU capabilities",
+    (PCI_VENDOR_ID_CXL, PCI_DVSEC_CXL_DEVICE): "CXL Device",
 }
 _REGION_FLAGS = ((1, "read"), (2, "write"), (4, "mmap"), (8, "caps"))
 _IRQ_FLAGS = ((1, "eventfd"), (2, "maskable"), (4, "automasked"), (8, "noresize"))
@@ -175,16 +194,36 @@ def decode_config(config: bytes) -> dict[str, Any]:
             "id": cap_id,
             "name": EXT_CAP_NAMES.get(cap_id, f"ext cap {cap_id:#x}"),
         }
-        if cap_id == 0x0023 and offset + 10 <= len(config):
-            entry["dvsec_vendor"] = u16(offset + 4)
-            entry["dvsec_id"] = u16(offset + 8)
-            if entry["dvsec_vendor"] == 0x10DE and entry["dvsec_id"] == 3:
+        if cap_id == PCI_EXT_CAP_ID_DVSEC and offset + 10 <= len(config):
+            vendor, dvsec_id = u16(offset + 4), u16(offset + 8)
+            entry["dvsec_vendor"] = vendor
+            entry["dvsec_id"] = dvsec_id
+            if (vendor, dvsec_id) in DVSEC_NAMES:
+                entry["dvsec_name"] = DVSEC_NAMES[vendor, dvsec_id]
+            if (vendor, dvsec_id) == (NVIDIA_VENDOR_ID, GPU_CAP_DVSEC_REGISTER):
                 # Spec nvgrace-gpu.md §2.2: bit 0 of the word at +0xA.
                 bitmap = u16(offset + 0xA)
                 entry["mig_supported_with_cached_resmem"] = bool(bitmap & 1)
+            status_at = offset + PCI_DVSEC_CXL_RANGE_SIZE_LOW0
+            if (vendor, dvsec_id) == (PCI_VENDOR_ID_CXL, PCI_DVSEC_CXL_DEVICE) and (
+                status_at + 4 <= len(config)
+            ):
+                entry["cxl"] = decode_cxl_status(u32(status_at))
         out["extended_capabilities"].append(entry)
         offset = (header >> 20) & 0xFFC
     return out
+
+
+def decode_cxl_status(status: int) -> dict[str, Any]:
+    """The CXL Device DVSEC's Range 1 Size Low, as the v7.2 driver reads it (spec §7.3)."""
+    code = status >> CXL_MEM_ACTIVE_TIMEOUT_SHIFT & CXL_MEM_ACTIVE_TIMEOUT_MASK
+    return {
+        "range1_size_low": status,
+        "mem_info_valid": bool(status & CXL_MEM_INFO_VALID),
+        "mem_active": bool(status & CXL_MEM_ACTIVE),
+        "mem_active_timeout": code,
+        "mem_active_timeout_seconds": int(cxl_active_timeout(status)),
+    }
 
 
 def render(result: ProbeResult) -> str:
@@ -235,11 +274,28 @@ def render(result: ProbeResult) -> str:
             text = f"  Capabilities: [{cap['offset']:03x}] {cap['name']}"
             if "dvsec_vendor" in cap:
                 text += f" vendor {cap['dvsec_vendor']:#06x} id {cap['dvsec_id']}"
+            if "dvsec_name" in cap:
+                text += f" [{cap['dvsec_name']}]"
+            if "cxl" in cap:
+                text += f" ({_render_cxl(cap['cxl'])})"
             if "mig_supported_with_cached_resmem" in cap:
                 bug = not cap["mig_supported_with_cached_resmem"]
                 text += f" (MIG hardware bug: {'yes, resmem carved out' if bug else 'no'})"
             lines.append(text)
     return "\n".join(lines)
+
+
+def _render_cxl(cxl: dict[str, Any]) -> str:
+    # lspci's +/- for the two readiness bits; the timeout as the code and what it means.
+    def flag(name: str, key: str) -> str:
+        return f"{name}{'+' if cxl[key] else '-'}"
+
+    return (
+        f"Range 1 Size Low {cxl['range1_size_low']:#010x}: "
+        f"{flag('MEM_INFO_VALID', 'mem_info_valid')} {flag('MEM_ACTIVE', 'mem_active')} "
+        f"Memory_Active_Timeout {cxl['mem_active_timeout']} = "
+        f"{cxl['mem_active_timeout_seconds']} s"
+    )
 
 
 def as_dict(result: ProbeResult) -> dict[str, Any]:

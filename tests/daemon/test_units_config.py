@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from vgpud.config import ConfigError, load_file, parse, single_device
+from vgpud.devices import profile_for
 from vgpud.units import format_size, parse_size
 
 
@@ -53,6 +54,9 @@ def test_tray_config(tmp_path: Path) -> None:
     assert config.log_level == "debug"
 
 
+CXL_CODE_MESSAGE = r"cxl_mem_active_timeout must be an integer code 0\.\.7"
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -72,6 +76,19 @@ def test_tray_config(tmp_path: Path) -> None:
         ({"device": [{"socket_mode": "999"}]}, "socket_mode"),
         ({"device": [{"ready_delay": -1}]}, "ready_delay"),
         ({"device": [{"name": "../x"}]}, "file-name-safe"),
+        ({"device": [{"cxl_dvsec": "yes"}]}, "cxl_dvsec must be true or false"),
+        ({"device": [{"cxl_dvsec": 1}]}, "cxl_dvsec must be true or false"),
+        # The timeout is the CXL DVSEC's field: meaningless, so refused, without one.
+        ({"device": [{"cxl_mem_active_timeout": 4}]}, "cxl_mem_active_timeout needs cxl_dvsec"),
+        (
+            {"device": [{"cxl_dvsec": False, "cxl_mem_active_timeout": 3}]},
+            "cxl_mem_active_timeout needs cxl_dvsec = true",
+        ),
+        # A 3-bit field: 0..7; no bools, floats or strings even when they look like a code.
+        *(
+            ({"device": [{"cxl_dvsec": True, "cxl_mem_active_timeout": bad}]}, CXL_CODE_MESSAGE)
+            for bad in (8, -1, 1 << 40, True, False, 3.0, "3")
+        ),
     ],
 )
 def test_bad_config_is_rejected_with_the_key(raw: dict[str, object], message: str) -> None:
@@ -91,3 +108,50 @@ def test_flags_make_one_device() -> None:
     assert device.memory_size == 8 << 30
     assert device.socket_mode == 0o600
     assert device.resolved_backing_dir() == Path("/dev/shm/vgpud/gpu0")
+
+
+def test_cxl_dvsec_is_off_by_default() -> None:
+    device = parse({"device": [{}]}).devices[0]
+    assert device.cxl_dvsec is False
+    assert device.cxl_mem_active_timeout == 3  # the Profile default (64 s), unused here
+    assert not profile_for(device).cxl_dvsec
+
+
+def test_cxl_dvsec_keys_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "cxl.toml"
+    path.write_text(
+        "[[device]]\n"
+        'name = "gpu0"\n'
+        "cxl_dvsec = true\n"  # timeout: the profile's default
+        "[[device]]\n"
+        'name = "gpu1"\n'
+        "cxl_dvsec = true\n"
+        "cxl_mem_active_timeout = 0\n"
+        "[[device]]\n"
+        'name = "gpu2"\n'
+        "cxl_dvsec = true\n"
+        "cxl_mem_active_timeout = 7\n"
+    )
+    devices = load_file(path).devices
+    assert [(d.cxl_dvsec, d.cxl_mem_active_timeout) for d in devices] == [
+        (True, 3),
+        (True, 0),
+        (True, 7),
+    ]
+    # ... and they reach the synthetic GPU's profile (spec nvgrace-gpu.md §2.3, §7.3).
+    profiles = [profile_for(d) for d in devices]
+    assert [(p.cxl_dvsec, p.cxl_mem_active_timeout) for p in profiles] == [
+        (True, 3),
+        (True, 0),
+        (True, 7),
+    ]
+
+
+def test_cxl_dvsec_flags_make_the_same_device() -> None:
+    device = single_device(socket_path=None, cxl_dvsec=True, cxl_mem_active_timeout=5)
+    assert (device.cxl_dvsec, device.cxl_mem_active_timeout) == (True, 5)
+    assert single_device(socket_path=None, cxl_dvsec=True).cxl_mem_active_timeout == 3
+    with pytest.raises(ConfigError, match=r"^command line: cxl_mem_active_timeout needs cxl_dvsec"):
+        single_device(socket_path=None, cxl_mem_active_timeout=5)
+    with pytest.raises(ConfigError, match=f"^command line: {CXL_CODE_MESSAGE}"):
+        single_device(socket_path=None, cxl_dvsec=True, cxl_mem_active_timeout=8)
