@@ -1,14 +1,14 @@
 """Per-message Python cost of a trapped access, without sockets or trio.
 
 Feeds prebuilt REGION_READ / REGION_WRITE messages through a real ``ServerConnection`` and a
-real ``Session`` over the default device, exactly as ``Session._serve`` does (header read,
-body read, ``next_event``, ``Session._handle``), and reports microseconds per message. The
-gap between this and ``benchmarks.roundtrip`` is syscalls plus trio.
+real ``Session`` over the default device, exactly as ``Session._serve`` does (exact reads:
+``receive_header``, ``receive_body``, then ``Session._dispatch``), and reports microseconds
+per message. The gap between this and ``benchmarks.roundtrip`` is syscalls plus trio.
 
 Stages, each timed over the whole run:
-- ``frame``: ``bytes_wanted`` / ``receive_data`` / ``next_event`` until the Request is out
-  (framing, header checks, state and direction checks, payload decode);
-- ``handle``: ``Session._handle`` (device call, reply message, ``send_reply`` encode);
+- ``frame``: ``receive_header`` / ``receive_body`` until the Request is out (header checks,
+  state and direction checks, payload decode);
+- ``handle``: ``Session._dispatch`` (device call, reply message, ``send_access_reply``);
 - ``total``: both, in one loop (what the server pays per message in Python).
 
     python -m benchmarks.codec [--iterations 50000] [--json]
@@ -45,15 +45,18 @@ class _NullLog:
         return lambda *args, **kwargs: None
 
 
-def _messages(command: int, region: int, offset: int, data: bytes | None, n: int) -> list[bytes]:
-    """``n`` wire messages with distinct msg_ids (the pending-request table sees real keys)."""
+def _messages(
+    command: int, region: int, offset: int, data: bytes | None, n: int
+) -> list[tuple[bytes, bytes]]:
+    """``n`` messages as (header, body) reads, with distinct msg_ids (the pending-request
+    table sees real keys)."""
     out = []
     for i in range(n):
         if data is None:
             body = ACCESS.pack(offset, region, 4)
         else:
             body = ACCESS.pack(offset, region, len(data)) + data
-        out.append(HEADER.pack((i + 1) & 0xFFFF, command, 16 + len(body), 0, 0) + body)
+        out.append((HEADER.pack((i + 1) & 0xFFFF, command, 16 + len(body), 0, 0), body))
     return out
 
 
@@ -73,25 +76,19 @@ def _session(tmp: str) -> Session:
     return session
 
 
-def _feed(session: Session, messages: list[bytes]) -> tuple[float, float]:
+def _feed(session: Session, messages: list[tuple[bytes, bytes]]) -> tuple[float, float]:
     """Frame and handle in two timed halves: (µs framing, µs handling) per message."""
     conn = session.conn
-    handle = session._handle
-    need_data = p.NEED_DATA
+    handle = session._dispatch
     frame_ns = handle_ns = 0
     clock = time.perf_counter_ns
     gc.collect()
-    for msg in messages:
+    for header, body in messages:
         t0 = clock()
-        pos = 0
-        while True:
-            event = conn.next_event()
-            if event is not need_data:
-                break
-            wanted = conn.bytes_wanted
-            conn.receive_data(msg[pos : pos + wanted], [])
-            pos += wanted
+        conn.receive_header(header, ())
+        event = conn.receive_body(body)
         t1 = clock()
+        assert type(event) is p.Request
         outgoing = handle(event)
         t2 = clock()
         assert outgoing is not None
@@ -101,23 +98,16 @@ def _feed(session: Session, messages: list[bytes]) -> tuple[float, float]:
     return frame_ns / 1000 / n, handle_ns / 1000 / n
 
 
-def _total(session: Session, messages: list[bytes]) -> float:
+def _total(session: Session, messages: list[tuple[bytes, bytes]]) -> float:
     """Frame and handle in one loop, timed as a whole: µs per message."""
     conn = session.conn
-    handle = session._handle
-    need_data = p.NEED_DATA
+    handle = session._dispatch
+    receive_header, receive_body = conn.receive_header, conn.receive_body
     gc.collect()
     start = time.perf_counter_ns()
-    for msg in messages:
-        pos = 0
-        while True:
-            event = conn.next_event()
-            if event is not need_data:
-                break
-            wanted = conn.bytes_wanted
-            conn.receive_data(msg[pos : pos + wanted], [])
-            pos += wanted
-        handle(event)
+    for header, body in messages:
+        receive_header(header, ())
+        handle(receive_body(body))  # type: ignore[arg-type]
     return (time.perf_counter_ns() - start) / 1000 / len(messages)
 
 

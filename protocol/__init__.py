@@ -8,7 +8,7 @@ does no I/O: fds are plain ints the caller owns and closes.
 
 from protocol.capabilities import Capabilities, Migration, TwinSocket
 from protocol.commands import decode_reply, decode_request
-from protocol.connection import MESSAGE_OVERHEAD, ClientConnection, ServerConnection
+from protocol.connection import MESSAGE_OVERHEAD
 from protocol.device import (
     DeviceInfo,
     DeviceInfoFlags,
@@ -96,6 +96,7 @@ from protocol.region_info import (
     TypeCap,
     build_region_info_reply,
 )
+from protocol.roles import ClientConnection, ServerConnection
 from protocol.state import Role, State
 from protocol.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, Version, negotiate_reply
 

@@ -1,10 +1,10 @@
-"""``ServerConnection`` and ``ClientConnection``: sans-IO vfio-user endpoints.
+"""The sans-IO engine of both roles (``ServerConnection``, ``ClientConnection``: protocol.roles).
 
-Bytes + fds in (``receive_data``), events out (``next_event``); messages in (``send_*``),
-``Outgoing`` bytes + fds out. No I/O, no fd is ever closed here: every fd fed in comes out
-again in exactly one event or exception, and the caller closes it. The rules -- state
-machine, directions, pending requests, what is fatal -- are described and tabulated in
-:mod:`protocol.state`; per-command payload and fd rules are in :mod:`protocol.commands`.
+Bytes + fds in (``receive_data``, or ``receive_header`` + ``receive_body`` for exact reads),
+events out (``next_event``); messages in (``send_*``), ``Outgoing`` bytes + fds out. No I/O and
+no fd closed here: every fd fed in comes out in exactly one event or exception, and the caller
+closes it. The rules (state machine, directions, pending requests, what is fatal) are tabulated
+in :mod:`protocol.state`; per-command payload and fd rules are in :mod:`protocol.commands`.
 """
 
 from __future__ import annotations
@@ -54,15 +54,14 @@ from protocol.header import (
 )
 from protocol.region_access import pack_access_reply, trapped_access_reply_ok
 from protocol.state import ACCEPTED, SENDABLE, Role, State, Trigger, refusal, transition
-from protocol.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, Version, negotiate_reply
+from protocol.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, Version, negotiate_reply, reply_problem
 
 #: Room for fixed structs and JSON on top of ``max_data_xfer_size`` when bounding a
 #: received message's ``size`` (spec §1 "Sizes": data messages are bounded by the receiver's
 #: max_data_xfer_size; headers and argument structs come on top).
 MESSAGE_OVERHEAD = 4096
 
-# Enum members are looked up through the enum's metaclass (~60 ns each); the per-message
-# paths compare against these instead.
+# Enum members cost a metaclass lookup (~60 ns each); the per-message paths use these.
 _BROKEN, _CLOSED, _VERSION = State.BROKEN, State.CLOSED, Command.VERSION
 
 
@@ -134,9 +133,60 @@ class _Connection:
             )
         if self._reader.eof:
             raise LocalProtocolError("receive_data() after EOF")
+        if self._reader.exact_pending:
+            raise LocalProtocolError("receive_data() between receive_header() and receive_body()")
         # No bytes() copy: the reader's buffer copies whatever buffer type it is given.
         self._reader.feed(data, fds)
         self._truncated |= truncated
+
+    @property
+    def at_message_boundary(self) -> bool:
+        """Open, with nothing buffered: :meth:`receive_header` may be called."""
+        state = self._state
+        open_ = state is not _BROKEN and state is not _CLOSED
+        return open_ and self._reader.idle and not self._truncated
+
+    def receive_header(self, header: bytes, fds: Sequence[int] = ()) -> int:
+        """Exact reads, instead of ``receive_data``: the next message's 16-byte header and
+        the fds read with it; returns the body length to read for :meth:`receive_body`.
+        Same rules and outcome as ``receive_data`` + ``next_event``, without buffering (a
+        bad header is fatal here). Only valid :attr:`at_message_boundary`."""
+        if self._state is _BROKEN:
+            raise RemoteProtocolError(
+                f"connection is broken: {self._broken_reason}", fatal=True, fds=fds
+            )
+        if not self.at_message_boundary or len(header) != HEADER_SIZE:
+            raise LocalProtocolError("receive_header() takes a whole header at a boundary")
+        try:
+            return self._reader.feed_header(header, fds)
+        except RemoteProtocolError as exc:
+            self._break(exc.message)
+            raise
+
+    def receive_body(
+        self, body: bytes, stray_fds: Sequence[int] = (), *, eof: bool = False
+    ) -> Request | RejectedRequest | Reply | ErrorReply:
+        """The body :meth:`receive_header` announced, and the message's event. fds that
+        came with body bytes (``stray_fds``) or ``eof`` before the whole body are fatal."""
+        if self._state is _BROKEN:
+            raise RemoteProtocolError(
+                f"connection is broken: {self._broken_reason}", fatal=True, fds=stray_fds
+            )
+        if not self._reader.exact_pending:
+            raise LocalProtocolError("receive_body() without receive_header()")
+        try:
+            frame = self._reader.feed_body(body, stray_fds, eof)
+        except RemoteProtocolError as exc:
+            self._break(exc.message)
+            raise
+        if frame.flags & FLAG_TYPE_MASK == FLAG_TYPE_REPLY:
+            return self._on_reply(frame)
+        return self._on_request(frame)
+
+    def release_fds(self) -> tuple[int, ...]:
+        """fds fed in and not yet handed out (an incomplete message), for the caller to
+        close when it abandons the connection, e.g. because the socket failed."""
+        return self._reader.release_fds()
 
     def next_event(self) -> Event | NeedDataType:
         """The next event, or NEED_DATA. Raises a fatal RemoteProtocolError when the stream
@@ -154,6 +204,8 @@ class _Connection:
             self._break(exc.message)
             raise
         if frame is None:
+            if self._reader.exact_pending:
+                raise LocalProtocolError("next_event() between receive_header() and receive_body()")
             if self._reader.eof:
                 self._enter(State.CLOSED)
                 return ConnectionClosed()
@@ -373,13 +425,10 @@ class _Connection:
             raise LocalProtocolError("no VERSION request to answer")
         if message is None:
             return negotiate_reply(request.message, self.capabilities, self._version_request_size)
-        if not isinstance(message, Version):
-            raise LocalProtocolError("a VERSION reply is a Version")
-        if message.major != PROTOCOL_MAJOR or message.minor > request.message.minor:
-            raise LocalProtocolError("VERSION reply must be major 0, minor <= the proposal")
-        if HEADER_SIZE + len(message.pack()) > self._version_request_size:
-            # QEMU reads the reply into a buffer of the request's size (spec R2).
-            raise LocalProtocolError("VERSION reply longer than the request")
+        problem = reply_problem(request.message, message, self._version_request_size)
+        if problem is not None:
+            raise LocalProtocolError(problem)
+        assert isinstance(message, Version)
         return message
 
     def send_error(self, request: Request | RejectedRequest, errno: int) -> Outgoing | None:
@@ -398,52 +447,3 @@ class _Connection:
         flags = FLAG_TYPE_REPLY | FLAG_ERROR
         header = HEADER_STRUCT.pack(request.msg_id, request.command, HEADER_SIZE, flags, errno)
         return new_outgoing(header, ())
-
-
-class ServerConnection(_Connection):
-    """The server end (the daemon): receives the client's requests, answers them, and may
-    send DMA_READ/DMA_WRITE requests of either layout (spec §3.12)."""
-
-    _role = Role.SERVER
-
-    def __init__(self, capabilities: Capabilities) -> None:
-        super().__init__(capabilities, dma_layout=DmaLayout.SPEC)
-
-    def version_reply(self, request: Request) -> Outgoing:
-        """Our VERSION reply: 0.0, our capabilities (only features the client offered), never
-        longer than the request (spec R2). Sets ``negotiated`` to the client's."""
-        if request.command is not Command.VERSION or request.no_reply:
-            raise LocalProtocolError("version_reply() answers a VERSION request")
-        outgoing = self.send_reply(request)
-        assert outgoing is not None
-        return outgoing
-
-    def send_request(
-        self, message: RequestMessage, fds: Sequence[int] = ()
-    ) -> tuple[int, Outgoing]:
-        """A server -> client request (DMA_READ / DMA_WRITE only); returns its msg_id. The
-        matching reply comes out of ``next_event()`` decoded with the same layout."""
-        return self._send_request(message, fds, no_reply=False)
-
-
-class ClientConnection(_Connection):
-    """The client end (tests, ``vgpud probe``, benchmarks). ``dma_layout`` says how to decode
-    the server's DMA_READ/DMA_WRITE requests (QEMU uses ``DmaLayout.QEMU``)."""
-
-    _role = Role.CLIENT
-
-    def __init__(
-        self, capabilities: Capabilities, *, dma_layout: DmaLayout = DmaLayout.SPEC
-    ) -> None:
-        super().__init__(capabilities, dma_layout=dma_layout)
-
-    def send_request(
-        self, message: RequestMessage, fds: Sequence[int] = (), no_reply: bool = False
-    ) -> tuple[int, Outgoing]:
-        """Send a request; returns its msg_id (16-bit, wrapping). Its reply comes out of
-        ``next_event()`` decoded for this request."""
-        return self._send_request(message, fds, no_reply)
-
-    def version_request(self) -> tuple[int, Outgoing]:
-        """VERSION 0.0 with our capabilities."""
-        return self.send_request(Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, self.capabilities))

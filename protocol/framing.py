@@ -66,6 +66,8 @@ class FrameReader:
         self._marks: list[tuple[int, list[int]]] = []  # (stream offset, fds), ascending
         # (msg_id, command, size, flags, error) of the message at _buf[0], once checked.
         self._head: tuple[int, int, int, int, int] | None = None
+        # The same for a message read exactly (feed_header), whose body is not buffered here.
+        self._exact: tuple[int, int, int, int, int] | None = None
         self.eof = False
 
     def feed(self, data: bytes, fds: Sequence[int]) -> None:
@@ -81,6 +83,44 @@ class FrameReader:
         else:
             self.eof = True
 
+    @property
+    def idle(self) -> bool:
+        """At a message boundary with nothing buffered or pending: ``feed_header`` may run."""
+        return not self._buf and not self._marks and self._exact is None and not self.eof
+
+    @property
+    def exact_pending(self) -> bool:
+        """``feed_header`` ran and ``feed_body`` has not yet."""
+        return self._exact is not None
+
+    def feed_header(self, header: bytes, fds: Sequence[int]) -> int:
+        """Exact reads: the next message's whole header and the fds read with it (``idle``
+        must hold). Checked like ``next_frame`` checks a buffered header; returns the body
+        length to read next."""
+        if fds:
+            self._marks.append((self._base, list(fds)))
+        head = self._exact = self._check(_unpack_header(header))
+        return head[2] - HEADER_SIZE
+
+    def feed_body(self, body: bytes, stray_fds: Sequence[int], eof: bool) -> Frame:
+        """The body ``feed_header`` announced, whole unless ``eof``; ``stray_fds`` came with
+        body bytes. Both of those are fatal, as they are for buffered reads."""
+        head = self._exact
+        assert head is not None, "feed_body() without feed_header()"
+        size = head[2]
+        if stray_fds:
+            self._marks.append((self._base + HEADER_SIZE, list(stray_fds)))
+        # In next_frame's order: a short message first, then fds inside it.
+        if eof or len(body) != size - HEADER_SIZE:
+            self.eof = True
+            raise self.fatal(f"EOF inside a {size}-byte message")
+        if stray_fds:
+            raise self.fatal("fds arrived after the first byte of a message")
+        fds = tuple(self._marks.pop()[1]) if self._marks else ()
+        self._exact = None
+        self._base += size
+        return Frame(head, body, fds)
+
     def release_fds(self) -> tuple[int, ...]:
         """Hand back every fd still held (after a fatal error)."""
         fds = tuple(fd for _, group in self._marks for fd in group)
@@ -94,6 +134,8 @@ class FrameReader:
     @property
     def bytes_wanted(self) -> int:
         """Bytes to read so that the read ends at or before the next message boundary."""
+        if self._exact is not None:
+            return self._exact[2] - HEADER_SIZE
         buffered = len(self._buf)
         head = self._head
         if head is not None and buffered < head[2]:

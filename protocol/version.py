@@ -95,3 +95,15 @@ def negotiate_reply(request: Version, ours: Capabilities, max_size: int) -> Vers
             return reply
     # Not even the two mandatory keys fit: a bare 0.0 means "spec defaults" (spec §3.1).
     return Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, None)
+
+
+def reply_problem(request: Version, reply: object, request_size: int) -> str | None:
+    """Why ``reply`` cannot answer ``request`` (a ``request_size``-byte message), or None."""
+    if not isinstance(reply, Version):
+        return "a VERSION reply is a Version"
+    if reply.major != PROTOCOL_MAJOR or reply.minor > request.minor:
+        return "VERSION reply must be major 0, minor <= the proposal"
+    if HEADER_SIZE + len(reply.pack()) > request_size:
+        # QEMU reads the reply into a buffer of the request's size (spec R2).
+        return "VERSION reply longer than the request"
+    return None

@@ -184,6 +184,26 @@ async def test_too_many_fds_close_the_connection(vgpud: Daemon) -> None:
     assert open_fds() == before
 
 
+async def test_socket_failing_mid_message_releases_its_fds(vgpud: Daemon) -> None:
+    """fds that came with a header are the daemon's to close when the body read fails (here:
+    the body brings more fds than allowed, MSG_CTRUNC, so the stream is unusable)."""
+    before = open_fds()
+    conn = await RawConn.open(vgpud.socket_path)
+    sock = conn.stream.socket
+    message = dma_map(3, 0, 0, 0x1000)
+    header_fds = [small_memfd()]
+    body_fds = [eventfd() for _ in range(40)]
+    for data, fds in ((message[:16], header_fds), (message[16:], body_fds)):
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sock.sendmsg([data], ancillary)
+    for fd in header_fds + body_fds:
+        os.close(fd)
+    assert await conn.receive() is None
+    conn.close()
+    await vgpud.idle()
+    assert open_fds() == before, "an fd leaked"
+
+
 async def test_posted_write_gets_no_reply(vgpud: Daemon) -> None:
     conn = await RawConn.open(vgpud.socket_path)
     # Spec R4/R11: a NO_REPLY write is applied and never answered; the next read sees it.
