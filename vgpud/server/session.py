@@ -3,10 +3,13 @@
 The loop is deliberately plain: read a header with its fds, then exactly its body, hand both
 to the protocol connection (``receive_header``/``receive_body``: no reassembly buffer), turn
 each request into ``VfioDevice`` calls, send the reply. A header that arrives split goes
-through the connection's buffered path (``receive_data``/``next_event``) instead. Requests are handled strictly in arrival order and each reply is sent before
-the next request is read, which gives spec vfio-user.md R11 (posted writes take effect before
-any later read) for free. Trapped accesses are on the VM's critical path: the per-message path
-is one table lookup and one device call, and nothing is logged above debug level.
+through the connection's buffered path (``receive_data``/``next_event``) instead. Requests
+are handled strictly in arrival order and each reply is sent before the next request is read,
+which gives spec vfio-user.md R11 (posted writes take effect before any later read) for free.
+Trapped accesses are on the VM's critical path: when the socket has the bytes, a message is
+read, handled and answered without a coroutine or a pass through trio's scheduler (the
+transport's ``*_nowait`` calls; a fairness budget still forces a checkpoint every so often),
+and nothing is logged above debug level.
 
 Ownership: every fd that arrives is closed on every path -- by the DMA table (right after it
 is mmapped), by the device (eventfds, per the VfioDevice contract), or here (rejected
@@ -16,7 +19,8 @@ messages, fds a command must not carry, a stream that dies mid-message).
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from types import CoroutineType
 from typing import Any
 
 import trio
@@ -98,19 +102,19 @@ class Session:
             self.device.close()
 
     async def _serve(self) -> str:
-        conn = self.conn
+        conn, stream = self.conn, self.stream
         try:
             while True:
                 try:
                     if conn.at_message_boundary:
-                        read = await self._read_message()
-                        if read is None:
+                        read = self._read_message()
+                        event = await read if type(read) is CoroutineType else read
+                        if event is None:
                             continue  # a split header, now buffered in the connection
-                        event: p.Event = read
                     else:
                         next_event = conn.next_event()
                         if next_event is p.NEED_DATA:
-                            data, fds = await self.stream.receive(conn.bytes_wanted, conn.max_fds)
+                            data, fds = await stream.receive(conn.bytes_wanted, conn.max_fds)
                             conn.receive_data(data, fds)
                             continue
                         event = next_event
@@ -127,33 +131,65 @@ class Session:
                 outgoing = (
                     self._dispatch(event) if type(event) is p.Request else self._handle(event)
                 )
-                if outgoing is not None:
-                    try:
-                        await self.stream.send(outgoing.data, outgoing.fds)
-                    except TransportError as exc:
-                        self.log.info("client went away while we replied", error=str(exc))
-                        return "transport-error"
+                if outgoing is None:
+                    continue
+                try:
+                    data = outgoing.data
+                    sent = 0 if outgoing.fds else stream.send_nowait(data)
+                    if sent < len(data):
+                        await stream.send(data[sent:], outgoing.fds)
+                except TransportError as exc:
+                    self.log.info("client went away while we replied", error=str(exc))
+                    return "transport-error"
         finally:
             # fds of a message the socket failed in the middle of.
             close_fds(conn.release_fds())
 
-    async def _read_message(self) -> p.Event | None:
+    def _read_message(self) -> p.Event | Coroutine[Any, Any, p.Event | None] | None:
         """One whole message with exact reads: its header and fds, then exactly its body
-        (spec vfio-user.md §1: fds come with a message's first byte). None when the header
-        came split or the peer closed: those bytes go to the connection's buffered path."""
-        conn, receive, max_fds = self.conn, self.stream.receive, self.conn.max_fds
-        header, fds = await receive(p.HEADER_SIZE, max_fds)
+        (spec vfio-user.md §1: fds come with a message's first byte); None when the header
+        came split or the peer closed (those bytes went to the connection's buffered path).
+
+        Not a coroutine: when both reads complete at once (the usual case for a trapped
+        access) the event comes back without the cost of creating and running one; when a
+        read would block, the coroutine that finishes the job comes back, to be awaited."""
+        conn, stream, max_fds = self.conn, self.stream, self.conn.max_fds
+        got = stream.receive_nowait(p.HEADER_SIZE, max_fds)
+        if got is not None:
+            header, fds = got
+            if len(header) == p.HEADER_SIZE:
+                remaining = conn.receive_header(header, fds)
+                if not remaining:
+                    return conn.receive_body(b"")
+                got = stream.receive_nowait(remaining, max_fds)
+                if got is not None and len(got[0]) == remaining:
+                    return conn.receive_body(*got)
+                return self._finish_body(remaining, got)
+            conn.receive_data(header, fds)
+            return None
+        return self._read_message_slowly()
+
+    async def _read_message_slowly(self) -> p.Event | None:
+        conn, max_fds = self.conn, self.conn.max_fds
+        header, fds = await self.stream.receive(p.HEADER_SIZE, max_fds)
         if len(header) != p.HEADER_SIZE:
             conn.receive_data(header, fds)
             return None
         remaining = conn.receive_header(header, fds)
         if not remaining:
             return conn.receive_body(b"")
-        body, stray_fds = await receive(remaining, max_fds)
+        return await self._finish_body(remaining, None)
+
+    async def _finish_body(
+        self, remaining: int, first: tuple[bytes, list[int]] | None
+    ) -> p.Event | None:
+        """Read the rest of a body (``first``: what was read of it already, if anything)."""
+        receive, max_fds = self.stream.receive, self.conn.max_fds
+        body, stray = first if first is not None else await receive(remaining, max_fds)
         if len(body) == remaining or not body:
-            return conn.receive_body(body, stray_fds, eof=not body)
+            return self.conn.receive_body(body, stray, eof=not body)
         # A body the peer's send split (large REGION_WRITEs): gather the rest.
-        parts, got, stray = [body], len(body), list(stray_fds)
+        parts, got, stray = [body], len(body), list(stray)
         try:
             while got < remaining:
                 chunk, chunk_fds = await receive(remaining - got, max_fds)
@@ -165,7 +201,7 @@ class Session:
         except TransportError:
             close_fds(stray)
             raise
-        return conn.receive_body(b"".join(parts), stray, eof=got < remaining)
+        return self.conn.receive_body(b"".join(parts), stray, eof=got < remaining)
 
     def _handle(self, event: object) -> p.Outgoing | None:
         """Turn one event into (at most) one reply."""

@@ -62,15 +62,38 @@ class FdStream:
         """Take over a trio socket (e.g. one returned by ``accept``)."""
         return cls(socket.socket(fileno=sock.detach()))
 
+    def _ancillary_space(self, max_fds: int) -> int:
+        space = self._ancillary.get(max_fds)
+        if space is None:
+            space = self._ancillary[max_fds] = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
+        return space
+
+    def receive_nowait(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]] | None:
+        """:meth:`receive` when it can complete without the scheduler, else None: the read
+        would block or the fairness budget is spent, so await :meth:`receive` instead.
+
+        A coroutine per read costs about as much as the read itself; the session's
+        per-message path tries this first."""
+        if self._budget <= 1:
+            return None
+        try:
+            data, ancdata, msg_flags, _ = self.socket.recvmsg(
+                max_bytes, self._ancillary_space(max_fds), _CLOEXEC
+            )
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise TransportError(f"recvmsg failed: {exc.strerror}") from exc
+        self._budget -= 1
+        return data, _received_fds(ancdata, msg_flags, max_fds)
+
     async def receive(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
         """Read up to ``max_bytes`` and any fds sent with them; ``b""`` means EOF.
 
         Raises TransportError when the kernel had to drop descriptors (MSG_CTRUNC): the peer
         sent more fds than it was allowed to, and which message they belonged to is lost.
         """
-        ancillary = self._ancillary.get(max_fds)
-        if ancillary is None:
-            ancillary = self._ancillary[max_fds] = socket.CMSG_SPACE(max(max_fds, 1) * _FD_SIZE)
+        ancillary = self._ancillary_space(max_fds)
         recvmsg = self.socket.recvmsg
         while True:
             try:
@@ -81,16 +104,27 @@ class FdStream:
                 self._budget = FAIRNESS_BUDGET
             except OSError as exc:
                 raise TransportError(f"recvmsg failed: {exc.strerror}") from exc
-        fds = _fds_from_ancillary(ancdata) if ancdata else []
-        if msg_flags & _CTRUNC:
-            close_fds(fds)
-            raise TransportError(f"peer sent more than {max_fds} fds with one message")
-        # Inlined rather than a helper coroutine: this runs three times per message.
+        fds = _received_fds(ancdata, msg_flags, max_fds)
         self._budget -= 1
         if self._budget <= 0:
             self._budget = FAIRNESS_BUDGET
             await trio.lowlevel.checkpoint()
         return data, fds
+
+    def send_nowait(self, data: bytes) -> int:
+        """Send what the socket takes now of an fd-less message, without the scheduler; the
+        number of bytes sent (0 when it would block or the fairness budget is spent). Await
+        :meth:`send` for the rest."""
+        if self._sending or self._budget <= 1:
+            return 0
+        try:
+            sent = self.socket.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise TransportError(f"send failed: {exc.strerror}") from exc
+        self._budget -= 1
+        return sent
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send all of ``data``; ``fds`` travel with its first byte."""
@@ -129,6 +163,14 @@ class FdStream:
     def close(self) -> None:
         """Close the socket (idempotent)."""
         self.socket.close()
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int, max_fds: int) -> list[int]:
+    fds = _fds_from_ancillary(ancdata) if ancdata else []
+    if msg_flags & _CTRUNC:
+        close_fds(fds)
+        raise TransportError(f"peer sent more than {max_fds} fds with one message")
+    return fds
 
 
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
