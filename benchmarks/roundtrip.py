@@ -3,6 +3,9 @@
 Measures, in one run and against the same minimal client:
 - ``floor``: a raw AF_UNIX ping-pong with the same message sizes (a Python echo process),
   the least any Python server could cost;
+- ``bound``: the least a Python vfio-user server could cost: a blocking loop that reads the
+  header and body, calls the same device's ``region_read`` and sends the reply, with no
+  validation, no state and no event loop (only REGION_READ after VERSION);
 - ``vgpud``: ``vgpud serve`` (pure-Python engine), config read and BAR0 register read;
 - ``vgpud+libvfio-user``: the same device through ``--engine libvfio-user`` when
   $VGPUD_LIBVFIO_USER names a libvfio-user.so.0;
@@ -33,6 +36,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import protocol as p
+from vgpud.config import single_device
+from vgpud.devices import build_device
 
 HEADER = struct.Struct("<HHIII")
 REGION_READ = 9
@@ -118,6 +123,29 @@ def _echo_server(fd: int, reply_size: int) -> None:
         conn.sendall(reply)
 
 
+def _bound_server(fd: int, backing_dir: str) -> None:
+    """The bound: what a Python server costs with nothing but the unavoidable work."""
+    config = single_device(socket_path=None, memory_size="8GiB", backing_dir=Path(backing_dir))
+    read = build_device(config).device.region_read
+    listener = socket.socket(fileno=fd)
+    conn, _ = listener.accept()
+    head = conn.recv(16)
+    size = HEADER.unpack(head)[2]
+    conn.recv(size - 16)
+    conn.sendall(HEADER.pack(0, 1, 16 + 5, 1, 0) + b"\0\0\0\0\0")
+    access, reply = struct.Struct("<QII"), struct.Struct("<HHIIIQII")
+    ancillary = socket.CMSG_SPACE(16 * 4)
+    recvmsg, recv, send = conn.recvmsg, conn.recv, conn.send
+    while True:
+        head = recvmsg(16, ancillary, socket.MSG_CMSG_CLOEXEC)[0]
+        if not head:
+            return
+        msg_id, command, size, _, _ = HEADER.unpack(head)
+        offset, region, count = access.unpack(recv(size - 16))
+        data = read(region, offset, count)
+        send(reply.pack(msg_id, command, 32 + count, 1, 0, offset, region, count) + data)
+
+
 def measure(timer: Callable[[], int], iterations: int, warmup: int = 1000) -> dict[str, float]:
     for _ in range(warmup):
         timer()
@@ -174,6 +202,20 @@ def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str,
         with _server([sys.executable, "-c", code, str(listener.fileno())], cpu, listener):
             client = RawClient(floor_sock)
             results["floor (python echo)"] = measure(
+                client.region_read_timer(CONFIG_REGION, 0, 4), iterations
+            )
+            client.close()
+
+        bound_sock = f"{tmp}/bound.sock"
+        listener = _listener(bound_sock)
+        code = (
+            "import sys; from benchmarks.roundtrip import _bound_server; "
+            "_bound_server(int(sys.argv[1]), sys.argv[2])"
+        )
+        cmd = [sys.executable, "-c", code, str(listener.fileno()), f"{tmp}/bound-mem"]
+        with _server(cmd, cpu, listener):
+            client = RawClient(bound_sock)
+            results["bound (python, no checks)"] = measure(
                 client.region_read_timer(CONFIG_REGION, 0, 4), iterations
             )
             client.close()
