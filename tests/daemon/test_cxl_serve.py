@@ -142,7 +142,7 @@ def test_serve_cxl_dvsec_waits_then_probe_shows_it_ready(
     args = [
         *("serve", "--socket-path", str(sock), "--backing-dir", str(tmp_path / "mem")),
         *("--memory-size", "4GiB", "--cxl-dvsec", "--cxl-mem-active-timeout", "4"),
-        *("--ready-delay", "1.5"),
+        *("--ready-delay", "2.5"),
     ]
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
     proc = subprocess.Popen(
@@ -176,7 +176,8 @@ def test_serve_cxl_dvsec_waits_then_probe_shows_it_ready(
     assert proc.returncode == 0, stderr
     events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     by_name = {e["event"]: e for e in events}
-    # The device was not ready at the first poll: the daemon really waited (1.5 s > 0).
+    # The device was not ready at the first poll: the daemon really waited. (Start-up takes
+    # about 0.25 s here; a first poll later than 2.5 s after the device was built would fail.)
     assert "waiting for the device to become ready" in by_name
     assert by_name["device ready"]["polls"] >= 2
     assert by_name["serving"]["cxl_mem_active_timeout"] == 4
