@@ -153,32 +153,31 @@ class Session:
         Not a coroutine: when both reads complete at once (the usual case for a trapped
         access) the event comes back without the cost of creating and running one; when a
         read would block, the coroutine that finishes the job comes back, to be awaited."""
-        conn, stream, max_fds = self.conn, self.stream, self.conn.max_fds
-        got = stream.receive_nowait(p.HEADER_SIZE, max_fds)
-        if got is not None:
-            header, fds = got
-            if len(header) == p.HEADER_SIZE:
-                remaining = conn.receive_header(header, fds)
-                if not remaining:
-                    return conn.receive_body(b"")
-                got = stream.receive_nowait(remaining, max_fds)
-                if got is not None and len(got[0]) == remaining:
-                    return conn.receive_body(*got)
-                return self._finish_body(remaining, got)
-            conn.receive_data(header, fds)
-            return None
-        return self._read_message_slowly()
+        got = self.stream.receive_nowait(p.HEADER_SIZE, self.conn.max_fds)
+        if got is None:
+            return self._read_message_slowly()
+        return self._on_header(*got)
 
     async def _read_message_slowly(self) -> p.Event | None:
-        conn, max_fds = self.conn, self.conn.max_fds
-        header, fds = await self.stream.receive(p.HEADER_SIZE, max_fds)
+        header, fds = await self.stream.receive(p.HEADER_SIZE, self.conn.max_fds)
+        read = self._on_header(header, fds)
+        return await read if isinstance(read, Coroutine) else read
+
+    def _on_header(
+        self, header: bytes, fds: list[int]
+    ) -> p.Event | Coroutine[Any, Any, p.Event | None] | None:
+        """Take a header read; the event when the body is there at once, else as above."""
+        conn = self.conn
         if len(header) != p.HEADER_SIZE:
             conn.receive_data(header, fds)
             return None
         remaining = conn.receive_header(header, fds)
         if not remaining:
             return conn.receive_body(b"")
-        return await self._finish_body(remaining, None)
+        got = self.stream.receive_nowait(remaining, conn.max_fds)
+        if got is not None and len(got[0]) == remaining:
+            return conn.receive_body(*got)
+        return self._finish_body(remaining, got)
 
     async def _finish_body(
         self, remaining: int, first: tuple[bytes, list[int]] | None

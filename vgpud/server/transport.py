@@ -76,6 +76,28 @@ class FdStream:
         per-message path tries this first."""
         if self._budget <= 1:
             return None
+        got = self._try_recvmsg(max_bytes, max_fds)
+        if got is not None:
+            self._budget -= 1
+        return got
+
+    async def receive(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
+        """Read up to ``max_bytes`` and any fds sent with them; ``b""`` means EOF.
+
+        Raises TransportError when the kernel had to drop descriptors (MSG_CTRUNC): the peer
+        sent more fds than it was allowed to, and which message they belonged to is lost.
+        """
+        while (got := self._try_recvmsg(max_bytes, max_fds)) is None:
+            await trio.lowlevel.wait_readable(self.socket)
+            self._budget = FAIRNESS_BUDGET
+        self._budget -= 1
+        if self._budget <= 0:
+            self._budget = FAIRNESS_BUDGET
+            await trio.lowlevel.checkpoint()
+        return got
+
+    def _try_recvmsg(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]] | None:
+        """One non-blocking recvmsg: the bytes and fds, or None when it would block."""
         try:
             data, ancdata, msg_flags, _ = self.socket.recvmsg(
                 max_bytes, self._ancillary_space(max_fds), _CLOEXEC
@@ -84,32 +106,7 @@ class FdStream:
             return None
         except OSError as exc:
             raise TransportError(f"recvmsg failed: {exc.strerror}") from exc
-        self._budget -= 1
         return data, _received_fds(ancdata, msg_flags, max_fds)
-
-    async def receive(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
-        """Read up to ``max_bytes`` and any fds sent with them; ``b""`` means EOF.
-
-        Raises TransportError when the kernel had to drop descriptors (MSG_CTRUNC): the peer
-        sent more fds than it was allowed to, and which message they belonged to is lost.
-        """
-        ancillary = self._ancillary_space(max_fds)
-        recvmsg = self.socket.recvmsg
-        while True:
-            try:
-                data, ancdata, msg_flags, _ = recvmsg(max_bytes, ancillary, _CLOEXEC)
-                break
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.socket)
-                self._budget = FAIRNESS_BUDGET
-            except OSError as exc:
-                raise TransportError(f"recvmsg failed: {exc.strerror}") from exc
-        fds = _received_fds(ancdata, msg_flags, max_fds)
-        self._budget -= 1
-        if self._budget <= 0:
-            self._budget = FAIRNESS_BUDGET
-            await trio.lowlevel.checkpoint()
-        return data, fds
 
     def send_nowait(self, data: bytes) -> int:
         """Send what the socket takes now of an fd-less message, without the scheduler; the
