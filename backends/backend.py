@@ -12,16 +12,18 @@ needs two things the kernel gets from elsewhere:
 
 The synthetic backend backs windows with sparse shared-memory files; a future /dev/vfio
 backend can hand out the host vfio device fd at the host region's offset (spec nvgrace-gpu.md
-§14) and mmap that fd for its ``view``.
+§14), which serves ``pread``/``pwrite`` as well as mmap.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from backends.device import VfioDevice
+from backends.device import DeviceError, VfioDevice
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +42,21 @@ class DeviceMemory:
 
 
 class MemoryWindow:
-    """An mmappable window of device memory: ``length`` bytes at ``offset`` of ``fd``.
+    """A window of device memory: ``length`` bytes at ``offset`` of ``fd``.
 
-    ``fd`` stays owned by the backend (the engine only sends duplicates of it to the VMM).
-    ``view`` is a writable byte view of the same memory, created on first use so that a
-    window nobody reads through costs no address space.
+    ``fd`` stays owned by the backend (the engine only sends duplicates of it to the VMM,
+    which mmaps them). The daemon itself reads and writes the window with ``pread``/``pwrite``
+    and never through a mapping of its own: the VMM holds a writable duplicate of ``fd`` and
+    can truncate the file under us, and a full disk cannot back a page. Through a mapping
+    either would be a SIGBUS that kills the daemon and every device it serves; through the
+    fd it is a short read or an errno, which costs the one access an error reply
+    (docs/security.md).
+
+    ``restore`` is the backend's repair for a window found shorter than it should be (it
+    restores the size; the lost contents read as zeros).
     """
 
-    __slots__ = ("_mapper", "_view", "cacheable", "fd", "length", "offset")
+    __slots__ = ("_restore", "cacheable", "fd", "length", "offset")
 
     def __init__(
         self,
@@ -56,35 +65,61 @@ class MemoryWindow:
         length: int,
         *,
         cacheable: bool,
-        mapper: Callable[[], memoryview],
+        restore: Callable[[], object] | None = None,
     ) -> None:
         self.fd = fd
         self.offset = offset
         self.length = length
         self.cacheable = cacheable
-        self._mapper = mapper
-        self._view: memoryview | None = None
+        self._restore = restore
 
-    @property
-    def view(self) -> memoryview:
-        """The window's bytes (``length`` long), mapped lazily."""
-        if self._view is None:
-            view = self._mapper()
-            if len(view) != self.length:
-                raise ValueError(f"window view has {len(view)} bytes, expected {self.length}")
-            self._view = view
-        return self._view
+    def read(self, start: int, count: int) -> bytes:
+        """``count`` bytes at ``start`` of the window.
 
-    @property
-    def mapped(self) -> bool:
-        """Whether :attr:`view` has been created."""
-        return self._view is not None
+        Raises :class:`DeviceError`: EINVAL outside the window, EIO when the backing ends
+        early (then restored, see the class docstring), or the errno of a failed read.
+        """
+        self._check(start, count)
+        data = self._pread(count, start)
+        while len(data) < count:  # regular files and device fds come up short only at EOF
+            more = self._pread(count - len(data), start + len(data))
+            if not more:
+                self._shrunk(start + len(data))
+            data += more
+        return data
 
-    def release(self) -> None:
-        """Drop this window's reference to the view (the backend unmaps on shutdown)."""
-        if self._view is not None:
-            self._view.release()
-            self._view = None
+    def write(self, start: int, data: bytes) -> None:
+        """Store ``data`` at ``start`` of the window (errors as :meth:`read`)."""
+        self._check(start, len(data))
+        done = 0
+        while done < len(data):
+            try:
+                done += os.pwrite(self.fd, data[done:], self.offset + start + done)
+            except OSError as exc:
+                raise DeviceError(exc.errno or errno.EIO, f"device memory write: {exc}") from exc
+
+    def _check(self, start: int, count: int) -> None:
+        if start < 0 or count < 0 or start + count > self.length:
+            raise DeviceError(
+                errno.EINVAL,
+                f"access [{start:#x}, +{count:#x}) outside the window of {self.length:#x} bytes",
+            )
+
+    def _pread(self, count: int, start: int) -> bytes:
+        try:
+            return os.pread(self.fd, count, self.offset + start)
+        except OSError as exc:
+            raise DeviceError(exc.errno or errno.EIO, f"device memory read: {exc}") from exc
+
+    def _shrunk(self, at: int) -> None:
+        if self._restore is not None:
+            self._restore()
+        raise DeviceError(
+            errno.EIO,
+            f"device memory ends at window offset {at:#x} of {self.length:#x}: its backing "
+            "was truncated by another holder of its fd"
+            + ("; size restored, the lost part reads as zeros" if self._restore else ""),
+        )
 
     def __repr__(self) -> str:
         kind = "cacheable" if self.cacheable else "non-cached"
@@ -121,5 +156,5 @@ class Backend(VfioDevice, Protocol):
         ...
 
     def shutdown(self) -> None:
-        """The daemon is stopping: unmap and close backing. Memory contents persist."""
+        """The daemon is stopping: close the backing. Memory contents persist."""
         ...

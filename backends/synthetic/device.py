@@ -81,7 +81,7 @@ from backends.synthetic.config_space import (
     intersects,
 )
 from backends.synthetic.irq import InterruptController
-from backends.synthetic.memory import BAR1_FILE, BackingFile, MemoryBacking
+from backends.synthetic.memory import BAR1_FILE, MemoryBacking
 from backends.synthetic.profiles import NVIDIA_VENDOR_ID, Profile
 
 CLASS_3D_CONTROLLER = 0x030200
@@ -116,6 +116,7 @@ class SyntheticGpu:
         self.readiness = Readiness(clock, ready_delay, valid_delay)
         self.bar0 = Bar0(profile.boot0, self.readiness, self.irqs, profile.msix_vectors)
         self._memory = MemoryBacking(self.backing_dir, profile.memory_size)
+        self._bar1_window: MemoryWindow | None = None
         self._dma: dict[int, DmaRegion] = {}
 
     # -- Backend ---------------------------------------------------------------------------
@@ -133,8 +134,9 @@ class SyntheticGpu:
         return self._memory.window(start, length, cacheable)
 
     def shutdown(self) -> None:
-        """Close eventfds, unmap and close the backing files (their contents stay)."""
+        """Close eventfds and the backing files (their contents stay)."""
         self.irqs.close()
+        self._bar1_window = None
         self._memory.close()
 
     # -- VfioDevice ------------------------------------------------------------------------
@@ -150,7 +152,7 @@ class SyntheticGpu:
             return RegionInfo(index, BAR0_SIZE, rw)
         if index == BAR2_REGION_INDEX:
             bar1 = self._bar1()
-            return RegionInfo(index, bar1.size, rw | RegionFlags.MMAP, MmapTarget(bar1.fd, 0))
+            return RegionInfo(index, bar1.length, rw | RegionFlags.MMAP, MmapTarget(bar1.fd, 0))
         if index == CONFIG_REGION_INDEX:
             return RegionInfo(index, CONFIG_SPACE_SIZE, rw)
         if 0 <= index < NUM_PCI_REGIONS:
@@ -166,7 +168,7 @@ class SyntheticGpu:
             return self.config.read(offset, count)
         if index == BAR0_REGION_INDEX:
             return self.bar0.read(offset, count)
-        return bytes(self._bar1().view()[offset : offset + count])
+        return self._bar1().read(offset, count)
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """Write through the region's model; EINVAL outside the region."""
@@ -176,7 +178,7 @@ class SyntheticGpu:
         elif index == BAR0_REGION_INDEX:
             self.bar0.write(offset, data)
         else:
-            self._bar1().view()[offset : offset + len(data)] = data
+            self._bar1().write(offset, data)
 
     def watched_fds(self) -> tuple[int, ...]:
         """See :class:`backends.device.WatchesFds`: the INTx resample eventfd."""
@@ -220,18 +222,23 @@ class SyntheticGpu:
         self.bar0.reset()
 
     def open(self) -> None:
-        """Nothing to do: the device keeps its state between clients."""
+        """The device keeps its state between clients; only its memory files are checked
+        (the last client may have resized them, see :mod:`backends.synthetic.memory`)."""
+        self._memory.restore_sizes()
 
     def close(self) -> None:
         """Release every eventfd; device state and memory stay (spec vfio-user.md R19)."""
         self.irqs.close()
         self._dma.clear()
+        self._memory.restore_sizes()
 
     # -- internals -------------------------------------------------------------------------
 
-    def _bar1(self) -> BackingFile:
+    def _bar1(self) -> MemoryWindow:
         # Created on first use, so a device whose BAR1 nobody maps has no file for it.
-        return self._memory.file(BAR1_FILE, self.profile.bar1_size)
+        if self._bar1_window is None:
+            self._bar1_window = self._memory.file(BAR1_FILE, self.profile.bar1_size).window(False)
+        return self._bar1_window
 
     def _check_access(self, index: int, offset: int, count: int) -> None:
         # Region sizes are fixed at creation; building a RegionInfo per trapped access (the

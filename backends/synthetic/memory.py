@@ -11,17 +11,26 @@ truncated, so memory survives a daemon restart (DESIGN.md "Device memory and bac
 files"). An existing file of another size is an error rather than silently resized, because
 resizing would either lose the tail or hide a configuration mistake. An empty existing file
 is treated as new (a creation that was interrupted before ``ftruncate``).
+
+While the daemon runs, the VMM holds writable duplicates of the fds (it mmaps them) and can
+resize a file. The daemon reads and writes through the fd, never a mapping of its own, so a
+shrunk file costs an access an EIO instead of killing the daemon with SIGBUS; the file's size
+is restored when an access finds it short and whenever a client attaches or leaves
+(docs/security.md).
 """
 
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 from pathlib import Path
 
+import structlog
+
 from backends.backend import MemoryWindow
 from backends.device import DeviceError
+
+_log = structlog.get_logger("vgpud")
 
 USEMEM_FILE = "usemem"
 RESMEM_FILE = "resmem"
@@ -33,17 +42,19 @@ class BackingFileError(Exception):
 
 
 class BackingFile:
-    """One sparse shared-memory file, opened O_CLOEXEC, mapped on first use."""
+    """One sparse shared-memory file, opened O_CLOEXEC.
 
-    __slots__ = ("_mmap", "_view", "fd", "path", "size")
+    The daemon never maps it (see :class:`~backends.backend.MemoryWindow`); the VMM does,
+    through the duplicates of :attr:`fd` it is given, and so can also resize it.
+    """
+
+    __slots__ = ("fd", "path", "size")
 
     def __init__(self, path: Path, size: int) -> None:
         if size <= 0:
             raise ValueError(f"backing file {path} needs a positive size, got {size}")
         self.path = path
         self.size = size
-        self._mmap: mmap.mmap | None = None
-        self._view: memoryview | None = None
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             existing = os.fstat(fd).st_size
@@ -60,25 +71,34 @@ class BackingFile:
             raise
         self.fd = fd
 
-    def view(self) -> memoryview:
-        """A writable view of the whole file (MAP_SHARED, so QEMU's mapping sees it too)."""
-        if self._view is None:
-            self._mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED)
-            self._view = memoryview(self._mmap)
-        return self._view
+    def window(self, cacheable: bool) -> MemoryWindow:
+        """The whole file as a window that repairs the file when it finds it short."""
+        return MemoryWindow(self.fd, 0, self.size, cacheable=cacheable, restore=self.restore_size)
+
+    def restore_size(self) -> bool:
+        """Give the file back its size if someone holding its fd changed it; ``True`` if so.
+
+        A shrunk file's lost tail comes back as zeros; a grown file loses what lies beyond the
+        device's memory (never device memory). Either way the device is whole again, and a
+        restarted daemon accepts the file instead of refusing it as another device's.
+        """
+        if self.fd < 0:
+            return False
+        found = os.fstat(self.fd).st_size
+        if found == self.size:
+            return False
+        os.ftruncate(self.fd, self.size)
+        _log.warning(
+            "device memory file was resized behind vgpud's back; size restored",
+            path=str(self.path),
+            found=found,
+            size=self.size,
+            lost=max(0, self.size - found),
+        )
+        return True
 
     def close(self) -> None:
-        """Unmap and close; the file and its contents stay."""
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                # Someone still holds a view; the mapping goes when the last view does.
-                pass
-            self._mmap = None
+        """Close the file; it and its contents stay."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -134,17 +154,16 @@ class MemoryBacking:
             if start < other_start + other_window.length and other_start < start + length:
                 raise DeviceError(errno.EINVAL, "cacheable and non-cached windows overlap")
         backing = self.file(USEMEM_FILE if cacheable else RESMEM_FILE, length)
-        # A view of its own per window, so that releasing it leaves the file's view intact.
-        window = MemoryWindow(
-            backing.fd, 0, length, cacheable=cacheable, mapper=lambda: backing.view()[:]
-        )
+        window = backing.window(cacheable)
         self._windows[cacheable] = (start, window)
         return window
 
+    def restore_sizes(self) -> list[str]:
+        """:meth:`BackingFile.restore_size` for every open file; the names it repaired."""
+        return [name for name, backing in self._files.items() if backing.restore_size()]
+
     def close(self) -> None:
-        """Unmap and close every file; contents persist on disk."""
-        for _, window in self._windows.values():
-            window.release()
+        """Close every file; contents persist on disk."""
         self._windows.clear()
         for backing in self._files.values():
             backing.close()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from backends.backend import MemoryWindow
 from backends.device import BAR2_REGION_INDEX, DeviceError, RegionFlags
 from backends.synthetic import BackingFileError, SyntheticGpu, get_profile
 from backends.synthetic.memory import BackingFile
@@ -36,24 +38,24 @@ def test_144g_device_is_sparse_and_fast(tmp_path: Path) -> None:
     gpu = SyntheticGpu(get_profile("gh200-480g"), tmp_path)
     usemem = gpu.memory_window(0, 143 * GIB, True)
     resmem = gpu.memory_window(143 * GIB, 1 * GIB, False)
-    usemem.view[5 * GIB] = 0x42  # touch one page
+    usemem.write(5 * GIB, b"\x42")  # touch one page
     elapsed = time.monotonic() - start
     assert elapsed < 0.5
     st = os.stat(tmp_path / "usemem")
     assert st.st_size == 143 * GIB
     assert st.st_blocks * 512 <= 1 << 20
+    assert resmem.read(0, 4096) == bytes(4096)  # a hole reads as zeros and stays a hole
     assert os.stat(tmp_path / "resmem").st_blocks == 0
-    assert not resmem.mapped
     gpu.shutdown()
 
 
 def test_contents_survive_recreation(tmp_path: Path) -> None:
     profile = get_profile("gh200").with_overrides(memory_size=2 * GIB)
     gpu = SyntheticGpu(profile, tmp_path)
-    gpu.memory_window(0, GIB, True).view[100:104] = b"keep"
+    gpu.memory_window(0, GIB, True).write(100, b"keep")
     gpu.shutdown()
     again = SyntheticGpu(profile, tmp_path)
-    assert bytes(again.memory_window(0, GIB, True).view[100:104]) == b"keep"
+    assert again.memory_window(0, GIB, True).read(100, 4) == b"keep"
     again.shutdown()
 
 
@@ -104,14 +106,18 @@ def test_same_window_twice_is_the_same_object(gpu: SyntheticGpu) -> None:
     )
 
 
-def test_window_view_is_shared_with_the_file(gpu: SyntheticGpu, tmp_path: Path) -> None:
+def test_window_is_coherent_with_a_mapping_of_its_fd(gpu: SyntheticGpu, tmp_path: Path) -> None:
     window = gpu.memory_window(3 * GIB, GIB, False)
-    window.view[0x1000:0x1004] = b"abcd"
+    window.write(0x1000, b"abcd")
     with open(tmp_path / "mem" / "resmem", "rb") as f:
         f.seek(0x1000)
         assert f.read(4) == b"abcd"
-    os.pwrite(window.fd, b"wxyz", 0x2000)
-    assert bytes(window.view[0x2000:0x2004]) == b"wxyz"
+    # What QEMU does with the fd it is given: map it shared and store through the mapping.
+    with mmap.mmap(window.fd, 0x3000, mmap.MAP_SHARED) as vmm:
+        vmm[0x2000:0x2004] = b"wxyz"
+        assert window.read(0x2000, 4) == b"wxyz"
+        window.write(0x2004, b"1234")
+        assert vmm[0x2004:0x2008] == b"1234"
 
 
 def test_bar1_region_is_mmappable_file(gpu: SyntheticGpu, tmp_path: Path) -> None:
@@ -127,9 +133,73 @@ def test_bar1_region_is_mmappable_file(gpu: SyntheticGpu, tmp_path: Path) -> Non
 def test_shutdown_closes_files(tmp_path: Path) -> None:
     before = open_fds()
     gpu = SyntheticGpu(get_profile("gh200"), tmp_path)
-    gpu.memory_window(0, 95 * GIB, True).view[0] = 1
+    gpu.memory_window(0, 95 * GIB, True).write(0, b"\1")
     gpu.memory_window(95 * GIB, GIB, False)
     gpu.region_info(BAR2_REGION_INDEX)
-    assert len(open_fds() - before) >= 3  # plus the dup mmap keeps
+    assert len(open_fds() - before) == 3
     gpu.shutdown()
     assert open_fds() == before
+
+
+@pytest.mark.parametrize(
+    ("start", "count"), [(-1, 4), (0, -1), (GIB - 2, 4), (GIB, 1), (1 << 64, 4)]
+)
+def test_access_outside_the_window_is_refused(gpu: SyntheticGpu, start: int, count: int) -> None:
+    window = gpu.memory_window(3 * GIB, GIB, False)
+    accesses = [lambda: window.read(start, count)]
+    if count >= 0:
+        accesses.append(lambda: window.write(start, b"x" * count))
+    for access in accesses:
+        with pytest.raises(DeviceError) as err:
+            access()
+        assert err.value.errno == errno.EINVAL
+
+
+def test_truncated_file_is_an_error_then_restored(gpu: SyntheticGpu, tmp_path: Path) -> None:
+    """What a VMM holding the fd can do: the access fails (no SIGBUS: no mapping), the size
+    comes back, and the part that was cut off reads as zeros."""
+    window = gpu.memory_window(0, 3 * GIB, True)
+    window.write(0x1000, b"kept")
+    window.write(0x5000, b"lost")
+    os.ftruncate(window.fd, 0x2000)
+    with pytest.raises(DeviceError) as err:
+        window.read(0x4FFE, 8)
+    assert err.value.errno == errno.EIO and "truncated" in str(err.value)
+    assert os.fstat(window.fd).st_size == 3 * GIB
+    assert window.read(0x1000, 4) == b"kept"
+    assert window.read(0x5000, 4) == bytes(4)
+
+
+@pytest.mark.parametrize("size", [0, 4096, 4 * GIB])
+def test_client_attach_and_detach_restore_the_file_size(gpu: SyntheticGpu, size: int) -> None:
+    window = gpu.memory_window(0, 3 * GIB, True)
+    for hook in (gpu.open, gpu.close):
+        os.ftruncate(window.fd, size)
+        hook()
+        assert os.fstat(window.fd).st_size == 3 * GIB
+
+
+def test_restored_file_is_accepted_by_a_restarted_daemon(tmp_path: Path) -> None:
+    profile = get_profile("gh200").with_overrides(memory_size=2 * GIB)
+    gpu = SyntheticGpu(profile, tmp_path)
+    window = gpu.memory_window(0, GIB, True)
+    window.write(0, b"data")
+    os.ftruncate(window.fd, 3 * GIB)  # grown: next start would refuse the file
+    gpu.close()
+    gpu.shutdown()
+    again = SyntheticGpu(profile, tmp_path)
+    assert again.memory_window(0, GIB, True).read(0, 4) == b"data"
+    again.shutdown()
+
+
+def test_io_errors_become_device_errors(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        window = MemoryWindow(read_end, 0, 4096, cacheable=True)
+        for access in (lambda: window.read(0, 4), lambda: window.write(0, b"x")):
+            with pytest.raises(DeviceError) as err:
+                access()
+            assert err.value.errno == errno.ESPIPE  # the errno of the failed pread/pwrite
+    finally:
+        os.close(read_end)
+        os.close(write_end)

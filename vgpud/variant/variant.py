@@ -267,9 +267,7 @@ class NvgraceVariant:
         raise DeviceError(errno.ENOTTY, f"ioeventfds are not supported (region {index})")
 
     def shutdown(self) -> None:
-        """The daemon stops: drop the windows' views, then shut the backend down."""
-        for fake in self._regions.values():
-            fake.window.release()
+        """The daemon stops: the backend closes its memory."""
         self.backend.shutdown()
 
     # -- fake BAR data path ------------------------------------------------------------------
@@ -289,7 +287,7 @@ class NvgraceVariant:
         self._check_ready()
         memlength = fake.region.memlength
         mem_count = 0 if offset >= memlength else min(count, memlength - offset)
-        data = bytes(fake.window.view[offset : offset + mem_count]) if mem_count else b""
+        data = fake.window.read(offset, mem_count) if mem_count else b""
         return data + b"\xff" * (count - mem_count)
 
     def _bar_write(self, fake: _FakeRegion, offset: int, data: bytes) -> None:
@@ -299,7 +297,7 @@ class NvgraceVariant:
         if offset >= memlength:
             return  # dropped silently (§5.3 step 3)
         mem_count = min(len(data), memlength - offset)
-        fake.window.view[offset : offset + mem_count] = data[:mem_count]
+        fake.window.write(offset, data[:mem_count])
 
 
 def make_device(backend: Backend, *, clock: Callable[[], float] = time.monotonic) -> VfioDevice:
