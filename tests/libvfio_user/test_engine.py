@@ -40,6 +40,7 @@ DOORBELL = 0xFF0000
 SET_IRQS_EVENTFD_TRIGGER = 0x4 | 0x20
 SET_IRQS_NONE_TRIGGER = 0x1 | 0x20
 MSIX_IRQ = 2
+REGION_WRITE = 10
 # 4 GiB gh200: usemem 3 GiB in a 4 GiB BAR4 (a 1 GiB trapped tail), resmem 1 GiB in BAR2.
 USEMEM_LENGTH = 3 << 30
 USEMEM_BAR_SIZE = 4 << 30
@@ -293,6 +294,23 @@ async def test_dma_map_and_unmap_reach_the_device(engine: Engine) -> None:
     assert seen[0] == ("map", 0x10000, 0x1000, b"RAM!")
     assert ("unmap", 0x10000, 0x1000, b"") in seen
     assert ("unmap", 0xFFFC0000, 0x40000, b"") in seen  # dropped when the client left
+
+
+@pytest.mark.parametrize("body_bytes", [0, 10], ids=["header only", "part of the body"])
+async def test_eof_in_the_middle_of_a_message_leaves_the_engine_serving(
+    engine: Engine, body_bytes: int
+) -> None:
+    """libvfio-user answers a message cut short by EOF with an error reply; that reply fails,
+    and it resets the context and closes the fd itself while reporting "nothing to do". The
+    engine must see that the client is gone rather than wait on the closed fd (EBADF)."""
+    client = await engine.connect()
+    header = struct.pack("<HHIII", 9, REGION_WRITE, 16 + 16 + 64, 0, 0)
+    # Written and closed without a checkpoint: the engine runs only once the client is gone.
+    os.write(client.stream.socket.fileno(), header + b"x" * body_bytes)
+    client.close()
+    with trio.fail_after(10):
+        async with await engine.connect() as again:
+            assert (await again.device_info()).num_regions == 9
 
 
 async def test_silent_client_is_cut_off_and_the_next_one_served(

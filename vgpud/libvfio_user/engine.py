@@ -15,6 +15,8 @@ Theory of operation (DESIGN.md "Engines" #2):
   left -- except ``vfu_attach_ctx``: it accepts *and negotiates* (a blocking read of VERSION,
   lib/tran.c), so it runs in a worker thread while the trio thread leaves the context alone,
   and a client that connects but never speaks is cut off after ``NEGOTIATION_TIMEOUT``.
+  Within a session libvfio-user reads bodies and sends replies with blocking calls; a client
+  that stalls there is cut off by :class:`~vgpud.libvfio_user.watchdog.StallWatchdog`.
 * Callbacks are short and never let a Python exception reach C: ``DeviceError`` becomes
   ``-1``/errno (libvfio-user replies with it), anything else is logged and becomes EIO.
 * A client leaving (``ENOTCONN``): libvfio-user unmaps its DMA regions (``dma_unregister`` ->
@@ -49,6 +51,7 @@ from vgpud.devices import BuiltDevice
 from vgpud.libvfio_user import ffi as vfu
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.libvfio_user.irq import FORWARDED_IRQS, IrqBridge
+from vgpud.libvfio_user.watchdog import STALL_LIMIT, StallWatchdog
 from vgpud.server.listener import ListenerError, group_id, peer_credentials, remove_if_stale
 
 NUM_VFU_REGIONS = 9  # VFU_PCI_DEV_NUM_REGIONS: libvfio-user serves the nine PCI regions only
@@ -74,6 +77,7 @@ class LibvfioUserServer:
         socket_group: str | None = None,
         no_mmap: bool = False,
         library_log_level: int = vfu.LOG_INFO,
+        stall_limit: float = STALL_LIMIT,
     ) -> None:
         self.name = name
         self.device = device
@@ -96,6 +100,7 @@ class LibvfioUserServer:
         self._idle = trio.Condition()
         counts = {index: device.irq_info(index).count for index in FORWARDED_IRQS}
         self._bridge = IrqBridge(counts, self._trigger, self.log)
+        self.watchdog = StallWatchdog(name, self.log, stall_limit)
 
     # -- set-up and tear-down ------------------------------------------------------------
 
@@ -235,6 +240,7 @@ class LibvfioUserServer:
         self._client_gone()
         self._bridge.close()
         self._callbacks.clear()
+        self.watchdog.stop()
 
     def _keep(self, callback: Any) -> Any:
         self._callbacks.append(callback)
@@ -252,12 +258,14 @@ class LibvfioUserServer:
 
     async def serve(self) -> None:
         """Attach clients one after the other, forever; the device stays between them."""
+        self.watchdog.start()
         while True:
             await self._attach()
             self.connections += 1
             number = self.connections
             log = self.log.bind(connection=number)
             log.info("client connected", **self._peer())
+            self.watchdog.guard(self._lib.vfu_get_poll_fd(self._ctx), log)
             try:
                 self.device.open()
                 self._device_open = True
@@ -268,6 +276,7 @@ class LibvfioUserServer:
                     nursery.cancel_scope.cancel()
                 log.info("client disconnected", reason=reason, messages=self.messages)
             finally:
+                self.watchdog.forget()
                 self.attached = False
                 async with self._idle:
                     self._idle.notify_all()
@@ -330,10 +339,12 @@ class LibvfioUserServer:
     async def _run_until_detached(self, log: Any) -> str:
         lib, ctx = self._lib, self._ctx
         fd = lib.vfu_get_poll_fd(ctx)
-        bridge = self._bridge
+        bridge, watchdog = self._bridge, self.watchdog
         streak = 0
         while True:
+            watchdog.enter()
             rc = lib.vfu_run_ctx(ctx)
+            watchdog.leave()
             if rc > 0:
                 self.messages += rc
                 # The client may just have wired a pending vector (SET_IRQS). Proxies the
@@ -344,11 +355,16 @@ class LibvfioUserServer:
                 if streak % _YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()
                 continue
+            err = self._ffi.errno  # before the next call into the library replaces it
+            if lib.vfu_get_poll_fd(ctx) != fd:
+                # libvfio-user dropped the client and closed its fd itself: a reply it could
+                # not send resets the context and counts as "nothing to do" (rc 0). The fd
+                # number may already be someone else's: neither wait on it nor shut it down.
+                return "closed"
             if rc == 0:
                 streak = 0
                 await trio.lowlevel.wait_readable(fd)
                 continue
-            err = self._ffi.errno
             if err == errno.ENOTCONN:
                 return "closed"
             # A transport failure mid-message: the stream cannot be trusted any more (DESIGN.md
