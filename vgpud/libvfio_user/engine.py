@@ -56,6 +56,7 @@ from vgpud.server.listener import ListenerError, group_id, peer_credentials, rem
 
 NUM_VFU_REGIONS = 9  # VFU_PCI_DEV_NUM_REGIONS: libvfio-user serves the nine PCI regions only
 NEGOTIATION_TIMEOUT = 10.0  # seconds a connected client has to send VERSION
+_RECUT_INTERVAL = 0.05  # seconds between cuts of a negotiation that has to end
 _YIELD_EVERY = 32  # requests served back to back before letting other tasks run
 _PROT_READ, _PROT_WRITE = 1, 2
 _PCI_BASE_ADDRESS_0 = 0x10
@@ -307,11 +308,16 @@ class LibvfioUserServer:
             with trio.move_on_after(NEGOTIATION_TIMEOUT):
                 await done.wait()
                 return
-        except trio.Cancelled:
-            self._cut_unattached_connections()
-            raise
-        self.log.warning("client did not negotiate in time, dropping it")
-        self._cut_unattached_connections()
+            self.log.warning("client did not negotiate in time, dropping it")
+        finally:
+            # Timed out, or the daemon stops: cut until the thread has returned. Cutting once
+            # is not enough: the thread may not have accepted the connection yet, and once it
+            # has, nothing tells the trio thread so. Hence the (short, rare) re-cut interval.
+            with trio.CancelScope(shield=True):
+                while not done.is_set():
+                    self._cut_unattached_connections()
+                    with trio.move_on_after(_RECUT_INTERVAL):
+                        await done.wait()
 
     def _cut_unattached_connections(self) -> None:
         """Shut down the connection libvfio-user is negotiating on (its fd is private).
