@@ -125,6 +125,9 @@ def test_vmm_truncating_device_memory_gets_eio_not_a_dead_daemon(
     stderr = log + rest
     assert proc.returncode == 0, stderr
     name = "usemem" if region == BAR4 else "resmem"
-    restored = [line for line in stderr.splitlines() if "resized behind" in line and name in line]
-    assert restored, stderr  # the short read, and the detach after the second truncation
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    restored = [e for e in events if "resized behind" in e["event"] and name in e["path"]]
+    # The short read and the detach after the second truncation, each attributed to the
+    # device and the connection that was being served.
+    assert [(e["device"], e["connection"]) for e in restored] == [("gpu0", 1)] * 2, stderr
     assert (tmp_path / "mem" / name).stat().st_size == LENGTHS[region]

@@ -263,24 +263,30 @@ class LibvfioUserServer:
         while True:
             await self._attach()
             self.connections += 1
-            number = self.connections
-            log = self.log.bind(connection=number)
-            log.info("client connected", **self._peer())
-            self.watchdog.guard(self._lib.vfu_get_poll_fd(self._ctx), log)
-            try:
-                self.device.open()
-                self._device_open = True
-                self._bridge.connect(self.device)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._forward_irqs)
-                    reason = await self._run_until_detached(log)
-                    nursery.cancel_scope.cancel()
-                log.info("client disconnected", reason=reason, messages=self.messages)
-            finally:
-                self.watchdog.forget()
-                self.attached = False
-                async with self._idle:
-                    self._idle.notify_all()
+            # Lines the device logs from the callbacks carry the connection too (as in
+            # vgpud.server.listener); this task's context is its own.
+            with structlog.contextvars.bound_contextvars(
+                device=self.name, connection=self.connections
+            ):
+                await self._serve_client(self.log.bind(connection=self.connections))
+
+    async def _serve_client(self, log: Any) -> None:
+        log.info("client connected", **self._peer())
+        self.watchdog.guard(self._lib.vfu_get_poll_fd(self._ctx), log)
+        try:
+            self.device.open()
+            self._device_open = True
+            self._bridge.connect(self.device)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forward_irqs)
+                reason = await self._run_until_detached(log)
+                nursery.cancel_scope.cancel()
+            log.info("client disconnected", reason=reason, messages=self.messages)
+        finally:
+            self.watchdog.forget()
+            self.attached = False
+            async with self._idle:
+                self._idle.notify_all()
 
     async def _attach(self) -> None:
         while True:

@@ -175,6 +175,14 @@ class DeviceServer:
             return sock
 
     async def _run_session(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
+        # Lines logged below the session (the device model, its memory files) carry the
+        # device and connection too; trio gives each task its own copy of the context.
+        with structlog.contextvars.bound_contextvars(device=self.name, connection=number):
+            await self._run_session_in_context(sock, number, creds)
+
+    async def _run_session_in_context(
+        self, sock: socket.socket, number: int, creds: dict[str, int]
+    ) -> None:
         stream = FdStream(sock)
         log = self.log.bind(connection=number)
         log.info("client connected", **creds)
