@@ -34,6 +34,29 @@ def close_fds(fds: Iterable[int]) -> None:
                 pass
 
 
+def adopt_eventfds(fds: Iterable[int]) -> None:
+    """Check that the VMM's fds are eventfds and make them non-blocking before any is used.
+
+    The device writes trigger eventfds from the event loop, so a fd that could block a write
+    (a pipe with a full buffer, a blocking eventfd whose counter is at its maximum) would
+    stop every device of the daemon, and a fd of another kind is not an interrupt anyway:
+    EINVAL. O_NONBLOCK is set on the open file description, which the VMM shares; QEMU's
+    event notifiers are non-blocking already (eventfd(EFD_NONBLOCK)), so it sees no change.
+    ``-1`` entries (de-assign) are skipped. Raises :class:`DeviceError`; the caller still
+    owns (and closes) the fds.
+    """
+    fds = [fd for fd in fds if fd >= 0]
+    for fd in fds:
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            raise DeviceError(errno.EINVAL, f"fd {fd}: {exc.strerror}") from exc
+        if kind != "anon_inode:[eventfd]":
+            raise DeviceError(errno.EINVAL, f"interrupt fd is not an eventfd ({kind})")
+    for fd in fds:
+        os.set_blocking(fd, False)
+
+
 def signal_eventfd(fd: int) -> bool:
     """Signal ``fd`` the way vfio-user wants (write an 8-byte 1, spec vfio-user.md §5.6).
 

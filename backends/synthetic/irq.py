@@ -36,6 +36,7 @@ from backends.device import (
 )
 from backends.irq import (
     EventfdTable,
+    adopt_eventfds,
     close_fds,
     drain_eventfd,
     signal_eventfd,
@@ -127,6 +128,7 @@ class InterruptController:
                 raise DeviceError(errno.EINVAL, f"irq index {index} cannot be (un)masked")
             if action is IrqAction.MASK and eventfds is not None:
                 raise DeviceError(errno.EINVAL, "INTx MASK takes no eventfd")
+            adopt_eventfds(eventfds or ())
         except DeviceError:
             close_fds(eventfds or ())
             raise

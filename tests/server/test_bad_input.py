@@ -47,6 +47,12 @@ def eventfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC)
 
 
+def pipe_end() -> int:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end
+
+
 def small_memfd() -> int:
     fd = os.memfd_create("small", os.MFD_CLOEXEC)
     os.ftruncate(fd, 0x1000)
@@ -128,6 +134,24 @@ CASES = [
         make_fds=lambda: [eventfd(), eventfd()],
     ),
     Case("SET_IRQS index 9", set_irqs(0x24, 9, 0, 1), errno.EINVAL, make_fds=lambda: [eventfd()]),
+    Case(
+        "SET_IRQS with a pipe for an eventfd",
+        set_irqs(0x24, 2, 0, 1),
+        errno.EINVAL,
+        make_fds=lambda: [pipe_end()],
+    ),
+    Case(
+        "SET_IRQS with a memfd for an eventfd",
+        set_irqs(0x24, 2, 0, 2),
+        errno.EINVAL,
+        make_fds=lambda: [eventfd(), small_memfd()],
+    ),
+    Case(
+        "INTx resampler that is not an eventfd",
+        set_irqs(0x14, 0, 0, 1),  # DATA_EVENTFD | ACTION_UNMASK: the INTx resampler
+        errno.EINVAL,
+        make_fds=lambda: [pipe_end()],
+    ),
     Case(
         "SET_IRQS start past the vectors",
         set_irqs(0x24, 2, 200, 1),

@@ -147,6 +147,29 @@ async def test_doorbell_signals_the_msix_eventfd(vgpud: Daemon) -> None:
         os.close(efd)
 
 
+async def test_a_blocking_eventfd_at_its_limit_cannot_block_the_daemon(vgpud: Daemon) -> None:
+    """A hostile VMM's eventfd: blocking, counter at its maximum, so a plain write would
+    block the event loop (every device) forever. The daemon makes it non-blocking first."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        os.eventfd_write(efd, 0xFFFF_FFFF_FFFF_FFFE)
+        async with await vgpud.connect() as client:
+            control = struct.unpack("<H", await client.region_read(CONFIG, MSIX_CAP + 2, 2))[0]
+            await client.region_write(CONFIG, MSIX_CAP + 2, struct.pack("<H", control | 0x8000))
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 3, 1, [efd])
+            assert not os.get_blocking(efd)  # the open file description is shared
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 3))  # answered
+            # The counter was already non-zero, so that interrupt was pending anyway; once
+            # the VMM drains it, the next one arrives.
+            assert os.eventfd_read(efd) == 0xFFFF_FFFF_FFFF_FFFE
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 3))
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(efd)
+            assert os.eventfd_read(efd) == 1
+    finally:
+        os.close(efd)
+
+
 async def test_reset_clears_emulated_bars_and_keeps_memory(vgpud: Daemon) -> None:
     async with await vgpud.connect() as client:
         await enable_memory(client)
