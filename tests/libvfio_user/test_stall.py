@@ -33,7 +33,7 @@ except EngineUnavailable as exc:
 STALL_EVENT = "client stalled in the middle of a message, cutting it off"
 REGION_READ, REGION_WRITE = 9, 10
 CONFIG, BAR4 = 7, 4
-HANG_GUARD = 30.0  # seconds; the watchdog acts after about 2
+HANG_GUARD = 30.0  # seconds; the watchdog acts after about 5
 
 
 def connect(path: Path) -> socket.socket:

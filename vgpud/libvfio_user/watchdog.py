@@ -16,8 +16,13 @@ The blocked ``recv``/``sendmsg`` then returns, libvfio-user fails the message an
 context (ENOTCONN), and the engine attaches the next client as after any disconnect. Other
 devices of the daemon are held up for at most ``limit`` seconds instead of forever.
 
-No legitimate message needs that long: once a header is in, QEMU has already written (or is
-writing) the rest, and QEMU reads every reply.
+No legitimate message needs that long. QEMU writes a message with one ``sendmsg``, so once a
+header is in, the body is there or on its way within the same system call; it reads replies
+in its "VFIO user" iothread, so a reply too large for the socket buffer (a 1 MiB
+REGION_READ) waits only as long as that thread is busy; and it gives up on a reply itself
+after ``x-msg-timeout``, 5 s by default (spec vfio-user.md §5.1, §5.2). Hence the same 5 s:
+a connection blocked that long has already failed for QEMU, and a shorter limit would risk
+cutting a VM off a busy host for nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import socket
 import threading
 from typing import Any
 
-STALL_LIMIT = 2.0  # seconds one vfu_run_ctx call may block on its client
+STALL_LIMIT = 5.0  # seconds one vfu_run_ctx call may block on its client
 _CHECKS_PER_LIMIT = 4  # how finely the watchdog looks (its delay is at most limit / this)
 
 
