@@ -84,10 +84,16 @@ class BackingFile:
         """
         if self.fd < 0:
             return False
-        found = os.fstat(self.fd).st_size
-        if found == self.size:
+        try:
+            found = os.fstat(self.fd).st_size
+            if found == self.size:
+                return False
+            os.ftruncate(self.fd, self.size)
+        except OSError as exc:
+            # Reported, not raised: this runs while a client attaches or leaves, and the
+            # accesses that meet the short file get their own EIO anyway.
+            _log.error("cannot restore a device memory file", path=str(self.path), error=str(exc))
             return False
-        os.ftruncate(self.fd, self.size)
         _log.warning(
             "device memory file was resized behind vgpud's back; size restored",
             path=str(self.path),

@@ -203,3 +203,21 @@ def test_io_errors_become_device_errors(tmp_path: Path) -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_file_that_cannot_be_restored_still_costs_only_the_access(
+    gpu: SyntheticGpu, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    window = gpu.memory_window(0, 3 * GIB, True)
+    os.ftruncate(window.fd, 0x1000)
+
+    def refuse(fd: int, size: int) -> None:
+        raise PermissionError(errno.EPERM, "sealed")
+
+    monkeypatch.setattr("backends.synthetic.memory.os.ftruncate", refuse)
+    gpu.open()  # reports, does not raise: a client is attaching
+    with pytest.raises(DeviceError) as err:
+        window.read(0x2000, 4)
+    assert err.value.errno == errno.EIO
+    gpu.close()
+    assert os.fstat(window.fd).st_size == 0x1000
