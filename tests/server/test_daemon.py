@@ -7,10 +7,12 @@ import functools
 import json
 import mmap
 import os
+import socket
 import struct
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 import trio.testing
 
@@ -25,9 +27,11 @@ from tests.server.conftest import (
 )
 from tests.server.rawclient import QEMU_VERSION, RawConn
 from vgpud import daemon
-from vgpud.client import VfioUserClient, VfioUserError
+from vgpud.client import CLIENT_CAPABILITIES, VfioUserClient, VfioUserError
 from vgpud.config import DaemonConfig, single_device
+from vgpud.server import listener as listener_module
 from vgpud.server.listener import ListenerError, bind_unix_listener
+from vgpud.server.transport import FdStream
 
 CONFIG = 7
 BAR0, BAR2, BAR4 = 0, 2, 4
@@ -295,3 +299,59 @@ async def test_no_mmap_serves_bars_trapped(tmp_path: Path) -> None:
             await client.region_write(BAR4, 0x10, b"trapped!")
             assert await client.region_read(BAR4, 0x10, 8) == b"trapped!"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_client_reconnecting_at_once_is_served_not_refused(vgpud: Daemon) -> None:
+    """The old connection is closed and the new one made before the daemon runs again: its
+    session has not read the EOF yet, but the client has left, so the new one is served."""
+    for _ in range(10):  # trio runs the two wake-ups in either order; try both
+        old = await vgpud.connect()
+        await old.device_info()
+        old.close()
+        new = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        new.connect(str(vgpud.socket_path))  # no checkpoint since the close
+        with trio.fail_after(10):
+            async with VfioUserClient(
+                FdStream.from_trio(trio.socket.from_stdlib_socket(new)), CLIENT_CAPABILITIES
+            ) as client:
+                await client.request(p.Version(major=0, minor=0, capabilities=CLIENT_CAPABILITIES))
+                assert (await client.device_info()).num_regions == 9
+        await vgpud.idle()
+
+
+async def test_a_second_client_is_still_refused_while_the_first_is_there(vgpud: Daemon) -> None:
+    async with await vgpud.connect() as first:
+        with pytest.raises((EOFError, OSError)):
+            await vgpud.connect()
+        assert (await first.device_info()).num_regions == 9
+
+
+async def test_a_client_waiting_for_a_stuck_session_is_refused_in_the_end(
+    vgpud: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A half-closed client (POLLRDHUP) whose session is stuck sending it replies it does not
+    read: the next client waits HANDOVER_TIMEOUT for that session, then is refused."""
+    monkeypatch.setattr(listener_module, "HANDOVER_TIMEOUT", 0.2)
+    old = await vgpud.connect()
+    await enable_memory(old)
+    read = struct.pack("<QII", 0, BAR4, 1 << 20)
+    header = struct.pack("<HHIII", 50, 9, 16 + len(read), 0, 0)
+    await old.stream.send((header + read) * 4)  # 4 MiB of replies: more than the socket holds
+    old.stream.socket.shutdown(socket.SHUT_WR)
+    try:
+        with (
+            trio.fail_after(10),
+            structlog.testing.capture_logs() as logs,
+            pytest.raises((EOFError, OSError)),
+        ):
+            await vgpud.connect()
+    finally:
+        old.close()
+    events = [entry["event"] for entry in logs if entry.get("connection") == 2]
+    assert events == [
+        "client waits for the departed client's session to end",
+        "refusing a second client: the device already has one",
+    ]
+    await vgpud.idle()
+    async with await vgpud.connect() as client:
+        assert (await client.device_info()).num_regions == 9

@@ -3,6 +3,10 @@
 The design's rule (DESIGN.md "Engines"): one client per device; a second connection is
 refused with a logged reason and the first is unaffected; when a client leaves its DMA
 mappings and eventfds go, the device stays, and the next client can attach.
+
+"Leaves" is when the client closes its end, not when its session has read the EOF: a client
+that connects in between (a VMM restarted at once) waits for that session to end instead of
+being refused.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import errno
 import grp
 import os
+import select
 import socket
 import stat
 import struct
@@ -29,6 +34,9 @@ from vgpud.server.transport import FdStream
 _TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _ACCEPT_BACKOFF_SECONDS = 0.1
 _LISTEN_BACKLOG = 8
+# How long a client may wait for the session of a client that has closed its end to finish
+# (it ends at its next read; only a device stuck in a handler takes longer).
+HANDOVER_TIMEOUT = 5.0
 
 # What the server offers in its VERSION reply (spec vfio-user.md §3.1, R8): max_msg_fds is
 # explicit because QEMU assumes 8 when absent; 16 is QEMU's own limit.
@@ -132,6 +140,7 @@ class DeviceServer:
         self.connections = 0
         self.active: int | None = None
         self.current_session: Session | None = None
+        self._next: int | None = None  # a client waiting for a departed one's session to end
         self._session_finished = trio.Condition()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -143,18 +152,61 @@ class DeviceServer:
                 self.connections += 1
                 number = self.connections
                 creds = peer_credentials(sock)
-                if self.active is not None:
-                    # Spec vfio-user.md §1: one connection = one device = one client.
-                    self.log.warning(
-                        "refusing a second client: the device already has one",
+                if self.active is None and self._next is None:
+                    self.active = number
+                    nursery.start_soon(self._run_session, sock, number, creds)
+                elif self._next is None and self._active_client_left():
+                    # A VMM reconnecting (say, restarted) before its old session has read
+                    # the EOF: that session ends at its next read, then this client is served.
+                    self._next = number
+                    self.log.info(
+                        "client waits for the departed client's session to end",
                         connection=number,
                         active_connection=self.active,
-                        **creds,
                     )
-                    sock.close()
-                    continue
-                self.active = number
-                nursery.start_soon(self._run_session, sock, number, creds)
+                    nursery.start_soon(self._run_when_free, sock, number, creds)
+                else:
+                    self._refuse(sock, number, creds)
+
+    def _refuse(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
+        # Spec vfio-user.md §1: one connection = one device = one client.
+        self.log.warning(
+            "refusing a second client: the device already has one",
+            connection=number,
+            active_connection=self.active,
+            **creds,
+        )
+        sock.close()
+
+    def _active_client_left(self) -> bool:
+        """Whether the active session's peer has closed its end (POLLRDHUP), even if its
+        session has not got to the EOF yet (requests may still be queued before it)."""
+        session = self.current_session
+        if session is None:
+            return False
+        fd = session.stream.socket.fileno()
+        if fd < 0:
+            return True  # closed: the session is ending
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)
+        return bool(poller.poll(0))  # RDHUP, or HUP/ERR, which poll always reports
+
+    async def _run_when_free(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
+        try:
+            with trio.move_on_after(HANDOVER_TIMEOUT):
+                async with self._session_finished:
+                    while self.active is not None:
+                        await self._session_finished.wait()
+        except BaseException:
+            self._next = None
+            sock.close()
+            raise
+        self._next = None
+        if self.active is not None:
+            self._refuse(sock, number, creds)  # the old session is stuck in its device
+            return
+        self.active = number
+        await self._run_session(sock, number, creds)
 
     async def serve_connected(self, sock: socket.socket) -> None:
         """Serve a single already-connected client (``--fd`` with a connected socket)."""
