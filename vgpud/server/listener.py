@@ -138,6 +138,9 @@ class DeviceServer:
         self.capabilities = capabilities
         self.log: Any = structlog.get_logger("vgpud").bind(device=name)
         self.connections = 0
+        # Bugs met while serving: requests answered EIO by an unexpected exception, and
+        # sessions that failed outright. Both are logged; these counts are for tests.
+        self.internal_errors = 0
         self.active: int | None = None
         self.current_session: Session | None = None
         self._next: int | None = None  # a client waiting for a departed one's session to end
@@ -239,14 +242,18 @@ class DeviceServer:
         log = self.log.bind(connection=number)
         log.info("client connected", **creds)
         reason = "error"
+        session: Session | None = None
         try:
             session = Session(stream, self.device, self.capabilities, log, no_mmap=self.no_mmap)
             self.current_session = session
             reason = await session.run()
             log.info("client disconnected", reason=reason, messages=session.messages)
         except Exception:
+            self.internal_errors += 1
             log.exception("session failed; device kept, waiting for the next client")
         finally:
+            if session is not None:
+                self.internal_errors += session.internal_errors
             stream.close()
             if self.active == number:
                 self.active = None

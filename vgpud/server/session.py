@@ -65,6 +65,7 @@ class Session:
         # Region sizes never change while a device exists; cache them for bounds checks.
         self._region_sizes = [device.region_info(i).size for i in range(info.num_regions)]
         self.messages = 0
+        self.internal_errors = 0  # requests that met a bug in vgpud (answered with EIO)
         self.watchers = FdWatchers(None, device, log)
         # Keyed by message type: one dict lookup per request, and typed handlers.
         self._handlers: dict[type, Callable[[p.Request, Any], p.Outgoing | None]] = {
@@ -236,6 +237,7 @@ class Session:
             return self.conn.send_error(event, exc.errno)
         except Exception:
             # A bug in vgpud must cost this request, not the daemon (DESIGN.md "Errors").
+            self.internal_errors += 1
             self.log.exception("internal error handling request", command=event.command.name)
             return self.conn.send_error(event, errno.EIO)
 
