@@ -24,8 +24,9 @@ import functools
 import os
 import socket
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -176,20 +177,48 @@ def receive(sock: socket.socket) -> tuple[int, int, list[int]] | None:
     return msg_id, flags, fds
 
 
+class Target(Protocol):
+    """What the fuzz needs of a server under test (either engine)."""
+
+    @property
+    def socket_path(self) -> Path: ...
+
+    @property
+    def internal_errors(self) -> int: ...
+
+    async def idle(self) -> None: ...
+
+
+@dataclass
+class PythonEngine:
+    daemon: Daemon
+
+    @property
+    def socket_path(self) -> Path:
+        return self.daemon.socket_path
+
+    @property
+    def internal_errors(self) -> int:
+        return self.daemon.server.internal_errors
+
+    async def idle(self) -> None:
+        await self.daemon.idle()
+
+
 async def test_any_request_sequence_is_answered_or_closed_and_leaks_nothing(
     vgpud: Daemon, tmp_path: Path
 ) -> None:
     # The daemon runs in this (trio) thread; hypothesis drives blocking clients from a worker
     # thread, and waits for the daemon to be idle through trio.from_thread.
-    await trio.to_thread.run_sync(functools.partial(fuzz_sessions, vgpud, tmp_path))
+    await trio.to_thread.run_sync(functools.partial(fuzz_sessions, PythonEngine(vgpud), tmp_path))
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(session=sessions)
-def fuzz_sessions(vgpud: Daemon, tmp_path: Path, session: list[Any]) -> None:
+def fuzz_sessions(target: Target, tmp_path: Path, session: list[Any]) -> None:
     before = open_fds()
-    bugs_before = vgpud.server.internal_errors
-    sock = connect(vgpud.socket_path)
+    bugs_before = target.internal_errors
+    sock = connect(target.socket_path)
     try:
         sock.sendall(QEMU_VERSION)
         assert receive(sock) is not None
@@ -220,15 +249,15 @@ def fuzz_sessions(vgpud: Daemon, tmp_path: Path, session: list[Any]) -> None:
             assert reply_id == msg_id and reply_flags & 0xF == 1, (command, reply)
     finally:
         sock.close()
-    trio.from_thread.run(vgpud.idle)
+    trio.from_thread.run(target.idle)
     # Each is also logged, with its traceback ("internal error handling request").
-    assert vgpud.server.internal_errors == bugs_before, "a request met a bug in vgpud"
+    assert target.internal_errors == bugs_before, "a request met a bug in vgpud"
     assert open_fds() == before, "an fd the client sent is still open in the daemon"
     # The next client is served normally.
-    with connect(vgpud.socket_path) as sock:
+    with connect(target.socket_path) as sock:
         sock.sendall(QEMU_VERSION)
         assert receive(sock) is not None
         sock.sendall(HEADER.pack(1, GET_INFO, 32, 0, 0) + struct.pack("<IIII", 16, 0, 0, 0))
         reply = receive(sock)
         assert reply is not None and not reply[1] & 0x20
-    trio.from_thread.run(vgpud.idle)
+    trio.from_thread.run(target.idle)

@@ -87,6 +87,7 @@ class LibvfioUserServer:
         self.log: Any = structlog.get_logger("vgpud").bind(device=name, engine="libvfio-user")
         self.connections = 0
         self.messages = 0
+        self.internal_errors = 0  # callbacks that met a bug in vgpud (logged, EIO to C)
         self.attached = False
         self._socket_mode = socket_mode
         self._socket_group = socket_group
@@ -431,7 +432,7 @@ class LibvfioUserServer:
             except DeviceError as exc:
                 ffi.errno = exc.errno
             except Exception:
-                self.log.exception("region access failed", region=index, offset=offset)
+                self._internal_error("region access failed", region=index, offset=offset)
                 ffi.errno = errno.EIO
             return -1
 
@@ -449,7 +450,7 @@ class LibvfioUserServer:
         except DeviceError as exc:
             self._ffi.errno = exc.errno
         except Exception:
-            self.log.exception("reset failed")
+            self._internal_error("reset failed")
             self._ffi.errno = errno.EIO
         return -1
 
@@ -461,7 +462,7 @@ class LibvfioUserServer:
         except DeviceError as exc:
             self.log.info("INTx (un)mask refused", error=str(exc))
         except Exception:
-            self.log.exception("INTx (un)mask failed")
+            self._internal_error("INTx (un)mask failed")
 
     def _on_dma_register(self, _ctx: Any, info: Any) -> None:
         ffi = self._ffi
@@ -482,7 +483,7 @@ class LibvfioUserServer:
             # libvfio-user gives this callback no way to refuse the map.
             self.log.warning("device refused a DMA map it cannot veto here", error=str(exc))
         except Exception:
-            self.log.exception("DMA map notification failed")
+            self._internal_error("DMA map notification failed")
 
     def _on_dma_unregister(self, _ctx: Any, info: Any) -> None:
         try:
@@ -498,7 +499,12 @@ class LibvfioUserServer:
         except DeviceError as exc:
             self.log.warning("device refused a DMA unmap", error=str(exc))
         except Exception:
-            self.log.exception("DMA unmap notification failed")
+            self._internal_error("DMA unmap notification failed")
+
+    def _internal_error(self, what: str, **context: Any) -> None:
+        """A callback met a bug in vgpud (an unexpected exception): count it, log it."""
+        self.internal_errors += 1
+        self.log.exception(what, **context)
 
     def _on_log(self, _ctx: Any, level: int, msg: Any) -> None:
         try:
