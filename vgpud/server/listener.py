@@ -35,7 +35,8 @@ _TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENO
 _ACCEPT_BACKOFF_SECONDS = 0.1
 _LISTEN_BACKLOG = 8
 # How long a client may wait for the session of a client that has closed its end to finish
-# (it ends at its next read; only a device stuck in a handler takes longer).
+# (it ends at its next read; only one blocked sending replies to a half-closed client that
+# no longer reads them takes longer).
 HANDOVER_TIMEOUT = 5.0
 
 # What the server offers in its VERSION reply (spec vfio-user.md §3.1, R8): max_msg_fds is
