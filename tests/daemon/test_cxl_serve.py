@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +18,12 @@ from backends.device import CONFIG_REGION_INDEX
 from backends.synthetic import SyntheticGpu, get_profile
 from backends.synthetic.capabilities import CXL_DVSEC_OFFSET
 from backends.synthetic.profiles import GIB
+from tests.serve_process import VGPUD, start, stop
 from vgpud.config import single_device
 from vgpud.devices import build_device
 from vgpud.probe import ProbeResult, decode_config, render
 from vgpud.variant import find_cxl_dvsec
 
-VGPUD = [sys.executable, "-m", "vgpud"]
 CXL_LINE = "Designated Vendor-Specific (DVSEC) vendor 0x1e98 id 0 [CXL Device]"
 
 
@@ -126,15 +123,6 @@ def test_probe_decodes_the_status_bits(tmp_path: Path, valid_delay: float, bits:
 # -- the daemon as a user runs it -----------------------------------------------------------
 
 
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify"))
-    sock.settimeout(30)  # a hang guard: READY=1 comes after about 2 s
-    yield sock
-    sock.close()
-
-
 def test_serve_cxl_dvsec_waits_then_probe_shows_it_ready(
     tmp_path: Path, notify_socket: socket.socket
 ) -> None:
@@ -144,10 +132,7 @@ def test_serve_cxl_dvsec_waits_then_probe_shows_it_ready(
         *("--memory-size", "4GiB", "--cxl-dvsec", "--cxl-mem-active-timeout", "4"),
         *("--ready-delay", "2.5"),
     ]
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
-    proc = subprocess.Popen(
-        [*VGPUD, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    proc = start(args, tmp_path)
     try:
         # READY=1 only once the CXL wait saw MEM_INFO_VALID and MEM_ACTIVE (§7.3, §2.4).
         assert notify_socket.recv(64) == b"READY=1"
@@ -171,8 +156,7 @@ def test_serve_cxl_dvsec_waits_then_probe_shows_it_ready(
         assert CXL_LINE in text
         assert "MEM_INFO_VALID+ MEM_ACTIVE+ Memory_Active_Timeout 4 = 256 s" in text
     finally:
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=30)
+        stderr = stop(proc, check=False)
     assert proc.returncode == 0, stderr
     events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     by_name = {e["event"]: e for e in events}

@@ -12,20 +12,16 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from tests.serve_process import read_log_until, start, stop
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.libvfio_user import EngineUnavailable, load_library
 
-VGPUD = [sys.executable, "-m", "vgpud"]
 CONFIG, BAR2, BAR4 = 7, 2, 4
 # 4 GiB gh200: usemem 3 GiB in a 4 GiB BAR4, resmem 1 GiB in BAR2.
 LENGTHS = {BAR4: 3 << 30, BAR2: 1 << 30}
@@ -40,15 +36,6 @@ def engines() -> list[object]:
             "libvfio-user", marks=pytest.mark.skip(reason=f"needs libvfio-user ({exc})")
         )
     return ["python", libvfio_user]
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify"))
-    sock.settimeout(30)  # a hang guard only: READY=1 comes well under a second after start
-    yield sock
-    sock.close()
 
 
 async def truncate_under_the_daemon(sock: Path, region: int) -> None:
@@ -86,18 +73,6 @@ async def next_client_finds_the_device_whole(sock: Path, region: int) -> None:
         assert await next_vmm.region_read(region, length - 4, 4) == bytes(4)
 
 
-def read_log_until(proc: subprocess.Popen[str], event: str) -> str:
-    """The daemon's log lines up to and including the first ``event`` (EOF fails)."""
-    assert proc.stderr is not None
-    lines: list[str] = []
-    while True:
-        line = proc.stderr.readline()
-        assert line, "the daemon exited: " + "".join(lines)
-        lines.append(line)
-        if json.loads(line).get("event") == event:
-            return "".join(lines)
-
-
 @pytest.mark.parametrize("region", [BAR4, BAR2], ids=["usemem", "resmem"])
 @pytest.mark.parametrize("engine", engines())
 def test_vmm_truncating_device_memory_gets_eio_not_a_dead_daemon(
@@ -108,20 +83,16 @@ def test_vmm_truncating_device_memory_gets_eio_not_a_dead_daemon(
         *("serve", "--socket-path", str(sock), "--backing-dir", str(tmp_path / "mem")),
         *("--memory-size", "4GiB", "--engine", engine, "--log-format", "json"),
     ]
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
-    proc = subprocess.Popen(
-        [*VGPUD, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    proc = start(args, tmp_path)
     try:
         assert notify_socket.recv(64) == b"READY=1"
         trio.run(truncate_under_the_daemon, sock, region)
         # One client at a time: the next may connect once the daemon has seen this one go.
-        log = read_log_until(proc, "client disconnected")
+        _, log = read_log_until(proc, "client disconnected")
         trio.run(next_client_finds_the_device_whole, sock, region)
         assert proc.poll() is None, "the daemon died"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, rest = proc.communicate(timeout=30)
+        rest = stop(proc, check=False)
     stderr = log + rest
     assert proc.returncode == 0, stderr
     name = "usemem" if region == BAR4 else "resmem"

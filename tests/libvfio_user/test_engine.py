@@ -10,7 +10,6 @@ import errno
 import mmap
 import os
 import socket
-import stat
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from vgpud.config import single_device
 from vgpud.devices import BuiltDevice, build_device
 from vgpud.libvfio_user import EngineUnavailable, LibvfioUserServer, load_library
 from vgpud.libvfio_user import engine as engine_module
-from vgpud.libvfio_user.engine import serve_device
+from vgpud.libvfio_user.engine import accepted_connections, serve_device
 
 try:
     LIBRARY = load_library()
@@ -350,23 +349,10 @@ async def test_stop_while_a_client_is_negotiating(tmp_path: Path, when: str) -> 
 
 
 async def accepted(path: Path) -> None:
-    """Until this process holds a connected socket bound to ``path``: the server side of a
-    connection the engine has accepted (it has no other way to tell)."""
+    """Until the engine has accepted a connection on ``path`` (it has no other way to tell)."""
     # No event exists for this (the accept happens inside libvfio-user), so poll the state.
-    while not any(_accepted_on(int(fd), path) for fd in os.listdir("/proc/self/fd")):  # noqa: ASYNC110
+    while not any(True for _ in accepted_connections(path)):  # noqa: ASYNC110
         await trio.sleep(0.001)
-
-
-def _accepted_on(fd: int, path: Path) -> bool:
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return False
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            local = sock.getsockname() if sock.family == socket.AF_UNIX else None
-    except OSError:
-        return False
-    return not listening and local == str(path)
 
 
 async def test_socket_is_owner_only_and_removed_on_stop(tmp_path: Path) -> None:

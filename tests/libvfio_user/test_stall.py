@@ -10,18 +10,14 @@ Needs a libvfio-user build (``VGPUD_LIBVFIO_USER``); skipped without one.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.serve_process import read_log_until, start, stop
 from tests.server.rawclient import HEADER, QEMU_VERSION
 from vgpud.libvfio_user import EngineUnavailable, load_library
 
@@ -103,15 +99,6 @@ def requests_nobody_reads(sock: socket.socket) -> None:
     sock.sendall(message * 16)
 
 
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify"))
-    sock.settimeout(HANG_GUARD)
-    yield sock
-    sock.close()
-
-
 @pytest.mark.parametrize("stall", [header_then_silence, requests_nobody_reads])
 def test_stalling_client_is_cut_off_and_other_devices_are_served(
     tmp_path: Path, notify_socket: socket.socket, stall: Callable[[socket.socket], None]
@@ -125,14 +112,7 @@ def test_stalling_client_is_cut_off_and_other_devices_are_served(
             for i in range(2)
         )
     )
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vgpud", "serve", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(["serve", "--config", str(config)], tmp_path)
     try:
         assert notify_socket.recv(64) == b"READY=1"
         neighbour = connect(tmp_path / "gpu1.sock")
@@ -141,7 +121,7 @@ def test_stalling_client_is_cut_off_and_other_devices_are_served(
         stall(staller)
         send_config_read(neighbour, 2)  # to a device of the same daemon, held up meanwhile
         # The watchdog cuts the staller off. Without it this waits out the hang guard.
-        stall_event = read_log_until(proc, STALL_EVENT)
+        stall_event, _ = read_log_until(proc, STALL_EVENT)
         assert (stall_event["device"], stall_event["connection"]) == ("gpu0", 1)
         # ... the staller's stream ends after whatever replies made it out ...
         while receive(staller) is not None:
@@ -155,19 +135,6 @@ def test_stalling_client_is_cut_off_and_other_devices_are_served(
         again.close()
         assert proc.poll() is None, "the daemon died"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=HANG_GUARD)
+        stderr = stop(proc, check=False)
     assert proc.returncode == 0, stderr
     assert "client stalled" not in stderr, "one stall, one cut"
-
-
-def read_log_until(proc: subprocess.Popen[str], event: str) -> dict[str, object]:
-    """Read the daemon's JSON log up to the first ``event`` (its end fails the test)."""
-    assert proc.stderr is not None
-    while True:
-        line = proc.stderr.readline()
-        assert line, "the daemon's log ended"
-        record = json.loads(line)
-        if record.get("event") == event:
-            assert isinstance(record, dict)
-            return record

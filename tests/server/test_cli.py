@@ -7,36 +7,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-VGPUD = [sys.executable, "-m", "vgpud"]
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify"))
-    sock.settimeout(30)
-    yield sock
-    sock.close()
-
-
-def start(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
-    return subprocess.Popen(
-        [*VGPUD, *args], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-
-
-def stop(proc: subprocess.Popen[str], signum: int = signal.SIGTERM) -> str:
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
-    return stderr
+from tests.serve_process import VGPUD, start, stop
 
 
 def test_serve_with_only_a_socket_path_then_probe(

@@ -31,7 +31,7 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -329,25 +329,14 @@ class LibvfioUserServer:
     def _cut_unattached_connections(self) -> None:
         """Shut down the connection libvfio-user is negotiating on (its fd is private).
 
-        It is the only non-listening socket of this process whose local address is our
-        socket path; shutting it down makes the blocked read return and attach fail.
+        It is the only accepted connection on our socket path (:func:`accepted_connections`);
+        shutting it down makes the blocked read return and attach fail.
         """
-        path = os.fsencode(self.socket_path)
-        for name in os.listdir("/proc/self/fd"):
+        for sock in accepted_connections(self.socket_path):
             try:
-                if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
-                    continue
-                sock = socket.socket(fileno=os.dup(int(name)))
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 continue
-            with sock:
-                try:
-                    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                    local = sock.getsockname() if sock.family == socket.AF_UNIX else None
-                    if not listening and local is not None and os.fsencode(local) == path:
-                        sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    continue
 
     async def _run_until_detached(self, log: Any) -> str:
         lib, ctx = self._lib, self._ctx
@@ -513,6 +502,27 @@ class LibvfioUserServer:
             getattr(self.log, method)("libvfio-user", message=text)
         except Exception:
             pass  # a log line must never fail a request
+
+
+def accepted_connections(path: Path) -> Iterator[socket.socket]:
+    """Duplicates of this process's accepted connections on the socket ``path``: its
+    non-listening sockets whose local address is ``path`` (each closed once iterated past)."""
+    wanted = os.fsencode(path)
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        with sock:
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                local = sock.getsockname() if sock.family == socket.AF_UNIX else None
+            except OSError:
+                continue
+            if not listening and local is not None and os.fsencode(local) == wanted:
+                yield sock
 
 
 def _shutdown_fd(fd: int) -> None:

@@ -1,0 +1,67 @@
+"""``vgpud serve`` as a process of its own, for tests that need one (a daemon that crashes or
+blocks must not take the test run with it, and the CLI is what users run).
+
+Readiness is READY=1 on the test's own NOTIFY_SOCKET (the ``notify_socket`` fixture, in
+tests/conftest.py); with ``--log-format json`` the daemon's log can be read event by event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+VGPUD = [sys.executable, "-m", "vgpud"]
+NOTIFY_TIMEOUT = 30.0  # seconds; a hang guard only
+
+
+def notify_socket_at(tmp_path: Path) -> Iterator[socket.socket]:
+    """The datagram socket the daemon sends READY=1 to (NOTIFY_SOCKET=tmp_path/notify)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(NOTIFY_TIMEOUT)
+    yield sock
+    sock.close()
+
+
+def start(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen[str]:
+    """``vgpud *args`` with NOTIFY_SOCKET pointing at ``notify_socket``; stdout and stderr
+    are pipes (the daemon writes its log to stderr)."""
+    environment = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), **env)
+    return subprocess.Popen(
+        [*VGPUD, *args],
+        env=environment,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def stop(proc: subprocess.Popen[str], signum: int = signal.SIGTERM, *, check: bool = True) -> str:
+    """Stop the daemon and (``check``) assert it exited cleanly; what it logged after any
+    :func:`read_log_until`. ``check=False`` is for ``finally`` blocks."""
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=30)
+    if check:
+        assert proc.returncode == 0, stderr
+    return stderr
+
+
+def read_log_until(proc: subprocess.Popen[str], event: str) -> tuple[dict[str, Any], str]:
+    """Read the daemon's JSON log up to the first ``event``: that record, and every line read
+    (its end first fails the test: the daemon exited)."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while True:
+        line = proc.stderr.readline()
+        assert line, "the daemon's log ended: " + "".join(lines)
+        lines.append(line)
+        record = json.loads(line)
+        if record.get("event") == event:
+            return record, "".join(lines)
