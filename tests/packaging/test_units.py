@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from vgpud.config import DeviceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
@@ -46,3 +49,31 @@ def test_containerfile_copies_what_exists() -> None:
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"Containerfile copies missing {source}"
+
+
+def _containerfile_instruction(keyword: str) -> list[str]:
+    """The JSON-form argument of the image's (last) ``keyword`` instruction."""
+    lines = [
+        line for line in (ROOT / "Containerfile").read_text().splitlines()
+        if line.startswith(f"{keyword} ")
+    ]  # fmt: skip
+    assert lines, f"Containerfile has no {keyword}"
+    value = json.loads(lines[-1].removeprefix(f"{keyword} "))
+    assert isinstance(value, list)
+    return [str(item) for item in value]
+
+
+def test_container_keeps_sockets_and_memory_in_volumes() -> None:
+    """The default command's socket and the default backing directory are volumes: memory
+    must not land in the container's own 64 MiB /dev/shm, nor die with the container."""
+    volumes = [Path(v) for v in _containerfile_instruction("VOLUME")]
+    command = _containerfile_instruction("CMD")
+    socket = Path(command[command.index("--socket-path") + 1])
+    backing = DeviceConfig(name=socket.stem, socket_path=socket).resolved_backing_dir()
+
+    def in_a_volume(path: Path) -> bool:
+        return any(path.is_relative_to(volume) for volume in volumes)
+
+    assert in_a_volume(socket), f"{socket} is not under a VOLUME"
+    assert in_a_volume(backing), f"default backing dir {backing} is not under a VOLUME"
+    assert _containerfile_instruction("ENTRYPOINT") == ["vgpud"]
