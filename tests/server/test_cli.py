@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -214,3 +215,46 @@ def test_socket_activation_by_name(tmp_path: Path, notify_socket: socket.socket)
         stderr = stop(proc)
     assert '"socket": "inherited"' in stderr
     assert path.exists(), "systemd's socket is not ours to remove"
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not found"
+)
+def test_started_by_the_first_connection_as_the_socket_unit_does(tmp_path: Path) -> None:
+    """systemd's own activator, as vgpud@.socket + vgpud@.service run it: nothing runs until
+    a client connects; that connection starts vgpud with the listening socket (named like
+    FileDescriptorName=%i) and is served, and so is the next one."""
+    path = tmp_path / "gpu3.sock"
+    activate = ["systemd-socket-activate", "--listen", str(path), "--fdname", "gpu3"]
+    serve = ["serve", "--name", "gpu3", "--backing-dir", str(tmp_path / "m")]
+    serve += ["--memory-size", "4GiB", "--log-format", "json"]
+    activator = subprocess.Popen([*activate, *VGPUD, *serve], stderr=subprocess.PIPE, text=True)
+    try:
+        log = _read_until(activator, "Listening on")
+        assert not (tmp_path / "m").exists()  # nothing has started the daemon yet
+        for _ in range(2):
+            probe = subprocess.run(
+                [*VGPUD, "probe", str(path)],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=30,  # a hang guard: unserved, the connection would wait forever
+            )
+            assert probe.returncode == 0, probe.stderr
+            assert "BAR4    size 4GiB" in probe.stdout
+    finally:
+        log += stop(activator, check=False)
+    assert activator.returncode == 0, log
+    assert '"socket": "inherited"' in log
+    assert log.count('"event": "client connected"') == 2
+
+
+def _read_until(proc: subprocess.Popen[str], text: str) -> str:
+    """Read ``proc``'s stderr up to and including the first line containing ``text``."""
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while not lines or text not in lines[-1]:
+        line = proc.stderr.readline()
+        assert line, "".join(lines) or "exited without output"
+        lines.append(line)
+    return "".join(lines)
