@@ -330,6 +330,24 @@ async def test_silent_client_is_cut_off_and_the_next_one_served(
         silent.close()
 
 
+async def test_a_client_still_negotiating_keeps_the_engine_busy(engine: Engine) -> None:
+    """``wait_idle`` covers a client from the moment it is taken, not only once its session
+    runs: a client has its VERSION reply before the engine has set the session up, and may
+    send and close in that gap. (The session fuzz met this: its fd check ran while a posted
+    write's fds were still on their way into libvfio-user.)"""
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        silent.connect(str(engine.socket_path))
+        await accepted(engine.socket_path)  # the attach thread negotiates with it now
+        with trio.move_on_after(0.5) as waited:
+            await engine.server.wait_idle()
+        assert waited.cancelled_caught, "idle while a client was negotiating"
+    finally:
+        silent.close()
+    with trio.fail_after(10):
+        await engine.server.wait_idle()  # its negotiation failed: idle again
+
+
 @pytest.mark.parametrize("when", ["once accepted", "at once"])
 async def test_stop_while_a_client_is_negotiating(tmp_path: Path, when: str) -> None:
     """A silent client never holds up a stop, whether the engine's attach thread has taken

@@ -89,6 +89,9 @@ class LibvfioUserServer:
         self.messages = 0
         self.internal_errors = 0  # callbacks that met a bug in vgpud (logged, EIO to C)
         self.attached = False
+        # A connection taken and still negotiating (the attach thread runs): not attached
+        # yet, but not idle either -- its client already has its VERSION reply.
+        self.negotiating = False
         self._socket_mode = socket_mode
         self._socket_group = socket_group
         self._no_mmap = no_mmap
@@ -286,23 +289,27 @@ class LibvfioUserServer:
         finally:
             self.watchdog.forget()
             self.attached = False
-            async with self._idle:
-                self._idle.notify_all()
+            await self._notify_idle()
 
     async def _attach(self) -> None:
         while True:
             await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
             done = trio.Event()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._negotiation_watchdog, done)
-                try:
-                    # Not cancellable: the thread owns the context until it returns.
-                    rc, err = await trio.to_thread.run_sync(self._attach_blocking)
-                finally:
-                    done.set()
-            if rc == 0:
-                self.attached = True
-                return
+            self.negotiating = True
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._negotiation_watchdog, done)
+                    try:
+                        # Not cancellable: the thread owns the context until it returns.
+                        rc, err = await trio.to_thread.run_sync(self._attach_blocking)
+                    finally:
+                        done.set()
+                if rc == 0:
+                    self.attached = True  # before negotiating is cleared: never idle between
+                    return
+            finally:
+                self.negotiating = False
+            await self._notify_idle()
             if err not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 self.log.warning("client failed to attach", error=os.strerror(err), errno=err)
 
@@ -399,10 +406,14 @@ class LibvfioUserServer:
         self._dma_views.clear()
 
     async def wait_idle(self) -> None:
-        """Wait until no client is attached (used by tests)."""
+        """Wait until no client is attached or negotiating (used by tests)."""
         async with self._idle:
-            while self.attached:
+            while self.attached or self.negotiating:
                 await self._idle.wait()
+
+    async def _notify_idle(self) -> None:
+        async with self._idle:
+            self._idle.notify_all()
 
     # -- callbacks (called from C: must not raise) ---------------------------------------
 
