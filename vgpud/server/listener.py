@@ -208,6 +208,8 @@ class DeviceServer:
         self._next = None
         if self.active is not None:
             self._refuse(sock, number, creds)  # the old session is stuck in its device
+            async with self._session_finished:
+                self._session_finished.notify_all()  # for wait_idle: no client waits now
             return
         self.active = number
         await self._run_session(sock, number, creds)
@@ -263,7 +265,7 @@ class DeviceServer:
                 self._session_finished.notify_all()
 
     async def wait_idle(self) -> None:
-        """Wait until no client is attached (used by tests)."""
+        """Wait until no client is attached or waiting to be (used by tests)."""
         async with self._session_finished:
-            while self.active is not None:
+            while self.active is not None or self._next is not None:
                 await self._session_finished.wait()
