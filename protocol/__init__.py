@@ -98,6 +98,7 @@ from protocol.region_info import (
 )
 from protocol.roles import ClientConnection, ServerConnection
 from protocol.state import Role, State
+from protocol.trapped import TrappedAccess
 from protocol.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, Version, negotiate_reply
 
 __all__ = [
@@ -181,6 +182,7 @@ __all__ = [
     "SetIrqsFlags",
     "SparseMmapCap",
     "State",
+    "TrappedAccess",
     "TwinSocket",
     "TypeCap",
     "Version",

@@ -121,6 +121,11 @@ class FrameReader:
         self._base += size
         return Frame(head, body, fds)
 
+    def skip(self, size: int) -> None:
+        """A whole ``size``-byte message was consumed without this reader (``idle`` held):
+        keep the stream offsets that fds are placed by."""
+        self._base += size
+
     def release_fds(self) -> tuple[int, ...]:
         """Hand back every fd still held (after a fatal error)."""
         fds = tuple(fd for _, group in self._marks for fd in group)

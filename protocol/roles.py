@@ -9,8 +9,16 @@ from protocol.connection import _Connection
 from protocol.dma import DmaLayout
 from protocol.errors import LocalProtocolError
 from protocol.events import Outgoing, Request, RequestMessage
-from protocol.header import Command
+from protocol.header import FLAG_NO_REPLY, HEADER_SIZE, HEADER_STRUCT, Command
 from protocol.state import Role
+from protocol.trapped import (
+    REGION_READ,
+    REGION_WRITE,
+    TrappedAccess,
+    access_error,
+    access_reply,
+    decode_access,
+)
 from protocol.version import PROTOCOL_MAJOR, PROTOCOL_MINOR, Version
 
 
@@ -22,6 +30,81 @@ class ServerConnection(_Connection):
 
     def __init__(self, capabilities: Capabilities) -> None:
         super().__init__(capabilities, dma_layout=DmaLayout.SPEC)
+        # The fast-path access owed a reply (protocol.trapped: one at a time).
+        self._pending_access: TrappedAccess | None = None
+
+    # -- the trapped-access fast path (exact reads; see protocol.trapped) -------------------
+
+    def trapped_access_body(self, header: bytes) -> int:
+        """The body length to read for the fast path, or -1: ``header`` (read with no fds,
+        at a message boundary) is not a REGION_READ/REGION_WRITE the fast path may take, so
+        it goes to :meth:`receive_header` as usual. Changes nothing."""
+        head = self._trapped_head(header)
+        return -1 if head is None else head[2] - HEADER_SIZE
+
+    def receive_trapped_access(self, header: bytes, body: bytes) -> TrappedAccess | None:
+        """The access in ``header`` + ``body`` (read with no fds), consumed, or None with
+        nothing consumed: hand both to :meth:`receive_header`/:meth:`receive_body` then.
+        Unless posted, the access is owed :meth:`answer_access` or :meth:`refuse_access`."""
+        head = self._trapped_head(header)
+        if head is None:
+            return None
+        msg_id, command, size, flags, _ = head
+        if len(body) != size - HEADER_SIZE:
+            return None
+        no_reply = flags == FLAG_NO_REPLY
+        access = decode_access(
+            msg_id, command, no_reply, body, self.capabilities.max_data_xfer_size
+        )
+        if access is None:
+            return None
+        self._reader.skip(size)
+        if not no_reply:
+            self._pending_access = access
+        return access
+
+    def answer_access(self, access: TrappedAccess, data: bytes = b"") -> bytes | None:
+        """The reply to ``access`` (``data``: exactly ``count`` bytes read, none for a
+        write), or None for a posted write."""
+        if access.no_reply:
+            return None
+        self._check_owed(access)
+        wire = access_reply(access, data)  # may refuse the data: then it is still owed
+        self._pending_access = None
+        return wire
+
+    def refuse_access(self, access: TrappedAccess, errno: int) -> bytes | None:
+        """A header-only error reply to ``access``, or None for a posted write."""
+        if access.no_reply:
+            return None
+        self._check_owed(access)
+        wire = access_error(access, errno)
+        self._pending_access = None
+        return wire
+
+    def _check_owed(self, access: TrappedAccess) -> None:
+        if access is not self._pending_access:
+            raise LocalProtocolError(f"{access!r} is not owed a reply (already answered?)")
+
+    def _trapped_head(self, header: bytes) -> tuple[int, int, int, int, int] | None:
+        if len(header) != HEADER_SIZE:
+            return None
+        head: tuple[int, int, int, int, int] = HEADER_STRUCT.unpack(header)
+        command, size, flags = head[1], head[2], head[3]
+        if command == REGION_READ:
+            if flags or size != HEADER_SIZE + 16:
+                return None  # a posted read is legal but rare: the general path has it
+        elif command != REGION_WRITE or flags & ~FLAG_NO_REPLY or size < HEADER_SIZE + 16:
+            return None
+        if size > self._reader.max_size or not self._may_take(command):
+            return None
+        return head
+
+    def _may_take(self, command: int) -> bool:
+        """The state-dependent half of the fast path's conditions."""
+        return (
+            self._pending_access is None and command in self._accepted and self.at_message_boundary
+        )
 
     def version_reply(self, request: Request) -> Outgoing:
         """Our VERSION reply: 0.0, our capabilities (only features the client offered), never
