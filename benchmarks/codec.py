@@ -1,15 +1,18 @@
 """Per-message Python cost of a trapped access, without sockets or trio.
 
 Feeds prebuilt REGION_READ / REGION_WRITE messages through a real ``ServerConnection`` and a
-real ``Session`` over the default device, exactly as ``Session._serve`` does (exact reads:
-``receive_header``, ``receive_body``, then ``Session._dispatch``), and reports microseconds
-per message. The gap between this and ``benchmarks.roundtrip`` is syscalls plus trio.
+real ``Session`` over the default device, exactly as ``Session._on_header`` does: the
+trapped-access fast path (``trapped_access_body``, ``receive_trapped_access``, then
+``Session._serve_access``). The gap between this and ``benchmarks.roundtrip`` is syscalls
+plus trio.
 
 Stages, each timed over the whole run:
-- ``frame``: ``receive_header`` / ``receive_body`` until the Request is out (header checks,
-  state and direction checks, payload decode);
-- ``handle``: ``Session._dispatch`` (device call, reply message, ``send_access_reply``);
-- ``total``: both, in one loop (what the server pays per message in Python).
+- ``frame``: the connection's two fast-path calls, until the ``TrappedAccess`` is out (header
+  checks, state and direction checks, access decode);
+- ``handle``: ``Session._serve_access`` (bounds check, device call, reply bytes);
+- ``total``: both, in one loop (what the server pays per message in Python);
+- ``general``: the same messages through the general path instead (``receive_header``,
+  ``receive_body``, ``Session._dispatch``), which every other message takes.
 
     python -m benchmarks.codec [--iterations 50000] [--json]
 """
@@ -79,19 +82,19 @@ def _session(tmp: str) -> Session:
 def _feed(session: Session, messages: list[tuple[bytes, bytes]]) -> tuple[float, float]:
     """Frame and handle in two timed halves: (µs framing, µs handling) per message."""
     conn = session.conn
-    handle = session._dispatch
+    serve = session._serve_access
     frame_ns = handle_ns = 0
     clock = time.perf_counter_ns
     gc.collect()
     for header, body in messages:
         t0 = clock()
-        conn.receive_header(header, ())
-        event = conn.receive_body(body)
+        conn.trapped_access_body(header)
+        access = conn.receive_trapped_access(header, body)
         t1 = clock()
-        assert type(event) is p.Request
-        outgoing = handle(event)
+        assert access is not None
+        reply = serve(access)
         t2 = clock()
-        assert outgoing is not None
+        assert reply is not None
         frame_ns += t1 - t0
         handle_ns += t2 - t1
     n = len(messages)
@@ -100,6 +103,19 @@ def _feed(session: Session, messages: list[tuple[bytes, bytes]]) -> tuple[float,
 
 def _total(session: Session, messages: list[tuple[bytes, bytes]]) -> float:
     """Frame and handle in one loop, timed as a whole: µs per message."""
+    conn = session.conn
+    serve = session._serve_access
+    body_size, receive = conn.trapped_access_body, conn.receive_trapped_access
+    gc.collect()
+    start = time.perf_counter_ns()
+    for header, body in messages:
+        body_size(header)
+        serve(receive(header, body))  # type: ignore[arg-type]
+    return (time.perf_counter_ns() - start) / 1000 / len(messages)
+
+
+def _general(session: Session, messages: list[tuple[bytes, bytes]]) -> float:
+    """The general path, timed as a whole: µs per message."""
     conn = session.conn
     handle = session._dispatch
     receive_header, receive_body = conn.receive_header, conn.receive_body
@@ -127,10 +143,12 @@ def run(iterations: int, repeats: int) -> dict[str, dict[str, float]]:
             _total(session, messages[: min(2000, iterations)])  # warm-up
             totals = sorted(_total(session, messages) for _ in range(repeats))
             frame, handle = _feed(session, messages)
+            generals = sorted(_general(session, messages) for _ in range(repeats))
             results[name] = {
                 "total_us": totals[len(totals) // 2],
                 "frame_us": frame,
                 "handle_us": handle,
+                "general_us": generals[len(generals) // 2],
             }
     return results
 
@@ -145,9 +163,12 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{'message':<14} {'total us':>9} {'frame us':>9} {'handle us':>10}")
+    print(f"{'message':<14} {'total us':>9} {'frame us':>9} {'handle us':>10} {'general us':>11}")
     for name, r in results.items():
-        print(f"{name:<14} {r['total_us']:9.2f} {r['frame_us']:9.2f} {r['handle_us']:10.2f}")
+        print(
+            f"{name:<14} {r['total_us']:9.2f} {r['frame_us']:9.2f} {r['handle_us']:10.2f} "
+            f"{r['general_us']:11.2f}"
+        )
     return 0
 
 

@@ -9,7 +9,10 @@ which gives spec vfio-user.md R11 (posted writes take effect before any later re
 Trapped accesses are on the VM's critical path: when the socket has the bytes, a message is
 read, handled and answered without a coroutine or a pass through trio's scheduler (the
 transport's ``*_nowait`` calls; a fairness budget still forces a checkpoint every so often),
-and nothing is logged above debug level.
+and nothing is logged above debug level. REGION_READ/REGION_WRITE, the messages every guest
+access to a trapped register is, go further: the connection's fast path
+(:mod:`protocol.trapped`) hands them over as a ``TrappedAccess`` with the checks done, and
+they are answered without a ``Request`` event, a dispatch or an ``Outgoing``.
 
 Ownership: every fd that arrives is closed on every path -- by the DMA table (right after it
 is mmapped), by the device (eventfds, per the VfioDevice contract), or here (rejected
@@ -39,6 +42,11 @@ _ACTION_MASK = 0x38
 _DMA_READ, _DMA_WRITE = 1, 2
 _UNMAP_ALL = 2
 _UNMAP_DIRTY_BITMAP = 1
+
+# What reading one message gives: an event; the reply to a trapped access served on the spot
+# (bytes); None (a split header now buffered, or a posted write served); or, when a read
+# would block, the coroutine that finishes the job.
+_Read = p.Event | bytes | None | Coroutine[Any, Any, "p.Event | bytes | None"]
 
 
 class Session:
@@ -111,7 +119,7 @@ class Session:
                         read = self._read_message()
                         event = await read if type(read) is CoroutineType else read
                         if event is None:
-                            continue  # a split header, now buffered in the connection
+                            continue  # a split header (now buffered), or a posted write
                     else:
                         next_event = conn.next_event()
                         if next_event is p.NEED_DATA:
@@ -126,19 +134,24 @@ class Session:
                 except TransportError as exc:
                     self.log.warning("transport error, closing", error=str(exc))
                     return "transport-error"
-                if type(event) is p.ConnectionClosed:
-                    return "closed"
-                # Requests, the per-guest-access path, skip _handle's classification.
-                outgoing = (
-                    self._dispatch(event) if type(event) is p.Request else self._handle(event)
-                )
-                if outgoing is None:
-                    continue
+                if type(event) is bytes:
+                    # A trapped access (protocol.trapped), already answered.
+                    reply: bytes = event
+                    reply_fds: Sequence[int] = ()
+                else:
+                    if type(event) is p.ConnectionClosed:
+                        return "closed"
+                    # Requests skip _handle's classification.
+                    outgoing = (
+                        self._dispatch(event) if type(event) is p.Request else self._handle(event)
+                    )
+                    if outgoing is None:
+                        continue
+                    reply, reply_fds = outgoing.data, outgoing.fds
                 try:
-                    data = outgoing.data
-                    sent = 0 if outgoing.fds else stream.send_nowait(data)
-                    if sent < len(data):
-                        await stream.send(data[sent:], outgoing.fds)
+                    sent = 0 if reply_fds else stream.send_nowait(reply)
+                    if sent < len(reply):
+                        await stream.send(reply[sent:], reply_fds)
                 except TransportError as exc:
                     self.log.info("client went away while we replied", error=str(exc))
                     return "transport-error"
@@ -146,7 +159,7 @@ class Session:
             # fds of a message the socket failed in the middle of.
             close_fds(conn.release_fds())
 
-    def _read_message(self) -> p.Event | Coroutine[Any, Any, p.Event | None] | None:
+    def _read_message(self) -> _Read:
         """One whole message with exact reads: its header and fds, then exactly its body
         (spec vfio-user.md §1: fds come with a message's first byte); None when the header
         came split or the peer closed (those bytes went to the connection's buffered path).
@@ -159,30 +172,69 @@ class Session:
             return self._read_message_slowly()
         return self._on_header(*got)
 
-    async def _read_message_slowly(self) -> p.Event | None:
+    async def _read_message_slowly(self) -> p.Event | bytes | None:
         header, fds = await self.stream.receive(p.HEADER_SIZE, self.conn.max_fds)
         read = self._on_header(header, fds)
         return await read if isinstance(read, Coroutine) else read
 
-    def _on_header(
-        self, header: bytes, fds: list[int]
-    ) -> p.Event | Coroutine[Any, Any, p.Event | None] | None:
-        """Take a header read; the event when the body is there at once, else as above."""
+    def _on_header(self, header: bytes, fds: list[int]) -> _Read:
+        """Take a header read; the event when the body is there at once, else as above. A
+        trapped access whose body is there too is served on the spot: its reply comes back
+        (or None, posted)."""
         conn = self.conn
         if len(header) != p.HEADER_SIZE:
             conn.receive_data(header, fds)
             return None
+        got: tuple[bytes, list[int]] | None = None
+        if not fds:
+            size = conn.trapped_access_body(header)
+            if size >= 0:
+                got = self.stream.receive_nowait(size, conn.max_fds)
+                if got is not None and not got[1]:
+                    access = conn.receive_trapped_access(header, got[0])
+                    if access is not None:
+                        return self._serve_access(access)
+        # The general path, with the body if the fast path read it already.
         remaining = conn.receive_header(header, fds)
         if not remaining:
             return conn.receive_body(b"")
-        got = self.stream.receive_nowait(remaining, conn.max_fds)
+        if got is None:
+            got = self.stream.receive_nowait(remaining, conn.max_fds)
         if got is not None and len(got[0]) == remaining:
             return conn.receive_body(*got)
         return self._finish_body(remaining, got)
 
+    def _serve_access(self, access: p.TrappedAccess) -> bytes | None:
+        """Serve a trapped REGION_READ/REGION_WRITE as ``_region_read``/``_region_write`` do,
+        with the errors ``_dispatch`` gives; the reply bytes, or None for a posted write."""
+        self.messages += 1
+        conn = self.conn
+        try:
+            count = access.count
+            if access.is_read:
+                data = b""
+                if count:
+                    self._check_access(access.region, access.offset, count)
+                    data = self.device.region_read(access.region, access.offset, count)
+                # Checks that the device returned exactly ``count`` bytes (spec R10).
+                return conn.answer_access(access, data)
+            if count:
+                self._check_access(access.region, access.offset, count)
+                self.device.region_write(access.region, access.offset, access.data)
+            return conn.answer_access(access)
+        except (DeviceError, DmaError) as exc:
+            command = "REGION_READ" if access.is_read else "REGION_WRITE"
+            self.log.debug("request refused", command=command, error=str(exc))
+            return conn.refuse_access(access, exc.errno)
+        except Exception:
+            self.internal_errors += 1
+            command = "REGION_READ" if access.is_read else "REGION_WRITE"
+            self.log.exception("internal error handling request", command=command)
+            return conn.refuse_access(access, errno.EIO)
+
     async def _finish_body(
         self, remaining: int, first: tuple[bytes, list[int]] | None
-    ) -> p.Event | None:
+    ) -> p.Event | bytes | None:
         """Read the rest of a body (``first``: what was read of it already, if anything)."""
         receive, max_fds = self.stream.receive, self.conn.max_fds
         body, stray = first if first is not None else await receive(remaining, max_fds)
