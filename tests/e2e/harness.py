@@ -109,17 +109,22 @@ class Harness:
         )
 
     async def start_vgpud(self, device: Device, extra: Sequence[str] = ()) -> Vgpud:
-        daemon = Vgpud(
+        return await self._start_vgpud(
             VgpudConfig(
                 socket_path=device.socket_path,
                 backing_dir=device.backing_dir,
                 profile=device.profile,
                 memory_size=device.memory_size,
                 extra=list(extra),
-            ),
-            self.workdir,
-            name=self._name("vgpud"),
+            )
         )
+
+    async def start_vgpud_config(self, config_file: Path) -> Vgpud:
+        """``vgpud serve --config config_file``: every device of the file."""
+        return await self._start_vgpud(VgpudConfig(config_file=config_file))
+
+    async def _start_vgpud(self, config: VgpudConfig) -> Vgpud:
+        daemon = Vgpud(config, self.workdir, name=self._name("vgpud"))
         self.logs.append(daemon.log)
         self._daemons.append(daemon)
         await daemon.start(self.nursery, echo=self.echo)

@@ -395,14 +395,21 @@ class Qemu:
 
 @dataclass
 class VgpudConfig:
-    socket_path: Path
-    backing_dir: Path
+    """One device from flags, or (``config_file``) every device of a TOML file."""
+
+    socket_path: Path | None = None
+    backing_dir: Path | None = None
     profile: str = "gh200"
     memory_size: str | None = None
     extra: list[str] = field(default_factory=list)
+    config_file: Path | None = None
 
-    def device_flags(self) -> list[str]:
-        flags = ["--profile", self.profile]
+    def serve_args(self) -> list[str]:
+        if self.config_file is not None:
+            return ["--config", str(self.config_file)]
+        assert self.socket_path is not None and self.backing_dir is not None
+        flags = ["--socket-path", str(self.socket_path), "--backing-dir", str(self.backing_dir)]
+        flags += ["--profile", self.profile]
         if self.memory_size:
             flags += ["--memory-size", self.memory_size]
         return flags
@@ -426,11 +433,7 @@ class Vgpud:
         argv = [
             VGPUD,
             "serve",
-            "--socket-path",
-            str(self.config.socket_path),
-            "--backing-dir",
-            str(self.config.backing_dir),
-            *self.config.device_flags(),
+            *self.config.serve_args(),
             "--log-format",
             "json",
             *self.config.extra,
