@@ -32,6 +32,7 @@ _new = object.__new__
 #: A REGION_READ/REGION_WRITE reply up to its data: message header and access head.
 _ACCESS_REPLY_STRUCT = struct.Struct(HEADER_STRUCT.format + REGION_ACCESS_STRUCT.format[1:])
 _pack_access_reply = _ACCESS_REPLY_STRUCT.pack
+_READ = int(Command.REGION_READ)
 
 
 def _check_head(obj: object, offset: int, count: int) -> None:
@@ -279,29 +280,37 @@ def pack_access_reply(msg_id: int, request: object, data: bytes) -> bytes:
 
     The head needs none: it is the request's, validated when it arrived.
     """
-    if type(request) is RegionReadRequest:
-        if type(data) is not bytes:
-            raise LocalProtocolError("REGION_READ reply data must be bytes")
-        if len(data) != request.count:
-            # Spec R10: QEMU fails an access whose reply is not exactly count bytes.
-            raise LocalProtocolError(
-                f"REGION_READ reply of {len(data)} bytes, {request.count} asked"
-            )
-    elif type(request) is RegionWriteRequest:
-        if data:
-            raise LocalProtocolError("a REGION_WRITE reply carries no data")
-    else:
+    if type(request) is not RegionReadRequest and type(request) is not RegionWriteRequest:
         raise LocalProtocolError(
             f"an access reply answers REGION_READ or REGION_WRITE, not {type(request).__name__}"
         )
+    return access_reply_wire(
+        msg_id, request.COMMAND, request.offset, request.region, request.count, data=data
+    )
+
+
+def access_reply_wire(
+    msg_id: int, command: int, offset: int, region: int, count: int, *, data: bytes
+) -> bytes:
+    """:func:`pack_access_reply` from the request's fields (the trapped-access fast path has
+    no request object): header, the echoed head, then ``data`` -- exactly ``count`` bytes for
+    a read (spec R10: QEMU fails the access otherwise), none for a write."""
+    if command == _READ:
+        if type(data) is not bytes:
+            raise LocalProtocolError("REGION_READ reply data must be bytes")
+        if len(data) != count:
+            # Spec R10: QEMU fails an access whose reply is not exactly count bytes.
+            raise LocalProtocolError(f"REGION_READ reply of {len(data)} bytes, {count} asked")
+    elif data:
+        raise LocalProtocolError("a REGION_WRITE reply carries no data")
     head = _pack_access_reply(
         msg_id,
-        request.COMMAND,
+        command,
         _ACCESS_REPLY_STRUCT.size + len(data),
         FLAG_TYPE_REPLY,
         0,
-        request.offset,
-        request.region,
-        request.count,
+        offset,
+        region,
+        count,
     )
     return head + data if data else head

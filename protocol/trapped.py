@@ -25,10 +25,9 @@ import struct
 
 from protocol.errors import LocalProtocolError
 from protocol.header import FLAG_ERROR, FLAG_TYPE_REPLY, HEADER_SIZE, HEADER_STRUCT, Command
+from protocol.region_access import access_reply_wire
 
 _ACCESS = struct.Struct("<QII")  # offset, region, count (spec §3.9)
-_REPLY_HEAD = struct.Struct(HEADER_STRUCT.format + _ACCESS.format[1:])
-_pack_reply_head = _REPLY_HEAD.pack
 _pack_header = HEADER_STRUCT.pack
 _unpack_access = _ACCESS.unpack_from
 ACCESS_SIZE = _ACCESS.size
@@ -98,26 +97,9 @@ def decode_access(
 def access_reply(access: TrappedAccess, data: bytes) -> bytes:
     """The reply message: the request's head echoed, then ``data`` for a read (exactly
     ``count`` bytes, spec R10: QEMU fails the access otherwise), nothing for a write."""
-    if access.command == REGION_READ:
-        if type(data) is not bytes:
-            raise LocalProtocolError("REGION_READ reply data must be bytes")
-        if len(data) != access.count:
-            raise LocalProtocolError(
-                f"REGION_READ reply of {len(data)} bytes, {access.count} asked"
-            )
-    elif data:
-        raise LocalProtocolError("a REGION_WRITE reply carries no data")
-    head = _pack_reply_head(
-        access.msg_id,
-        access.command,
-        _REPLY_HEAD.size + len(data),
-        FLAG_TYPE_REPLY,
-        0,
-        access.offset,
-        access.region,
-        access.count,
+    return access_reply_wire(
+        access.msg_id, access.command, access.offset, access.region, access.count, data=data
     )
-    return head + data if data else head
 
 
 def access_error(access: TrappedAccess, err: int) -> bytes:
