@@ -121,6 +121,9 @@ class NvgraceVariant:
                 backend.memory_window(resmem.memphys - memory.memphys, resmem.memlength, False),
             )
         self.overlay = BarOverlay(usemem, resmem)
+        # A region's size never changes while the device exists (the config write path's
+        # bounds check would otherwise build a RegionInfo per guest write).
+        self._config_size = backend.region_info(CONFIG_REGION_INDEX).size
         self._gate_armed = False
         self._gate_deadline = 0.0
         self._cxl_gate: CxlReadinessWait | None = None
@@ -205,7 +208,7 @@ class NvgraceVariant:
         if fake is not None:
             self._bar_write(fake, offset, data)
         elif index == CONFIG_REGION_INDEX:
-            if offset < 0 or offset + len(data) > self.backend.region_info(index).size:
+            if offset < 0 or offset + len(data) > self._config_size:
                 raise DeviceError(errno.EINVAL, f"config write [{offset:#x}, +{len(data)})")
             if not self.overlay.write(offset, data):
                 self.backend.region_write(index, offset, data)
