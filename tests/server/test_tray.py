@@ -14,6 +14,7 @@ from vgpud.client import VfioUserClient
 from vgpud.config import load_file
 
 BAR4, CONFIG = 4, 7
+REGION_WRITE, NO_REPLY = 10, 0x10
 
 
 async def test_two_gpu_tray(tmp_path: Path) -> None:
@@ -51,3 +52,38 @@ async def test_two_gpu_tray(tmp_path: Path) -> None:
             handle.seek(0x100)
             assert handle.read(8) == f"gpu{i}!!!!".encode()
         assert not (tmp_path / f"gpu{i}.sock").exists()
+
+
+async def test_a_client_that_never_pauses_does_not_hold_up_another_device(
+    tmp_path: Path,
+) -> None:
+    """gpu0's client has 2000 posted writes queued before the daemon runs, so its session
+    never has to wait for the socket; gpu1's request still gets its reply long before that
+    queue is through (the transport yields every FAIRNESS_BUDGET socket operations)."""
+    flood = 2000
+    config = tmp_path / "tray.toml"
+    config.write_text(
+        "".join(
+            f'[[device]]\nname = "gpu{i}"\nsocket_path = "{tmp_path}/gpu{i}.sock"\n'
+            f'memory_size = "4GiB"\nbacking_dir = "{tmp_path}/mem{i}"\n'
+            for i in range(2)
+        )
+    )
+    async with trio.open_nursery() as nursery:
+        servers = await nursery.start(functools.partial(daemon.run, load_file(config)))
+        async with (
+            await VfioUserClient.connect(tmp_path / "gpu0.sock") as gpu0,
+            await VfioUserClient.connect(tmp_path / "gpu1.sock") as gpu1,
+        ):
+            posted = struct.pack("<HHIII", 0, REGION_WRITE, 36, NO_REPLY, 0)
+            posted += struct.pack("<QII", 0x3C, CONFIG, 4) + b"\x0b\x00\x00\x00"
+            # Plain writes, no checkpoint: all of it is queued before the daemon runs.
+            gpu0.stream.socket.sendall(posted * flood)
+            session = servers[0].current_session
+            assert session is not None
+            start = session.messages  # VERSION
+            await gpu1.region_read(CONFIG, 0, 4)
+            assert session.messages - start < flood // 4, session.messages - start
+            await gpu0.device_info()  # after the whole queue, in order
+            assert session.messages - start == flood + 1
+        nursery.cancel_scope.cancel()
