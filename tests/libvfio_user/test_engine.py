@@ -379,3 +379,26 @@ async def test_socket_is_owner_only_and_removed_on_stop(tmp_path: Path) -> None:
         assert engine.socket_path.stat().st_mode & 0o777 == 0o600
         nursery.cancel_scope.cancel()
     assert not engine.socket_path.exists()
+
+
+async def test_a_client_that_never_pauses_does_not_hold_up_another_device(
+    tmp_path: Path,
+) -> None:
+    """As tests/server/test_tray.py checks for the Python engine: gpu0's client has 2000
+    posted writes queued before the daemon runs; gpu1's request is answered long before they
+    are through (the engine yields every _YIELD_EVERY requests)."""
+    flood = 2000
+    async with trio.open_nursery() as nursery:
+        gpu0 = await start_engine(nursery, tmp_path / "gpu0")
+        gpu1 = await start_engine(nursery, tmp_path / "gpu1")
+        async with await gpu0.connect() as client0, await gpu1.connect() as client1:
+            posted = struct.pack("<HHIII", 0, REGION_WRITE, 36, 0x10, 0)  # NO_REPLY
+            posted += struct.pack("<QII", 0x3C, CONFIG, 4) + b"\x0b\x00\x00\x00"
+            start = gpu0.server.messages
+            # Plain writes, no checkpoint: all of it is queued before the daemon runs.
+            client0.stream.socket.sendall(posted * flood)
+            await client1.region_read(CONFIG, 0, 4)
+            assert gpu0.server.messages - start < flood // 4, gpu0.server.messages - start
+            await client0.device_info()  # after the whole queue, in order
+            assert gpu0.server.messages - start == flood + 1
+        nursery.cancel_scope.cancel()
