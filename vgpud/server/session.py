@@ -208,29 +208,14 @@ class Session:
         """Serve a trapped REGION_READ/REGION_WRITE as ``_region_read``/``_region_write`` do,
         with the errors ``_dispatch`` gives; the reply bytes, or None for a posted write."""
         self.messages += 1
-        conn = self.conn
         try:
-            count = access.count
-            if access.is_read:
-                data = b""
-                if count:
-                    self._check_access(access.region, access.offset, count)
-                    data = self.device.region_read(access.region, access.offset, count)
-                # Checks that the device returned exactly ``count`` bytes (spec R10).
-                return conn.answer_access(access, data)
-            if count:
-                self._check_access(access.region, access.offset, count)
-                self.device.region_write(access.region, access.offset, access.data)
-            return conn.answer_access(access)
-        except (DeviceError, DmaError) as exc:
+            written = None if access.is_read else access.data
+            data = self._access(access.region, access.offset, access.count, written)
+            # For a read, checks that the device returned exactly ``count`` bytes (spec R10).
+            return self.conn.answer_access(access, data)
+        except Exception as exc:
             command = "REGION_READ" if access.is_read else "REGION_WRITE"
-            self.log.debug("request refused", command=command, error=str(exc))
-            return conn.refuse_access(access, exc.errno)
-        except Exception:
-            self.internal_errors += 1
-            command = "REGION_READ" if access.is_read else "REGION_WRITE"
-            self.log.exception("internal error handling request", command=command)
-            return conn.refuse_access(access, errno.EIO)
+            return self.conn.refuse_access(access, self._refusal(exc, command))
 
     async def _finish_body(
         self, remaining: int, first: tuple[bytes, list[int]] | None
@@ -284,14 +269,20 @@ class Session:
             if handler is None:
                 raise DeviceError(errno.ENOSYS, f"command {event.command} not supported")
             return handler(event, event.message)
-        except (DeviceError, DmaError) as exc:
-            self.log.debug("request refused", command=event.command.name, error=str(exc))
-            return self.conn.send_error(event, exc.errno)
-        except Exception:
-            # A bug in vgpud must cost this request, not the daemon (DESIGN.md "Errors").
-            self.internal_errors += 1
-            self.log.exception("internal error handling request", command=event.command.name)
-            return self.conn.send_error(event, errno.EIO)
+        except Exception as exc:
+            return self.conn.send_error(event, self._refusal(exc, event.command.name))
+
+    def _refusal(self, exc: Exception, command: str) -> int:
+        """The errno to answer a request that raised ``exc`` with (called while handling it).
+
+        A device or DMA refusal is the client's business (logged at debug); anything else is
+        a bug in vgpud, which must cost this request, not the daemon (DESIGN.md "Errors")."""
+        if isinstance(exc, DeviceError | DmaError):
+            self.log.debug("request refused", command=command, error=str(exc))
+            return exc.errno
+        self.internal_errors += 1
+        self.log.exception("internal error handling request", command=command)
+        return errno.EIO
 
     # -- negotiation --------------------------------------------------------------------
 
@@ -442,22 +433,24 @@ class Session:
             )
 
     def _region_read(self, request: p.Request, msg: p.RegionReadRequest) -> p.Outgoing | None:
-        count = msg.count
-        if count == 0:
-            data = b""
-        else:
-            region, offset = msg.region, msg.offset
-            self._check_access(region, offset, count)
-            data = self.device.region_read(region, offset, count)
+        data = self._access(msg.region, msg.offset, msg.count, None)
         # Checks that the device returned exactly ``count`` bytes (spec R10).
         return self.conn.send_access_reply(request, data)
 
     def _region_write(self, request: p.Request, msg: p.RegionWriteRequest) -> p.Outgoing | None:
-        if msg.count:
-            region, offset = msg.region, msg.offset
-            self._check_access(region, offset, msg.count)
-            self.device.region_write(region, offset, msg.data)
+        self._access(msg.region, msg.offset, msg.count, msg.data)
         return self.conn.send_access_reply(request)
+
+    def _access(self, region: int, offset: int, count: int, written: bytes | None) -> bytes:
+        """The device side of a REGION_READ (``written`` None: returns what was read) or a
+        REGION_WRITE (returns nothing), for the general and the fast path alike."""
+        if not count:
+            return b""
+        self._check_access(region, offset, count)
+        if written is None:
+            return self.device.region_read(region, offset, count)
+        self.device.region_write(region, offset, written)
+        return b""
 
     def _region_write_multi(self, request: p.Request, msg: p.RegionWriteMulti) -> p.Outgoing | None:
         # Spec vfio-user.md §3.11: entries apply in order, each like a posted write.
