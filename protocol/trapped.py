@@ -22,6 +22,7 @@ access); while it is, further messages take the general path, which counts any n
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 
 from protocol.errors import LocalProtocolError
 from protocol.header import FLAG_ERROR, FLAG_TYPE_REPLY, HEADER_SIZE, HEADER_STRUCT, Command
@@ -36,40 +37,22 @@ REGION_READ, REGION_WRITE = int(Command.REGION_READ), int(Command.REGION_WRITE)
 _ERROR_FLAGS = FLAG_TYPE_REPLY | FLAG_ERROR
 
 
+@dataclass(slots=True, eq=False)  # identity: each access is owed its own reply
 class TrappedAccess:
-    """A REGION_READ (``data`` empty) or REGION_WRITE the connection has validated."""
+    """A REGION_READ (``data`` empty) or REGION_WRITE the connection has validated: the
+    header's and the access head's fields, in wire order."""
 
-    __slots__ = ("command", "count", "data", "msg_id", "no_reply", "offset", "region")
-
-    def __init__(  # noqa: PLR0917 -- the header's and the access head's fields, in wire order
-        self,
-        msg_id: int,
-        command: int,
-        no_reply: bool,
-        offset: int,
-        region: int,
-        count: int,
-        data: bytes,
-    ) -> None:
-        self.msg_id = msg_id
-        self.command = command
-        self.no_reply = no_reply
-        self.offset = offset
-        self.region = region
-        self.count = count
-        self.data = data
+    msg_id: int
+    command: int
+    no_reply: bool
+    offset: int
+    region: int
+    count: int
+    data: bytes = field(repr=False)  # up to max_data_xfer_size: never in an error message
 
     @property
     def is_read(self) -> bool:
         return self.command == REGION_READ
-
-    def __repr__(self) -> str:
-        kind = "read" if self.command == REGION_READ else "write"
-        posted = ", posted" if self.no_reply else ""
-        return (
-            f"TrappedAccess({kind} msg_id={self.msg_id} region={self.region} "
-            f"offset={self.offset:#x} count={self.count}{posted})"
-        )
 
 
 def decode_access(

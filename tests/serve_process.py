@@ -30,6 +30,12 @@ def notify_socket_at(tmp_path: Path) -> Iterator[socket.socket]:
     sock.close()
 
 
+def serve_args(tmp_path: Path, *extra: str) -> list[str]:
+    """``serve`` for one device on ``tmp_path/gpu0.sock``, its memory in ``tmp_path/mem``."""
+    socket_path, memory = tmp_path / "gpu0.sock", tmp_path / "mem"
+    return ["serve", "--socket-path", str(socket_path), "--backing-dir", str(memory), *extra]
+
+
 def start(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen[str]:
     """``vgpud *args`` with NOTIFY_SOCKET pointing at ``notify_socket``; stdout and stderr
     are pipes (the daemon writes its log to stderr)."""

@@ -18,7 +18,7 @@ from backends.device import CONFIG_REGION_INDEX
 from backends.synthetic import SyntheticGpu, get_profile
 from backends.synthetic.capabilities import CXL_DVSEC_OFFSET
 from backends.synthetic.profiles import GIB
-from tests.serve_process import VGPUD, start, stop
+from tests.serve_process import VGPUD, serve_args, start, stop
 from vgpud.config import single_device
 from vgpud.devices import build_device
 from vgpud.probe import ProbeResult, decode_config, render
@@ -127,11 +127,11 @@ def test_serve_cxl_dvsec_waits_then_probe_shows_it_ready(
     tmp_path: Path, notify_socket: socket.socket
 ) -> None:
     sock = tmp_path / "gpu0.sock"
-    args = [
-        *("serve", "--socket-path", str(sock), "--backing-dir", str(tmp_path / "mem")),
+    args = serve_args(
+        tmp_path,
         *("--memory-size", "4GiB", "--cxl-dvsec", "--cxl-mem-active-timeout", "4"),
         *("--ready-delay", "2.5"),
-    ]
+    )
     proc = start(args, tmp_path)
     try:
         # READY=1 only once the CXL wait saw MEM_INFO_VALID and MEM_ACTIVE (§7.3, §2.4).

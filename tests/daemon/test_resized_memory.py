@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.serve_process import read_log_until, start, stop
+from tests.serve_process import read_log_until, serve_args, start, stop
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.libvfio_user import EngineUnavailable, load_library
 
@@ -79,10 +79,7 @@ def test_vmm_truncating_device_memory_gets_eio_not_a_dead_daemon(
     tmp_path: Path, notify_socket: socket.socket, engine: str, region: int
 ) -> None:
     sock = tmp_path / "gpu0.sock"
-    args = [
-        *("serve", "--socket-path", str(sock), "--backing-dir", str(tmp_path / "mem")),
-        *("--memory-size", "4GiB", "--engine", engine, "--log-format", "json"),
-    ]
+    args = serve_args(tmp_path, "--memory-size", "4GiB", "--engine", engine, "--log-format", "json")
     proc = start(args, tmp_path)
     try:
         assert notify_socket.recv(64) == b"READY=1"

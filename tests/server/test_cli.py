@@ -12,16 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve_process import VGPUD, start, stop
+from tests.serve_process import VGPUD, serve_args, start, stop
 
 
 def test_serve_with_only_a_socket_path_then_probe(
     tmp_path: Path, notify_socket: socket.socket
 ) -> None:
     sock = tmp_path / "gpu0.sock"
-    proc = start(
-        ["serve", "--socket-path", str(sock), "--backing-dir", str(tmp_path / "mem")], tmp_path
-    )
+    proc = start(serve_args(tmp_path), tmp_path)
     try:
         assert notify_socket.recv(64) == b"READY=1"
         probe = subprocess.run(
@@ -51,9 +49,7 @@ def test_serve_with_only_a_socket_path_then_probe(
 
 def test_sigint_stops_cleanly_too(tmp_path: Path, notify_socket: socket.socket) -> None:
     sock = tmp_path / "gpu0.sock"
-    proc = start(
-        ["serve", "--socket-path", str(sock), "--backing-dir", str(tmp_path / "mem")], tmp_path
-    )
+    proc = start(serve_args(tmp_path), tmp_path)
     assert notify_socket.recv(64) == b"READY=1"
     stderr = stop(proc, signal.SIGINT)
     assert '"signal": "SIGINT"' in stderr
