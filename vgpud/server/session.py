@@ -185,20 +185,20 @@ class Session:
         if len(header) != p.HEADER_SIZE:
             conn.receive_data(header, fds)
             return None
+        size = -1 if fds else conn.trapped_access_body(header)
         got: tuple[bytes, list[int]] | None = None
-        if not fds:
-            size = conn.trapped_access_body(header)
-            if size >= 0:
-                got = self.stream.receive_nowait(size, conn.max_fds)
-                if got is not None and not got[1]:
-                    access = conn.receive_trapped_access(header, got[0])
-                    if access is not None:
-                        return self._serve_access(access)
-        # The general path, with the body if the fast path read it already.
+        if size >= 0:
+            got = self.stream.receive_nowait(size, conn.max_fds)
+            if got is not None and not got[1]:
+                access = conn.receive_trapped_access(header, got[0])
+                if access is not None:
+                    return self._serve_access(access)
+        # The general path, with what the fast path read of the body (if it tried: a read
+        # that would have blocked is not tried again).
         remaining = conn.receive_header(header, fds)
         if not remaining:
             return conn.receive_body(b"")
-        if got is None:
+        if size < 0:
             got = self.stream.receive_nowait(remaining, conn.max_fds)
         if got is not None and len(got[0]) == remaining:
             return conn.receive_body(*got)
