@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-mmap", action="store_true", help="trap every access (no mmap)")
     serve.add_argument(
+        "--vfio-device",
+        metavar="PCI_ADDRESS",
+        help="serve this host PCI device through /dev/vfio (bound to vfio-pci or "
+        "nvgrace-gpu-vfio-pci) instead of the synthetic GPU",
+    )
+    serve.add_argument(
         "--cxl-dvsec",
         action="store_true",
         help="add a CXL Device DVSEC: readiness then comes from its MEM_INFO_VALID/MEM_ACTIVE "
@@ -140,6 +146,7 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
             no_mmap=args.no_mmap,
             cxl_dvsec=args.cxl_dvsec,
             cxl_mem_active_timeout=args.cxl_mem_active_timeout,
+            vfio_device=args.vfio_device,
         )
         config = DaemonConfig(devices=(device,))
     overrides = {}

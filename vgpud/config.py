@@ -23,6 +23,11 @@ names are reported with the key that is wrong. Example (one file can describe a 
                                 # path (spec nvgrace-gpu.md §2.3, §7.3) instead of BAR0's
     # cxl_mem_active_timeout = 3  # with cxl_dvsec = true only: its Memory_Active_Timeout
                                   # code t, 0..7, meaning 1 s * 4^min(t, 4) (default 3 = 64 s)
+
+    [[device]]                  # a real device instead of the synthetic GPU
+    name = "gpu1"
+    vfio_device = "0009:01:00.0"   # host PCI address, bound to vfio-pci or nvgrace-gpu-vfio-pci
+                                   # (the synthetic-GPU keys above do not apply)
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from backends.synthetic import PROFILES, Profile
+from backends.vfio.device import normalize_pci_address
 from vgpud.log import LEVELS, LogFormat
 from vgpud.units import parse_size
 
@@ -80,6 +86,9 @@ class DeviceConfig:
     # The DVSEC's Memory_Active_Timeout code t: the wait allows 1 s * 4^min(t, 4) for
     # MEM_ACTIVE (§7.3). Only meaningful, and only accepted, with ``cxl_dvsec``.
     cxl_mem_active_timeout: int = DEFAULT_CXL_MEM_ACTIVE_TIMEOUT
+    # Serve this host PCI device through /dev/vfio (backends.vfio) instead of the synthetic
+    # GPU; normalised to DDDD:BB:DD.F.
+    vfio_device: str | None = None
 
     def resolved_backing_dir(self) -> Path:
         """Where the device's memory files live."""
@@ -113,7 +122,18 @@ _DEVICE_KEYS = {
     "no_mmap",
     "cxl_dvsec",
     "cxl_mem_active_timeout",
+    "vfio_device",
 }
+# What only the synthetic GPU has: rejected next to vfio_device rather than silently unused.
+_SYNTHETIC_KEYS = (
+    "profile",
+    "memory_size",
+    "memphys",
+    "backing_dir",
+    "ready_delay",
+    "cxl_dvsec",
+    "cxl_mem_active_timeout",
+)
 _DAEMON_KEYS = {"log_level", "log_format", "engine", "libvfio_user"}
 ENGINES = ("python", "libvfio-user")
 
@@ -181,9 +201,19 @@ def single_device(
     no_mmap: bool = False,
     cxl_dvsec: bool = False,
     cxl_mem_active_timeout: int | None = None,
+    vfio_device: str | None = None,
 ) -> DeviceConfig:
-    """The device described by command-line flags (validated like a config entry)."""
-    raw: dict[str, Any] = {"name": name, "profile": profile, "ready_delay": ready_delay}
+    """The device described by command-line flags (validated like a config entry).
+
+    With ``vfio_device`` the synthetic-GPU flags must be left at their defaults.
+    """
+    raw: dict[str, Any] = {"name": name}
+    if vfio_device is not None:
+        raw["vfio_device"] = vfio_device
+    if profile != DEFAULT_PROFILE or vfio_device is None:
+        raw["profile"] = profile
+    if ready_delay or vfio_device is None:
+        raw["ready_delay"] = ready_delay
     if socket_path is not None:
         raw["socket_path"] = str(socket_path)
     if memory_size is not None:
@@ -195,7 +225,8 @@ def single_device(
     if socket_mode is not None:
         raw["socket_mode"] = socket_mode
     raw["no_mmap"] = no_mmap
-    raw["cxl_dvsec"] = cxl_dvsec
+    if cxl_dvsec or vfio_device is None:
+        raw["cxl_dvsec"] = cxl_dvsec
     if cxl_mem_active_timeout is not None:
         raw["cxl_mem_active_timeout"] = cxl_mem_active_timeout
     return _parse_device(raw, "command line")
@@ -259,6 +290,7 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
         )
     if "cxl_mem_active_timeout" in raw and not cxl_dvsec:
         raise ConfigError(f"{where}: cxl_mem_active_timeout needs cxl_dvsec = true")
+    vfio_device = _vfio_device(raw, where)
     return DeviceConfig(
         name=name,
         socket_path=Path(socket_path) if socket_path is not None else None,
@@ -272,13 +304,34 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
         no_mmap=no_mmap,
         cxl_dvsec=cxl_dvsec,
         cxl_mem_active_timeout=timeout,
+        vfio_device=vfio_device,
     )
+
+
+def _vfio_device(raw: Mapping[str, Any], where: str) -> str | None:
+    value = raw.get("vfio_device")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f'{where}: vfio_device must be a PCI address such as "0009:01:00.0"')
+    try:
+        address = normalize_pci_address(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: vfio_device: {exc}") from None
+    synthetic = [key for key in _SYNTHETIC_KEYS if key in raw]
+    if synthetic:
+        raise ConfigError(
+            f"{where}: {', '.join(synthetic)} describe(s) the synthetic GPU and cannot be "
+            "combined with vfio_device"
+        )
+    return address
 
 
 def _check_unique(devices: tuple[DeviceConfig, ...], source: str) -> None:
     seen_names: set[str] = set()
     seen_sockets: set[Path] = set()
     seen_dirs: set[Path] = set()
+    seen_vfio: set[str] = set()
     for device in devices:
         if device.name in seen_names:
             raise ConfigError(f"{source}: two devices are named {device.name!r}")
@@ -287,6 +340,11 @@ def _check_unique(devices: tuple[DeviceConfig, ...], source: str) -> None:
             if device.socket_path in seen_sockets:
                 raise ConfigError(f"{source}: two devices use socket {device.socket_path}")
             seen_sockets.add(device.socket_path)
+        if device.vfio_device is not None:
+            if device.vfio_device in seen_vfio:
+                raise ConfigError(f"{source}: two devices are vfio_device {device.vfio_device}")
+            seen_vfio.add(device.vfio_device)
+            continue
         backing = device.resolved_backing_dir()
         if backing in seen_dirs:
             raise ConfigError(f"{source}: two devices share backing_dir {backing}")

@@ -55,6 +55,8 @@ async def wait_ready(built: BuiltDevice, log: Any) -> None:
     the deadline: BAR0 every 1 s for 30 s (§7.1), or the CXL DVSEC every 1 s for 1 s plus
     the device's Memory_Active_Timeout, up to 256 s (§7.3).
     """
+    if not built.probes_readiness:
+        return
     started = trio.current_time()
     wait = probe_wait(built.backend, clock=trio.current_time)
     while True:
@@ -197,6 +199,14 @@ def _load_engine(config: DaemonConfig, inherited_fd: int | None) -> Library | No
     if inherited_fd is not None or systemd.listen_fds_pending():
         # libvfio-user creates and binds its socket itself.
         raise StartupError("the libvfio-user engine cannot serve an inherited socket")
+    passthrough = [d.name for d in config.devices if d.vfio_device is not None]
+    if passthrough:
+        # libvfio-user keeps the VMM's eventfds to itself and its irq bridge wires every
+        # index at once, which the kernel's VFIO refuses (one interrupt type at a time).
+        raise StartupError(
+            f"the libvfio-user engine cannot serve a vfio_device ({', '.join(passthrough)}); "
+            "use the python engine"
+        )
     try:
         return load_library(config.libvfio_user)
     except EngineUnavailable as exc:

@@ -1,4 +1,5 @@
-"""From a DeviceConfig to a served device: the synthetic GPU with the variant over it.
+"""From a DeviceConfig to a served device: a backend (the synthetic GPU, or a real device
+through /dev/vfio) with the variant over it.
 
 This is the only place that knows how configuration maps onto backends, so the daemon, the
 ``layout`` and ``qemu-args`` commands and the tests all agree on what a device looks like.
@@ -9,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from backends.backend import Backend
 from backends.device import VfioDevice
 from backends.synthetic import PROFILES, Profile, SyntheticGpu, get_profile
+from backends.vfio import VfioPciDevice
+from backends.vfio.device import sysfs_bar_sizes
 from vgpud.config import DeviceConfig
 from vgpud.variant import (
     NvgraceLayout,
@@ -52,7 +56,12 @@ def layout_for(config: DeviceConfig) -> NvgraceLayout:
 
 
 def guest_bar_sizes(config: DeviceConfig) -> list[int]:
-    """Every BAR the guest will have to place (for the MMIO window of ``qemu-args``)."""
+    """Every BAR the guest will have to place (for the MMIO window of ``qemu-args``).
+
+    For a VFIO device: its BARs as the host's sysfs lists them (the device is not opened).
+    """
+    if config.vfio_device is not None:
+        return [size for size in sysfs_bar_sizes(config.vfio_device) if size]
     profile = profile_for(config)
     layout = layout_for(config)
     bar2 = layout.resmem.bar_size if layout.resmem is not None else profile.bar1_size
@@ -69,6 +78,8 @@ class LayoutReport:
 
 def layout_report(config: DeviceConfig) -> LayoutReport:
     """The layout of ``config`` and where each region lives in the backing files."""
+    if config.vfio_device is not None:
+        raise ValueError("layout describes the synthetic GPU; a vfio_device has its own BARs")
     profile = profile_for(config)
     layout = layout_for(config)
     backing_dir = config.resolved_backing_dir()
@@ -112,9 +123,18 @@ class BuiltDevice:
     """A device ready to be served, and what owns its resources."""
 
     name: str
-    backend: SyntheticGpu
+    backend: Backend
     device: VfioDevice
     config: DeviceConfig
+
+    @property
+    def probes_readiness(self) -> bool:
+        """Whether the daemon waits for the GPU at start-up (spec nvgrace-gpu.md §7.2).
+
+        A VFIO device was probed by the host kernel's driver already (nvgrace-gpu-vfio-pci
+        waits itself), and any other device has no readiness registers to poll.
+        """
+        return isinstance(self.backend, SyntheticGpu)
 
     def ready_now(self) -> bool:
         """The readiness registers read ready (spec nvgrace-gpu.md §7.1)."""
@@ -122,6 +142,13 @@ class BuiltDevice:
 
     def summary(self) -> dict[str, Any]:
         """Facts for the "serving" log line."""
+        if isinstance(self.backend, VfioPciDevice):
+            return {
+                "vfio_device": self.backend.address,
+                "driver": self.backend.driver,
+                "iommu_group": self.backend.group,
+            }
+        assert isinstance(self.backend, SyntheticGpu)
         profile = self.backend.profile
         layout = getattr(self.device, "layout", None)
         facts: dict[str, Any] = {
@@ -146,7 +173,11 @@ class BuiltDevice:
 
 def build_device(config: DeviceConfig) -> BuiltDevice:
     """Create the backend and the variant over it."""
-    backend = SyntheticGpu(
-        profile_for(config), config.resolved_backing_dir(), ready_delay=config.ready_delay
-    )
+    backend: Backend
+    if config.vfio_device is not None:
+        backend = VfioPciDevice(config.vfio_device)
+    else:
+        backend = SyntheticGpu(
+            profile_for(config), config.resolved_backing_dir(), ready_delay=config.ready_delay
+        )
     return BuiltDevice(config.name, backend, make_device(backend), config)

@@ -14,7 +14,8 @@ Layout (``<arch>`` is x86_64 or aarch64)::
 
     $VGPUD_CACHE/apt/<suite>-<debarch>/     private apt roots (apt.conf, sources.list, state, cache)
     $VGPUD_CACHE/<arch>/qemu/               unpacked sid QEMU + its library closure + firmware
-    $VGPUD_CACHE/<arch>/kernel/             vmlinuz (+ the kernel's config)
+    $VGPUD_CACHE/<arch>/kernel/             vmlinuz (+ the kernel's config), modules/*.ko and
+                                            modules/modules.order (their load order)
     $VGPUD_CACHE/<arch>/busybox/busybox     static busybox for the initramfs
 
 Each asset directory is built under a temporary name and renamed into place only after it was
@@ -33,11 +34,13 @@ import os
 import platform
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +53,20 @@ DEBIAN_SECURITY = os.environ.get(
 )
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 MANIFEST = "manifest.json"
-# Bumped when the layout of an asset directory changes: older directories are rebuilt.
-ASSET_FORMAT = 1
+# Bumped (per asset, so that a change to one does not re-fetch the others) when the layout of
+# an asset directory changes: older directories are rebuilt.
+ASSET_FORMATS = {"qemu": 1, "kernel": 2, "busybox": 1}
+MODULES_ORDER = "modules.order"
+# Guest kernel modules kept with the kernel (plus what they depend on), for the VFIO guest
+# (``Harness.boot(..., vfio=True)``): Debian builds virtio-pci, 9p and vfio-pci as modules, and the
+# initramfs guest has no other root to load them from. Same names on amd64 and arm64.
+GUEST_MODULES = (
+    "virtio_pci",  # the 9p export of the host's / is a virtio-9p-pci device
+    "9pnet_virtio",
+    "9p",
+    "vfio_iommu_type1",  # not a depends= of vfio-pci (vfio finds it at runtime)
+    "vfio-pci",
+)
 HOST_MULTIARCH = "x86_64-linux-gnu"
 _PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/AAVMF")
 
@@ -144,6 +159,8 @@ class Assets:
     kernel: Path
     busybox: Path
     versions: dict[str, str] = field(default_factory=dict)
+    #: the guest kernel's modules (GUEST_MODULES and their dependencies) in load order.
+    kernel_modules: list[Path] = field(default_factory=list)
 
     @classmethod
     def load(cls, cache_dir: Path | None = None, arch: str = "x86_64") -> Assets:
@@ -167,7 +184,9 @@ class Assets:
         }
         kernel = base / "kernel" / "vmlinuz"
         busybox = base / "busybox" / "busybox"
-        for path in (kernel, busybox, root / "usr/bin" / spec.qemu.binary):
+        order = base / "kernel" / "modules" / MODULES_ORDER
+        modules = _read_modules_order(order) if order.is_file() else []
+        for path in (kernel, busybox, order, root / "usr/bin" / spec.qemu.binary, *modules):
             if not path.is_file():
                 raise AssetsMissingError(
                     f"{path} is missing (run `python -m tests.e2e.assets fetch --arch {arch} "
@@ -183,6 +202,7 @@ class Assets:
             kernel=kernel,
             busybox=busybox,
             versions=versions,
+            kernel_modules=modules,
         )
 
 
@@ -218,9 +238,14 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
         data = json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("format") != ASSET_FORMAT:
+    if not isinstance(data, dict) or data.get("format") != ASSET_FORMATS[directory.name]:
         return None
     return data
+
+
+def _read_modules_order(order: Path) -> list[Path]:
+    """The module files named by a ``modules.order`` file, in that order."""
+    return [order.parent / name for name in order.read_text().split()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +501,7 @@ class Fetcher:
         tmp.chmod(0o755)
         try:
             manifest: dict[str, Any] = build(tmp)
-            manifest["format"] = ASSET_FORMAT
+            manifest["format"] = ASSET_FORMATS[final.name]
             manifest["fetched_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             old = final.with_name(f".{final.name}.old")
@@ -528,36 +553,40 @@ class Fetcher:
         apt.update(asset)
         package, version = apt.depends_of(spec.kernel_meta, asset)
         deb = apt.download(package, asset)
-        unpack = out / "unpack"
-        unpack.mkdir()
-        # Only ./boot (vmlinuz, config): the modules are not needed by the initramfs guest.
-        _run(
-            [
-                "bash",
-                "-o",
-                "pipefail",
-                "-c",
-                'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards "./boot/*"',
-                "unpack",
-                str(deb),
-                str(unpack),
-            ],
-            asset,
-            f"unpack {deb.name}",
-        )
-        kernels = sorted((unpack / "boot").glob("vmlinuz-*"))
-        if len(kernels) != 1:
-            raise AssetError(asset, "unpack", f"expected one boot/vmlinuz-*, found {kernels}")
-        release = kernels[0].name.removeprefix("vmlinuz-")
-        kernels[0].rename(out / "vmlinuz")
-        config = unpack / "boot" / f"config-{release}"
-        if config.is_file():
-            config.rename(out / "config")
-        shutil.rmtree(unpack)
+        # Two streaming passes over the package (about 2 s each): the first keeps ./boot and
+        # reads every module's depends=, the second writes only the modules needed. Nothing
+        # else of its 400 MB is ever written out.
+        found: dict[str, _Module] = {}
+        builtin: set[str] = set()
+        release = ""
+        for member, data in _deb_files(deb, asset, lambda name: True):
+            if member.startswith("./boot/vmlinuz-"):
+                release = member.removeprefix("./boot/vmlinuz-")
+                (out / "vmlinuz").write_bytes(data)
+            elif member.startswith("./boot/config-"):
+                (out / "config").write_bytes(data)
+            elif member.endswith("/modules.builtin"):
+                builtin = {_module_name(Path(line).stem) for line in data.decode().split()}
+            elif member.endswith(".ko"):
+                module = _Module.parse(member, data, asset)
+                found[module.name] = module
+        if not release:
+            raise AssetError(asset, "unpack", f"{deb.name} has no boot/vmlinuz-*")
+        order = _load_order(GUEST_MODULES, found, builtin, asset)
+        modules = out / "modules"
+        modules.mkdir()
+        wanted = {found[name].member: found[name].filename for name in order}
+        for member, data in _deb_files(deb, asset, wanted.__contains__):
+            (modules / wanted.pop(member)).write_bytes(data)
+        if wanted:
+            raise AssetError(asset, "unpack", f"second pass missed {sorted(wanted)}")
+        filenames = [found[name].filename for name in order]
+        (modules / MODULES_ORDER).write_text("".join(f"{name}\n" for name in filenames))
         return {
             "version": f"{release} ({version})",
             "package": package,
             "download_bytes": deb.stat().st_size,
+            "modules": filenames,
         }
 
     def _build_busybox(self, spec: _ArchSpec, out: Path) -> dict[str, Any]:
@@ -612,6 +641,108 @@ def _run(cmd: list[str], asset: str, step: str, env: dict[str, str] | None = Non
         tail = " | ".join(proc.stderr.strip().splitlines()[-4:])
         raise AssetError(asset, step, f"`{cmd[-1]}` exited {proc.returncode}: {tail}")
     return proc.stdout
+
+
+def _deb_files(deb: Path, asset: str, want: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """(member name, contents) of each regular file of ``deb`` for which ``want`` is true."""
+    step = f"unpack {deb.name}"
+    with subprocess.Popen(
+        ["dpkg-deb", "--fsys-tarfile", str(deb)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+                for info in tar:
+                    if info.isfile() and want(info.name):
+                        reader = tar.extractfile(info)
+                        assert reader is not None  # regular files always have one
+                        yield info.name, reader.read()
+        except tarfile.TarError as exc:
+            proc.kill()
+            raise AssetError(asset, step, f"dpkg-deb --fsys-tarfile: {exc}") from None
+        proc.stdout.read()  # to the end, so that dpkg-deb exits by itself
+        stderr = proc.stderr.read().decode(errors="replace")
+        if proc.wait() != 0:
+            raise AssetError(asset, step, f"dpkg-deb exited {proc.returncode}: {stderr.strip()}")
+
+
+def _module_name(stem: str) -> str:
+    # The kernel treats - and _ in module names alike (depends= keeps the file's dashes).
+    return stem.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class _Module:
+    name: str  # normalised (_module_name)
+    member: str  # path in the package
+    depends: tuple[str, ...]  # normalised names
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+    @classmethod
+    def parse(cls, member: str, data: bytes, asset: str) -> _Module:
+        modinfo = _elf_section(data, b".modinfo")
+        if modinfo is None:
+            raise AssetError(asset, "read modules", f"{member} has no .modinfo section")
+        depends: tuple[str, ...] = ()
+        for entry in modinfo.split(b"\0"):
+            if entry.startswith(b"depends="):
+                value = entry.removeprefix(b"depends=").decode()
+                depends = tuple(_module_name(d) for d in value.split(",") if d)
+        return cls(_module_name(Path(member).stem), member, depends)
+
+
+def _elf_section(data: bytes, wanted: bytes) -> bytes | None:
+    """The contents of section ``wanted`` of a little-endian ELF64 file (x86_64, arm64)."""
+    if data[:6] != b"\x7fELF\x02\x01":
+        return None
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def header(index: int) -> tuple[int, int, int]:
+        base = shoff + index * shentsize
+        (name,) = struct.unpack_from("<I", data, base)
+        offset, size = struct.unpack_from("<QQ", data, base + 0x18)
+        return name, offset, size
+
+    _, strtab, _ = header(shstrndx)
+    for index in range(shnum):
+        name, offset, size = header(index)
+        if data[strtab + name : data.index(b"\0", strtab + name)] == wanted:
+            return data[offset : offset + size]
+    return None
+
+
+def _load_order(
+    roots: Iterable[str], found: dict[str, _Module], builtin: set[str], asset: str
+) -> list[str]:
+    """``roots`` and everything they depend on, each after its dependencies (built-in modules
+    are left out: there is nothing to load)."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str, needed_by: str) -> None:
+        if name in order or name in builtin:
+            return
+        if name in visiting:
+            raise AssetError(asset, "module order", f"dependency cycle through {name}")
+        if name not in found:
+            raise AssetError(
+                asset, "module order", f"{name} ({needed_by}) is neither a .ko nor built in"
+            )
+        visiting.add(name)
+        for dependency in found[name].depends:
+            visit(dependency, f"needed by {name}")
+        visiting.discard(name)
+        order.append(name)
+
+    for root in roots:
+        visit(_module_name(root), "wanted")
+    return order
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.e2e.assets import Assets
 from tests.e2e.expect import BackingFile, Expected, backing_files
 from tests.e2e.initramfs import GuestResults, GuestScript, build_initramfs
 from tests.e2e.qemu import (
+    REPO,
     E2EError,
     OutputLog,
     Qemu,
@@ -35,6 +37,21 @@ from vgpud.units import parse_size
 
 T = TypeVar("T")
 ECHO = os.environ.get("VGPUD_E2E_ECHO") == "1"  # stream every log line live to stderr
+
+# A VFIO guest (``vfio=True``): the guest kernel drives the device through vfio-pci, and the
+# project's own Python runs against it inside ``chroot /host``.
+# * vfio-pci needs an IOMMU (Debian's kernel has no no-IOMMU mode), hence an emulated VT-d,
+#   before the PCI devices it translates for. caching-mode=on makes the guest report every
+#   mapping, which QEMU needs to forward DMA maps to the vfio-user server. intremap=on because
+#   vfio_iommu_type1 refuses VFIO_SET_IOMMU (EPERM) without interrupt remapping; under TCG
+#   that needs no kernel-irqchip setting (that constraint is KVM's).
+VFIO_IOMMU = ["-device", "intel-iommu,caching-mode=on,intremap=on"]
+# * the host's / read-only (mount tag "host") for the repository, the venv and its libraries.
+VFIO_HOSTFS = [
+    *("-fsdev", "local,id=hostfs,path=/,security_model=none,readonly=on"),
+    *("-device", "virtio-9p-pci,fsdev=hostfs,mount_tag=host"),
+]
+VFIO_KERNEL_ARGS = "intel_iommu=on"
 
 
 @dataclass
@@ -140,11 +157,15 @@ class Harness:
             device.socket_path, device.profile, device.memory_size, self.assets.arch
         )
 
-    def initrd(self, script: GuestScript | str) -> Path:
+    def initrd(self, script: GuestScript | str, modules: Sequence[Path] = ()) -> Path:
         body = script.render() if isinstance(script, GuestScript) else script
         path = self.workdir / f"{self._name('initrd')}.cpio.gz"
-        path.write_bytes(build_initramfs(self.assets.busybox, body))
+        path.write_bytes(build_initramfs(self.assets.busybox, body, modules=modules))
         return path
+
+    def vfio_guest_inputs(self) -> dict[str, int | str]:
+        """What a VFIO guest's helpers need to run this repository's Python in the chroot."""
+        return {"repo": str(REPO), "python": sys.executable}
 
     async def start_qemu(
         self,
@@ -155,17 +176,31 @@ class Harness:
         allow_reboot: bool = False,
         inputs: dict[str, int | str] | None = None,
         qemu_args: Sequence[str] | None = None,
+        vfio: bool = False,
     ) -> Qemu:
-        """Start QEMU (machine and device args from vgpud unless ``qemu_args`` is given)."""
-        config = QemuConfig(
-            device_args=list(qemu_args) if qemu_args is not None else self.device_args(device),
-            paused=paused,
-            allow_reboot=allow_reboot,
-        )
+        """Start QEMU (machine and device args from vgpud unless ``qemu_args`` is given).
+
+        ``vfio``: a VFIO guest (see VFIO_IOMMU): a vIOMMU, the host's / over virtio-9p,
+        ``intel_iommu=on``, the kernel modules loaded before the script, and the inputs
+        ``vg.repo`` / ``vg.python`` (this repository, this interpreter). x86_64 only.
+        """
+        device_args = list(qemu_args) if qemu_args is not None else self.device_args(device)
+        modules: list[Path] = []
+        if vfio:
+            if self.assets.arch != "x86_64":
+                raise E2EError(f"a VFIO guest needs intel-iommu (x86_64), not {self.assets.arch}")
+            if not self.assets.kernel_modules:
+                raise E2EError("the kernel asset has no modules (re-fetch the assets)")
+            device_args = [*VFIO_IOMMU, *device_args, *VFIO_HOSTFS]
+            modules = self.assets.kernel_modules
+            inputs = {**self.vfio_guest_inputs(), **(inputs or {})}
+        config = QemuConfig(device_args=device_args, paused=paused, allow_reboot=allow_reboot)
         if script is not None:
             config.kernel = self.assets.kernel
-            config.initrd = self.initrd(script)
+            config.initrd = self.initrd(script, modules)
             config.append = kernel_cmdline(self.assets.arch, **(inputs or {}))
+            if vfio:
+                config.append += f" {VFIO_KERNEL_ARGS}"
         qemu = Qemu(self.assets, config, self.workdir, name=self._name("qemu"))
         self.logs += [qemu.serial, qemu.stderr, qemu.firmware]
         self._qemus.append(qemu)
@@ -181,10 +216,16 @@ class Harness:
         allow_reboot: bool = False,
         inputs: dict[str, int | str] | None = None,
         qemu_args: Sequence[str] | None = None,
+        vfio: bool = False,
     ) -> GuestResults:
         """Boot a guest running ``script`` to its poweroff; return what it printed."""
         qemu = await self.start_qemu(
-            device, script, allow_reboot=allow_reboot, inputs=inputs, qemu_args=qemu_args
+            device,
+            script,
+            allow_reboot=allow_reboot,
+            inputs=inputs,
+            qemu_args=qemu_args,
+            vfio=vfio,
         )
         results = await qemu.run_guest(within)
         if results.done_rc is None:

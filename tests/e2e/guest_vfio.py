@@ -1,0 +1,171 @@
+"""Runs INSIDE a test guest: vgpud's /dev/vfio backend over the guest kernel's vfio-pci.
+
+The guest's GPU is the host vgpud's vfio-user device, bound to vfio-pci behind QEMU's
+emulated IOMMU (tests/e2e/test_vfio_backend.py). This program starts a second vgpud in the
+guest with ``--vfio-device`` on it and drives that daemon with the project's vfio-user
+client, so every request crosses: client -> guest vgpud -> guest kernel VFIO -> QEMU ->
+host vgpud -> synthetic GPU (and back; interrupts the other way). It prints one fact per
+line (``VGTEST key=value``) for the host test to assert on; it decides nothing itself.
+
+``python -m tests.e2e.guest_vfio BDF WORKDIR``
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import sys
+from pathlib import Path
+
+import trio
+
+from backends.synthetic.bar0 import DOORBELL, SCRATCH
+from backends.synthetic.capabilities import MSIX_OFFSET
+from vgpud.client import VfioUserClient
+
+# What the test writes, and where (the host test imports these to check the usemem file).
+MMAP_PATTERN = b"vgpud-vfio-mmap!" * 4
+MMAP_OFFSET = 0x10000
+WRITE_PATTERN = b"vgpud-vfio-region-write"
+WRITE_OFFSET = 0x20008
+DMA_IOVA = 0x4000_0000
+DMA_SIZE = 2 << 20
+READY_TIMEOUT = 300.0  # seconds: Python starting under TCG inside the guest is slow
+IRQ_TIMEOUT = 60.0
+_DATA_EVENTFD_TRIGGER = 4 | 32
+_MSIX = 2
+MSIX_PBA = 0x3000  # in BAR0 (backends/synthetic/bar0.py)
+PCI_COMMAND = 0x04
+PCI_COMMAND_MASTER = 0x4
+
+
+def report(key: str, value: object) -> None:
+    print(f"VGTEST {key}={value}", flush=True)
+
+
+async def start_daemon(bdf: str, workdir: Path) -> tuple[trio.Process, Path]:
+    """Start the guest vgpud on ``bdf`` and wait for its READY=1 (sd_notify)."""
+    await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
+    sock_path = workdir / "gpu.sock"
+    notify_path = workdir / "notify"
+    notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    await notify.bind(str(notify_path))
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+    argv = [sys.executable, "-m", "vgpud", "serve", "--vfio-device", bdf]
+    argv += ["--socket-path", str(sock_path), "--log-format", "json"]
+    daemon = await trio.lowlevel.open_process(argv, env=env)
+    ready = False
+
+    async def wait_ready(cancel: trio.CancelScope) -> None:
+        nonlocal ready
+        while not ready:
+            ready = b"READY=1" in (await notify.recv(4096)).split(b"\n")
+        cancel.cancel()
+
+    # READY=1, or the daemon's exit (a start-up error it printed), whichever comes first.
+    with notify, trio.fail_after(READY_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_ready, nursery.cancel_scope)
+            await daemon.wait()
+            nursery.cancel_scope.cancel()
+    if not ready:
+        raise SystemExit(f"the guest vgpud exited with {daemon.returncode} before READY=1")
+    return daemon, sock_path
+
+
+async def region_facts(client: VfioUserClient) -> dict[int, tuple[int, int]]:
+    """Region sizes/flags; returns (fd, mmap offset) of the mmappable ones (caller closes)."""
+    fds: dict[int, tuple[int, int]] = {}
+    info = await client.device_info()
+    report("device_flags", info.flags)
+    report("num_regions", info.num_regions)
+    report("num_irqs", info.num_irqs)
+    for index in (0, 2, 4, 7):
+        region = await client.region_info(index)
+        report(f"region{index}", f"{region.info.size:#x},{region.info.flags:#x}")
+        if region.fd is not None:
+            fds[index] = (region.fd, region.info.offset)
+    return fds
+
+
+async def interrupt(client: VfioUserClient) -> None:
+    """MSI-X vector 0 wired to an eventfd; a doorbell write must signal it."""
+    # As a guest driver does first: a device sends MSI-X messages only as a bus master
+    # (QEMU drops them otherwise, like a real bridge).
+    command = struct.unpack("<H", await client.region_read(7, PCI_COMMAND, 2))[0]
+    await client.region_write(7, PCI_COMMAND, struct.pack("<H", command | PCI_COMMAND_MASTER))
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        await client.set_irqs(_MSIX, _DATA_EVENTFD_TRIGGER, 0, 1, [efd])
+        await client.region_write(0, DOORBELL, struct.pack("<I", 0))
+        with trio.move_on_after(IRQ_TIMEOUT):
+            await trio.lowlevel.wait_readable(efd)
+        # The device's own view: MSI-X control (enable, function mask) and pending bits.
+        control = struct.unpack("<H", await client.region_read(7, MSIX_OFFSET + 2, 2))[0]
+        report("msix_control", hex(control))
+        report("msix_pba", (await client.region_read(0, MSIX_PBA, 8)).hex())
+        # For a failing run's log: the guest kernel's view of the vfio interrupt.
+        for line in (await trio.Path("/proc/interrupts").read_text()).splitlines():
+            if "vfio" in line or "DMAR" in line:
+                print("interrupts:", " ".join(line.split()), flush=True)
+        try:
+            report("msix_count", os.eventfd_read(efd))
+        except BlockingIOError:
+            report("msix_count", 0)
+        await client.set_irqs(_MSIX, 1 | 32, 0, 0)  # DATA_NONE|TRIGGER count 0: disable
+    finally:
+        os.close(efd)
+
+
+async def dma(client: VfioUserClient) -> None:
+    """A memfd mapped for DMA: the guest kernel pins it into the (emulated) IOMMU."""
+    memfd = os.memfd_create("guest-dma", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(memfd, DMA_SIZE)
+        await client.dma_map(DMA_IOVA, DMA_SIZE, 3, memfd, 0)
+        report("dma_map", "ok")
+        await client.dma_unmap(DMA_IOVA, DMA_SIZE)
+        report("dma_unmap", "ok")
+    finally:
+        os.close(memfd)
+
+
+async def main(bdf: str, workdir: Path) -> None:
+    daemon, sock_path = await start_daemon(bdf, workdir)
+    report("daemon", "ready")
+    try:
+        async with await VfioUserClient.connect(sock_path) as client:
+            fds = await region_facts(client)
+            config = await client.region_read(7, 0, 4)
+            report("config_ids", config.hex())
+            ready = await client.region_read(0, 0x1498, 4)
+            report("c2c_link", hex(struct.unpack("<I", ready)[0]))
+            # BAR4 (usemem) both ways: the region fd mmapped, and REGION_WRITE.
+            fd, offset = fds[4]
+            usemem = mmap.mmap(fd, 1 << 20, offset=offset)
+            usemem[MMAP_OFFSET : MMAP_OFFSET + len(MMAP_PATTERN)] = MMAP_PATTERN
+            usemem.close()
+            await client.region_write(4, WRITE_OFFSET, WRITE_PATTERN)
+            back = await client.region_read(4, MMAP_OFFSET, len(MMAP_PATTERN))
+            report("bar4_readback", back == MMAP_PATTERN)
+            for fd, _ in fds.values():
+                os.close(fd)
+            await interrupt(client)
+            await dma(client)
+            await client.region_write(0, SCRATCH, struct.pack("<I", 0x5CA7C4))
+            before = struct.unpack("<I", await client.region_read(0, SCRATCH, 4))[0]
+            await client.reset()
+            after = struct.unpack("<I", await client.region_read(0, SCRATCH, 4))[0]
+            report("scratch", f"{before:#x},{after:#x}")
+        # A second client after the first left: device state and memory kept.
+        async with await VfioUserClient.connect(sock_path) as client:
+            back = await client.region_read(4, WRITE_OFFSET, len(WRITE_PATTERN))
+            report("reconnect_readback", back == WRITE_PATTERN)
+    finally:
+        daemon.terminate()
+        report("daemon_exit", await daemon.wait())
+
+
+if __name__ == "__main__":
+    trio.run(main, sys.argv[1], Path(sys.argv[2]))

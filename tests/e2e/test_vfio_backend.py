@@ -1,0 +1,140 @@
+"""The /dev/vfio backend on a real kernel VFIO device (``vgpud serve --vfio-device``).
+
+There is no VFIO on the build machine, so the device comes from a guest: the host's vgpud
+serves a gh200 to QEMU, the guest binds it to its vfio-pci behind an emulated VT-d
+(``Harness.boot(..., vfio=True)``), and tests/e2e/guest_vfio.py runs a second vgpud in the
+guest with the vfio backend on it and drives that daemon with the project's client. Every
+request then crosses the real kernel VFIO uAPI (group/container, type1 IOMMU, region
+pread/pwrite and mmap of the device fd, SET_IRQS with eventfds, DEVICE_RESET), and the facts
+are checked against what the host's synthetic GPU holds -- its usemem file included.
+
+One guest boot (module-scoped scenario); each test asserts one fact of it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import pytest
+
+from tests.e2e.assets import Assets
+from tests.e2e.expect import NVIDIA
+from tests.e2e.guest_vfio import MMAP_OFFSET, MMAP_PATTERN, WRITE_OFFSET, WRITE_PATTERN
+from tests.e2e.harness import Device, Harness, ScenarioRun, run_scenario
+from tests.e2e.initramfs import GuestResults, GuestScript
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+REGION_READ_WRITE_MMAP = 0x7
+DEVICE_FLAGS_RESET_PCI = 0x3
+READY = 0xFF  # the BAR0 readiness registers (spec nvgrace-gpu.md §7.1)
+
+
+@dataclass
+class Run:
+    device: Device
+    results: GuestResults
+    usemem: bytes  # the host's usemem file, the bytes the test wrote to
+
+
+@pytest.fixture(scope="module")
+def scenario(assets: Assets) -> ScenarioRun:
+    async def body(h: Harness) -> Run:
+        device = h.device("gh200", memory_size="2GiB")
+        await h.start_vgpud(device)
+        script = (
+            GuestScript()
+            .find_device()
+            .vfio_bind()
+            .host_chroot()
+            .host_python("tests.e2e.guest_vfio", "$BDF", "/tmp/vfio")
+        )
+        results = await h.boot(device, script, vfio=True)
+        usemem = device.files["usemem"]
+        with usemem.path.open("rb") as handle:
+            handle.seek(usemem.offset)
+            data = handle.read(WRITE_OFFSET + len(WRITE_PATTERN))
+        return Run(device, results, data)
+
+    return run_scenario(assets, body)
+
+
+def _run(scenario: ScenarioRun) -> Run:
+    run: Run = scenario.get()
+    return run
+
+
+def _values(scenario: ScenarioRun) -> dict[str, str]:
+    return _run(scenario).results.values
+
+
+def test_guest_program_finished(scenario: ScenarioRun) -> None:
+    run = _run(scenario)
+    assert run.results.values.get("daemon") == "ready", "the guest vgpud did not start"
+    assert run.results.done_rc == 0, "the guest program stopped early (see the serial log)"
+
+
+def test_device_info_is_the_kernels(scenario: ScenarioRun) -> None:
+    values = _values(scenario)
+    assert int(values["device_flags"]) == DEVICE_FLAGS_RESET_PCI
+    assert int(values["num_regions"]) == 9
+    assert int(values["num_irqs"]) == 5
+
+
+def test_regions_are_the_host_devices_bars(scenario: ScenarioRun) -> None:
+    run = _run(scenario)
+    expected = run.device.expected
+    sizes = {0: 16 << 20, 2: expected.resmem_bar, 4: expected.usemem_bar}
+    for index, size in sizes.items():
+        got_size, flags = (int(x, 16) for x in run.results.values[f"region{index}"].split(","))
+        assert got_size == size, f"region {index}"
+        # vfio-pci lets a whole page-aligned BAR be mmapped: the daemon hands the VMM the
+        # device fd at the region's offset (spec nvgrace-gpu.md §14).
+        assert flags & REGION_READ_WRITE_MMAP == REGION_READ_WRITE_MMAP, f"region {index}"
+    config_size, config_flags = (int(x, 16) for x in run.results.values["region7"].split(","))
+    assert config_size > 0
+    assert config_flags & REGION_READ_WRITE_MMAP == 0x3  # config space: read/write, no mmap
+
+
+def test_config_read_reaches_the_synthetic_gpu(scenario: ScenarioRun) -> None:
+    run = _run(scenario)
+    vendor, device_id = struct.unpack("<HH", bytes.fromhex(run.results.values["config_ids"]))
+    assert (vendor, device_id) == (NVIDIA, run.device.expected.device_id)
+
+
+def test_bar0_register_read(scenario: ScenarioRun) -> None:
+    assert int(_values(scenario)["c2c_link"], 16) == READY
+
+
+def test_usemem_writes_land_in_the_host_file(scenario: ScenarioRun) -> None:
+    run = _run(scenario)
+    assert run.results.values["bar4_readback"] == "True"
+    mmapped = run.usemem[MMAP_OFFSET : MMAP_OFFSET + len(MMAP_PATTERN)]
+    assert mmapped == MMAP_PATTERN, "a write through the mmapped device fd is not in usemem"
+    written = run.usemem[WRITE_OFFSET : WRITE_OFFSET + len(WRITE_PATTERN)]
+    assert written == WRITE_PATTERN, "a REGION_WRITE is not in usemem"
+
+
+def test_msix_doorbell_signals_the_clients_eventfd(scenario: ScenarioRun) -> None:
+    # The host GPU's interrupt, through QEMU's MSI-X and the guest's vfio-pci handler, to the
+    # eventfd the client gave the guest vgpud, which gave it to the kernel.
+    assert int(_values(scenario)["msix_count"]) >= 1
+
+
+def test_dma_map_goes_into_the_iommu(scenario: ScenarioRun) -> None:
+    values = _values(scenario)
+    assert values["dma_map"] == "ok"
+    assert values["dma_unmap"] == "ok"
+
+
+def test_reset_resets_the_device(scenario: ScenarioRun) -> None:
+    before, after = (int(x, 16) for x in _values(scenario)["scratch"].split(","))
+    assert before == 0x5CA7C4
+    assert after == 0, "VFIO_DEVICE_RESET did not reach the GPU (SCRATCH survived)"
+
+
+def test_device_state_survives_the_client(scenario: ScenarioRun) -> None:
+    values = _values(scenario)
+    assert values["reconnect_readback"] == "True"
+    assert values["daemon_exit"] == "0", "the guest vgpud did not stop cleanly on SIGTERM"
