@@ -66,14 +66,32 @@ def test_received_fds_are_closed_on_every_path(memfd: int) -> None:
     assert open_fd_count() == before
 
 
-def test_unmap_must_match_exactly() -> None:
+def test_unmap_removes_the_mappings_inside_its_range() -> None:
+    # The kernel's type1 rule, which QEMU's vIOMMU path relies on (docs/protocol.md).
     table = DmaTable(max_maps=8)
     table.map(0, 4 * PAGE, readable=True, writable=True, fd=None, file_offset=0)
-    for iova, size in [(0, PAGE), (PAGE, 4 * PAGE), (0x9000, PAGE)]:
+    table.map(8 * PAGE, PAGE, readable=True, writable=True, fd=None, file_offset=0)
+    for iova, size in [(0, PAGE), (PAGE, 4 * PAGE), (2 * PAGE, 8 * PAGE)]:
+        with pytest.raises(DmaError) as info:
+            table.unmap(iova, size)  # would cut [0, 4 pages) in two
+        assert info.value.errno == errno.EINVAL
+    assert len(table) == 2, "a refused unmap removed something"
+    assert table.unmap(4 * PAGE, 4 * PAGE) == []  # nothing there: not an error
+    removed = table.unmap(0, 16 * PAGE)
+    assert [(m.iova, m.size) for m in removed] == [(0, 4 * PAGE), (8 * PAGE, PAGE)]
+    assert len(table) == 0
+    table.map(0, PAGE, readable=True, writable=True, fd=None, file_offset=0)
+    assert [(m.iova, m.size) for m in table.unmap(0, PAGE)] == [(0, PAGE)]  # exact
+
+
+def test_unmap_refuses_empty_unaligned_and_wrapping_ranges() -> None:
+    table = DmaTable(max_maps=8)
+    for iova, size in [(0, 0), (0x800, PAGE), (0, PAGE + 1), (1 << 63, 1 << 64)]:
         with pytest.raises(DmaError) as info:
             table.unmap(iova, size)
-        assert info.value.errno == errno.EINVAL
-    table.unmap(0, 4 * PAGE)
+        assert info.value.errno == errno.EINVAL, (iova, size)
+    # QEMU's last piece of a whole-space unmap ends exactly at 2**64.
+    assert table.unmap(0xFEF00000, (1 << 64) - 0xFEF00000) == []
 
 
 def test_non_file_fd_is_refused() -> None:

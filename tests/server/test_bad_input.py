@@ -117,8 +117,13 @@ CASES = [
     Case("DMA_MAP of size 0", dma_map(3, 0, 0, 0), errno.EINVAL),
     Case("DMA_MAP unaligned", dma_map(3, 0, 0x800, 0x1000), errno.EINVAL),
     Case(
-        "DMA_UNMAP of something never mapped",
-        msg(3, struct.pack("<IIQQ", 24, 0, 0, 0x1000)),
+        "DMA_UNMAP not page aligned",
+        msg(3, struct.pack("<IIQQ", 24, 0, 0x800, 0x1000)),
+        errno.EINVAL,
+    ),
+    Case(
+        "DMA_UNMAP of size 0",
+        msg(3, struct.pack("<IIQQ", 24, 0, 0, 0)),
         errno.EINVAL,
     ),
     Case(

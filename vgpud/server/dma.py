@@ -1,7 +1,8 @@
 """The per-connection DMA table: what the client mapped, and our mappings of it.
 
 Spec vfio-user.md §3.2/§3.3, R15 and §12: accept fd-less maps (ROM, BAR back-mappings),
-identical re-maps succeed, overlaps fail, unmap must match exactly or be unmap-all, and every
+identical re-maps succeed, overlaps fail, an unmap removes the mappings inside its range (as
+the kernel's type1 IOMMU does; see :meth:`DmaTable.unmap`) or everything, and every
 mapping and fd is released before the unmap reply. An fd-backed map is checked against the
 file's size first: mapping past the end of a file would SIGBUS the daemon on first touch.
 
@@ -136,14 +137,38 @@ class DmaTable:
         self._maps[iova] = entry
         return entry
 
-    def unmap(self, iova: int, size: int) -> DmaMapping:
-        """Remove the mapping that exactly matches [iova, iova+size) and release it."""
-        entry = self._maps.get(iova)
-        if entry is None or entry.size != size:
-            raise DmaError(errno.EINVAL, f"DMA_UNMAP [{iova:#x}, +{size:#x}) matches no mapping")
-        del self._maps[iova]
-        entry.release()
-        return entry
+    def unmap(self, iova: int, size: int) -> list[DmaMapping]:
+        """Remove and release every mapping inside [iova, iova+size); return them.
+
+        The kernel's type1 rule (VFIO_IOMMU_UNMAP_DMA), which QEMU's vIOMMU code is written
+        against: with an emulated IOMMU, QEMU also unmaps whole address ranges in
+        power-of-two pieces when the guest switches or resets the device's IOMMU domain
+        (docs/protocol.md "DMA_UNMAP ranges"). A range holding no mapping is not an error,
+        and the mappings inside a range all go (an exact unmap is the one-mapping case). A
+        range that would cut a mapping in two is refused, as type1v2 does: the mapping's
+        fd-backed memory cannot be partly released.
+        """
+        if size == 0 or (iova | size) % self.page_size:
+            raise DmaError(
+                errno.EINVAL, f"DMA_UNMAP [{iova:#x}, +{size:#x}) empty or not page aligned"
+            )
+        end = iova + size
+        if end > 1 << 64:
+            raise DmaError(errno.EINVAL, "DMA_UNMAP range wraps the address space")
+        inside: list[DmaMapping] = []
+        for entry in self._maps.values():
+            if entry.iova < end and iova < entry.end:
+                if entry.iova < iova or entry.end > end:
+                    raise DmaError(
+                        errno.EINVAL,
+                        f"DMA_UNMAP [{iova:#x}, {end:#x}) would split the mapping "
+                        f"[{entry.iova:#x}, {entry.end:#x})",
+                    )
+                inside.append(entry)
+        for entry in inside:
+            del self._maps[entry.iova]
+            entry.release()
+        return inside
 
     def unmap_all(self) -> list[DmaMapping]:
         """Remove and release everything (unmap-all, and disconnect)."""

@@ -325,8 +325,8 @@ class Session:
             for entry in self.dma.unmap_all():
                 self._notify_unmap(entry.iova, entry.size)
         else:
-            entry = self.dma.unmap(msg.address, msg.size)
-            self._notify_unmap(entry.iova, entry.size)
+            for entry in self.dma.unmap(msg.address, msg.size):
+                self._notify_unmap(entry.iova, entry.size)
         # Spec vfio-user.md §3.3: the reply echoes the request struct (40 bytes <= QEMU's cap).
         return self.conn.send_reply(request, msg)
 
