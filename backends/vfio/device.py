@@ -150,7 +150,7 @@ class VfioPciDevice:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            hint = ""
+            hint = ": load the VFIO modules (modprobe vfio-pci)"
             if path.name != "vfio":
                 hint = (
                     f": bind {self.address} to vfio-pci first (driver now: "

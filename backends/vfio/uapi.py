@@ -111,6 +111,8 @@ def region_info_needs(buf: bytes | bytearray) -> int:
 
 def parse_region_info(buf: bytes | bytearray) -> RawRegionInfo:
     """Decode a filled ``vfio_region_info`` and walk its capability chain."""
+    if len(buf) < REGION_INFO.size:
+        raise UapiError(f"region info of {len(buf)} bytes, less than the struct")
     _, flags, index, cap_offset, size, offset = REGION_INFO.unpack_from(buf, 0)
     sparse: tuple[tuple[int, int], ...] | None = None
     type_cap: tuple[int, int] | None = None

@@ -1,0 +1,320 @@
+"""A ``vfio_device`` from configuration to the daemon: validated before anything starts, refused
+where it makes no sense (the synthetic GPU's keys, ``layout``, the libvfio-user engine) and,
+when the host has no such device, a one-line failure naming it.
+
+Serving a real device is tests/e2e/test_vfio_backend.py's job.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from backends.device import DeviceError
+from backends.vfio import VfioPciDevice
+from backends.vfio.device import SYSFS_PCI_DEVICES, sysfs_bar_sizes
+from tests.serve_process import VGPUD
+from vgpud import cli, daemon, devices
+from vgpud.config import ConfigError, DaemonConfig, DeviceConfig, parse, single_device
+from vgpud.daemon import StartupError, wait_ready
+from vgpud.devices import BuiltDevice
+from vgpud.variant import make_device
+
+ABSENT = "0000:99:00.0"  # a PCI address this host is assumed not to have
+
+
+@pytest.fixture
+def absent() -> str:
+    if (SYSFS_PCI_DEVICES / ABSENT).exists():
+        pytest.skip(f"this host has a PCI device {ABSENT}")
+    return ABSENT
+
+
+def vfio(address: str = "01:00.0", **keys: Any) -> dict[str, Any]:
+    return {"device": [{"name": "gpu0", "vfio_device": address, **keys}]}
+
+
+# -- the key ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "normalised"),
+    [
+        ("0009:01:00.0", "0009:01:00.0"),
+        ("01:00.0", "0000:01:00.0"),
+        ("000A:BC:1f.3", "000a:bc:1f.3"),
+    ],
+)
+def test_vfio_device_is_normalised(address: str, normalised: str) -> None:
+    assert parse(vfio(address)).devices[0].vfio_device == normalised
+    assert single_device(socket_path=None, vfio_device=address).vfio_device == normalised
+
+
+def test_no_vfio_device_by_default() -> None:
+    assert parse({"device": [{}]}).devices[0].vfio_device is None
+    assert single_device(socket_path=None).vfio_device is None
+
+
+def test_vfio_device_keeps_the_socket_keys() -> None:
+    (device,) = parse(
+        vfio(socket_path="/run/g.sock", socket_mode="0660", socket_group="kvm", no_mmap=True)
+    ).devices
+    assert (device.socket_path, device.socket_mode, device.socket_group, device.no_mmap) == (
+        Path("/run/g.sock"),
+        0o660,
+        "kvm",
+        True,
+    )
+    device = single_device(
+        socket_path=Path("/s"), vfio_device="01:00.0", socket_group="kvm", socket_mode="0660"
+    )
+    assert (device.socket_mode, device.socket_group) == (0o660, "kvm")
+
+
+# Valid values for each synthetic-GPU key: the refusal must come from vfio_device alone.
+SYNTHETIC: dict[str, dict[str, Any]] = {
+    "profile": {"profile": "gh200"},
+    "memory_size": {"memory_size": "8GiB"},
+    "memphys": {"memphys": "0x400000000000"},
+    "backing_dir": {"backing_dir": "/tmp/m"},
+    "ready_delay": {"ready_delay": 0.0},
+    "cxl_dvsec": {"cxl_dvsec": False},
+    "cxl_mem_active_timeout": {"cxl_dvsec": True, "cxl_mem_active_timeout": 3},
+}
+
+
+@pytest.mark.parametrize("key", sorted(SYNTHETIC))
+def test_synthetic_keys_are_refused_next_to_vfio_device(key: str) -> None:
+    keys = SYNTHETIC[key]
+    parse({"device": [keys]})  # valid on their own
+    with pytest.raises(ConfigError, match=r"cannot be combined with vfio_device") as caught:
+        parse(vfio(**keys), source="tray.toml")
+    message = str(caught.value)
+    assert message.startswith("tray.toml: device #1: ")
+    named = message.removeprefix("tray.toml: device #1: ").split(" describe(s) ")[0]
+    assert key in named.split(", ")
+
+
+def test_every_synthetic_key_is_named_at_once() -> None:
+    with pytest.raises(ConfigError, match=r": profile, memory_size, backing_dir describe"):
+        parse(vfio(backing_dir="/m", memory_size="8GiB", profile="gb200"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        ({"profile": "gb200"}, "profile"),
+        ({"memory_size": "8GiB"}, "memory_size"),
+        ({"backing_dir": Path("/tmp/m")}, "backing_dir"),
+        ({"ready_delay": 2.0}, "ready_delay"),
+        ({"cxl_dvsec": True}, "cxl_dvsec"),
+    ],
+)
+def test_synthetic_flags_are_refused_next_to_vfio_device(flags: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^command line: {key} describe"):
+        single_device(socket_path=None, vfio_device="01:00.0", **flags)
+
+
+@pytest.mark.parametrize("address", ["01:00", "0000:01:00.8", "eth0", "", "0000:1:00.0"])
+def test_bad_address_is_refused(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"^config: device #1: vfio_device: .* not a PCI addr"):
+        parse(vfio(address))
+    with pytest.raises(ConfigError, match=r"^command line: vfio_device: "):
+        single_device(socket_path=None, vfio_device=address)
+
+
+@pytest.mark.parametrize("value", [1, True, ["01:00.0"], {"bus": 1}])
+def test_non_string_address_is_refused(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"vfio_device must be a PCI address"):
+        parse(vfio(value))  # type: ignore[arg-type]
+
+
+def test_the_same_device_twice_is_refused() -> None:
+    raw = {
+        "device": [
+            {"name": "a", "vfio_device": "01:00.0"},
+            {"name": "b", "vfio_device": "0000:01:00.0"},  # the same, spelt out
+        ]
+    }
+    with pytest.raises(ConfigError, match=r"two devices are vfio_device 0000:01:00\.0"):
+        parse(raw)
+
+
+def test_vfio_devices_have_no_backing_dir_to_share() -> None:
+    config = parse(
+        {
+            "device": [
+                {"name": "a", "vfio_device": "01:00.0"},
+                {"name": "b", "vfio_device": "02:00.0"},
+                # A synthetic GPU whose memory is where device a's would be, had it any.
+                {"name": "c", "backing_dir": "/dev/shm/vgpud/a"},
+            ]
+        }
+    )
+    assert [d.vfio_device for d in config.devices] == ["0000:01:00.0", "0000:02:00.0", None]
+    # ... while two synthetic GPUs still may not share one.
+    with pytest.raises(ConfigError, match="share backing_dir /dev/shm/vgpud/a"):
+        parse({"device": [{"name": "a"}, {"name": "c", "backing_dir": "/dev/shm/vgpud/a"}]})
+
+
+def test_names_and_sockets_stay_unique_for_vfio_devices() -> None:
+    with pytest.raises(ConfigError, match="two devices are named 'a'"):
+        parse(
+            {"device": [{"name": "a", "vfio_device": "01:00.0"}, {"name": "a", "profile": "gh200"}]}
+        )
+    with pytest.raises(ConfigError, match="two devices use socket /s"):
+        parse(
+            {
+                "device": [
+                    {"name": "a", "vfio_device": "01:00.0", "socket_path": "/s"},
+                    {"name": "b", "vfio_device": "02:00.0", "socket_path": "/s"},
+                ]
+            }
+        )
+
+
+# -- layout and qemu-args ---------------------------------------------------------------------
+
+
+def test_layout_refuses_a_vfio_device() -> None:
+    config = single_device(socket_path=None, vfio_device="01:00.0")
+    with pytest.raises(ValueError, match="a vfio_device has its own BARs"):
+        devices.layout_report(config)
+
+
+def test_guest_bar_sizes_of_a_vfio_device_come_from_sysfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = tmp_path / "0000:01:00.0"
+    device.mkdir()
+    (device / "resource").write_text(
+        "0x00000000fd000000 0x00000000fdffffff 0x0000000000040200\n"
+        "0x0000000000000000 0x0000000000000000 0x0000000000000000\n"
+        "0x0000400000000000 0x000040003fffffff 0x000000000014220c\n"
+    )
+    monkeypatch.setattr(
+        devices, "sysfs_bar_sizes", functools.partial(sysfs_bar_sizes, sysfs=tmp_path)
+    )
+    config = single_device(socket_path=None, vfio_device="01:00.0")
+    assert devices.guest_bar_sizes(config) == [16 << 20, 1 << 30]  # unused BARs left out
+
+
+def test_guest_bar_sizes_of_an_absent_device(absent: str) -> None:
+    config = single_device(socket_path=None, vfio_device=absent)
+    with pytest.raises(ValueError, match=f"PCI device {absent}: cannot read its BARs"):
+        devices.guest_bar_sizes(config)
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+def test_build_device_of_an_absent_device(absent: str) -> None:
+    with pytest.raises(DeviceError) as caught:
+        devices.build_device(single_device(socket_path=None, vfio_device=absent))
+    assert caught.value.errno == errno.ENODEV
+    assert f"no PCI device {absent}" in caught.value.message
+
+
+async def test_run_fails_to_start_naming_the_device(absent: str, tmp_path: Path) -> None:
+    sock = tmp_path / "gpu0.sock"
+    config = DaemonConfig((single_device(socket_path=sock, vfio_device=absent),))
+    with pytest.raises(StartupError, match=f"no PCI device {absent}"):
+        await daemon.run(config)
+    assert not sock.exists()
+
+
+async def test_libvfio_user_engine_refuses_a_vfio_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    monkeypatch.delenv("LISTEN_PID", raising=False)
+    config = DaemonConfig(
+        (
+            single_device(
+                socket_path=tmp_path / "a.sock",
+                name="a",
+                memory_size="4GiB",
+                backing_dir=tmp_path / "mem",
+            ),
+            single_device(socket_path=tmp_path / "b.sock", name="b", vfio_device="01:00.0"),
+        ),
+        engine="libvfio-user",
+        # Never loaded: the refusal comes before the library is (daemon._load_engine), and
+        # before any device is built (device a would create its memory files).
+        libvfio_user=str(tmp_path / "no-such-libvfio-user.so.0"),
+    )
+    with pytest.raises(StartupError, match=r"cannot serve a vfio_device \(b\); use the python"):
+        await daemon.run(config)
+    assert list(await trio.Path(tmp_path).iterdir()) == []
+
+
+async def test_wait_ready_skips_a_vfio_device() -> None:
+    # Never opened: the wait must not touch it (the host driver probed the real device).
+    backend = VfioPciDevice.__new__(VfioPciDevice)
+    backend.address, backend.driver, backend.group = "0000:01:00.0", "vfio-pci", 7
+    config = DeviceConfig("gpu0", None, vfio_device="0000:01:00.0")
+    built = BuiltDevice("gpu0", backend, make_device(backend), config)
+    assert not built.probes_readiness
+    assert built.summary() == {
+        "vfio_device": "0000:01:00.0",
+        "driver": "vfio-pci",
+        "iommu_group": 7,
+    }
+
+    class Log:
+        def info(self, event: str, **fields: Any) -> None:
+            raise AssertionError(f"wait_ready logged {event!r} for a vfio device")
+
+    await wait_ready(built, Log())
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def test_serve_an_absent_device_is_one_line_naming_it(absent: str, tmp_path: Path) -> None:
+    sock = tmp_path / "gpu0.sock"
+    result = subprocess.run(
+        [*VGPUD, "serve", "--vfio-device", absent, "--socket-path", str(sock)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("vgpud: ")]
+    assert len(lines) == 1, result.stderr
+    assert f"no PCI device {absent}" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not sock.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--memory-size", "8GiB"], "memory_size describe(s) the synthetic GPU"),
+        (["--backing-dir", "/tmp/m"], "backing_dir describe(s) the synthetic GPU"),
+        (["--profile", "gb200"], "profile describe(s) the synthetic GPU"),
+        (["--cxl-dvsec"], "cxl_dvsec describe(s) the synthetic GPU"),
+    ],
+)
+def test_serve_refuses_synthetic_flags_next_to_vfio_device(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = tmp_path / "gpu0.sock"
+    argv = ["serve", "--vfio-device", "01:00.0", "--socket-path", str(sock), *flags]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("vgpud: command line: ") and message in err
+    assert not sock.exists()
+
+
+def test_serve_refuses_a_bad_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["serve", "--vfio-device", "01:00", "--socket-path", str(tmp_path / "s")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "'01:00' is not a PCI address" in capsys.readouterr().err
