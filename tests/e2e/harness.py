@@ -191,6 +191,12 @@ class Harness:
                 raise E2EError(f"a VFIO guest needs intel-iommu (x86_64), not {self.assets.arch}")
             if not self.assets.kernel_modules:
                 raise E2EError("the kernel asset has no modules (re-fetch the assets)")
+            for path in (REPO, Path(sys.executable)):
+                if path.resolve().is_relative_to("/run") or path.resolve().is_relative_to(
+                    "/dev/shm"
+                ):
+                    # The guest mounts its own tmpfs there (vg_host_chroot).
+                    raise E2EError(f"a VFIO guest cannot see {path} (under /run or /dev/shm)")
             device_args = [*VFIO_IOMMU, *device_args, *VFIO_HOSTFS]
             modules = self.assets.kernel_modules
             inputs = {**self.vfio_guest_inputs(), **(inputs or {})}

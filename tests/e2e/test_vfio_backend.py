@@ -49,7 +49,7 @@ def scenario(assets: Assets) -> ScenarioRun:
             .find_device()
             .vfio_bind()
             .host_chroot()
-            .host_python("tests.e2e.guest_vfio", "$BDF", "/tmp/vfio")
+            .host_python("tests.e2e.guest_vfio", "$BDF", "/run/vfio")
         )
         qemu = await h.start_qemu(device, script, vfio=True)
         results = await qemu.run_guest(240)
