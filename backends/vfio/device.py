@@ -193,14 +193,14 @@ class VfioPciDevice:
                 "set the type1v2 IOMMU",
             )
         except DeviceError as exc:
-            if exc.errno == errno.EPERM:
-                # vfio_iommu_type1 refuses a platform without interrupt remapping.
-                exc.message += (
-                    " (the IOMMU has no interrupt remapping: enable it, or load "
-                    "vfio_iommu_type1 with allow_unsafe_interrupts=1)"
-                )
-                exc.args = (exc.message,)
-            raise
+            if exc.errno != errno.EPERM:
+                raise
+            # vfio_iommu_type1 refuses a platform without interrupt remapping.
+            raise DeviceError(
+                exc.errno,
+                f"{exc.message} (the IOMMU has no interrupt remapping: enable it, or load "
+                "vfio_iommu_type1 with allow_unsafe_interrupts=1)",
+            ) from None
 
     def _device_info(self) -> DeviceInfo:
         buf = bytearray(uapi.DEVICE_INFO.pack(uapi.DEVICE_INFO.size, 0, 0, 0))

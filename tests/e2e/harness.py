@@ -192,10 +192,8 @@ class Harness:
             if not self.assets.kernel_modules:
                 raise E2EError("the kernel asset has no modules (re-fetch the assets)")
             for path in (REPO, Path(sys.executable)):
-                if path.resolve().is_relative_to("/run") or path.resolve().is_relative_to(
-                    "/dev/shm"
-                ):
-                    # The guest mounts its own tmpfs there (vg_host_chroot).
+                # The guest mounts its own tmpfs over these (vg_host_chroot).
+                if any(path.resolve().is_relative_to(d) for d in ("/run", "/dev/shm")):
                     raise E2EError(f"a VFIO guest cannot see {path} (under /run or /dev/shm)")
             device_args = [*VFIO_IOMMU, *device_args, *VFIO_HOSTFS]
             modules = self.assets.kernel_modules
