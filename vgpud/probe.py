@@ -7,6 +7,7 @@ closes every fd it is handed, and prints. ``--json`` gives the same facts for sc
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,8 +95,13 @@ async def probe(path: str | Path) -> ProbeResult:
             got = await client.region_info(index)
             region = got.info
             fd_size = None
+            fd_kind = None
             if got.fd is not None:
-                fd_size = os.fstat(got.fd).st_size
+                st = os.fstat(got.fd)
+                fd_size = st.st_size
+                # A memory file (synthetic GPU), or a VFIO device fd (--vfio-device), whose
+                # size means nothing.
+                fd_kind = "file" if stat.S_ISREG(st.st_mode) else "device"
                 os.close(got.fd)
             sparse = [
                 {"offset": off, "size": size}
@@ -110,6 +116,7 @@ async def probe(path: str | Path) -> ProbeResult:
                     "flags": [name for bit, name in _REGION_FLAGS if region.flags & bit],
                     "mmap_offset": region.offset,
                     "fd_size": fd_size,
+                    "fd_kind": fd_kind,
                     "sparse_areas": sparse,
                 }
             )
@@ -246,8 +253,10 @@ def render(result: ProbeResult) -> str:
             continue
         flag_text = ", ".join(region["flags"])
         text = f"  {region['name']:<7} size {format_size(region['size'])} [{flag_text}]"
-        if region["fd_size"] is not None:
+        if region["fd_kind"] == "file":
             text += f", fd of {format_size(region['fd_size'])} at offset {region['mmap_offset']:#x}"
+        elif region["fd_kind"] == "device":
+            text += f", device fd at offset {region['mmap_offset']:#x}"
         lines.append(text)
         for area in region["sparse_areas"]:
             lines.append(

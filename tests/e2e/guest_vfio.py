@@ -12,6 +12,7 @@ line (``VGTEST key=value``) for the host test to assert on; it decides nothing i
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import struct
@@ -135,6 +136,12 @@ async def main(bdf: str, workdir: Path) -> None:
     daemon, sock_path = await start_daemon(bdf, workdir)
     report("daemon", "ready")
     try:
+        # What a user runs first: `vgpud probe` on the socket.
+        probed = await trio.run_process(
+            [sys.executable, "-m", "vgpud", "probe", "--json", str(sock_path)], capture_stdout=True
+        )
+        bar4 = next(r for r in json.loads(probed.stdout)["regions"] if r["index"] == 4)
+        report("probe_bar4", f"{bar4['size']:#x},{bar4['fd_kind']}")
         async with await VfioUserClient.connect(sock_path) as client:
             fds = await region_facts(client)
             config = await client.region_read(7, 0, 4)

@@ -99,6 +99,13 @@ def test_regions_are_the_host_devices_bars(scenario: ScenarioRun) -> None:
     assert config_flags & REGION_READ_WRITE_MMAP == 0x3  # config space: read/write, no mmap
 
 
+def test_probe_shows_bar4_as_the_device_fd(scenario: ScenarioRun) -> None:
+    run = _run(scenario)
+    size, kind = run.results.values["probe_bar4"].split(",")
+    assert int(size, 16) == run.device.expected.usemem_bar
+    assert kind == "device", "vgpud probe did not see the VFIO device fd for BAR4"
+
+
 def test_config_read_reaches_the_synthetic_gpu(scenario: ScenarioRun) -> None:
     run = _run(scenario)
     vendor, device_id = struct.unpack("<HH", bytes.fromhex(run.results.values["config_ids"]))
