@@ -3,11 +3,13 @@ targets live in the benchmarks' output, not in timed tests)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
 
-from benchmarks import codec, roundtrip
+from benchmarks import codec, guest_access, guest_bandwidth, roundtrip
+from tests.e2e.initramfs import GuestResults
 
 
 def test_codec_benchmark_runs() -> None:
@@ -28,3 +30,64 @@ def test_roundtrip_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {"floor (python echo)", "vgpud config read", "vgpud BAR0 read"} <= set(results)
     for row in results.values():
         assert row["p50_us"] > 0 and row["msgs_per_s"] > 0
+
+
+def _guest_run(**overrides: str) -> guest_bandwidth.GuestRun:
+    """A guest report as benchmarks.guest_access prints it, for a 4 KiB copy that landed."""
+    size = 4096
+    data = guest_access.pattern(size)
+    digest = hashlib.sha256(data).hexdigest()
+    values = {"size_bytes": str(size), "data_sha256": digest}
+    expected = guest_bandwidth.gh200_values()
+    for target in ("config", "bar0", *guest_bandwidth.TARGETS):
+        values |= {f"{target}_load_p50_ns": "2000", f"{target}_load_p99_ns": "9000"}
+    for target in guest_bandwidth.TARGETS:
+        values |= {
+            f"{target}_write_bytes_s": str(1 << 30),
+            f"{target}_read_bytes_s": str(1 << 29),
+            f"{target}_sha256": digest,
+        }
+    values |= {f"{t}_value": hex(v) for t, v in expected.items()}
+    results = GuestResults(values=values | overrides, done_rc=0)
+    return guest_bandwidth.GuestRun("mmap", results, data, expected)
+
+
+def test_guest_bandwidth_check_accepts_a_report_that_landed() -> None:
+    figures = guest_bandwidth.check(_guest_run())
+    assert figures["bar4"] == {
+        "write_mib_s": 1024.0,
+        "read_mib_s": 512.0,
+        "load_p50_us": 2.0,
+        "load_p99_us": 9.0,
+    }
+    assert set(figures) == {"config", "bar0", *guest_bandwidth.TARGETS}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"bar4_sha256": "0" * 64}, "bar4: the bytes read back"),
+        ({"data_sha256": "0" * 64}, "disagree on the test pattern"),
+        ({"config_value": "0x0"}, "config loads returned 0x0"),
+        ({"bar0_value": "0xffffffff"}, "bar0 loads returned 0xffffffff"),
+    ],
+)
+def test_guest_bandwidth_check_refuses_what_did_not_land(
+    overrides: dict[str, str], reason: str
+) -> None:
+    with pytest.raises(AssertionError, match=reason):
+        guest_bandwidth.check(_guest_run(**overrides))
+
+
+def test_guest_bandwidth_check_refuses_a_usemem_file_without_the_writes() -> None:
+    run = _guest_run()
+    stale = guest_bandwidth.GuestRun(run.mode, run.results, bytes(4096), run.expected)
+    with pytest.raises(AssertionError, match="usemem file does not hold"):
+        guest_bandwidth.check(stale)
+
+
+def test_guest_bandwidth_check_refuses_a_guest_that_failed() -> None:
+    run = _guest_run()
+    run.results.done_rc = 1
+    with pytest.raises(AssertionError, match="guest program failed"):
+        guest_bandwidth.check(run)

@@ -47,6 +47,7 @@ ECHO = os.environ.get("VGPUD_E2E_ECHO") == "1"  # stream every log line live to 
 #   that needs no kernel-irqchip setting (that constraint is KVM's).
 VFIO_IOMMU = ["-device", "intel-iommu,caching-mode=on,intremap=on"]
 # * the host's / read-only (mount tag "host") for the repository, the venv and its libraries.
+#   A host-Python guest (``host_python=True``: the benchmarks' guests) has this part alone.
 VFIO_HOSTFS = [
     *("-fsdev", "local,id=hostfs,path=/,security_model=none,readonly=on"),
     *("-device", "virtio-9p-pci,fsdev=hostfs,mount_tag=host"),
@@ -177,25 +178,30 @@ class Harness:
         inputs: dict[str, int | str] | None = None,
         qemu_args: Sequence[str] | None = None,
         vfio: bool = False,
+        host_python: bool = False,
     ) -> Qemu:
         """Start QEMU (machine and device args from vgpud unless ``qemu_args`` is given).
 
-        ``vfio``: a VFIO guest (see VFIO_IOMMU): a vIOMMU, the host's / over virtio-9p,
-        ``intel_iommu=on``, the kernel modules loaded before the script, and the inputs
-        ``vg.repo`` / ``vg.python`` (this repository, this interpreter). x86_64 only.
+        ``host_python``: the guest can run this repository's Python (GuestScript.host_chroot,
+        .host_python): the host's / over virtio-9p, the kernel modules loaded before the
+        script, and the inputs ``vg.repo`` / ``vg.python`` (this repository, this interpreter).
+        ``vfio``: a VFIO guest (see VFIO_IOMMU): all of that, plus a vIOMMU and
+        ``intel_iommu=on``. Both x86_64 only.
         """
         device_args = list(qemu_args) if qemu_args is not None else self.device_args(device)
         modules: list[Path] = []
-        if vfio:
+        if vfio or host_python:
             if self.assets.arch != "x86_64":
-                raise E2EError(f"a VFIO guest needs intel-iommu (x86_64), not {self.assets.arch}")
+                raise E2EError(
+                    f"a VFIO or host-Python guest is x86_64 only, not {self.assets.arch}"
+                )
             if not self.assets.kernel_modules:
                 raise E2EError("the kernel asset has no modules (re-fetch the assets)")
             for path in (REPO, Path(sys.executable)):
                 # The guest mounts its own tmpfs over these (vg_host_chroot).
                 if any(path.resolve().is_relative_to(d) for d in ("/run", "/dev/shm")):
-                    raise E2EError(f"a VFIO guest cannot see {path} (under /run or /dev/shm)")
-            device_args = [*VFIO_IOMMU, *device_args, *VFIO_HOSTFS]
+                    raise E2EError(f"the guest cannot see {path} (under /run or /dev/shm)")
+            device_args = [*(VFIO_IOMMU if vfio else []), *device_args, *VFIO_HOSTFS]
             modules = self.assets.kernel_modules
             inputs = {**self.vfio_guest_inputs(), **(inputs or {})}
         config = QemuConfig(device_args=device_args, paused=paused, allow_reboot=allow_reboot)
@@ -221,6 +227,7 @@ class Harness:
         inputs: dict[str, int | str] | None = None,
         qemu_args: Sequence[str] | None = None,
         vfio: bool = False,
+        host_python: bool = False,
     ) -> GuestResults:
         """Boot a guest running ``script`` to its poweroff; return what it printed."""
         qemu = await self.start_qemu(
@@ -230,6 +237,7 @@ class Harness:
             inputs=inputs,
             qemu_args=qemu_args,
             vfio=vfio,
+            host_python=host_python,
         )
         results = await qemu.run_guest(within)
         if results.done_rc is None:
