@@ -14,9 +14,13 @@ Measures, in one run and against the same minimal client:
   its BAR0 is different).
 
 Client and server are pinned to one CPU (``--cpu``), as a vCPU thread and the server would
-compete on a busy host; latency is wall-clock per request/reply pair (perf_counter_ns).
+compete on a busy host; latency is wall-clock per request/reply pair (perf_counter_ns). That
+measures what the server's own work costs: the server is rarely idle when a request comes.
+``--server-cpu N`` (another CPU) measures the other case, the one a guest's sparse trapped
+accesses make: every request finds the server asleep, so each round trip pays two cross-CPU
+wake-ups as well.
 
-    python -m benchmarks.roundtrip [--iterations 20000] [--cpu 0] [--json]
+    python -m benchmarks.roundtrip [--iterations 20000] [--cpu 0] [--server-cpu N] [--json]
 """
 
 from __future__ import annotations
@@ -189,8 +193,13 @@ def _server(
             proc.wait()
 
 
-def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str, dict[str, float]]:
+def run(
+    iterations: int, cpu: int, libvfio_user_server: str | None, server_cpu: int | None = None
+) -> dict[str, dict[str, float]]:
+    """``cpu`` for the client (this process); ``server_cpu`` for the servers (default: the
+    same CPU)."""
     os.sched_setaffinity(0, {cpu})
+    on = cpu if server_cpu is None else server_cpu
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="vgpud-bench-") as tmp:
         floor_sock = f"{tmp}/floor.sock"
@@ -199,7 +208,7 @@ def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str,
             "import sys; from benchmarks.roundtrip import _echo_server; "
             "_echo_server(int(sys.argv[1]), 36)"
         )
-        with _server([sys.executable, "-c", code, str(listener.fileno())], cpu, listener):
+        with _server([sys.executable, "-c", code, str(listener.fileno())], on, listener):
             client = RawClient(floor_sock)
             results["floor (python echo)"] = measure(
                 client.region_read_timer(CONFIG_REGION, 0, 4), iterations
@@ -213,7 +222,7 @@ def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str,
             "_bound_server(int(sys.argv[1]), sys.argv[2])"
         )
         cmd = [sys.executable, "-c", code, str(listener.fileno()), f"{tmp}/bound-mem"]
-        with _server(cmd, cpu, listener):
+        with _server(cmd, on, listener):
             client = RawClient(bound_sock)
             results["bound (python, no checks)"] = measure(
                 client.region_read_timer(CONFIG_REGION, 0, 4), iterations
@@ -236,7 +245,7 @@ def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str,
             "--log-level",
             "warning",
         ]
-        with _server(cmd, cpu, listener):
+        with _server(cmd, on, listener):
             client = RawClient(vgpud_sock)
             results["vgpud config read"] = measure(
                 client.region_read_timer(CONFIG_REGION, 0, 4), iterations
@@ -254,7 +263,7 @@ def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str,
                 "--socket-path", engine_sock, "--memory-size", "8GiB",
                 "--backing-dir", f"{tmp}/mem2", "--log-level", "warning",
             ]  # fmt: skip
-            with _server(cmd, cpu):
+            with _server(cmd, on):
                 client = RawClient(engine_sock)
                 results["vgpud+libvfio-user config read"] = measure(
                     client.region_read_timer(CONFIG_REGION, 0, 4), iterations
@@ -263,7 +272,7 @@ def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str,
 
         if libvfio_user_server:
             lvu_sock = f"{tmp}/lvu.sock"
-            with _server([libvfio_user_server, lvu_sock], cpu):
+            with _server([libvfio_user_server, lvu_sock], on):
                 client = RawClient(lvu_sock)
                 results["libvfio-user config read"] = measure(
                     client.region_read_timer(CONFIG_REGION, 0, 4), iterations
@@ -275,7 +284,8 @@ def run(iterations: int, cpu: int, libvfio_user_server: str | None) -> dict[str,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=20000)
-    parser.add_argument("--cpu", type=int, default=0)
+    parser.add_argument("--cpu", type=int, default=0, help="the client's CPU")
+    parser.add_argument("--server-cpu", type=int, help="the servers' CPU (default: --cpu)")
     parser.add_argument(
         "--libvfio-user-server", default=os.environ.get("VGPUD_LIBVFIO_USER_SERVER")
     )
@@ -283,7 +293,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.libvfio_user_server and not Path(args.libvfio_user_server).exists():
         parser.error(f"{args.libvfio_user_server} does not exist")
-    results = run(args.iterations, args.cpu, args.libvfio_user_server)
+    results = run(args.iterations, args.cpu, args.libvfio_user_server, args.server_cpu)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
