@@ -10,7 +10,7 @@ VGPUD_CACHE ?= $(HOME)/.cache/vgpud
 SOCKET ?= $(or $(XDG_RUNTIME_DIR),/tmp)/vgpud/gpu0.sock
 export VGPUD_CACHE
 
-.PHONY: run test lint typecheck unit e2e assets bench demo clean
+.PHONY: run test lint typecheck unit e2e assets bench bench-guest demo clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ test: lint typecheck assets
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m benchmarks.roundtrip
+
+# Accesses seen from inside a TCG guest (boots two; about 2 minutes).
+bench-guest: assets
+	$(BIN)/python -m benchmarks.guest_bandwidth
 
 demo: assets
 	$(BIN)/python -m tests.e2e.demo

@@ -16,11 +16,14 @@ Measures, in one run and against the same minimal client:
 Client and server are pinned to one CPU (``--cpu``), as a vCPU thread and the server would
 compete on a busy host; latency is wall-clock per request/reply pair (perf_counter_ns). That
 measures what the server's own work costs: the server is rarely idle when a request comes.
-``--server-cpu N`` (another CPU) measures the other case, the one a guest's sparse trapped
-accesses make: every request finds the server asleep, so each round trip pays two cross-CPU
-wake-ups as well.
+``--server-cpu N`` (another CPU) with ``--gap-us 200`` measures the other case, the one a
+guest's sparse trapped accesses make: each request comes after a pause and finds the server
+asleep, so each round trip pays two cross-CPU wake-ups as well. (Without the gap a client on
+another CPU sends its next request the moment a reply arrives, and a slower server finds it
+already waiting: that flatters the slower server.)
 
-    python -m benchmarks.roundtrip [--iterations 20000] [--cpu 0] [--server-cpu N] [--json]
+    python -m benchmarks.roundtrip [--iterations 20000] [--cpu 0] [--server-cpu N]
+                                   [--gap-us N] [--json]
 """
 
 from __future__ import annotations
@@ -193,13 +196,38 @@ def _server(
             proc.wait()
 
 
+def with_gap(timer: Callable[[], int], gap_us: int) -> Callable[[], int]:
+    """``timer`` preceded by ``gap_us`` of busy waiting (untimed), so that each request comes
+    after a pause, as a guest's do. Busy, not sleeping: the client's own wake-up stays out."""
+    if not gap_us:
+        return timer
+    gap_ns, clock = gap_us * 1000, time.perf_counter_ns
+
+    def one() -> int:
+        end = clock() + gap_ns
+        while clock() < end:
+            pass
+        return timer()
+
+    return one
+
+
 def run(
-    iterations: int, cpu: int, libvfio_user_server: str | None, server_cpu: int | None = None
+    iterations: int,
+    cpu: int,
+    libvfio_user_server: str | None,
+    *,
+    server_cpu: int | None = None,
+    gap_us: int = 0,
 ) -> dict[str, dict[str, float]]:
     """``cpu`` for the client (this process); ``server_cpu`` for the servers (default: the
-    same CPU)."""
+    same CPU); ``gap_us`` of pause before each request."""
     os.sched_setaffinity(0, {cpu})
     on = cpu if server_cpu is None else server_cpu
+
+    def sample(client: RawClient, region: int, offset: int) -> dict[str, float]:
+        return measure(with_gap(client.region_read_timer(region, offset, 4), gap_us), iterations)
+
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="vgpud-bench-") as tmp:
         floor_sock = f"{tmp}/floor.sock"
@@ -210,9 +238,7 @@ def run(
         )
         with _server([sys.executable, "-c", code, str(listener.fileno())], on, listener):
             client = RawClient(floor_sock)
-            results["floor (python echo)"] = measure(
-                client.region_read_timer(CONFIG_REGION, 0, 4), iterations
-            )
+            results["floor (python echo)"] = sample(client, CONFIG_REGION, 0)
             client.close()
 
         bound_sock = f"{tmp}/bound.sock"
@@ -224,9 +250,7 @@ def run(
         cmd = [sys.executable, "-c", code, str(listener.fileno()), f"{tmp}/bound-mem"]
         with _server(cmd, on, listener):
             client = RawClient(bound_sock)
-            results["bound (python, no checks)"] = measure(
-                client.region_read_timer(CONFIG_REGION, 0, 4), iterations
-            )
+            results["bound (python, no checks)"] = sample(client, CONFIG_REGION, 0)
             client.close()
 
         vgpud_sock = f"{tmp}/vgpud.sock"
@@ -247,12 +271,8 @@ def run(
         ]
         with _server(cmd, on, listener):
             client = RawClient(vgpud_sock)
-            results["vgpud config read"] = measure(
-                client.region_read_timer(CONFIG_REGION, 0, 4), iterations
-            )
-            results["vgpud BAR0 read"] = measure(
-                client.region_read_timer(BAR0_REGION, C2C_LINK_BAR0_OFFSET, 4), iterations
-            )
+            results["vgpud config read"] = sample(client, CONFIG_REGION, 0)
+            results["vgpud BAR0 read"] = sample(client, BAR0_REGION, C2C_LINK_BAR0_OFFSET)
             client.close()
 
         if os.environ.get("VGPUD_LIBVFIO_USER"):
@@ -265,18 +285,14 @@ def run(
             ]  # fmt: skip
             with _server(cmd, on):
                 client = RawClient(engine_sock)
-                results["vgpud+libvfio-user config read"] = measure(
-                    client.region_read_timer(CONFIG_REGION, 0, 4), iterations
-                )
+                results["vgpud+libvfio-user config read"] = sample(client, CONFIG_REGION, 0)
                 client.close()
 
         if libvfio_user_server:
             lvu_sock = f"{tmp}/lvu.sock"
             with _server([libvfio_user_server, lvu_sock], on):
                 client = RawClient(lvu_sock)
-                results["libvfio-user config read"] = measure(
-                    client.region_read_timer(CONFIG_REGION, 0, 4), iterations
-                )
+                results["libvfio-user config read"] = sample(client, CONFIG_REGION, 0)
                 client.close()
     return results
 
@@ -286,6 +302,7 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=20000)
     parser.add_argument("--cpu", type=int, default=0, help="the client's CPU")
     parser.add_argument("--server-cpu", type=int, help="the servers' CPU (default: --cpu)")
+    parser.add_argument("--gap-us", type=int, default=0, help="pause before each request")
     parser.add_argument(
         "--libvfio-user-server", default=os.environ.get("VGPUD_LIBVFIO_USER_SERVER")
     )
@@ -293,7 +310,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.libvfio_user_server and not Path(args.libvfio_user_server).exists():
         parser.error(f"{args.libvfio_user_server} does not exist")
-    results = run(args.iterations, args.cpu, args.libvfio_user_server, args.server_cpu)
+    results = run(
+        args.iterations,
+        args.cpu,
+        args.libvfio_user_server,
+        server_cpu=args.server_cpu,
+        gap_us=args.gap_us,
+    )
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

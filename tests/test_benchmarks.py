@@ -4,7 +4,9 @@ targets live in the benchmarks' output, not in timed tests)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import time
 
 import pytest
 
@@ -91,3 +93,31 @@ def test_guest_bandwidth_check_refuses_a_guest_that_failed() -> None:
     run.results.done_rc = 1
     with pytest.raises(AssertionError, match="guest program failed"):
         guest_bandwidth.check(run)
+
+
+def test_roundtrip_with_a_gap_waits_before_each_request() -> None:
+    calls: list[int] = []
+
+    def timer() -> int:
+        calls.append(time.perf_counter_ns())
+        return 1
+
+    gapped = roundtrip.with_gap(timer, gap_us=300)
+    for _ in range(3):
+        gapped()
+    assert all(b - a >= 300_000 for a, b in itertools.pairwise(calls))
+    assert roundtrip.with_gap(timer, gap_us=0) is timer
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_roundtrip_benchmark_runs_cross_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VGPUD_LIBVFIO_USER", raising=False)
+    before = os.sched_getaffinity(0)
+    client, server = sorted(before)[:2]
+    try:
+        results = roundtrip.run(
+            iterations=100, cpu=client, libvfio_user_server=None, server_cpu=server, gap_us=50
+        )
+    finally:
+        os.sched_setaffinity(0, before)
+    assert results["vgpud config read"]["p50_us"] > 0
