@@ -84,7 +84,7 @@ def gh200_values() -> dict[str, int]:
     return {"config": profile.device_id << 16 | NVIDIA_VENDOR_ID, "bar0": profile.boot0}
 
 
-def guest_script(args: Sequence[str], vendor: int = 0x10DE) -> GuestScript:
+def guest_script(args: Sequence[str], vendor: int = NVIDIA_VENDOR_ID) -> GuestScript:
     return (
         GuestScript()
         .find_device(vendor)
