@@ -107,7 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     qemu = sub.add_parser("qemu-args", help="print QEMU arguments that attach the device")
     _device_flags(qemu)
     qemu.add_argument("--socket-path", type=Path, help="the device's socket")
-    qemu.add_argument("--config", type=Path, help="attach every device of this config file")
+    source = qemu.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help="attach every device of this config file")
+    source.add_argument(
+        "--vfio-device",
+        metavar="PCI_ADDRESS",
+        help="the device is this host PCI device (serve --vfio-device): size the MMIO window "
+        "from its BARs",
+    )
     qemu.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64")
     qemu.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
     qemu.add_argument("--ram", default="1G", help="guest RAM (default 1G)")
@@ -201,6 +208,7 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
                 profile=args.profile,
                 memory_size=args.memory_size,
                 name=args.name,
+                vfio_device=args.vfio_device,
             )
         ]
     guests = [

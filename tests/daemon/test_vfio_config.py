@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from backends.device import DeviceError
 from backends.vfio import VfioPciDevice
 from backends.vfio.device import SYSFS_PCI_DEVICES, sysfs_bar_sizes
 from tests.serve_process import VGPUD
-from vgpud import cli, daemon, devices
+from vgpud import cli, daemon, devices, qemu_args
 from vgpud.config import ConfigError, DaemonConfig, DeviceConfig, parse, single_device
 from vgpud.daemon import StartupError, wait_ready
 from vgpud.devices import BuiltDevice
@@ -188,21 +189,66 @@ def test_layout_refuses_a_vfio_device() -> None:
         devices.layout_report(config)
 
 
-def test_guest_bar_sizes_of_a_vfio_device_come_from_sysfs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    device = tmp_path / "0000:01:00.0"
-    device.mkdir()
+@pytest.fixture
+def fake_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """0000:01:00.0 with a 16 MiB BAR0 and a 1 TiB 64-bit BAR2, as sysfs lists them."""
+    sysfs = tmp_path / "sysfs"
+    device = sysfs / "0000:01:00.0"
+    device.mkdir(parents=True)
     (device / "resource").write_text(
         "0x00000000fd000000 0x00000000fdffffff 0x0000000000040200\n"
         "0x0000000000000000 0x0000000000000000 0x0000000000000000\n"
-        "0x0000400000000000 0x000040003fffffff 0x000000000014220c\n"
+        "0x0000400000000000 0x000040ffffffffff 0x000000000014220c\n"
     )
-    monkeypatch.setattr(
-        devices, "sysfs_bar_sizes", functools.partial(sysfs_bar_sizes, sysfs=tmp_path)
-    )
+    monkeypatch.setattr(devices, "sysfs_bar_sizes", functools.partial(sysfs_bar_sizes, sysfs=sysfs))
+    return sysfs
+
+
+def test_guest_bar_sizes_of_a_vfio_device_come_from_sysfs(fake_sysfs: Path) -> None:
     config = single_device(socket_path=None, vfio_device="01:00.0")
-    assert devices.guest_bar_sizes(config) == [16 << 20, 1 << 30]  # unused BARs left out
+    assert devices.guest_bar_sizes(config) == [16 << 20, 1 << 40]  # unused BARs left out
+
+
+def test_qemu_args_for_a_vfio_device_size_the_window_from_sysfs(
+    fake_sysfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = tmp_path / "gpu0.sock"
+    argv = ["qemu-args", "--vfio-device", "01:00.0", "--socket-path", str(sock), "--json"]
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == qemu_args.build(
+        [qemu_args.GuestDevice(socket_path=str(sock), bar_sizes=[16 << 20, 1 << 40], id="gpu0")],
+        arch="x86_64",
+        ram="1G",
+        smp=1,
+        accel="tcg",
+        numa=False,
+    )
+    # The synthetic gh200's window would be far smaller than this device's 1 TiB BAR.
+    default = ["qemu-args", "--socket-path", str(sock), "--json"]
+    assert cli.main(default) == 0
+    assert json.loads(capsys.readouterr().out) != printed
+
+
+def test_qemu_args_for_an_absent_vfio_device(
+    absent: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["qemu-args", "--vfio-device", absent]) == cli.EXIT_USAGE
+    assert f"PCI device {absent}: cannot read its BARs" in capsys.readouterr().err
+
+
+def test_qemu_args_refuses_synthetic_flags_next_to_vfio_device(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["qemu-args", "--vfio-device", "01:00.0", "--memory-size", "8GiB"]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "memory_size describe(s) the synthetic GPU" in capsys.readouterr().err
+
+
+def test_qemu_args_vfio_device_and_config_are_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["qemu-args", "--vfio-device", "01:00.0", "--config", str(tmp_path / "c")])
+    assert caught.value.code == cli.EXIT_USAGE
 
 
 def test_guest_bar_sizes_of_an_absent_device(absent: str) -> None:
