@@ -99,9 +99,15 @@ def loads(name: str, target: mmap.mmap, offsets: list[int]) -> None:
         start = clock()
         unpack(target, offset)
         samples.append(clock() - start)
+    report_loads(name, samples, unpack(target, offsets[0])[0])
+
+
+def report_loads(name: str, samples: list[int], value: int) -> None:
+    """The median and 99th percentile of the timed loads, and what a load returned (for the
+    host to check the loads reached the device). The timing loops stay inline, each with
+    nothing but its load between the clock reads."""
     samples.sort()
-    # What a load returns, for the host to check the loads reached the device.
-    report(f"{name}_value", hex(unpack(target, offsets[0])[0]))
+    report(f"{name}_value", hex(value))
     report(f"{name}_load_p50_ns", samples[len(samples) // 2])
     report(f"{name}_load_p99_ns", samples[len(samples) * 99 // 100])
 
@@ -146,10 +152,7 @@ def config_loads(bdf: str, count: int) -> None:
             start = clock()
             pread(fd, 4, 0)
             samples.append(clock() - start)
-        samples.sort()
-        report("config_value", hex(WORD.unpack(pread(fd, 4, 0))[0]))
-        report("config_load_p50_ns", samples[len(samples) // 2])
-        report("config_load_p99_ns", samples[len(samples) * 99 // 100])
+        report_loads("config", samples, WORD.unpack(pread(fd, 4, 0))[0])
     finally:
         os.close(fd)
 

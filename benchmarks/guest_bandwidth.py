@@ -44,6 +44,7 @@ import trio
 from backends.synthetic.profiles import NVIDIA_VENDOR_ID
 from benchmarks.guest_access import pattern
 from tests.e2e.assets import Assets, AssetsMissingError
+from tests.e2e.expect import read_backing_bytes
 from tests.e2e.harness import Harness, ScenarioRun, run_scenario
 from tests.e2e.initramfs import GuestResults, GuestScript
 from tests.e2e.qemu import qemu_device_args
@@ -115,10 +116,7 @@ def vgpud_guest(assets: Assets, mode: str, settings: Settings, extra: Sequence[s
             ]
         )
         results = await h.boot(device, script, within=GUEST_TIMEOUT, host_python=True)
-        usemem = device.files["usemem"]
-        with usemem.path.open("rb") as handle:
-            handle.seek(usemem.offset)
-            head = handle.read(size_kib << 10)
+        head = read_backing_bytes(device.files["usemem"], 0, size_kib << 10)
         return GuestRun(mode, results, head, gh200_values())
 
     return _finish(run_scenario(assets, body, echo=settings.echo))

@@ -8,8 +8,6 @@ Opening a real device is tests/e2e/test_vfio_backend.py's job; here each failure
 from __future__ import annotations
 
 import errno
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,13 +248,3 @@ def test_failed_opens_repeatedly_leak_nothing(host: Host) -> None:
         with pytest.raises(DeviceError):
             host.open()
     assert open_fds() == before
-
-
-def test_backends_vfio_does_not_import_vgpud() -> None:
-    # DESIGN.md "Layers", as tests/backends/test_imports.py checks for the other backends.
-    code = (
-        "import sys, backends.vfio;"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vgpud', 'trio')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

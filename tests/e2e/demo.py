@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from tests.e2e.assets import Assets, AssetsMissingError
+from tests.e2e.expect import read_backing
 from tests.e2e.harness import Harness, run_scenario
 from tests.e2e.initramfs import GuestResults
 from tests.e2e.plans import bar_facts, describe_script
@@ -78,9 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         usemem = device.files["usemem"]
         host = None
         if usemem.path.exists():
-            with usemem.path.open("rb") as f:
-                f.seek(usemem.offset + 0x1000)
-                host = int.from_bytes(f.read(8), "little")
+            host = read_backing(usemem, 0x1000, 64)
         return results, host, elapsed
 
     run = run_scenario(assets, body, echo=args.echo)

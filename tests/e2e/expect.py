@@ -76,9 +76,13 @@ def backing_files(layout: dict[str, Any], backing_dir: Path) -> dict[str, Backin
     return found
 
 
-def read_backing(file: BackingFile, offset: int, width: int) -> int:
-    """Little-endian integer of ``width`` bits at region offset ``offset``."""
+def read_backing_bytes(file: BackingFile, offset: int, size: int) -> bytes:
+    """``size`` bytes at region offset ``offset`` (fewer where the file ends)."""
     with file.path.open("rb") as handle:
         handle.seek(file.offset + offset)
-        data = handle.read(width // 8)
-    return int.from_bytes(data, "little")
+        return handle.read(size)
+
+
+def read_backing(file: BackingFile, offset: int, width: int) -> int:
+    """Little-endian integer of ``width`` bits at region offset ``offset``."""
+    return int.from_bytes(read_backing_bytes(file, offset, width // 8), "little")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.e2e.assets import Assets
-from tests.e2e.expect import NVIDIA
+from tests.e2e.expect import NVIDIA, read_backing_bytes
 from tests.e2e.guest_vfio import MMAP_OFFSET, MMAP_PATTERN, WRITE_OFFSET, WRITE_PATTERN
 from tests.e2e.harness import Device, Harness, ScenarioRun, run_scenario
 from tests.e2e.initramfs import GuestResults, GuestScript
@@ -53,10 +53,7 @@ def scenario(assets: Assets) -> ScenarioRun:
         )
         qemu = await h.start_qemu(device, script, vfio=True)
         results = await qemu.run_guest(240)
-        usemem = device.files["usemem"]
-        with usemem.path.open("rb") as handle:
-            handle.seek(usemem.offset)
-            data = handle.read(WRITE_OFFSET + len(WRITE_PATTERN))
+        data = read_backing_bytes(device.files["usemem"], 0, WRITE_OFFSET + len(WRITE_PATTERN))
         return Run(device, results, data, qemu.stderr.text())
 
     return run_scenario(assets, body)
