@@ -158,3 +158,11 @@ class Backend(VfioDevice, Protocol):
     def shutdown(self) -> None:
         """The daemon is stopping: close the backing. Memory contents persist."""
         ...
+
+    @property
+    def reset_count(self) -> int:
+        """Function resets the device has completed: :meth:`reset` and any the guest starts
+        itself (an FLR written to config space). The variant re-arms its post-reset readiness
+        gate when this changes, as the kernel's ``err_handler.reset_done`` callback does (spec
+        nvgrace-gpu.md §7.4)."""
+        ...

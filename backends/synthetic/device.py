@@ -118,6 +118,7 @@ class SyntheticGpu:
         self._memory = MemoryBacking(self.backing_dir, profile.memory_size)
         self._bar1_window: MemoryWindow | None = None
         self._dma: dict[int, DmaRegion] = {}
+        self.reset_count = 0
 
     # -- Backend ---------------------------------------------------------------------------
 
@@ -220,6 +221,7 @@ class SyntheticGpu:
         self.config.reset()
         self.irqs.reset()
         self.bar0.reset()
+        self.reset_count += 1
 
     def open(self) -> None:
         """The device keeps its state between clients; only its memory files are checked

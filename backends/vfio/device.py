@@ -143,6 +143,10 @@ class VfioPciDevice:
         # the VMM closes its own (see set_irqs).
         self._eventfds: dict[tuple[int, IrqAction], EventfdTable] = {}
         self._iommu_maps: dict[int, int] = {}  # iova -> size, in the IOMMU
+        # The resets asked of the kernel. An FLR the guest writes to config space happens in
+        # the kernel, whose own variant driver (if bound) gates on it; vgpud's variant never
+        # runs over this backend (device_memory() is None).
+        self.reset_count = 0
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -391,6 +395,7 @@ class VfioPciDevice:
     def reset(self) -> None:
         """``VFIO_DEVICE_RESET`` (EINVAL-ish from the kernel when the device has none)."""
         self._ioctl(self._device, uapi.VFIO_DEVICE_RESET, 0, "reset")
+        self.reset_count += 1
 
     def open(self) -> None:
         """Nothing to do: the device fd stays open between clients."""

@@ -257,11 +257,13 @@ def test_gate_eagain_then_ready(make_gpu: CxlGpuFactory, clock: FakeClock) -> No
     assert bar4_read(variant) == 0
     assert not variant.gate_armed
     variant.reset()
-    assert bar4_read(variant) == errno.EIO  # COMMAND.MEM is checked first (§7.4 step 2)
-    cfg_write(variant, 0x04, 2, 0x0002)
-    clock.advance(2.0)
+    # nvgrace_gpu_read_mem runs the CXL wait before check_device_ready's memory-enable
+    # test, so with COMMAND.MEM clear the GPU's readiness is what answers first.
     assert bar4_read(variant) == errno.EAGAIN
-    clock.advance(1.0)
+    clock.advance(3.0)
+    assert bar4_read(variant) == errno.EIO  # ready now: COMMAND.MEM decides (§7.4 step 2)
+    assert variant.gate_armed
+    cfg_write(variant, 0x04, 2, 0x0002)
     assert bar4_read(variant) == 0
     assert not variant.gate_armed
 
@@ -272,23 +274,48 @@ def test_gate_etime_after_the_cxl_budget(
 ) -> None:
     variant = open_variant(make_gpu(code=code, ready_delay=math.inf), clock)
     clock.advance(0.5)
-    assert bar4_read(variant) == errno.EAGAIN  # sees VALID: the budget runs to 0.5 + t
+    assert bar4_read(variant) == errno.EAGAIN  # starts the wait, sees VALID: 0.5 + t
     # Not the legacy 30 s: a long budget keeps answering EAGAIN past it.
     clock.advance(seconds - 0.01)
     assert bar4_read(variant) == errno.EAGAIN
     clock.advance(0.01)
     assert bar4_read(variant) == errno.ETIME
-    assert bar4_read(variant) == errno.ETIME
     assert variant.gate_armed
+    # The ETIME ended that wait; the next access starts another, as the kernel's next read
+    # would (nvgrace_gpu_wait_device_ready_cxl sets its deadline on entry).
+    assert bar4_read(variant) == errno.EAGAIN
+    clock.advance(seconds)
+    assert bar4_read(variant) == errno.ETIME
 
 
 def test_gate_etime_without_valid(make_gpu: CxlGpuFactory, clock: FakeClock) -> None:
     # The BAR0 registers read ready, which the CXL path does not look at.
     variant = open_variant(make_gpu(valid_delay=math.inf), clock)
     clock.advance(0.99)
+    assert bar4_read(variant) == errno.EAGAIN  # the 1 s VALID budget starts here
+    clock.advance(0.99)
     assert bar4_read(variant) == errno.EAGAIN
     clock.advance(0.01)
     assert bar4_read(variant) == errno.ETIME
+
+
+def test_gate_budget_counts_from_the_first_access(
+    make_gpu: CxlGpuFactory, clock: FakeClock
+) -> None:
+    # VALID comes 1.5 s after the reset, the first access at 1.2 s: the kernel's wait,
+    # entered at 1.2 s, has until 2.2 s to see VALID, so this is not a timeout.
+    gpu = make_gpu(code=0, ready_delay=3.0, valid_delay=1.5)
+    variant = open_variant(gpu, clock)
+    clock.advance(3.0)
+    assert bar4_read(variant) == 0
+    variant.reset()
+    cfg_write(variant, 0x04, 2, 0x0002)
+    clock.advance(1.2)
+    assert bar4_read(variant) == errno.EAGAIN
+    clock.advance(0.3)
+    assert bar4_read(variant) == errno.EAGAIN  # VALID seen at 1.5 s: 1 s more for ACTIVE
+    clock.advance(1.5)
+    assert bar4_read(variant) == 0
 
 
 def test_gate_budget_restarts_with_each_reset(make_gpu: CxlGpuFactory, clock: FakeClock) -> None:
@@ -316,6 +343,8 @@ def test_gate_enodev(make_gpu: CxlGpuFactory, clock: FakeClock) -> None:
 
 def test_gate_legacy_unchanged(make_gpu: CxlGpuFactory, clock: FakeClock) -> None:
     variant = open_variant(make_gpu(cxl=False, ready_delay=math.inf), clock)
+    clock.advance(5.0)
+    assert bar4_read(variant) == errno.EAGAIN  # the 30 s poll starts with this access
     clock.advance(POLL_TIMEOUT - 0.1)
     assert bar4_read(variant) == errno.EAGAIN
     clock.advance(0.1)

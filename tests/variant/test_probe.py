@@ -10,10 +10,10 @@ import pytest
 
 from backends.device import DeviceError
 from backends.synthetic import SyntheticGpu, get_profile
-from backends.synthetic.capabilities import DVSEC_OFFSET
-from tests.backends.helpers import FakeClock
+from backends.synthetic.capabilities import DVSEC_OFFSET, MSIX_OFFSET, PCIE_OFFSET, PM_OFFSET
+from tests.backends.helpers import FakeClock, cfg_write
 from vgpud.variant import POLL_QUANTUM, POLL_TIMEOUT, ReadinessWait, device_ready, has_mig_hw_bug
-from vgpud.variant.probe import find_dvsec
+from vgpud.variant.probe import find_capability, find_dvsec
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,38 @@ def test_mig_bug_from_dvsec(tmp_path: Path, profile: str, bitmap: int | None, bu
     # The DSN (extended cap ID 3) is not mistaken for the DVSEC with DVSEC ID 3.
     assert find_dvsec(gpu, 0x10DE, 4) is None
     assert find_dvsec(gpu, 0x1E98, 0) is None
+
+
+def test_find_capability(tmp_path: Path) -> None:
+    gpu = SyntheticGpu(get_profile("gh200"), tmp_path)
+    assert find_capability(gpu, 0x01) == PM_OFFSET
+    assert find_capability(gpu, 0x10) == PCIE_OFFSET
+    assert find_capability(gpu, 0x11) == MSIX_OFFSET
+    assert find_capability(gpu, 0x09) is None  # no vendor-specific capability
+
+
+class _Looping(SyntheticGpu):
+    """Config space whose capability list points back at itself (hostile firmware)."""
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        data = super().region_read(index, offset, count)
+        if index == 7 and offset == PM_OFFSET and count == 2:
+            return bytes((data[0], PM_OFFSET))  # next -> itself
+        return data
+
+
+def test_find_capability_ends_on_a_looping_list(tmp_path: Path) -> None:
+    gpu = _Looping(get_profile("gh200"), tmp_path)
+    assert find_capability(gpu, 0x01) == PM_OFFSET
+    assert find_capability(gpu, 0x10) is None  # 48 hops, like the kernel's walk
+
+
+def test_find_capability_without_a_list(tmp_path: Path) -> None:
+    gpu = SyntheticGpu(get_profile("gh200"), tmp_path)
+    gpu.config.data[0x06] &= ~0x10  # STATUS.CAP_LIST clear (read-only to writes)
+    assert find_capability(gpu, 0x01) is None
+    cfg_write(gpu, 0x06, 2, 0xFFFF)  # RW1C status bits; CAP_LIST stays as it was
+    assert find_capability(gpu, 0x01) is None
 
 
 def test_poll_counts_and_timeout(tmp_path: Path) -> None:

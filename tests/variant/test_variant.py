@@ -19,8 +19,15 @@ from backends.device import (
     VfioDevice,
 )
 from backends.synthetic import SyntheticGpu, get_profile
+from backends.synthetic.capabilities import (
+    PCI_EXP_DEVCTL,
+    PCI_EXP_DEVCTL_BCR_FLR,
+    PCIE_OFFSET,
+    PM_CTRL,
+    PM_OFFSET,
+)
 from backends.synthetic.profiles import GIB, MIB
-from tests.backends.helpers import FakeClock, cfg_write, open_fds
+from tests.backends.helpers import FakeClock, cfg_read, cfg_write, open_fds
 from tests.variant.conftest import MakeVariant
 from vgpud.variant import NvgraceVariant, make_device
 
@@ -136,15 +143,73 @@ def test_gate_times_out(make_variant: MakeVariant, clock: FakeClock) -> None:
     clock.advance(29.9)
     with pytest.raises(DeviceError) as err:
         variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    # The kernel's 30 s poll starts with the access (check_device_ready), not at the reset.
+    assert err.value.errno == errno.EAGAIN
+    clock.advance(29.9)
+    with pytest.raises(DeviceError) as err:
+        variant.region_read(BAR4_REGION_INDEX, 0, 4)
     assert err.value.errno == errno.EAGAIN
     clock.advance(0.1)
     with pytest.raises(DeviceError) as err:
         variant.region_read(BAR4_REGION_INDEX, 0, 4)
     assert err.value.errno == errno.ETIME
+    # That wait is over; the next access starts a new one, as the kernel's next read would.
+    with pytest.raises(DeviceError) as err:
+        variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    assert err.value.errno == errno.EAGAIN
     with pytest.raises(DeviceError) as err:  # range errors come first, as in the kernel
         variant.region_read(BAR4_REGION_INDEX, USE_BAR, 4)
     assert err.value.errno == errno.EINVAL
     assert not variant.ready_now()
+
+
+def test_guest_flr_arms_the_gate(make_variant: MakeVariant, clock: FakeClock) -> None:
+    # A guest FLR through DEVCTL is a function reset too: the kernel's err_handler.reset_done
+    # arms the gate (vfio_exp_config_write -> pci_try_reset_function), and bar_val stays.
+    variant = make_variant(ready_delay=3.0)
+    clock.advance(3)
+    variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    assert not armed(variant)
+    cfg_write(variant, 0x20, 4, 0xFFFFFFFF)  # BAR4 sizing: bar_val is now set
+    sized = cfg_read(variant, 0x20, 4)
+    cfg_write(variant, PCIE_OFFSET + PCI_EXP_DEVCTL, 2, PCI_EXP_DEVCTL_BCR_FLR)
+    assert armed(variant)
+    assert cfg_read(variant, 0x20, 4) == sized
+    cfg_write(variant, 0x04, 2, 0x0002)  # the FLR reset COMMAND; the guest restores it
+    with pytest.raises(DeviceError) as err:
+        variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    assert err.value.errno == errno.EAGAIN
+    clock.advance(3)
+    variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    assert not armed(variant)
+
+
+def test_tail_write_is_not_gated(make_variant: MakeVariant) -> None:
+    # nvgrace_gpu_write_mem drops a write wholly past memlength before the readiness gate;
+    # a read of the tail is gated (nvgrace_gpu_read_mem has no such exit).
+    variant = make_variant(ready_delay=math.inf)
+    cfg_write(variant, 0x04, 2, 0x0000)  # memory disabled too: still dropped silently
+    variant.region_write(BAR4_REGION_INDEX, USE_LEN + 16, b"abcd")
+    assert armed(variant)
+    with pytest.raises(DeviceError) as err:
+        variant.region_read(BAR4_REGION_INDEX, USE_LEN + 16, 4)
+    assert err.value.errno == errno.EIO
+    with pytest.raises(DeviceError) as err:  # a write reaching real memory is gated
+        variant.region_write(BAR4_REGION_INDEX, USE_LEN - 2, b"abcd")
+    assert err.value.errno == errno.EIO
+
+
+def test_d3hot_disables_memory(make_variant: MakeVariant, clock: FakeClock) -> None:
+    # __vfio_pci_memory_enabled is false in D3hot whatever COMMAND says: EIO from the gate.
+    variant = make_variant(ready_delay=1.0)
+    clock.advance(1)
+    cfg_write(variant, PM_OFFSET + PM_CTRL, 2, 3)  # D3hot
+    with pytest.raises(DeviceError) as err:
+        variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    assert err.value.errno == errno.EIO
+    cfg_write(variant, PM_OFFSET + PM_CTRL, 2, 0)  # back to D0
+    variant.region_read(BAR4_REGION_INDEX, 0, 4)
+    assert not armed(variant)
 
 
 def test_passthrough_of_everything_else(hopper: NvgraceVariant) -> None:

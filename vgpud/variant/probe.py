@@ -22,7 +22,13 @@ from typing import Protocol
 from backends.device import BAR0_REGION_INDEX, CONFIG_REGION_INDEX, DeviceError, VfioDevice
 
 NVIDIA_VENDOR_ID = 0x10DE
+PCI_STATUS = 0x06
+PCI_STATUS_CAP_LIST = 1 << 4
+PCI_CAPABILITY_LIST = 0x34
+PCI_STD_HEADER_SIZEOF = 0x40
+PCI_FIND_CAP_TTL = 48  # the kernel's bound on a capability walk (drivers/pci/pci.c)
 PCI_EXT_CAP_ID_DVSEC = 0x0023
+PCI_EXT_CAP_NEXT_MASK = 0xFFC  # PCI_EXT_CAP_NEXT(): bits 31:20, dword aligned
 PCI_CFG_SPACE_SIZE = 256
 PCI_CFG_SPACE_EXP_SIZE = 4096
 GPU_CAP_DVSEC_REGISTER = 3
@@ -56,6 +62,29 @@ def _config_u32(device: VfioDevice, offset: int) -> int:
     return value
 
 
+def find_capability(device: VfioDevice, cap_id: int) -> int | None:
+    """Config offset of the standard capability ``cap_id``, like ``pci_find_capability``.
+
+    None when the status register has no capability list or the list has no such entry.
+    The walk stops below the standard header, at an 0xFF id and after the kernel's 48 hops.
+    """
+    status = struct.unpack("<H", device.region_read(CONFIG_REGION_INDEX, PCI_STATUS, 2))[0]
+    if not status & PCI_STATUS_CAP_LIST:
+        return None
+    offset = device.region_read(CONFIG_REGION_INDEX, PCI_CAPABILITY_LIST, 1)[0]
+    for _ in range(PCI_FIND_CAP_TTL):
+        if offset < PCI_STD_HEADER_SIZEOF:
+            return None
+        offset &= ~3
+        entry = device.region_read(CONFIG_REGION_INDEX, offset, 2)
+        if entry[0] == 0xFF:
+            return None
+        if entry[0] == cap_id:
+            return offset
+        offset = entry[1]
+    return None
+
+
 def find_dvsec(device: VfioDevice, vendor: int, dvsec_id: int) -> int | None:
     """Config offset of the DVSEC (``vendor``, ``dvsec_id``), like ``pci_find_dvsec_capability``.
 
@@ -74,7 +103,7 @@ def find_dvsec(device: VfioDevice, vendor: int, dvsec_id: int) -> int | None:
             header2 = _config_u32(device, offset + 8)
             if header1 & 0xFFFF == vendor and header2 & 0xFFFF == dvsec_id:
                 return offset
-        offset = header >> 20
+        offset = header >> 20 & PCI_EXT_CAP_NEXT_MASK
         if offset < PCI_CFG_SPACE_SIZE:
             return None
     return None

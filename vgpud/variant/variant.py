@@ -16,23 +16,29 @@ Two places where vfio-user cannot do what the kernel does, and what happens inst
   an access that runs past ``bar_size`` is refused with EINVAL, like one that starts there.
   Within ``bar_size`` the kernel's rules hold byte for byte: 0xFF past ``memlength`` on read,
   silent drop past ``memlength`` on write.
-* **Readiness after reset.** The kernel blocks the first access after a reset for up to 30 s
-  (§7.4). The daemon is single-threaded and QEMU gives up after 5 s (spec vfio-user.md R16),
-  so the gate never blocks: while the GPU is not ready the access fails with EAGAIN (the
-  guest sees a failed access, all-ones on read); once 30 s have passed since the reset it
-  fails with ETIME, the kernel's error; the first access that finds the GPU ready clears
-  the gate. Before the readiness test the gate returns EIO if COMMAND.MEM is clear (§7.4
-  step 2). The gate is armed by ``reset()`` and also by ``open()``, because the kernel's
-  open runs a function reset whose ``reset_done`` arms it (§7.4, (I)).
+* **Readiness after reset.** The kernel blocks the first access after a reset in a
+  readiness wait (§7.4): up to 30 s of BAR0 polls, or on the CXL path the §7.3 budget (1 s
+  for MEM_INFO_VALID, then the Memory_Active_Timeout the register advertises, up to
+  256 s). The daemon is single-threaded and QEMU gives up after 5 s (spec vfio-user.md R16),
+  so the gate never blocks. The first gated access starts the wait, as the kernel's does,
+  and while the GPU is not ready it fails with EAGAIN (the guest sees a failed access,
+  all-ones on read). Each later access is one more poll of the same wait, until the GPU is
+  ready (the gate clears and the access goes through) or the wait's budget, counted from
+  the access that started it, runs out: ETIME, the kernel's error. That ends the wait; the
+  next access starts a new one, as the kernel's next read would.
 
-  With a CXL Device DVSEC (v7.2, §2.3) the kernel's gate is a single CXL test instead of
-  the 30 s BAR0 poll (§7.4 step 3): ready clears the gate, all-ones fails with ENODEV, and
-  anything else is EAGAIN. The kernel's gate sets no deadline there; this one keeps the
-  shape of the legacy gate and ends the EAGAINs with ETIME after the budget of the §7.3
-  probe wait, counted from the reset: 1 s for MEM_INFO_VALID and, from the first access
-  that sees VALID, the Memory_Active_Timeout the register advertises (up to 256 s). An
-  access is the only moment the gate can look, so VALID may be seen later than the kernel
-  would; the budget then ends later too, never earlier.
+  The order of the checks is the kernel's. On the legacy path ``check_device_ready`` first
+  wants memory enabled (``__vfio_pci_memory_enabled``: COMMAND.MEM set and the function not
+  in D3hot), else EIO, then waits. On the CXL path ``nvgrace_gpu_read_mem``/``write_mem``
+  run the CXL wait before taking the lock (all-ones: ENODEV), then the memory-enable check.
+  A write wholly past ``memlength`` returns before any of this (``write_mem``'s early
+  ``goto exitfn``); a read of the tail is gated like any read.
+
+  The gate is armed whenever the device completes a function reset -- ``reset()``, or an
+  FLR the guest writes to config space, which the backend counts in ``reset_count`` (the
+  kernel's ``err_handler.reset_done``) -- and by ``open()``, because the kernel's open runs
+  a function reset (§7.4, (I)). Only ``reset()`` clears ``bar_val`` (§4.7): the kernel
+  clears it in the VFIO_DEVICE_RESET ioctl, not in the PCI reset path.
 """
 
 from __future__ import annotations
@@ -62,16 +68,22 @@ from backends.device import (
 from vgpud.variant.config_overlay import BarOverlay
 from vgpud.variant.layout import MemRegion, NvgraceLayout, compute_layout
 from vgpud.variant.probe import (
-    POLL_TIMEOUT,
     CxlReadinessWait,
+    ProbeWait,
+    ReadinessWait,
     bar0_device_ready,
     cxl_device_ready,
+    find_capability,
     find_cxl_dvsec,
     has_mig_hw_bug,
 )
 
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 1 << 1
+PCI_CAP_ID_PM = 0x01
+PCI_PM_CTRL = 4
+PCI_PM_CTRL_STATE_MASK = 0x3
+PCI_D3HOT = 3
 
 
 class _FakeRegion:
@@ -124,9 +136,11 @@ class NvgraceVariant:
         # A region's size never changes while the device exists (the config write path's
         # bounds check would otherwise build a RegionInfo per guest write).
         self._config_size = backend.region_info(CONFIG_REGION_INDEX).size
+        # The power-management capability, looked up once like the kernel's pdev->pm_cap.
+        self._pm_cap = find_capability(backend, PCI_CAP_ID_PM)
         self._gate_armed = False
-        self._gate_deadline = 0.0
-        self._cxl_gate: CxlReadinessWait | None = None
+        self._wait: ProbeWait | None = None  # the readiness wait in progress, if any
+        self._resets_seen = backend.reset_count
 
     # -- readiness ---------------------------------------------------------------------------
 
@@ -139,34 +153,67 @@ class NvgraceVariant:
     @property
     def gate_armed(self) -> bool:
         """Whether the next fake-BAR access runs the post-reset readiness check (§7.4)."""
+        self._note_backend_resets()
         return self._gate_armed
 
     def _arm_gate(self) -> None:
         self._gate_armed = True
-        self._gate_deadline = self._clock() + POLL_TIMEOUT
-        if self.cxl_dvsec is not None:
-            # The §7.3 budget restarts with every reset (module docstring).
-            self._cxl_gate = CxlReadinessWait(self.backend, self.cxl_dvsec, clock=self._clock)
+        self._wait = None  # a reset ends any wait in progress; the next access starts one
+        self._resets_seen = self.backend.reset_count
+
+    def _note_backend_resets(self) -> None:
+        # The kernel's err_handler.reset_done: any function reset of the device arms the
+        # gate, including an FLR the guest starts through config space (§7.4).
+        if self.backend.reset_count != self._resets_seen:
+            self._arm_gate()
 
     def _check_ready(self) -> None:
         """``check_device_ready`` without blocking (module docstring, spec §7.4)."""
+        self._note_backend_resets()
         if not self._gate_armed:
             return
-        command = struct.unpack("<H", self.backend.region_read(CONFIG_REGION_INDEX, PCI_COMMAND, 2))
-        if not command[0] & PCI_COMMAND_MEMORY:
+        if self.cxl_dvsec is not None:
+            # nvgrace_gpu_read_mem/write_mem: the CXL wait runs first, outside memory_lock.
+            self._poll_wait()
+            self._check_memory_enabled()
+        else:
+            self._check_memory_enabled()
+            self._poll_wait()
+        self._gate_armed = False
+        self._wait = None
+
+    def _check_memory_enabled(self) -> None:
+        """``__vfio_pci_memory_enabled``: COMMAND.MEM set and the function above D3hot."""
+        command = self._config_u16(PCI_COMMAND)
+        if not command & PCI_COMMAND_MEMORY:
             raise DeviceError(errno.EIO, "memory decoding is disabled (COMMAND.MEM clear)")
-        if self._cxl_gate is not None:
-            # CXL path (§7.4 step 3): one test; ENODEV and ETIME propagate from the wait.
-            if self._cxl_gate.poll() is None:
-                self._gate_armed = False
-                return
-            raise DeviceError(errno.EAGAIN, "GPU CXL memory not active yet after reset; retry")
-        if bar0_device_ready(self.backend):
-            self._gate_armed = False
-            return
-        if self._clock() >= self._gate_deadline:
-            raise DeviceError(errno.ETIME, "GPU not ready after reset (30 s elapsed)")
-        raise DeviceError(errno.EAGAIN, "GPU not ready yet after reset; retry")
+        if self._pm_cap is not None:
+            pmcsr = self._config_u16(self._pm_cap + PCI_PM_CTRL)
+            if pmcsr & PCI_PM_CTRL_STATE_MASK == PCI_D3HOT:
+                raise DeviceError(errno.EIO, "the GPU is in D3hot (PMCSR power state 3)")
+
+    def _config_u16(self, offset: int) -> int:
+        raw = self.backend.region_read(CONFIG_REGION_INDEX, offset, 2)
+        value: int = struct.unpack("<H", raw)[0]
+        return value
+
+    def _poll_wait(self) -> None:
+        """One poll of the readiness wait in progress, started by the first access to get
+        here: EAGAIN while it runs, ETIME/ENODEV end it (module docstring)."""
+        wait = self._wait
+        if wait is None:
+            if self.cxl_dvsec is not None:
+                wait = CxlReadinessWait(self.backend, self.cxl_dvsec, clock=self._clock)
+            else:
+                wait = ReadinessWait(lambda: bar0_device_ready(self.backend), clock=self._clock)
+            self._wait = wait
+        try:
+            retry_in = wait.poll()
+        except DeviceError:
+            self._wait = None
+            raise
+        if retry_in is not None:
+            raise DeviceError(errno.EAGAIN, "GPU not ready yet after reset; retry")
 
     # -- VfioDevice --------------------------------------------------------------------------
 
@@ -295,10 +342,12 @@ class NvgraceVariant:
 
     def _bar_write(self, fake: _FakeRegion, offset: int, data: bytes) -> None:
         self._check_bar_access(fake, offset, len(data))
-        self._check_ready()
         memlength = fake.region.memlength
         if offset >= memlength:
-            return  # dropped silently (§5.3 step 3)
+            # Dropped silently (§5.3 step 3), before the readiness gate: nvgrace_gpu_write_mem
+            # jumps to its exit ahead of the CXL wait and check_device_ready.
+            return
+        self._check_ready()
         mem_count = min(len(data), memlength - offset)
         fake.window.write(offset, data[:mem_count])
 
