@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 
 import pytest
 
+from tests.hugepages import (
+    HUGE,
+    Q35_WINDOWS,
+    fake_huge_blocks,
+    hugetlb_memfd,
+    mappings_of,
+    position_pattern,
+)
 from vgpud.server.dma import DmaError, DmaTable
 
 PAGE = 4096
@@ -110,3 +119,106 @@ def test_zero_and_wrapping_sizes() -> None:
     with pytest.raises(DmaError) as info:
         table.map((1 << 64) - PAGE, 2 * PAGE, readable=True, writable=True, fd=None, file_offset=0)
     assert info.value.errno == errno.EOVERFLOW
+
+
+# -- guest RAM in huge pages (spec vfio-user.md §5.7) ---------------------------------------
+
+
+@pytest.fixture
+def huge_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_huge_blocks(monkeypatch)
+
+
+@pytest.mark.usefixtures("huge_blocks")
+@pytest.mark.parametrize(
+    ("offset", "size"),
+    [
+        *Q35_WINDOWS,
+        (0x1FF000, 0x2000),  # crosses a block boundary: the mapping needs two blocks
+        (0x400000, 0x100000),  # ends at EOF, which is not block aligned (5 MiB)
+    ],
+)
+def test_unaligned_offset_exposes_exactly_the_requested_window(offset: int, size: int) -> None:
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    length = 5 << 20
+    os.ftruncate(fd, length)
+    os.pwrite(fd, position_pattern(length), 0)
+    table = DmaTable(max_maps=8)
+    entry = table.map(
+        0x10000000, size, readable=True, writable=True, fd=os.dup(fd), file_offset=offset
+    )
+    assert entry is not None and entry.mapping is not None
+    assert entry.window == offset % HUGE  # mapped from the block below the offset
+    memory = entry.region().memory
+    assert memory is not None
+    assert len(memory) == size
+    assert bytes(memory) == position_pattern(length)[offset : offset + size]
+    memory[size - 8 :] = b"dev-wrot"
+    assert os.pread(fd, 8, offset + size - 8) == b"dev-wrot"
+    memory.release()
+    table.unmap_all()
+    os.close(fd)
+
+
+@pytest.mark.usefixtures("huge_blocks")
+def test_window_past_end_of_file_is_refused_with_huge_blocks() -> None:
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 5 << 20)
+    table = DmaTable(max_maps=8)
+    with pytest.raises(DmaError) as info:
+        table.map(0, 0x101000, readable=True, writable=True, fd=os.dup(fd), file_offset=0x400000)
+    assert info.value.errno == errno.EINVAL
+    assert "beyond the end of its file" in str(info.value)
+    os.close(fd)
+
+
+def test_madvise_failure_is_a_dma_error(monkeypatch: pytest.MonkeyPatch, memfd: int) -> None:
+    closed: list[bool] = []
+
+    class RefusingMmap(mmap.mmap):
+        def madvise(self, option: int, start: int = 0, length: int = 0) -> None:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setattr("vgpud.server.dma.mmap.mmap", RefusingMmap)
+    before = open_fd_count()
+    table = DmaTable(max_maps=8)
+    with pytest.raises(DmaError) as info:
+        table.map(0, PAGE, readable=True, writable=True, fd=os.dup(memfd), file_offset=0)
+    assert info.value.errno == errno.EINVAL
+    assert "MADV_DONTFORK" in str(info.value)
+    assert closed == [True], "the mapping was not released"
+    assert len(table) == 0
+    assert open_fd_count() == before
+
+
+def test_hugetlb_guest_ram_maps_at_qemu_offsets() -> None:
+    length = 4 * HUGE
+    fd = hugetlb_memfd("hugetlb-ram", length)
+    # hugetlbfs has no write(): fill and check the file through a mapping of our own.
+    whole = mmap.mmap(fd, length, mmap.MAP_SHARED)
+    whole[:] = position_pattern(length)
+    table = DmaTable(max_maps=8)
+    for offset, size in Q35_WINDOWS:
+        entry = table.map(
+            offset, size, readable=True, writable=True, fd=os.dup(fd), file_offset=offset
+        )
+        assert entry is not None
+        memory = entry.region().memory
+        assert memory is not None
+        assert len(memory) == size
+        assert bytes(memory[:8]) == whole[offset : offset + 8]
+        assert bytes(memory[-8:]) == whole[offset + size - 8 : offset + size]
+        memory[:8] = b"dev-wrot"
+        assert whole[offset : offset + 8] == b"dev-wrot"
+        memory.release()
+    assert mappings_of("hugetlb-ram") == 1 + len(Q35_WINDOWS)
+    table.unmap_all()
+    # munmap of a hugetlb mapping fails on a partial huge page (and Python's mmap.close
+    # ignores that): only our own mapping may be left.
+    assert mappings_of("hugetlb-ram") == 1
+    whole.close()
+    os.close(fd)

@@ -6,6 +6,11 @@ the kernel's type1 IOMMU does; see :meth:`DmaTable.unmap`) or everything, and ev
 mapping and fd is released before the unmap reply. An fd-backed map is checked against the
 file's size first: mapping past the end of a file would SIGBUS the daemon on first touch.
 
+Guest RAM backed by huge pages (hugetlb memfds) can only be mapped from block-aligned file
+offsets and in whole blocks, while QEMU's offsets are a section's place in its RAM block
+(q35 low RAM: 0x0, 0xc0000, 0x100000). So a map covers whole blocks around the requested
+window and the device sees only the window (spec vfio-user.md §5.7, libvfio-user lib/dma.c).
+
 The received fd is closed as soon as it is mmapped. Python's ``mmap`` keeps a private dup of
 it for the mapping's lifetime, so each live fd-backed mapping costs one descriptor; the table
 is bounded by ``max_dma_maps`` and the daemon raises its soft RLIMIT_NOFILE at start-up.
@@ -42,14 +47,19 @@ class DmaMapping:
     mapping: mmap.mmap | None = field(default=None, repr=False)
     # Identity of the backing file, so an identical re-map can be recognised.
     file_id: tuple[int, int] | None = None
+    # Where the requested window starts inside ``mapping``, which begins at ``file_offset``
+    # rounded down to the file's block (see _mmap_guest_memory).
+    window: int = 0
 
     @property
     def end(self) -> int:
         return self.iova + self.size
 
     def region(self) -> DmaRegion:
-        """What the device is told."""
-        memory = memoryview(self.mapping) if self.mapping is not None else None
+        """What the device is told: exactly the ``size`` bytes the client mapped."""
+        memory = None
+        if self.mapping is not None:
+            memory = memoryview(self.mapping)[self.window : self.window + self.size]
         return DmaRegion(self.iova, self.size, self.readable, self.writable, memory)
 
     def release(self) -> None:
@@ -133,7 +143,7 @@ class DmaTable:
             raise DmaError(errno.ENOSPC, f"more than max_dma_maps={self.max_maps} mappings")
         entry = DmaMapping(iova, size, readable, writable, file_offset, None, file_id)
         if fd is not None:
-            entry.mapping = _mmap_guest_memory(fd, file_offset, size, writable)
+            entry.mapping, entry.window = _mmap_guest_memory(fd, file_offset, size, writable)
         self._maps[iova] = entry
         return entry
 
@@ -193,7 +203,8 @@ def _file_identity(fd: int) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
-def _mmap_guest_memory(fd: int, offset: int, size: int, writable: bool) -> mmap.mmap:
+def _mmap_guest_memory(fd: int, offset: int, size: int, writable: bool) -> tuple[mmap.mmap, int]:
+    """Map the file around [offset, offset+size); return the mapping and the window's start."""
     try:
         st = os.fstat(fd)
     except OSError as exc:
@@ -206,16 +217,30 @@ def _mmap_guest_memory(fd: int, offset: int, size: int, writable: bool) -> mmap.
             f"DMA_MAP [{offset:#x}, +{size:#x}) lies beyond the end of its file "
             f"({st.st_size:#x} bytes)",
         )
-    # hugetlb memfds can only be mapped at huge-page aligned offsets (spec vfio-user.md
-    # §5.7); st_blksize is the huge page size there and the base page size otherwise.
+    # A hugetlb file can only be mapped from a huge-page aligned offset, and munmap/madvise of
+    # its mappings refuse partial huge pages; st_blksize is the huge page size there and the
+    # base page size for a memfd. QEMU's offsets are not aligned to it (q35: 0xc0000), so map
+    # whole blocks and keep the delta (spec vfio-user.md §5.7; libvfio-user lib/dma.c rounds
+    # the offset down the same way).
     block = max(st.st_blksize, mmap.ALLOCATIONGRANULARITY)
-    if offset % block:
-        raise DmaError(errno.EINVAL, f"DMA_MAP offset {offset:#x} not aligned to {block:#x}")
+    start = offset - offset % block
+    # Not past the end of the file: Python's mmap refuses that (ValueError). A hugetlb file's
+    # size is a whole number of huge pages (ftruncate refuses anything else), so there the end
+    # stays block aligned; mmap and munmap of other files take any length.
+    end = min(-(-(offset + size) // block) * block, st.st_size)
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     try:
-        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+        mapping = mmap.mmap(fd, end - start, flags=mmap.MAP_SHARED, prot=prot, offset=start)
     except (OSError, ValueError, OverflowError) as exc:
         raise DmaError(errno.EINVAL, f"cannot map DMA region: {exc}") from exc
     # Guest RAM must never be inherited by a child process.
-    mapping.madvise(mmap.MADV_DONTFORK)
-    return mapping
+    try:
+        mapping.madvise(mmap.MADV_DONTFORK)
+    except OSError as exc:
+        mapping.close()
+        raise DmaError(
+            exc.errno or errno.EINVAL,
+            f"cannot keep DMA region [{start:#x}, {end:#x}) out of child processes "
+            f"(madvise MADV_DONTFORK): {exc.strerror}",
+        ) from exc
+    return mapping, offset - start
