@@ -9,6 +9,7 @@ from typing import ClassVar, Self
 
 from protocol._fields import check_uint, min_length, peer_input, require
 from protocol.capabilities import Capabilities
+from protocol.errors import LocalProtocolError
 from protocol.header import HEADER_SIZE, Command
 
 VERSION_STRUCT = struct.Struct("<HH")
@@ -54,7 +55,13 @@ class Version:
             require(rest.endswith(b"\0"), "VERSION JSON is not NUL-terminated")
             text = rest[:-1]
             require(b"\0" not in text, "VERSION JSON contains a NUL byte")
-            obj = json.loads(text.decode("utf-8"))
+            try:
+                obj = json.loads(text.decode("utf-8"))
+            except RecursionError:
+                # json's decoder recurses once per nesting level: a peer's "[[[[..." of a few
+                # KB (well inside max_data_xfer_size) reaches the interpreter's limit. Bad JSON
+                # like any other, not a bug of ours (the capabilities object nests 3 deep).
+                raise LocalProtocolError("VERSION JSON nested too deeply") from None
             require(isinstance(obj, dict), "VERSION JSON is not an object")
             caps = Capabilities.from_json(obj.get("capabilities", {}))
             return cls(major, minor, caps)

@@ -79,9 +79,26 @@ def pending_replies(draw: st.DrawFn) -> bytes:
     return HEADER_STRUCT.pack(msg_id, command, 16 + len(payload), flags, 5) + payload
 
 
+@st.composite
+def version_bombs(draw: st.DrawFn, flags: int = 0) -> bytes:
+    """A VERSION request (flags 0) or reply (flags 1, to the client's msg_id 0) whose JSON
+    nests deep or holds huge numbers, within the fuzzed servers' size limit. json's decoder
+    recurses once per nesting level: 2 KB of "[" raised RecursionError, not the peer error.
+    """
+    opener = draw(st.sampled_from([b"[", b'{"":']))
+    # Hypothesis raises the recursion limit by 2000 while it runs a test, and uniform depths
+    # would rarely get there: shallow, QEMU-sized, and as deep as the size limit allows.
+    depth = draw(st.sampled_from([0, 1, 3, 1000, 8000 // len(opener)]))
+    tail = draw(st.sampled_from([b"", b"1", b"9" * 5000, b"{}" + b"]" * 3]))
+    payload = b"\0\0\0\0" + (opener * depth + tail)[:8000] + b"\0"
+    return HEADER_STRUCT.pack(0, 1, 16 + len(payload), flags, 0) + payload
+
+
 noise = st.binary(min_size=1, max_size=24)
-server_parts = st.one_of(valid_frames(), valid_frames(), frames(), noise)
-client_parts = st.one_of(pending_replies(), pending_replies(), valid_frames(), frames(), noise)
+server_parts = st.one_of(valid_frames(), valid_frames(), frames(), version_bombs(), noise)
+client_parts = st.one_of(
+    pending_replies(), pending_replies(), valid_frames(), frames(), version_bombs(1), noise
+)
 
 
 @st.composite
@@ -181,3 +198,13 @@ def test_fresh_client(feed: list[tuple[bytes, list[int]]]) -> None:
     client = ClientConnection(Capabilities(max_msg_fds=2))
     client.version_request()
     _run(client, feed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(version_bombs(), version_bombs(1))
+def test_version_json_bombs(request: bytes, reply: bytes) -> None:
+    # The mixed feeds above seldom deliver one intact to a fresh peer; these always do.
+    _run(ServerConnection(Capabilities(max_msg_fds=4, max_data_xfer_size=4096)), [(request, [])])
+    client = ClientConnection(Capabilities(max_msg_fds=2))
+    client.version_request()
+    _run(client, [(reply, [])])

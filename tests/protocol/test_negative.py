@@ -93,6 +93,15 @@ CASES: list[tuple[str, bool, bytes, int, tuple[Any, ...]]] = [
     ("version-no-nul", True, frame(0, 1, version(GOOD_JSON[:-1])), 0, ("reject", EINVAL)),
     ("version-inner-nul", True, frame(0, 1, version(b'{"a":1}\0{}\0')), 0, ("reject", EINVAL)),
     ("version-not-utf8", True, frame(0, 1, version(b'{"\xff":1}\0')), 0, ("reject", EINVAL)),
+    # json's decoder recurses per nesting level: 2 KB of "[" used to raise RecursionError.
+    ("version-deep-list", True, frame(0, 1, version(b"[" * 2000 + b"\0")), 0, ("reject", EINVAL)),
+    (
+        "version-deep-object",
+        True,
+        frame(0, 1, version(b'{"capabilities":' * 2000 + b"\0")),
+        0,
+        ("reject", EINVAL),
+    ),
     ("version-major-1", True, frame(0, 1, version(GOOD_JSON, major=1)), 0, ("reject", EINVAL)),
     ("version-no-reply", True, frame(0, 1, version(GOOD_JSON), flags=0x10), 0, ("reject", EINVAL)),
     ("version-with-fd", True, frame(0, 1, version(GOOD_JSON)), 1, ("reject", EINVAL)),

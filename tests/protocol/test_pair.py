@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import struct
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from protocol import (
     FLAG_TYPE_REPLY,
     HEADER_STRUCT,
     Capabilities,
+    ClientConnection,
     Command,
     DeviceFeature,
     DeviceInfo,
@@ -54,7 +56,7 @@ from protocol import (
     decode_feature,
 )
 
-from .helpers import deliver_one, negotiated_pair, new_fds
+from .helpers import QEMU_CAPS, deliver_one, frame, negotiated_pair, new_fds
 
 # (request, request fds, reply or None, reply fds) for every client -> server command.
 CLIENT_CASES: list[tuple[Any, int, Any, int]] = [
@@ -265,6 +267,15 @@ def test_undecodable_reply_is_an_error_reply_and_keeps_the_stream() -> None:
     assert isinstance(reset, Request)
     done = server.send_reply(reset)
     assert done is not None and isinstance(deliver_one(done, client), Reply)
+
+
+def test_deeply_nested_version_reply_is_an_error_reply() -> None:
+    client = ClientConnection(QEMU_CAPS)
+    msg_id, _ = client.version_request()
+    payload = struct.pack("<HH", 0, 0) + b"[" * 2000 + b"\0"
+    event = deliver_one(Outgoing(frame(msg_id, 1, payload, flags=1)), client)
+    assert isinstance(event, ErrorReply) and event.errno == errno.EPROTO
+    assert "nested too deeply" in event.reason
 
 
 def test_short_region_read_reply_is_refused() -> None:

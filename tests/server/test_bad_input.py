@@ -73,6 +73,12 @@ CASES = [
     Case("second VERSION", QEMU_VERSION, errno.EINVAL),
     Case("VERSION with bad JSON", msg(1, b"\0\0\0\0{not json\0"), errno.EINVAL, negotiate=False),
     Case("VERSION with JSON array", msg(1, b"\0\0\0\0[1, 2]\0"), errno.EINVAL, negotiate=False),
+    Case(
+        "VERSION with deeply nested JSON",
+        msg(1, b"\0\0\0\0" + b"[" * 2000 + b"\0"),
+        errno.EINVAL,
+        negotiate=False,
+    ),
     Case("VERSION major 1", msg(1, b"\1\0\0\0{}\0"), errno.EINVAL, negotiate=False),
     Case("short VERSION", msg(1, b"\0\0"), errno.EINVAL, negotiate=False),
     Case("unknown command", msg(99, b"abcd"), errno.ENOSYS),
