@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -18,6 +19,7 @@ import trio
 import trio.testing
 
 import protocol as p
+from backends.device import MmapTarget, RegionInfo
 from tests.hugepages import HUGE, Q35_WINDOWS, fake_huge_blocks, hugetlb_memfd, position_pattern
 from tests.server.conftest import (
     RESMEM_LENGTH,
@@ -325,6 +327,36 @@ async def test_intx_resample_eventfd_unmasks_like_kvm(vgpud: Daemon) -> None:
     finally:
         os.close(trigger)
         os.close(resample)
+
+
+async def test_memory_file_on_descriptor_0_is_sent(
+    vgpud: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon started with stdin closed can hold a memory file on fd 0, which is falsy."""
+    device = vgpud.server.device
+    region_info = device.region_info
+
+    def on_fd_0(index: int) -> RegionInfo:
+        info = region_info(index)
+        return dataclasses.replace(info, mmap=MmapTarget(0, 0)) if index == BAR4 else info
+
+    monkeypatch.setattr(device, "region_info", on_fd_0)
+    memory = os.memfd_create("memory-on-fd-0", os.MFD_CLOEXEC)
+    saved_stdin = os.dup(0)
+    os.dup2(memory, 0, inheritable=False)
+    try:
+        async with await vgpud.connect() as client:
+            got = await client.region_info(BAR4)
+            assert got.info.flags & 0x4, "MMAP advertised"
+            assert got.fd is not None, "MMAP advertised but no fd sent"
+            try:
+                assert os.fstat(got.fd).st_ino == os.fstat(memory).st_ino
+            finally:
+                os.close(got.fd)
+    finally:
+        os.dup2(saved_stdin, 0)
+        os.close(saved_stdin)
+        os.close(memory)
 
 
 async def test_no_mmap_serves_bars_trapped(tmp_path: Path) -> None:

@@ -367,8 +367,10 @@ class Session:
         )
         # Spec vfio-user.md §3.5/R7: the fd goes with the reply that carries the whole info
         # (a truncated reply only tells QEMU which argsz to retry with).
+        # `is not None`: a daemon started with stdin closed can hold a memory file on fd 0.
         send_fd = mmap_fd is not None and reply.argsz <= msg.argsz
-        return self.conn.send_reply(request, reply, (mmap_fd,) if send_fd and mmap_fd else ())
+        fds = (mmap_fd,) if send_fd and mmap_fd is not None else ()
+        return self.conn.send_reply(request, reply, fds)
 
     def _get_region_io_fds(
         self, request: p.Request, msg: p.RegionIoFdsRequest
