@@ -376,6 +376,20 @@ async def test_no_mmap_serves_bars_trapped(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_client_taking_no_fds_gets_bars_trapped(vgpud: Daemon) -> None:
+    """A client that cannot receive fds (max_msg_fds 0) cannot mmap: the BARs are trapped."""
+    caps = dataclasses.replace(CLIENT_CAPABILITIES, max_msg_fds=0)
+    async with await VfioUserClient.connect(vgpud.socket_path, caps) as client:
+        for region in (BAR2, BAR4):
+            # An fd would arrive truncated (MSG_CTRUNC) and break the client's stream.
+            got = await client.region_info(region, argsz=256)
+            assert got.fd is None and not got.info.flags & 0x4 and not got.info.caps
+        await enable_memory(client)
+        await client.region_write(BAR4, 0x10, b"trapped!")
+        assert await client.region_read(BAR4, 0x10, 8) == b"trapped!"
+    assert vgpud.server.internal_errors == 0
+
+
 async def test_a_client_reconnecting_at_once_is_served_not_refused(vgpud: Daemon) -> None:
     """The old connection is closed and the new one made before the daemon runs again: its
     session has not read the EOF yet, but the client has left, so the new one is served."""
