@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Self
 
 from protocol._fields import check_uint, min_length, peer_input, require
@@ -16,17 +16,24 @@ VERSION_STRUCT = struct.Struct("<HH")
 #: The only version QEMU speaks; it rejects a reply with major != 0 or minor > 0 (§3.1).
 PROTOCOL_MAJOR = 0
 PROTOCOL_MINOR = 0
+EMPTY_CAPABILITIES_JSON = b'{"capabilities":{}}\0'
 
 
 @dataclass(frozen=True, slots=True)
 class Version:
-    """Request and reply of VERSION. ``capabilities`` None = no JSON at all (spec defaults)."""
+    """Request and reply of VERSION. ``capabilities`` None = no JSON at all (spec defaults).
+
+    ``empty_json`` packs ``Capabilities()`` as ``{"capabilities":{}}`` (every value the spec
+    default, like no JSON) rather than with the keys :meth:`Capabilities.to_json` always
+    writes: the shortest reply a client that requires the key accepts. Not compared.
+    """
 
     COMMAND: ClassVar[Command] = Command.VERSION
 
     major: int
     minor: int
     capabilities: Capabilities | None = None
+    empty_json: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         check_uint(self, 16, "major", "minor")
@@ -34,12 +41,18 @@ class Version:
             self.capabilities is None or isinstance(self.capabilities, Capabilities),
             "capabilities must be Capabilities or None",
         )
+        require(
+            not self.empty_json or self.capabilities == Capabilities(),
+            "empty_json stands for Capabilities() only",
+        )
 
     def pack(self) -> bytes:
         """Wire payload; the JSON is compact and NUL-terminated (spec R2)."""
         head = VERSION_STRUCT.pack(self.major, self.minor)
         if self.capabilities is None:
             return head
+        if self.empty_json:
+            return head + EMPTY_CAPABILITIES_JSON
         text = json.dumps({"capabilities": self.capabilities.to_json()}, separators=(",", ":"))
         return head + text.encode() + b"\0"
 
@@ -96,11 +109,14 @@ def negotiate_reply(request: Version, ours: Capabilities, max_size: int) -> Vers
         replace(lean, max_dma_maps=default.max_dma_maps),
         replace(lean, max_dma_maps=default.max_dma_maps, pgsizes=default.pgsizes),
     ]
-    for candidate in candidates:
-        reply = Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, candidate)
+    replies = [Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, candidate) for candidate in candidates]
+    # Not even the two mandatory keys fit: spec defaults (spec §3.1). First as an empty
+    # capabilities object, because rust-vmm's vfio-user client parses the reply's JSON as
+    # bytes [0, len - 1) and requires a "capabilities" key; then as a bare 0.0.
+    replies.append(Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, Capabilities(), empty_json=True))
+    for reply in replies:
         if HEADER_SIZE + len(reply.pack()) <= max_size:
             return reply
-    # Not even the two mandatory keys fit: a bare 0.0 means "spec defaults" (spec §3.1).
     return Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 from typing import Any
 
 import pytest
@@ -153,6 +154,37 @@ def test_version_reply_drops_all_json_when_nothing_fits() -> None:
     reply = server.version_reply(request)
     assert reply.data == frame(0, 1, b"\0\0\0\0", flags=1)
     assert server.negotiated == Capabilities()
+
+
+@pytest.mark.parametrize(
+    ("request_size", "reply_json"),
+    [
+        (39, b""),  # not even the empty object fits: a bare 0.0
+        (40, b'{"capabilities":{}}\0'),
+        (84, b'{"capabilities":{}}\0'),  # one byte short of the two mandatory keys
+        (85, b'{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576}}\0'),
+    ],
+)
+def test_short_version_request_gets_an_empty_capabilities_object(
+    request_size: int, reply_json: bytes
+) -> None:
+    """rust-vmm's vfio-user client parses the reply's JSON as bytes [0, len - 1) and requires
+    a "capabilities" key: give it one whenever "{"capabilities":{}}" fits (spec R2)."""
+    server = ServerConnection(Capabilities(max_msg_fds=16))
+    payload = b"\0\0\0\0" + b" " * (request_size - 16 - 7) + b"{}\0"  # JSON, padded
+    server.receive_data(frame(0, 1, payload))
+    (request,) = drain(server)
+    assert isinstance(request, Request)
+    reply = server.version_reply(request)
+    assert reply.data == frame(0, 1, b"\0\0\0\0" + reply_json, flags=1)
+    if reply_json:
+        assert "capabilities" in json.loads(reply.data[20:-1])
+
+
+def test_empty_capabilities_json_only_stands_for_the_defaults() -> None:
+    assert Version(0, 0, Capabilities(), empty_json=True).pack()[4:] == b'{"capabilities":{}}\0'
+    with pytest.raises(LocalProtocolError):
+        Version(0, 0, Capabilities(max_msg_fds=16), empty_json=True)
 
 
 def test_explicit_version_reply_checked() -> None:
