@@ -239,6 +239,19 @@ async def test_socket_failing_mid_message_releases_its_fds(vgpud: Daemon) -> Non
     assert open_fds() == before, "an fd leaked"
 
 
+@pytest.mark.parametrize("argsz", [24, 32, 4096])
+async def test_dma_unmap_reply_fits_its_argsz(vgpud: Daemon, argsz: int) -> None:
+    # Spec vfio-user.md §3.3: argsz is the most reply payload the client takes; the reply
+    # echoes the 24-byte request struct (libvfio-user accepts any argsz >= 24 the same way).
+    conn = await RawConn.open(vgpud.socket_path)
+    try:
+        reply = await conn.request(40, 3, struct.pack("<IIQQ", argsz, 0, 0x100000, 0x1000))
+    finally:
+        conn.close()
+    assert reply is not None and not reply.is_error, reply
+    assert reply.payload == struct.pack("<IIQQ", 24, 0, 0x100000, 0x1000)
+
+
 async def test_posted_write_gets_no_reply(vgpud: Daemon) -> None:
     conn = await RawConn.open(vgpud.socket_path)
     # Spec R4/R11: a NO_REPLY write is applied and never answered; the next read sees it.
