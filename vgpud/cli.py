@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     qemu.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64")
     qemu.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
     qemu.add_argument("--ram", default="1G", help="guest RAM (default 1G)")
+    qemu.add_argument(
+        "--hugepages",
+        metavar="SIZE",
+        help="back guest RAM with huge pages of this size (e.g. 2M, 1G; reserve them first)",
+    )
     qemu.add_argument("--smp", type=int, default=1)
     qemu.add_argument(
         "--numa",
@@ -220,7 +225,13 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         for c in configs
     ]
     built = qemu_args.build(
-        guests, arch=args.arch, ram=args.ram, smp=args.smp, accel=args.accel, numa=args.numa
+        guests,
+        arch=args.arch,
+        ram=args.ram,
+        smp=args.smp,
+        accel=args.accel,
+        numa=args.numa,
+        hugepages=args.hugepages,
     )
     if args.json:
         print(json.dumps(built))

@@ -57,8 +57,13 @@ def build(
     smp: int = 1,
     accel: str = "tcg",
     numa: bool = False,
+    hugepages: str | None = None,
 ) -> list[str]:
-    """The argument list (without the binary, kernel or disks)."""
+    """The argument list (without the binary, kernel or disks).
+
+    ``hugepages`` (a QEMU size such as ``2M`` or ``1G``) backs guest RAM with a hugetlb memfd
+    of that page size; the host needs that many huge pages reserved.
+    """
     if arch not in ("x86_64", "aarch64"):
         raise ValueError(f"unknown arch {arch!r} (x86_64 or aarch64)")
     if accel not in ("tcg", "kvm"):
@@ -81,7 +86,12 @@ def build(
             machine += f",highmem-mmio-size={_qemu_size(highmem)}"
         args += ["-machine", machine, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max"]
     args += ["-smp", str(smp), "-m", ram]
-    args += ["-object", f"memory-backend-memfd,id=ram0,size={ram},share=on"]
+    # fd-backed and shared: vfio-user DMA hands the server the RAM's fd (spec vfio-user.md
+    # §5.7). Huge pages work too: the daemon maps whole pages around QEMU's unaligned sections.
+    backend = f"memory-backend-memfd,id=ram0,size={ram},share=on"
+    if hugepages is not None:
+        backend += f",hugetlb=on,hugetlbsize={hugepages}"
+    args += ["-object", backend]
     if numa:
         cpus = f"0-{smp - 1}" if smp > 1 else "0"
         args += ["-numa", f"node,nodeid=0,cpus={cpus},memdev=ram0"]

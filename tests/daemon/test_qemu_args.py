@@ -61,3 +61,11 @@ def test_shell_rendering_quotes_json() -> None:
     text = render_shell(build([GuestDevice("/s", GH200_BARS)]), "qemu-system-x86_64")
     assert '\'{"driver":"vfio-user-pci"' in text
     assert text.startswith("qemu-system-x86_64 \\\n  -machine q35,memory-backend=ram0")
+
+
+def test_hugepages_back_guest_ram() -> None:
+    args = build([GuestDevice("/run/vgpud/gpu0.sock", GH200_BARS)], ram="4G", hugepages="1G")
+    assert _value(args, "-object") == [
+        "memory-backend-memfd,id=ram0,size=4G,share=on,hugetlb=on,hugetlbsize=1G"
+    ]
+    assert _value(args, "-m") == ["4G"]

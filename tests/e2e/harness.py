@@ -150,12 +150,13 @@ class Harness:
 
     # -- QEMU ---------------------------------------------------------------------------------
 
-    def device_args(self, device: Device | None) -> list[str]:
+    def device_args(self, device: Device | None, extra: Sequence[str] = ()) -> list[str]:
+        """QEMU's machine and device args; ``extra`` flags go to ``vgpud qemu-args``."""
         if device is None:
             return machine_args(self.assets.arch)
         # Always what `vgpud qemu-args` prints: the tier tests that output as users use it.
         return qemu_device_args(
-            device.socket_path, device.profile, device.memory_size, self.assets.arch
+            device.socket_path, device.profile, device.memory_size, self.assets.arch, extra=extra
         )
 
     def initrd(self, script: GuestScript | str, modules: Sequence[Path] = ()) -> Path:

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -522,13 +522,15 @@ def qemu_device_args(
     arch: str = "x86_64",
     *,
     numa: bool = False,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """Machine + device args for one vgpud device (``vgpud qemu-args``)."""
+    """Machine + device args for one vgpud device (``vgpud qemu-args``, plus ``extra`` flags)."""
     args = ["qemu-args", "--socket-path", str(socket_path), "--profile", profile, "--arch", arch]
     if memory_size:
         args += ["--memory-size", memory_size]
     if numa:
         args.append("--numa")
+    args += extra
     result = vgpud_json(*args)
     if not isinstance(result, list) or not all(isinstance(a, str) for a in result):
         raise E2EError(f"vgpud qemu-args printed {result!r}, not a list of strings")
