@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 
 from backends.device import CONFIG_REGION_INDEX, DeviceError
-from backends.synthetic import SyntheticGpu
+from backends.synthetic import SyntheticGpu, get_profile
 from backends.synthetic.capabilities import (
     DSN_OFFSET,
     DVSEC_OFFSET,
+    MSI_OFFSET,
     MSIX_OFFSET,
     PCIE_OFFSET,
 )
+from backends.synthetic.profiles import GIB
 from tests.backends.helpers import cfg_read, cfg_write
 
 
@@ -164,3 +167,29 @@ def test_reset_restores_config(gpu: SyntheticGpu) -> None:
     cfg_write(gpu, MSIX_OFFSET + 2, 2, 0x8000)
     gpu.reset()
     assert gpu.region_read(CONFIG_REGION_INDEX, 0, 4096) == pristine
+
+
+def test_flr_by_a_byte_write_to_devctl_upper_byte(gpu: SyntheticGpu) -> None:
+    cfg_write(gpu, 0x04, 2, 0x0006)
+    cfg_write(gpu, PCIE_OFFSET + 8 + 1, 1, 0x80)  # BCR_FLR through DEVCTL's upper byte
+    assert cfg_read(gpu, 0x04, 2) == 0  # the function was reset
+
+
+def test_reserved_msi_and_devsta_bits_stay_zero(gpu: SyntheticGpu) -> None:
+    cfg_write(gpu, MSI_OFFSET + 16, 4, 0xFFFFFFFF)
+    assert cfg_read(gpu, MSI_OFFSET + 16, 4) == 0xFFFF  # 16 vectors: one mask bit each
+    cfg_write(gpu, MSI_OFFSET + 4, 4, 0xFFFFFFFF)
+    assert cfg_read(gpu, MSI_OFFSET + 4, 4) == 0xFFFFFFFC  # message address is dword aligned
+    cfg_write(gpu, PCIE_OFFSET + 10, 2, 0x000F)  # DEVSTA error bits are RW1C
+    assert cfg_read(gpu, PCIE_OFFSET + 10, 2) == 0
+
+
+def test_bar_sizing_above_4gib(tmp_path: Path) -> None:
+    profile = get_profile("gh200").with_overrides(memory_size=4 * GIB, bar1_size=16 * GIB)
+    gpu = SyntheticGpu(profile, tmp_path)
+    try:
+        cfg_write(gpu, 0x18, 4, 0xFFFFFFFF)
+        cfg_write(gpu, 0x1C, 4, 0xFFFFFFFF)
+        assert cfg_read(gpu, 0x18, 8) == ((1 << 64) - 16 * GIB) | 0xC
+    finally:
+        gpu.shutdown()

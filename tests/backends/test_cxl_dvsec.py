@@ -168,3 +168,10 @@ def test_short_ready_delay_bounds_valid(tmp_path: Path) -> None:
 def test_bad_valid_delay(tmp_path: Path, delay: float) -> None:
     with pytest.raises(ValueError, match="valid_delay"):
         SyntheticGpu(cxl_profile(), tmp_path, valid_delay=delay)
+
+
+def test_range_size_low_reserved_bits_are_zero(tmp_path: Path) -> None:
+    # 4 GiB + 64 KiB (a size the config accepts): only bits 31:28 of the size may show.
+    gpu = SyntheticGpu(cxl_profile(memory_size=4 * GIB + (64 << 10)), tmp_path)
+    assert cfg_read(gpu, READY, 4) & 0x0FFF_0000 == 0
+    gpu.shutdown()

@@ -235,3 +235,25 @@ def test_reset_keeps_eventfds_and_clears_state(gpu: SyntheticGpu) -> None:
     doorbell(gpu, 0)
     assert eventfd_count(observer) == 1
     os.close(observer)
+
+
+def test_intx_status_is_rw1c_writing_0_keeps_the_line(gpu: SyntheticGpu) -> None:
+    doorbell(gpu, 0)  # MSI and MSI-X off: INTx asserted
+    gpu.region_write(BAR0_REGION_INDEX, INTX_STATUS, (0).to_bytes(4, "little"))
+    assert gpu.region_read(BAR0_REGION_INDEX, INTX_STATUS, 4) == (1).to_bytes(4, "little")
+    assert cfg_read(gpu, 0x06, 2) & 0x08
+
+
+def test_doorbell_past_the_msix_vectors_is_ignored(gpu: SyntheticGpu) -> None:
+    cfg_write(gpu, MSIX_OFFSET + 2, 2, 0x8000)  # MSI-X enable, 16 vectors
+    doorbell(gpu, 16)
+    assert gpu.region_read(BAR0_REGION_INDEX, 0x3000, 8) == bytes(8)  # no phantom PBA bit
+
+
+def test_intx_mask_with_a_false_bool_does_nothing(gpu: SyntheticGpu) -> None:
+    fd, observer = new_eventfd()
+    gpu.set_irqs(INTX_IRQ_INDEX, IrqAction.TRIGGER, 0, 1, eventfds=[fd])
+    gpu.set_irqs(INTX_IRQ_INDEX, IrqAction.MASK, 0, 1, data_bool=[False])
+    doorbell(gpu, 0)
+    assert eventfd_count(observer) == 1  # the line was not masked
+    os.close(observer)

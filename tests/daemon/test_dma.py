@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -222,3 +223,48 @@ def test_hugetlb_guest_ram_maps_at_qemu_offsets() -> None:
     assert mappings_of("hugetlb-ram") == 1
     whole.close()
     os.close(fd)
+
+
+def test_remap_with_another_offset_or_access_is_eexist(memfd: int) -> None:
+    table = DmaTable(max_maps=8)
+    table.map(0, PAGE, readable=True, writable=True, fd=os.dup(memfd), file_offset=0)
+    for offset, writable in ((PAGE, True), (0, False)):
+        with pytest.raises(DmaError) as info:
+            table.map(
+                0, PAGE, readable=True, writable=writable, fd=os.dup(memfd), file_offset=offset
+            )
+        assert info.value.errno == errno.EEXIST
+    table.unmap_all()
+
+
+def test_map_one_page_past_the_end_of_its_file_is_refused(memfd: int) -> None:
+    table = DmaTable(max_maps=8)
+    with pytest.raises(DmaError) as info:  # 16-page file: pages 1..16 run one page past it
+        table.map(0, 16 * PAGE, readable=True, writable=True, fd=os.dup(memfd), file_offset=PAGE)
+    assert info.value.errno == errno.EINVAL
+    assert len(table) == 0
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping holding ``address``, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_guest_memory_is_not_inherited_by_children(memfd: int) -> None:
+    table = DmaTable(max_maps=8)
+    entry = table.map(0, PAGE, readable=True, writable=True, fd=os.dup(memfd), file_offset=0)
+    assert entry is not None and entry.mapping is not None
+    view = ctypes.c_char.from_buffer(entry.mapping)
+    address = ctypes.addressof(view)
+    del view  # release the buffer export before the mapping is closed
+    assert "dc" in _vm_flags(address)  # VM_DONTCOPY: MADV_DONTFORK
+    table.unmap_all()

@@ -155,3 +155,22 @@ def test_cxl_dvsec_flags_make_the_same_device() -> None:
         single_device(socket_path=None, cxl_mem_active_timeout=5)
     with pytest.raises(ConfigError, match=f"^command line: {CXL_CODE_MESSAGE}"):
         single_device(socket_path=None, cxl_dvsec=True, cxl_mem_active_timeout=8)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"daemon": {"log_levle": "debug"}, "device": [{}]}, "unknown key"),
+        ({"device": [{"socket_mode": "4660"}]}, "socket_mode"),  # setuid bit on a socket
+    ],
+)
+def test_more_bad_config(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse(raw)
+
+
+def test_decimal_units_and_negative_ints() -> None:
+    assert parse_size("1kB") == 1000
+    assert parse_size("2MB") == 2 * 1000**2
+    with pytest.raises(ValueError, match="size"):
+        parse_size(-1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import HEADER_SIZE, DeviceReset, DmaMap, Request
+from protocol import HEADER_SIZE, HEADER_STRUCT, DeviceReset, DmaMap, RemoteProtocolError, Request
+from protocol.framing import FrameReader
 
 from .helpers import drain, frame, negotiated_pair, negotiated_server, new_fds
 
@@ -58,3 +61,13 @@ def test_any_chunking_gives_the_same_events(sizes: list[int]) -> None:
     assert len(requests) == len(events)
     assert [e.message for e in requests] == messages
     assert [e.fds for e in requests] == list(fd_at.values())
+
+
+def test_size_limit_is_inclusive_and_oversize_is_fatal_e2big() -> None:
+    reader = FrameReader(64)
+    reader.feed(HEADER_STRUCT.pack(1, 4, 64, 0, 0) + bytes(48), ())
+    assert reader.next_frame() is not None  # exactly the limit
+    reader.feed(HEADER_STRUCT.pack(2, 4, 65, 0, 0), ())
+    with pytest.raises(RemoteProtocolError) as info:
+        reader.next_frame()
+    assert info.value.fatal and info.value.errno == errno.E2BIG

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import struct
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ from protocol import (
     build_region_info_reply,
 )
 
-from .helpers import SERVER_CAPS, deliver_one, drain, frame, negotiated_pair, new_fds
+from .helpers import QEMU_CAPS, SERVER_CAPS, deliver_one, drain, frame, negotiated_pair, new_fds
 
 
 def _request(message: Any, nfds: int = 0) -> tuple[ClientConnection, ServerConnection, Request]:
@@ -198,3 +199,21 @@ def test_explicit_version_reply_checked() -> None:
     with pytest.raises(LocalProtocolError):
         server.send_reply(request, Version(1, 0, None))
     assert server.send_reply(request, Version(0, 0, None)) is not None
+
+
+def test_client_respects_the_servers_max_data_xfer_size() -> None:
+    client, _ = negotiated_pair(server_caps=Capabilities(max_msg_fds=8, max_data_xfer_size=4096))
+    with pytest.raises(LocalProtocolError):
+        client.send_request(RegionReadRequest(0, 7, 8192))
+    client.send_request(RegionReadRequest(0, 7, 4096))  # the limit itself is fine
+
+
+def test_after_a_version_error_the_server_still_awaits_version() -> None:
+    client, server = ClientConnection(QEMU_CAPS), ServerConnection(SERVER_CAPS)
+    _, out = client.version_request()
+    request = deliver_one(out, server)
+    assert isinstance(request, Request)
+    server.send_error(request, errno.EINVAL)
+    server.receive_data(frame(2, 4, struct.pack("<IIII", 16, 0, 0, 0)))  # DEVICE_GET_INFO
+    (event,) = drain(server)
+    assert isinstance(event, RejectedRequest) and event.errno == errno.EINVAL

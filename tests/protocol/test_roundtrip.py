@@ -17,6 +17,12 @@ from protocol import (
     LocalProtocolError,
     RegionInfo,
     RemoteProtocolError,
+    TypeCap,
+)
+from protocol.region_info import (
+    CAP_HEADER_STRUCT,
+    REGION_INFO_STRUCT,
+    TYPE_CAP_STRUCT,
 )
 
 from .strategies import FEATURE_DATA, MESSAGES, capabilities, u16, u32
@@ -104,3 +110,15 @@ def test_region_info_small_argsz_rule() -> None:
     assert len(full.pack()) == 64
     plain = protocol.build_region_info_reply(32, 7, 3, 4096, 0)
     assert plain.argsz == 32 and plain.caps == ()
+
+
+def test_region_info_with_caps_after_a_gap_roundtrips() -> None:
+    info = RegionInfo(40 + 16, 0x8 | 0x1, 9, 40, 4096, 0, (TypeCap(1, 2),))  # cap_offset 40
+    assert RegionInfo.unpack(info.pack()) == info
+
+
+def test_region_cap_longer_than_its_contents_is_refused() -> None:
+    head = REGION_INFO_STRUCT.pack(32 + 24, 0x8, 9, 32, 4096, 0)
+    cap = CAP_HEADER_STRUCT.pack(2, 1, 0) + TYPE_CAP_STRUCT.pack(1, 2) + bytes(8)  # 8 extra
+    with pytest.raises(RemoteProtocolError):
+        RegionInfo.unpack(head + cap)

@@ -22,6 +22,7 @@ from protocol import (
     ServerConnection,
     TrappedAccess,
 )
+from protocol.trapped import access_error
 
 from .helpers import QEMU_CAPS, frame, negotiated_server
 
@@ -173,3 +174,16 @@ def test_before_version_nothing_is_fast() -> None:
     header, body = _read()
     assert conn.trapped_access_body(header) == -1
     assert conn.receive_trapped_access(header, body) is None
+
+
+def test_fast_path_leaves_an_access_that_wraps_by_one_byte() -> None:
+    server = negotiated_server(CAPS)
+    body = ACCESS.pack((1 << 64) - 1, 7, 2)  # ends at 2**64 + 1
+    header = HEADER_STRUCT.pack(9, REGION_READ, 16 + len(body), 0, 0)
+    assert server.receive_trapped_access(header, body) is None
+
+
+def test_fast_path_error_reply_needs_a_positive_errno() -> None:
+    access = TrappedAccess(1, REGION_READ, False, 0, 7, 4, b"")
+    with pytest.raises(LocalProtocolError):
+        access_error(access, 0)

@@ -132,6 +132,13 @@ CASES = [
         msg(3, struct.pack("<IIQQ", 24, 0, 0, 0)),
         errno.EINVAL,
     ),
+    # Unmap-all takes address = size = 0 only (spec R15).
+    Case("DMA_UNMAP ALL with a size", msg(3, struct.pack("<IIQQ", 24, 2, 0, 0x1000)), errno.EINVAL),
+    Case(
+        "DMA_UNMAP asking for a dirty bitmap",
+        msg(3, struct.pack("<IIQQQQ", 24 + 16 + 8, 1, 0, 0x1000, 0x1000, 8)),
+        errno.ENOTSUP,
+    ),
     Case(
         "SET_IRQS with fds but DATA_NONE",
         set_irqs(0x21, 2, 0, 1),

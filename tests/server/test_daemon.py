@@ -10,7 +10,8 @@ import mmap
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ import trio
 import trio.testing
 
 import protocol as p
-from backends.device import MmapTarget, RegionInfo
+from backends.device import DeviceError, MmapTarget, RegionInfo
+from backends.synthetic import SyntheticGpu, get_profile
 from tests.hugepages import HUGE, Q35_WINDOWS, fake_huge_blocks, hugetlb_memfd, position_pattern
 from tests.server.conftest import (
     RESMEM_LENGTH,
@@ -35,8 +37,13 @@ from vgpud.client import CLIENT_CAPABILITIES, VfioUserClient, VfioUserError
 from vgpud.config import DaemonConfig, single_device
 from vgpud.server import listener as listener_module
 from vgpud.server.dma import DmaMapping
-from vgpud.server.listener import ListenerError, bind_unix_listener
-from vgpud.server.transport import FdStream
+from vgpud.server.listener import (
+    SERVER_CAPABILITIES,
+    DeviceServer,
+    ListenerError,
+    bind_unix_listener,
+)
+from vgpud.server.transport import FdStream, close_fds
 
 CONFIG = 7
 BAR0, BAR2, BAR4 = 0, 2, 4
@@ -444,3 +451,73 @@ async def test_a_client_waiting_for_a_stuck_session_is_refused_in_the_end(
     await vgpud.idle()
     async with await vgpud.connect() as client:
         assert (await client.device_info()).num_regions == 9
+
+
+async def test_truncated_region_info_reply_carries_no_fd(vgpud: Daemon) -> None:
+    async with await vgpud.connect() as client:
+        reply = await client.request(p.RegionInfoRequest(argsz=32, index=BAR4))
+        fds = list(reply.fds)
+        close_fds(fds)
+        assert isinstance(reply.message, p.RegionInfo) and reply.message.argsz > 32
+        assert fds == []  # spec vfio-user.md R7: the fd comes with the full reply only
+
+
+async def test_set_irqs_eventfd_without_fds_deassigns(vgpud: Daemon) -> None:
+    gpu = vgpud.server.device.backend  # type: ignore[attr-defined]
+    trigger = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        async with await vgpud.connect() as client:
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 0, 1, [trigger])
+            assert gpu.irqs.eventfd(MSIX_IRQ, 0) >= 0
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 0, 1)  # no fds
+            assert gpu.irqs.eventfd(MSIX_IRQ, 0) == -1
+    finally:
+        os.close(trigger)
+
+
+class _RefusesDma(SyntheticGpu):
+    def dma_map(self, region: object) -> None:  # type: ignore[override]
+        raise DeviceError(errno.ENOMEM, "no room for this mapping")
+
+
+@asynccontextmanager
+async def _served(
+    tmp_path: Path, device: SyntheticGpu, caps: p.Capabilities
+) -> AsyncIterator[DeviceServer]:
+    """``device`` served on tmp_path/s.sock with ``caps`` until the block ends."""
+    listener = bind_unix_listener(tmp_path / "s.sock")
+    server = DeviceServer("gpu0", device, listener, capabilities=caps)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            yield server
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+        device.shutdown()
+
+
+async def test_dma_table_keeps_the_servers_max_dma_maps(tmp_path: Path) -> None:
+    device = SyntheticGpu(get_profile("gh200").with_overrides(memory_size=0), tmp_path / "m")
+    caps = p.Capabilities(max_msg_fds=16, max_data_xfer_size=1 << 20, pgsizes=4096, max_dma_maps=1)
+    async with (
+        _served(tmp_path, device, caps),
+        await VfioUserClient.connect(tmp_path / "s.sock") as client,  # it offers 65535
+    ):
+        await client.dma_map(0x100000, 0x1000)
+        with pytest.raises(VfioUserError) as info:
+            await client.dma_map(0x200000, 0x1000)
+        assert info.value.errno == errno.ENOSPC
+
+
+async def test_dma_map_refused_by_the_device_leaves_no_entry(tmp_path: Path) -> None:
+    device = _RefusesDma(get_profile("gh200").with_overrides(memory_size=0), tmp_path / "m")
+    async with (
+        _served(tmp_path, device, SERVER_CAPABILITIES) as server,
+        await VfioUserClient.connect(tmp_path / "s.sock") as client,
+    ):
+        with pytest.raises(VfioUserError) as info:
+            await client.dma_map(0x100000, 0x1000)
+        assert info.value.errno == errno.ENOMEM
+        assert server.current_session is not None
+        assert len(server.current_session.dma) == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.device import DeviceError
+from backends.device import DeviceError, RegionFlags, RegionInfo
 from backends.synthetic import SyntheticGpu, get_profile
 from backends.synthetic.capabilities import DVSEC_OFFSET, MSIX_OFFSET, PCIE_OFFSET, PM_OFFSET
 from tests.backends.helpers import FakeClock, cfg_write
@@ -94,3 +94,40 @@ def test_last_poll_delay_is_clipped_to_the_deadline() -> None:
     assert wait.poll() == 1.0
     clock.advance(2.0)
     assert wait.poll() == 0.5
+
+
+class _FakeConfig:
+    """Just enough of a VfioDevice for find_dvsec: a config region of ``size`` bytes."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.cfg = bytearray(size)
+
+    def put(self, offset: int, value: int) -> None:
+        self.cfg[offset : offset + 4] = value.to_bytes(4, "little")
+
+    def region_info(self, index: int) -> RegionInfo:
+        return RegionInfo(index, len(self.cfg), RegionFlags.READ)
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        if offset < 0 or offset + count > len(self.cfg):
+            raise DeviceError(errno.EINVAL, "outside config space")
+        return bytes(self.cfg[offset : offset + count])
+
+
+def test_find_dvsec_on_a_256_byte_config_space() -> None:
+    assert find_dvsec(_FakeConfig(256), 0x10DE, 3) is None  # type: ignore[arg-type]
+
+
+def test_find_dvsec_stops_at_an_all_ones_header() -> None:
+    device = _FakeConfig()
+    device.put(0x100, 0xFFFFFFFF)  # what a vanished device reads
+    assert find_dvsec(device, 0x10DE, 3) is None  # type: ignore[arg-type]
+
+
+def test_find_dvsec_does_not_follow_a_next_pointer_below_0x100() -> None:
+    device = _FakeConfig()
+    device.put(0x100, 0x0003 | 1 << 16 | 0x80 << 20)  # DSN whose next points into 0x40-0xFF
+    device.put(0x80, 0x0023 | 1 << 16)  # a DVSEC-looking header there...
+    device.put(0x84, 0x10DE)
+    device.put(0x88, 3)  # ...with the NVIDIA vendor and ID 3: must not be found
+    assert find_dvsec(device, 0x10DE, 3) is None  # type: ignore[arg-type]

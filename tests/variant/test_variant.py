@@ -236,3 +236,15 @@ def test_make_device_builds_the_variant(tmp_path: Path) -> None:
     assert isinstance(device, NvgraceVariant)
     assert device.region_info(BAR4_REGION_INDEX).size == 512 * GIB
     device.shutdown()
+
+
+@pytest.mark.parametrize(("offset", "count"), [(USE_BAR - 4, 5), (USE_BAR, 0)])
+def test_out_of_bar_boundaries_are_einval(hopper: NvgraceVariant, offset: int, count: int) -> None:
+    """One byte past bar_size is refused (not 0xFF-filled); so is bar_size itself, as in the
+    kernel's ``offset >= bar_size`` check, even for an empty access."""
+    with pytest.raises(DeviceError) as err:
+        hopper.region_read(BAR4_REGION_INDEX, offset, count)
+    assert err.value.errno == errno.EINVAL
+    with pytest.raises(DeviceError) as err:
+        hopper.region_write(BAR4_REGION_INDEX, offset, bytes(count))
+    assert err.value.errno == errno.EINVAL
