@@ -58,7 +58,9 @@ class DeviceFeature:
     """DEVICE_FEATURE request and reply: ``argsz, flags, data`` (spec §3.13).
 
     ``argsz`` is the payload room the requester offers for the reply; it must cover what it
-    sends. Exactly one of GET/SET, optionally with PROBE, or PROBE alone.
+    sends. One of GET/SET, or PROBE with either, both or neither: GET and SET together only
+    with PROBE, as the kernel's ``vfio_ioctl_device_feature`` allows (asking whether both
+    are supported).
     """
 
     COMMAND: ClassVar[Command] = Command.DEVICE_FEATURE
@@ -73,7 +75,7 @@ class DeviceFeature:
         known = FeatureFlags.MASK | FeatureFlags.GET | FeatureFlags.SET | FeatureFlags.PROBE
         require(self.flags & ~int(known) == 0, "unknown DEVICE_FEATURE flags")
         get, put = bool(self.flags & FeatureFlags.GET), bool(self.flags & FeatureFlags.SET)
-        require(not (get and put), "DEVICE_FEATURE with both GET and SET")
+        require(not (get and put) or self.probe, "DEVICE_FEATURE with GET and SET needs PROBE")
         require(get or put or self.probe, "DEVICE_FEATURE without GET, SET or PROBE")
         need = FEATURE_STRUCT.size + len(self.data)
         require(self.argsz >= need, f"DEVICE_FEATURE argsz {self.argsz} < {need}")
