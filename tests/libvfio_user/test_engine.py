@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 
 import protocol as p
@@ -402,3 +404,46 @@ async def test_a_client_that_never_pauses_does_not_hold_up_another_device(
             await client0.device_info()  # after the whole queue, in order
             assert gpu0.server.messages - start == flood + 1
         nursery.cancel_scope.cancel()
+
+
+async def test_second_client_is_refused_and_the_first_unaffected(engine: Engine) -> None:
+    """DESIGN.md "Engines": one client per device, as with the Python engine. Without the
+    refusal a second VMM waits in libvfio-user's listen queue and is attached the moment the
+    first leaves, to a device in the first one's state."""
+    async with await engine.connect() as first:
+        await enable_memory(first)
+        await first.region_write(BAR4, 0x2000, b"first!!!")
+        with (
+            structlog.testing.capture_logs() as logs,
+            trio.fail_after(10),
+            pytest.raises(VfioUserError, match="VERSION failed: Device or resource busy"),
+        ):
+            await engine.connect()
+        refusals = [entry for entry in logs if entry["event"].startswith("refusing")]
+        assert len(refusals) == 1
+        assert refusals[0]["active_connection"] == 1 and refusals[0]["connection"] == 2
+        assert refusals[0]["peer_pid"] == os.getpid()  # the peer's credentials, as logged
+        assert await first.region_read(BAR4, 0x2000, 8) == b"first!!!"
+        # Refused, not queued: the first client goes on while nothing waits behind it.
+        assert engine.server.attached and not engine.server.negotiating
+    await engine.server.wait_idle()
+    with trio.fail_after(10):
+        async with await engine.connect() as after:
+            await enable_memory(after)
+            assert await after.region_read(BAR4, 0x2000, 8) == b"first!!!"
+
+
+async def test_a_client_reconnecting_after_closing_is_served(engine: Engine) -> None:
+    """A VMM that reconnects as soon as it has closed its connection is served, not refused,
+    even when it connects before the engine has read the old connection's EOF."""
+    client = await engine.connect()
+    with structlog.testing.capture_logs() as logs, trio.fail_after(30):
+        # Each round: the session runs (a round trip), then close and connect with no
+        # checkpoint between, so the engine sees the EOF and the new connection in one
+        # scheduler batch, whose order trio shuffles: 12 rounds meet both orders.
+        for _ in range(12):
+            assert (await client.device_info()).num_regions == 9
+            client.close()
+            client = await engine.connect()
+        client.close()
+    assert not [entry for entry in logs if entry["event"].startswith("refusing")]

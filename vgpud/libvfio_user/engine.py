@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
 from collections.abc import Callable, Iterator
@@ -53,6 +54,7 @@ from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.libvfio_user.irq import FORWARDED_IRQS, IrqBridge
 from vgpud.libvfio_user.watchdog import STALL_LIMIT, StallWatchdog
 from vgpud.server.listener import ListenerError, group_id, peer_credentials, remove_if_stale
+from vgpud.server.refusal import Refusals
 
 NUM_VFU_REGIONS = 9  # VFU_PCI_DEV_NUM_REGIONS: libvfio-user serves the nine PCI regions only
 NEGOTIATION_TIMEOUT = 10.0  # seconds a connected client has to send VERSION
@@ -99,6 +101,7 @@ class LibvfioUserServer:
         self._ffi = library.ffi
         self._lib = library.lib
         self._ctx: Any = self._ffi.NULL
+        self._listen_fd = -1
         self._device_open = False
         self._callbacks: list[Any] = []  # keeps the C trampolines alive as long as the ctx
         self._dma_views: dict[tuple[int, int], memoryview] = {}
@@ -133,6 +136,9 @@ class LibvfioUserServer:
         if ctx == self._ffi.NULL:
             raise ListenerError(f"cannot listen on {path}: {os.strerror(err)}")
         self._ctx = ctx
+        # Unattached, the poll fd is the listening socket (lib/tran_sock.c get_poll_fd); it
+        # keeps its number for the context's life, and is needed once a client is attached.
+        self._listen_fd = self._lib.vfu_get_poll_fd(ctx)
         try:
             if self._socket_group is not None:
                 os.chown(path, -1, group_id(self._socket_group))
@@ -276,13 +282,15 @@ class LibvfioUserServer:
 
     async def _serve_client(self, log: Any) -> None:
         log.info("client connected", **self._peer())
-        self.watchdog.guard(self._lib.vfu_get_poll_fd(self._ctx), log)
+        conn_fd = self._lib.vfu_get_poll_fd(self._ctx)
+        self.watchdog.guard(conn_fd, log)
         try:
             self.device.open()
             self._device_open = True
             self._bridge.connect(self.device)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_irqs)
+                nursery.start_soon(self._refuse_other_clients, self.connections, conn_fd)
                 reason = await self._run_until_detached(log)
                 nursery.cancel_scope.cancel()
             log.info("client disconnected", reason=reason, messages=self.messages)
@@ -290,6 +298,41 @@ class LibvfioUserServer:
             self.watchdog.forget()
             self.attached = False
             await self._notify_idle()
+
+    async def _refuse_other_clients(self, active: int, conn_fd: int) -> None:
+        """While a client is attached, take every other connection off the listening socket
+        and close it, as the Python engine does (DESIGN.md "Engines": one client per device,
+        a second one refused with a logged reason). libvfio-user accepts only inside
+        ``vfu_attach_ctx``, which does not run while a client is attached, so the socket is
+        ours meanwhile; left alone, a second VMM would hang in the listen queue and be
+        attached, mid-state, the moment the first left.
+
+        A client that connects after the attached one has closed its end is left queued: it
+        is a VMM reconnecting, and the next attach takes it once the run loop has seen the
+        EOF (the Python engine's hand-over, without its wait: libvfio-user sees the EOF at
+        its next read). So is one that comes once libvfio-user has dropped the client
+        (``conn_fd`` no longer the poll fd) and the run loop's return has yet to cancel this
+        task."""
+        refusals = Refusals(self.log)
+        with socket.socket(fileno=os.dup(self._listen_fd)) as listener:
+            listener.setblocking(False)  # already O_NONBLOCK (ATTACH_NB): a no-op, stated
+            async with trio.open_nursery() as nursery:
+                while True:
+                    await trio.lowlevel.wait_readable(listener)
+                    if self._lib.vfu_get_poll_fd(self._ctx) != conn_fd or _peer_left(conn_fd):
+                        return
+                    try:
+                        sock, _ = listener.accept()
+                    except (BlockingIOError, ConnectionAbortedError):
+                        continue
+                    self.connections += 1
+                    self.log.warning(
+                        "refusing a second client: the device already has one",
+                        connection=self.connections,
+                        active_connection=active,
+                        **peer_credentials(sock),
+                    )
+                    refusals.start(nursery, sock)  # EBUSY to its VERSION (server/refusal.py)
 
     async def _attach(self) -> None:
         while True:
@@ -534,6 +577,14 @@ def accepted_connections(path: Path) -> Iterator[socket.socket]:
                 continue
             if not listening and local is not None and os.fsencode(local) == wanted:
                 yield sock
+
+
+def _peer_left(fd: int) -> bool:
+    """Whether the peer of the connected socket ``fd`` has closed its end (POLLRDHUP; HUP
+    and ERR are always reported), even if unread requests are still queued before the EOF."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return bool(poller.poll(0))
 
 
 def _shutdown_fd(fd: int) -> None:

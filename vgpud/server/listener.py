@@ -26,6 +26,7 @@ import trio
 
 import protocol as p
 from backends.device import VfioDevice
+from vgpud.server.refusal import Refusals
 from vgpud.server.session import Session
 from vgpud.server.transport import FdStream
 
@@ -146,10 +147,13 @@ class DeviceServer:
         self.current_session: Session | None = None
         self._next: int | None = None  # a client waiting for a departed one's session to end
         self._session_finished = trio.Condition()
+        self._refusals = Refusals(self.log)
+        self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept clients forever, one at a time."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             task_status.started()
             while True:
                 sock = socket.socket(fileno=(await self._accept()).detach())
@@ -180,7 +184,8 @@ class DeviceServer:
             active_connection=self.active,
             **creds,
         )
-        sock.close()
+        assert self._nursery is not None, "only serve() refuses clients"
+        self._refusals.start(self._nursery, sock)  # EBUSY to its VERSION: see refusal.py
 
     def _active_client_left(self) -> bool:
         """Whether the active session's peer has closed its end (POLLRDHUP), even if its
