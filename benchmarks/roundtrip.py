@@ -8,7 +8,9 @@ Measures, in one run and against the same minimal client:
   validation, no state and no event loop (only REGION_READ after VERSION);
 - ``vgpud``: ``vgpud serve`` (pure-Python engine), config read and BAR0 register read;
 - ``vgpud+libvfio-user``: the same device through ``--engine libvfio-user`` when
-  $VGPUD_LIBVFIO_USER names a libvfio-user.so.0;
+  $VGPUD_LIBVFIO_USER names a libvfio-user.so.0, and its bound: libvfio-user's blocking
+  ``vfu_run_ctx`` loop with a config-space callback that only calls the same device's
+  ``region_read`` (no trio, no watchdog, no error handling);
 - ``libvfio-user``: libvfio-user's C sample server, when ``--libvfio-user-server PATH``
   (or $VGPUD_LIBVFIO_USER_SERVER) names a built ``samples/server`` binary (config read only:
   its BAR0 is different).
@@ -45,6 +47,7 @@ from pathlib import Path
 import protocol as p
 from vgpud.config import single_device
 from vgpud.devices import build_device
+from vgpud.libvfio_user import ffi as vfu
 
 HEADER = struct.Struct("<HHIII")
 REGION_READ = 9
@@ -151,6 +154,36 @@ def _bound_server(fd: int, backing_dir: str) -> None:
         offset, region, count = access.unpack(recv(size - 16))
         data = read(region, offset, count)
         send(reply.pack(msg_id, command, 32 + count, 1, 0, offset, region, count) + data)
+
+
+def _libvfio_user_bound_server(socket_path: str, backing_dir: str) -> None:
+    """The libvfio-user engine's bound: what a cffi callback into the device costs on top of
+    libvfio-user's own loop. One client, config region only."""
+    library = vfu.load_library(None)
+    ffi, lib = library.ffi, library.lib
+    config = single_device(socket_path=None, memory_size="8GiB", backing_dir=Path(backing_dir))
+    device = build_device(config).device
+    read = device.region_read
+    size = device.region_info(CONFIG_REGION).size
+    ctx = lib.vfu_create_ctx(
+        lib.VFU_TRANS_SOCK, socket_path.encode(), 0, ffi.NULL, lib.VFU_DEV_TYPE_PCI
+    )
+    lib.vfu_pci_init(ctx, lib.VFU_PCI_TYPE_EXPRESS, vfu.PCI_HEADER_TYPE_NORMAL, 0)
+
+    def access(_ctx: object, buf: object, count: int, offset: int, is_write: bool) -> int:
+        if not is_write:
+            ffi.memmove(buf, read(CONFIG_REGION, offset, count), count)
+        return count
+
+    callback = ffi.callback("vfu_region_access_cb_t", access, error=-1)
+    flags = vfu.VFU_REGION_FLAG_READ | vfu.VFU_REGION_FLAG_WRITE | vfu.VFU_REGION_FLAG_ALWAYS_CB
+    if lib.vfu_setup_region(ctx, CONFIG_REGION, size, callback, flags, ffi.NULL, 0, -1, 0):
+        raise OSError(ffi.errno, "vfu_setup_region failed")
+    if lib.vfu_realize_ctx(ctx) or lib.vfu_attach_ctx(ctx):
+        raise OSError(ffi.errno, "libvfio-user set-up failed")
+    while lib.vfu_run_ctx(ctx) >= 0:
+        pass
+    lib.vfu_destroy_ctx(ctx)
 
 
 def measure(timer: Callable[[], int], iterations: int, warmup: int = 1000) -> dict[str, float]:
@@ -287,6 +320,15 @@ def run(
                 client = RawClient(engine_sock)
                 results["vgpud+libvfio-user config read"] = sample(client, CONFIG_REGION, 0)
                 client.close()
+            lvu_bound_sock = f"{tmp}/lvu-bound.sock"
+            code = (
+                "import sys; from benchmarks.roundtrip import _libvfio_user_bound_server; "
+                "_libvfio_user_bound_server(sys.argv[1], sys.argv[2])"
+            )
+            with _server([sys.executable, "-c", code, lvu_bound_sock, f"{tmp}/mem3"], on):
+                client = RawClient(lvu_bound_sock)
+                results["bound (libvfio-user + cb)"] = sample(client, CONFIG_REGION, 0)
+                client.close()
 
         if libvfio_user_server:
             lvu_sock = f"{tmp}/lvu.sock"
@@ -320,10 +362,10 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{'server':<28} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'msgs/s':>9}")
+    print(f"{'server':<32} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'msgs/s':>9}")
     for name, r in results.items():
         print(
-            f"{name:<28} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['mean_us']:8.1f} "
+            f"{name:<32} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['mean_us']:8.1f} "
             f"{r['msgs_per_s']:9.0f}"
         )
     if "libvfio-user config read" not in results:

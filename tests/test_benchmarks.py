@@ -34,6 +34,21 @@ def test_roundtrip_benchmark_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         assert row["p50_us"] > 0 and row["msgs_per_s"] > 0
 
 
+@pytest.mark.skipif(
+    not os.environ.get("VGPUD_LIBVFIO_USER"),
+    reason="VGPUD_LIBVFIO_USER is not set: the libvfio-user rows need a local build",
+)
+def test_roundtrip_libvfio_user_rows_run() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    try:
+        results = roundtrip.run(iterations=200, cpu=cpu, libvfio_user_server=None)
+    finally:
+        os.sched_setaffinity(0, before)
+    for name in ("vgpud+libvfio-user config read", "bound (libvfio-user + cb)"):
+        assert results[name]["p50_us"] > 0 and results[name]["msgs_per_s"] > 0
+
+
 def _guest_run(**overrides: str) -> guest_bandwidth.GuestRun:
     """A guest report as benchmarks.guest_access prints it, for a 4 KiB copy that landed."""
     size = 4096
