@@ -36,6 +36,7 @@ from vgpud import daemon
 from vgpud.client import CLIENT_CAPABILITIES, VfioUserClient, VfioUserError
 from vgpud.config import DaemonConfig, single_device
 from vgpud.server import listener as listener_module
+from vgpud.server import session as session_module
 from vgpud.server.dma import DmaMapping
 from vgpud.server.listener import (
     SERVER_CAPABILITIES,
@@ -413,6 +414,41 @@ async def test_a_client_reconnecting_at_once_is_served_not_refused(vgpud: Daemon
                 await client.request(p.Version(major=0, minor=0, capabilities=CLIENT_CAPABILITIES))
                 assert (await client.device_info()).num_regions == 9
         await vgpud.idle()
+
+
+@pytest.mark.parametrize("sent", [b"", QEMU_VERSION[:8]], ids=["nothing", "half a header"])
+async def test_a_client_that_never_negotiates_is_cut_off(
+    vgpud: Daemon, monkeypatch: pytest.MonkeyPatch, sent: bytes
+) -> None:
+    """One client at a time: a client that connects and never negotiates would keep the VM
+    the device is meant for refused. It has NEGOTIATION_TIMEOUT to get its VERSION reply."""
+    monkeypatch.setattr(session_module, "NEGOTIATION_TIMEOUT", 0.3)
+    before = open_fds()
+    with structlog.testing.capture_logs() as logs:
+        silent = await RawConn.open(vgpud.socket_path, negotiate=False)
+        try:
+            await silent.send(sent)
+            with pytest.raises(VfioUserError, match="Device or resource busy"):
+                await vgpud.connect()  # while it holds the device
+            with trio.fail_after(10):
+                assert await silent.receive() is None
+        finally:
+            silent.close()
+        await vgpud.idle()
+    cut = [entry for entry in logs if entry["event"] == "client did not negotiate in time, closing"]
+    assert len(cut) == 1 and cut[0]["connection"] == 1
+    assert open_fds() == before
+    async with await vgpud.connect() as client:
+        assert (await client.device_info()).num_regions == 9
+
+
+async def test_a_negotiated_client_may_stay_idle(
+    vgpud: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session_module, "NEGOTIATION_TIMEOUT", 0.2)
+    async with await vgpud.connect() as client:
+        await trio.sleep(0.6)  # idle three times the limit: the point of the test, not a wait
+        assert (await client.device_info()).num_regions == 9
 
 
 async def test_a_second_client_is_still_refused_while_the_first_is_there(vgpud: Daemon) -> None:

@@ -55,9 +55,9 @@ from vgpud.libvfio_user.irq import FORWARDED_IRQS, IrqBridge
 from vgpud.libvfio_user.watchdog import STALL_LIMIT, StallWatchdog
 from vgpud.server.listener import ListenerError, group_id, peer_credentials, remove_if_stale
 from vgpud.server.refusal import Refusals
+from vgpud.server.session import NEGOTIATION_TIMEOUT  # the same limit for both engines
 
 NUM_VFU_REGIONS = 9  # VFU_PCI_DEV_NUM_REGIONS: libvfio-user serves the nine PCI regions only
-NEGOTIATION_TIMEOUT = 10.0  # seconds a connected client has to send VERSION
 _RECUT_INTERVAL = 0.05  # seconds between cuts of a negotiation that has to end
 _YIELD_EVERY = 32  # requests served back to back before letting other tasks run
 _PROT_READ, _PROT_WRITE = 1, 2

@@ -22,6 +22,7 @@ messages, fds a command must not carry, a stream that dies mid-message).
 from __future__ import annotations
 
 import errno
+import math
 from collections.abc import Callable, Coroutine, Sequence
 from types import CoroutineType
 from typing import Any
@@ -42,6 +43,11 @@ _ACTION_MASK = 0x38
 _DMA_READ, _DMA_WRITE = 1, 2
 _UNMAP_ALL = 2
 _UNMAP_DIRTY_BITMAP = 1
+# Seconds a client has from connecting to its VERSION reply. The device takes one client at
+# a time, so one that connects and never negotiates (a hung tool, a stray script) would keep
+# the VM it is meant for refused indefinitely; QEMU sends VERSION as it connects. Once
+# negotiated, a client may stay idle as long as it likes (a guest that leaves the GPU alone).
+NEGOTIATION_TIMEOUT = 10.0
 
 # What reading one message gives: an event; the reply to a trapped access served on the spot
 # (bytes); None (a split header now buffered, or a posted write served); or, when a read
@@ -75,6 +81,7 @@ class Session:
         self.messages = 0
         self.internal_errors = 0  # requests that met a bug in vgpud (answered with EIO)
         self.watchers = FdWatchers(None, device, log)
+        self._negotiation = trio.CancelScope()  # run()'s deadline for VERSION, lifted by it
         # Keyed by message type: one dict lookup per request, and typed handlers.
         self._handlers: dict[type, Callable[[p.Request, Any], p.Outgoing | None]] = {
             p.RegionReadRequest: self._region_read,
@@ -100,7 +107,14 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self.watchers = FdWatchers(nursery, self.device, self.log)
-                reason = await self._serve()
+                with trio.move_on_after(NEGOTIATION_TIMEOUT) as self._negotiation:
+                    reason = await self._serve()
+                if self._negotiation.cancelled_caught:
+                    self.log.warning(
+                        "client did not negotiate in time, closing",
+                        timeout_seconds=NEGOTIATION_TIMEOUT,
+                    )
+                    reason = "negotiation-timeout"
                 self.watchers.stop()
             return reason
         finally:
@@ -291,6 +305,7 @@ class Session:
         negotiated = self.conn.negotiated
         if negotiated is not None:
             self.dma.max_maps = min(self.dma.max_maps, negotiated.max_dma_maps)
+            self._negotiation.deadline = math.inf
         self.log.info("negotiated", client_capabilities=_caps_summary(negotiated))
         return outgoing
 
