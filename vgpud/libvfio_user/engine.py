@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import stat
 from collections.abc import Callable, Iterator
@@ -53,7 +52,13 @@ from vgpud.libvfio_user import ffi as vfu
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.libvfio_user.irq import FORWARDED_IRQS, IrqBridge
 from vgpud.libvfio_user.watchdog import STALL_LIMIT, StallWatchdog
-from vgpud.server.listener import ListenerError, group_id, peer_credentials, remove_if_stale
+from vgpud.server.listener import (
+    ListenerError,
+    group_id,
+    peer_closed,
+    peer_credentials,
+    remove_if_stale,
+)
 from vgpud.server.refusal import Refusals
 from vgpud.server.session import NEGOTIATION_TIMEOUT  # the same limit for both engines
 
@@ -301,11 +306,12 @@ class LibvfioUserServer:
 
     async def _refuse_other_clients(self, active: int, conn_fd: int) -> None:
         """While a client is attached, take every other connection off the listening socket
-        and close it, as the Python engine does (DESIGN.md "Engines": one client per device,
-        a second one refused with a logged reason). libvfio-user accepts only inside
-        ``vfu_attach_ctx``, which does not run while a client is attached, so the socket is
-        ours meanwhile; left alone, a second VMM would hang in the listen queue and be
-        attached, mid-state, the moment the first left.
+        and turn it away (EBUSY, vgpud/server/refusal.py), as the Python engine does
+        (DESIGN.md "Engines": one client per device, a second one refused with a logged
+        reason). libvfio-user accepts only inside ``vfu_attach_ctx``, which does not run
+        while a client is attached, so the socket is ours meanwhile; left alone, a second
+        VMM would hang in the listen queue and be attached, mid-state, the moment the first
+        left.
 
         A client that connects after the attached one has closed its end is left queued: it
         is a VMM reconnecting, and the next attach takes it once the run loop has seen the
@@ -319,7 +325,7 @@ class LibvfioUserServer:
             async with trio.open_nursery() as nursery:
                 while True:
                     await trio.lowlevel.wait_readable(listener)
-                    if self._lib.vfu_get_poll_fd(self._ctx) != conn_fd or _peer_left(conn_fd):
+                    if self._lib.vfu_get_poll_fd(self._ctx) != conn_fd or peer_closed(conn_fd):
                         return
                     try:
                         sock, _ = listener.accept()
@@ -577,14 +583,6 @@ def accepted_connections(path: Path) -> Iterator[socket.socket]:
                 continue
             if not listening and local is not None and os.fsencode(local) == wanted:
                 yield sock
-
-
-def _peer_left(fd: int) -> bool:
-    """Whether the peer of the connected socket ``fd`` has closed its end (POLLRDHUP; HUP
-    and ERR are always reported), even if unread requests are still queued before the EOF."""
-    poller = select.poll()
-    poller.register(fd, select.POLLRDHUP)
-    return bool(poller.poll(0))
 
 
 def _shutdown_fd(fd: int) -> None:

@@ -111,6 +111,15 @@ def group_id(group: str) -> int:
         raise ListenerError(f"unknown group {group!r}") from None
 
 
+def peer_closed(fd: int) -> bool:
+    """Whether the peer of the connected socket ``fd`` has closed its end (POLLRDHUP, or
+    HUP/ERR/NVAL, which poll always reports), even if requests are still queued before the
+    EOF: a client that has left, though its session has yet to read that far."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
 def peer_credentials(sock: socket.socket) -> dict[str, int]:
     """pid/uid/gid of the connected peer (SO_PEERCRED), for the log."""
     try:
@@ -194,11 +203,7 @@ class DeviceServer:
         if session is None:
             return False
         fd = session.stream.socket.fileno()
-        if fd < 0:
-            return True  # closed: the session is ending
-        poller = select.poll()
-        poller.register(fd, select.POLLRDHUP)
-        return bool(poller.poll(0))  # RDHUP, or HUP/ERR, which poll always reports
+        return fd < 0 or peer_closed(fd)  # fd < 0: closed, the session is ending
 
     async def _run_when_free(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
         try:
