@@ -17,6 +17,7 @@ import math
 import resource
 import signal
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,29 +83,45 @@ async def wait_ready(built: BuiltDevice, log: Any) -> None:
         await trio.sleep(delay)
 
 
-def _open_endpoints(
-    config: DaemonConfig, built: list[BuiltDevice], inherited_fd: int | None
-) -> list[_Endpoint]:
-    activated = systemd.listen_fds()
-    endpoints: list[_Endpoint] = []
+def _inherited_sockets(
+    config: DaemonConfig, inherited_fd: int | None
+) -> list[socket.socket | None]:
+    """Per configured device, the socket it was handed (``--fd``, or systemd socket
+    activation matched by FileDescriptorName= or, one per device, by order); None where
+    the device binds its own path."""
+    opened: list[socket.socket | None] = []
     try:
-        for index, (device_config, device) in enumerate(zip(config.devices, built, strict=True)):
-            if inherited_fd is not None:
-                sock = socket.socket(fileno=inherited_fd)
-                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                endpoints.append(_Endpoint(device_config, device, sock, None, not listening))
-                continue
+        if inherited_fd is not None:  # one device: run() checked
+            return [socket.socket(fileno=inherited_fd)]
+        activated = systemd.listen_fds()
+        for index, device_config in enumerate(config.devices):
             fd = activated.get(device_config.name)
             if fd is None and len(activated) == len(config.devices):
                 fd = list(activated.values())[index]
-            if fd is not None:
-                endpoints.append(_Endpoint(device_config, device, socket.socket(fileno=fd), None))
+            opened.append(None if fd is None else socket.socket(fileno=fd))
+    except OSError as exc:
+        for sock in opened:
+            if sock is not None:
+                sock.close()
+        raise StartupError(f"inherited socket: {exc.strerror}") from exc
+    return opened
+
+
+def _open_endpoints(
+    config: DaemonConfig, built: list[BuiltDevice], inherited: list[socket.socket | None]
+) -> list[_Endpoint]:
+    endpoints: list[_Endpoint] = []
+    try:
+        for device_config, device, given in zip(config.devices, built, inherited, strict=True):
+            if given is not None:
+                listening = given.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                endpoints.append(_Endpoint(device_config, device, given, None, not listening))
                 continue
             path = device_config.socket_path or default_socket_path(device_config.name)
             sock = bind_unix_listener(path, device_config.socket_mode, device_config.socket_group)
             endpoints.append(_Endpoint(device_config, device, sock, path))
     except (ListenerError, OSError) as exc:
-        _close_endpoints(endpoints)
+        _close_endpoints(endpoints)  # run() closes the inherited sockets not yet in one
         raise StartupError(str(exc)) from exc
     return endpoints
 
@@ -141,7 +158,7 @@ async def run(
     _raise_fd_limit()
     if inherited_fd is not None and len(config.devices) != 1:
         raise StartupError("--fd serves exactly one device")
-    library = _load_engine(config, inherited_fd)
+    library = _load_engine(config)
     built: list[BuiltDevice] = []
     started = trio.current_time()
     try:
@@ -154,13 +171,18 @@ async def run(
         for device in built:
             device.release()
         raise StartupError(str(exc)) from exc
-    endpoints = [] if library is not None else _open_endpoints(config, built, inherited_fd)
+    inherited: list[socket.socket | None] = []
+    endpoints: list[_Endpoint] = []
     servers: list[ServedDevice] = []
     try:
+        inherited = _inherited_sockets(config, inherited_fd)
+        if library is None:
+            endpoints = _open_endpoints(config, built, inherited)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, log)
             if library is not None:
-                servers += await _start_libvfio_user(nursery, config, built, library, log)
+                served = zip(config.devices, built, inherited, strict=True)
+                servers += await _start_libvfio_user(nursery, served, library, log)
             for endpoint in endpoints:
                 server = DeviceServer(
                     endpoint.config.name,
@@ -187,18 +209,18 @@ async def run(
     finally:
         systemd.notify("STOPPING=1")
         _close_endpoints(endpoints)
+        for sock in inherited:  # those the libvfio-user engine did not take over
+            if sock is not None:
+                sock.close()
         for device in built:
             device.release()
         log.info("stopped")
 
 
-def _load_engine(config: DaemonConfig, inherited_fd: int | None) -> Library | None:
+def _load_engine(config: DaemonConfig) -> Library | None:
     """The libvfio-user library when that engine is chosen (checked before anything starts)."""
     if config.engine != "libvfio-user":
         return None
-    if inherited_fd is not None or systemd.listen_fds_pending():
-        # libvfio-user creates and binds its socket itself.
-        raise StartupError("the libvfio-user engine cannot serve an inherited socket")
     passthrough = [d.name for d in config.devices if d.vfio_device is not None]
     if passthrough:
         # libvfio-user keeps the VMM's eventfds to itself and its irq bridge wires every
@@ -215,13 +237,13 @@ def _load_engine(config: DaemonConfig, inherited_fd: int | None) -> Library | No
 
 async def _start_libvfio_user(
     nursery: trio.Nursery,
-    config: DaemonConfig,
-    built: list[BuiltDevice],
+    served: Iterable[tuple[DeviceConfig, BuiltDevice, socket.socket | None]],
     library: Library,
     log: Any,
 ) -> list[ServedDevice]:
+    """Each device with its configuration and the socket it inherited, if any."""
     servers: list[ServedDevice] = []
-    for device_config, device in zip(config.devices, built, strict=True):
+    for device_config, device, sock in served:
         path = device_config.socket_path or default_socket_path(device_config.name)
         try:
             server = await nursery.start(
@@ -233,6 +255,7 @@ async def _start_libvfio_user(
                     socket_group=device_config.socket_group,
                     no_mmap=device_config.no_mmap,
                     library=library,
+                    listener=sock,
                 )
             )
         except (EngineUnavailable, ListenerError) as exc:
@@ -241,7 +264,7 @@ async def _start_libvfio_user(
         log.info(
             "serving",
             device=device.name,
-            socket=str(path),
+            socket=str(server.socket_path) if sock is None else "inherited",
             engine="libvfio-user",
             **device.summary(),
         )

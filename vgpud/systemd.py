@@ -51,13 +51,3 @@ def listen_fds() -> dict[str, int]:
         name = names[i] if i < len(names) and names[i] else f"fd{fd}"
         result[name] = fd
     return result
-
-
-def listen_fds_pending() -> bool:
-    """Whether socket activation passed us sockets (without consuming them)."""
-    try:
-        return int(os.environ.get("LISTEN_PID", "0")) == os.getpid() and bool(
-            int(os.environ.get("LISTEN_FDS", "0"))
-        )
-    except ValueError:
-        return False

@@ -14,6 +14,20 @@ import pytest
 
 from tests.serve_process import VGPUD, serve_args, start, stop
 
+# Inherited sockets are served by either engine (the libvfio-user one with a local build).
+ENGINES = [
+    pytest.param([], id="python"),
+    pytest.param(
+        # The path on the command line: systemd-socket-activate passes no environment.
+        ["--engine", "libvfio-user", "--libvfio-user", os.environ.get("VGPUD_LIBVFIO_USER", "")],
+        id="libvfio-user",
+        marks=pytest.mark.skipif(
+            not os.environ.get("VGPUD_LIBVFIO_USER"),
+            reason="VGPUD_LIBVFIO_USER is not set: the libvfio-user engine needs a local build",
+        ),
+    ),
+]
+
 
 def test_serve_with_only_a_socket_path_then_probe(
     tmp_path: Path, notify_socket: socket.socket
@@ -56,7 +70,10 @@ def test_sigint_stops_cleanly_too(tmp_path: Path, notify_socket: socket.socket) 
     assert not sock.exists()
 
 
-def test_serve_on_an_inherited_listening_fd(tmp_path: Path, notify_socket: socket.socket) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_serve_on_an_inherited_listening_fd(
+    tmp_path: Path, notify_socket: socket.socket, engine: list[str]
+) -> None:
     path = tmp_path / "inherited.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
@@ -72,6 +89,7 @@ def test_serve_on_an_inherited_listening_fd(tmp_path: Path, notify_socket: socke
             str(tmp_path / "m"),
             "--memory-size",
             "4GiB",
+            *engine,
         ],
         pass_fds=(listener.fileno(),),
         env=env,
@@ -89,6 +107,26 @@ def test_serve_on_an_inherited_listening_fd(tmp_path: Path, notify_socket: socke
     finally:
         stop(proc)
     assert path.exists(), "an inherited socket is not ours to remove"
+
+
+@pytest.mark.parametrize("engine", ENGINES[1:])
+def test_a_connected_fd_needs_the_python_engine(tmp_path: Path, engine: list[str]) -> None:
+    """libvfio-user only accepts clients, so a connection handed over whole is refused with
+    the reason (the Python engine serves it: tests/server/test_daemon.py)."""
+    ours, theirs = socket.socketpair()
+    serve = ["serve", "--fd", str(ours.fileno()), "--backing-dir", str(tmp_path / "m")]
+    with ours, theirs:
+        result = subprocess.run(
+            [*VGPUD, *serve, "--memory-size", "4GiB", *engine],
+            pass_fds=(ours.fileno(),),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "connected, not listening" in result.stderr
+    assert "python engine" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -169,7 +207,10 @@ def test_backing_file_of_another_size_is_kept_and_refused(tmp_path: Path) -> Non
     assert (memory / "usemem").read_bytes() == b"someone's data"
 
 
-def test_socket_activation_by_name(tmp_path: Path, notify_socket: socket.socket) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_socket_activation_by_name(
+    tmp_path: Path, notify_socket: socket.socket, engine: list[str]
+) -> None:
     """As systemd starts vgpud@gpu7.service: fd 3 listening, LISTEN_FDNAMES=gpu7."""
     path = tmp_path / "activated.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -190,6 +231,7 @@ def test_socket_activation_by_name(tmp_path: Path, notify_socket: socket.socket)
             str(tmp_path / "m"),
             "--memory-size",
             "4GiB",
+            *engine,
         ]
     )
     proc = subprocess.Popen(
@@ -216,14 +258,17 @@ def test_socket_activation_by_name(tmp_path: Path, notify_socket: socket.socket)
 @pytest.mark.skipif(
     shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not found"
 )
-def test_started_by_the_first_connection_as_the_socket_unit_does(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_started_by_the_first_connection_as_the_socket_unit_does(
+    tmp_path: Path, engine: list[str]
+) -> None:
     """systemd's own activator, as vgpud@.socket + vgpud@.service run it: nothing runs until
     a client connects; that connection starts vgpud with the listening socket (named like
     FileDescriptorName=%i) and is served, and so is the next one."""
     path = tmp_path / "gpu3.sock"
     activate = ["systemd-socket-activate", "--listen", str(path), "--fdname", "gpu3"]
     serve = ["serve", "--name", "gpu3", "--backing-dir", str(tmp_path / "m")]
-    serve += ["--memory-size", "4GiB", "--log-format", "json"]
+    serve += ["--memory-size", "4GiB", "--log-format", "json", *engine]
     activator = subprocess.Popen([*activate, *VGPUD, *serve], stderr=subprocess.PIPE, text=True)
     try:
         log = _read_until(activator, "Listening on")

@@ -3,9 +3,11 @@
 Theory of operation (DESIGN.md "Engines" #2):
 
 * One ``vfu_ctx`` per device, created non-blocking (``LIBVFIO_USER_FLAG_ATTACH_NB``); it binds
-  and listens on the socket path itself. Every region the device has is registered with a
-  callback that calls ``region_read``/``region_write``; BAR2/BAR4 also carry the device's fd,
-  offset and sparse areas, so QEMU mmaps the backing files directly, as with the Python engine.
+  and listens on the socket path itself (an inherited listening socket, from ``--fd`` or
+  systemd socket activation, takes that socket's place: :meth:`LibvfioUserServer.create`).
+  Every region the device has is registered with a callback that calls
+  ``region_read``/``region_write``; BAR2/BAR4 also carry the device's fd, offset and sparse
+  areas, so QEMU mmaps the backing files directly, as with the Python engine.
 * Config space is registered with ``VFU_REGION_FLAG_ALWAYS_CB``: libvfio-user then forwards
   *every* config access to us instead of emulating the standard header, BARs, ROM and
   capabilities itself (lib/libvfio-user.c ``region_access``), so the client sees the variant's
@@ -29,8 +31,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +90,7 @@ class LibvfioUserServer:
         no_mmap: bool = False,
         library_log_level: int = vfu.LOG_INFO,
         stall_limit: float = STALL_LIMIT,
+        listener: socket.socket | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -107,6 +112,10 @@ class LibvfioUserServer:
         self._lib = library.lib
         self._ctx: Any = self._ffi.NULL
         self._listen_fd = -1
+        # An inherited listening socket to serve instead of binding ``socket_path`` (then
+        # the socket's own name), and the private directory libvfio-user binds in meanwhile.
+        self._inherited = listener
+        self._private_dir: Path | None = None
         self._device_open = False
         self._callbacks: list[Any] = []  # keeps the C trampolines alive as long as the ctx
         self._dma_views: dict[tuple[int, int], memoryview] = {}
@@ -123,9 +132,23 @@ class LibvfioUserServer:
         Raises :class:`EngineUnavailable` when the library refuses the configuration (an
         incompatible build) and :class:`ListenerError` for socket problems.
         """
-        path = self.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_if_stale(path)
+        try:
+            if self._inherited is not None:
+                self._create_on_inherited(self._inherited)
+            else:
+                path = self.socket_path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                remove_if_stale(path)
+                self._create_ctx(path)
+                if self._socket_group is not None:
+                    os.chown(path, -1, group_id(self._socket_group))
+                os.chmod(path, self._socket_mode)
+            self._configure()
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _create_ctx(self, path: Path) -> None:
         old_umask = os.umask(0o177)  # born owner-only, as bind_unix_listener does
         try:
             ctx = self._lib.vfu_create_ctx(
@@ -144,14 +167,44 @@ class LibvfioUserServer:
         # Unattached, the poll fd is the listening socket (lib/tran_sock.c get_poll_fd); it
         # keeps its number for the context's life, and is needed once a client is attached.
         self._listen_fd = self._lib.vfu_get_poll_fd(ctx)
+
+    def _create_on_inherited(self, listener: socket.socket) -> None:
+        """Serve a listening socket we were given (``--fd``, socket activation).
+
+        libvfio-user has no way to take a socket: it always binds a path of its own
+        (lib/tran_sock.c ``tran_sock_init``). So it binds one in a private directory, and the
+        inherited socket is then ``dup2``'d onto that listening fd's number. That fd is all
+        the library ever uses of its socket: the poll fd until a client is attached, and what
+        ``vfu_attach_ctx`` accepts on; the refusals above rely on the same fact. The private
+        socket file goes at once; its directory stays (empty, ours alone) until
+        :meth:`destroy`, because ``vfu_destroy_ctx`` unlinks the path it bound.
+        """
         try:
-            if self._socket_group is not None:
-                os.chown(path, -1, group_id(self._socket_group))
-            os.chmod(path, self._socket_mode)
-            self._configure()
-        except BaseException:
-            self.destroy()
-            raise
+            name = listener.getsockname()
+            listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError as exc:
+            raise ListenerError(f"inherited socket: {exc.strerror}") from exc
+        if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+            raise ListenerError("inherited socket: not a UNIX stream socket")
+        if not listening:
+            # Attach always accepts: a connection handed over whole (vfio-user's --fd with a
+            # connected socket) has nothing to accept from.
+            raise ListenerError(
+                "inherited socket is connected, not listening: the libvfio-user engine can "
+                "only accept clients (serve a connected socket with the python engine)"
+            )
+        if not isinstance(name, str) or not name:
+            # Connections are found by their listener's path (accepted_connections).
+            raise ListenerError("inherited socket is not bound to a filesystem path")
+        self.socket_path = Path(name)
+        # Short names: a socket path has to fit in sun_path (108 bytes).
+        self._private_dir = Path(tempfile.mkdtemp(prefix="vgpud-lvu-"))
+        private = self._private_dir / "s"
+        self._create_ctx(private)
+        listener.setblocking(False)  # as libvfio-user made its own (ATTACH_NB)
+        os.dup2(listener.fileno(), self._listen_fd, inheritable=False)
+        listener.close()
+        private.unlink()
 
     def _configure(self) -> None:
         lib, ffi = self._lib, self._ffi
@@ -248,11 +301,17 @@ class LibvfioUserServer:
         return flags
 
     def destroy(self) -> None:
-        """Destroy the context (removes the socket); the device keeps its memory."""
+        """Destroy the context (removes the socket it bound; an inherited socket's file
+        stays, as it is not ours); the device keeps its memory."""
         if self._ctx != self._ffi.NULL:
             # May call the reset (LOST_CONN) and DMA callbacks for an attached client.
             self._lib.vfu_destroy_ctx(self._ctx)
             self._ctx = self._ffi.NULL
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
+        if self._inherited is not None:
+            self._inherited.close()  # when create() failed before taking it over
         self._client_gone()
         self._bridge.close()
         self._callbacks.clear()
@@ -601,6 +660,7 @@ async def serve_device(
     socket_group: str | None = None,
     no_mmap: bool = False,
     library: Library | str | os.PathLike[str] | None = None,
+    listener: socket.socket | None = None,
     task_status: trio.TaskStatus[LibvfioUserServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``built.device`` with libvfio-user on ``socket_path`` until cancelled.
@@ -609,6 +669,8 @@ async def serve_device(
     ``$VGPUD_LIBVFIO_USER``, else ``libvfio-user.so.0``). ``task_status.started()`` fires once
     the socket listens. Raises :class:`EngineUnavailable` (library missing or incompatible) or
     :class:`ListenerError` (socket) before that. The socket is removed on exit.
+    ``listener``: an inherited listening socket to serve instead (``socket_path``, its mode
+    and group then unused; its file is left in place on exit).
     """
     loaded = library if isinstance(library, Library) else load_library(library)
     server = LibvfioUserServer(
@@ -619,6 +681,7 @@ async def serve_device(
         socket_mode=socket_mode,
         socket_group=socket_group,
         no_mmap=no_mmap,
+        listener=listener,
     )
     try:
         server.create()

@@ -1,0 +1,46 @@
+"""A daemon that cannot start gives back everything it took: device files, sockets, fds."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from vgpud import daemon
+from vgpud.config import DaemonConfig, single_device
+from vgpud.daemon import StartupError
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+async def test_a_busy_socket_path_releases_every_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second device's path has a live server on it: the first device's socket goes,
+    and both devices' memory files are closed (and kept)."""
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    busy = tmp_path / "b.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other_server:
+        other_server.bind(str(busy))
+        other_server.listen(1)
+        config = DaemonConfig(
+            tuple(
+                single_device(
+                    socket_path=tmp_path / f"{name}.sock",
+                    name=name,
+                    memory_size="4GiB",
+                    backing_dir=tmp_path / f"mem-{name}",
+                )
+                for name in ("a", "b")
+            )
+        )
+        before = open_fds()
+        with pytest.raises(StartupError, match="another server is already listening"):
+            await daemon.run(config)
+        assert open_fds() == before
+    assert not (tmp_path / "a.sock").exists()
+    assert (tmp_path / "mem-a" / "usemem").stat().st_size == 3 << 30
