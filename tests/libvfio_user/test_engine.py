@@ -27,7 +27,8 @@ from vgpud.config import single_device
 from vgpud.devices import BuiltDevice, build_device
 from vgpud.libvfio_user import EngineUnavailable, LibvfioUserServer, load_library
 from vgpud.libvfio_user import engine as engine_module
-from vgpud.libvfio_user.engine import accepted_connections, serve_device
+from vgpud.libvfio_user.engine import serve_device
+from vgpud.libvfio_user.sockets import accepted_connections
 
 try:
     LIBRARY = load_library()

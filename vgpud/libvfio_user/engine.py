@@ -33,9 +33,7 @@ import errno
 import os
 import shutil
 import socket
-import stat
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +53,7 @@ from vgpud.devices import BuiltDevice
 from vgpud.libvfio_user import ffi as vfu
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.libvfio_user.irq import FORWARDED_IRQS, IrqBridge
+from vgpud.libvfio_user.sockets import accepted_connections, adopt_listener, shutdown_fd
 from vgpud.libvfio_user.watchdog import STALL_LIMIT, StallWatchdog
 from vgpud.server.listener import (
     ListenerError,
@@ -148,7 +147,8 @@ class LibvfioUserServer:
             self.destroy()
             raise
 
-    def _create_ctx(self, path: Path) -> None:
+    def _create_ctx(self, path: Path) -> int:
+        """Create the context bound to ``path``; its listening fd."""
         old_umask = os.umask(0o177)  # born owner-only, as bind_unix_listener does
         try:
             ctx = self._lib.vfu_create_ctx(
@@ -167,44 +167,12 @@ class LibvfioUserServer:
         # Unattached, the poll fd is the listening socket (lib/tran_sock.c get_poll_fd); it
         # keeps its number for the context's life, and is needed once a client is attached.
         self._listen_fd = self._lib.vfu_get_poll_fd(ctx)
+        return self._listen_fd
 
     def _create_on_inherited(self, listener: socket.socket) -> None:
-        """Serve a listening socket we were given (``--fd``, socket activation).
-
-        libvfio-user has no way to take a socket: it always binds a path of its own
-        (lib/tran_sock.c ``tran_sock_init``). So it binds one in a private directory, and the
-        inherited socket is then ``dup2``'d onto that listening fd's number. That fd is all
-        the library ever uses of its socket: the poll fd until a client is attached, and what
-        ``vfu_attach_ctx`` accepts on; the refusals above rely on the same fact. The private
-        socket file goes at once; its directory stays (empty, ours alone) until
-        :meth:`destroy`, because ``vfu_destroy_ctx`` unlinks the path it bound.
-        """
-        try:
-            name = listener.getsockname()
-            listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        except OSError as exc:
-            raise ListenerError(f"inherited socket: {exc.strerror}") from exc
-        if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-            raise ListenerError("inherited socket: not a UNIX stream socket")
-        if not listening:
-            # Attach always accepts: a connection handed over whole (vfio-user's --fd with a
-            # connected socket) has nothing to accept from.
-            raise ListenerError(
-                "inherited socket is connected, not listening: the libvfio-user engine can "
-                "only accept clients (serve a connected socket with the python engine)"
-            )
-        if not isinstance(name, str) or not name:
-            # Connections are found by their listener's path (accepted_connections).
-            raise ListenerError("inherited socket is not bound to a filesystem path")
-        self.socket_path = Path(name)
-        # Short names: a socket path has to fit in sun_path (108 bytes).
-        self._private_dir = Path(tempfile.mkdtemp(prefix="vgpud-lvu-"))
-        private = self._private_dir / "s"
-        self._create_ctx(private)
-        listener.setblocking(False)  # as libvfio-user made its own (ATTACH_NB)
-        os.dup2(listener.fileno(), self._listen_fd, inheritable=False)
-        listener.close()
-        private.unlink()
+        """Serve a listening socket we were given (``--fd``, socket activation): see
+        :func:`~vgpud.libvfio_user.sockets.adopt_listener`."""
+        self.socket_path, self._private_dir = adopt_listener(listener, self._create_ctx)
 
     def _configure(self) -> None:
         lib, ffi = self._lib, self._ffi
@@ -487,7 +455,7 @@ class LibvfioUserServer:
             # A transport failure mid-message: the stream cannot be trusted any more (DESIGN.md
             # "Errors"). Shutting it down makes the next run see EOF and reset the context.
             log.warning("libvfio-user run failed, closing", error=os.strerror(err), errno=err)
-            _shutdown_fd(fd)
+            shutdown_fd(fd)
 
     async def _forward_irqs(self) -> None:
         while True:
@@ -621,35 +589,6 @@ class LibvfioUserServer:
             getattr(self.log, method)("libvfio-user", message=text)
         except Exception:
             pass  # a log line must never fail a request
-
-
-def accepted_connections(path: Path) -> Iterator[socket.socket]:
-    """Duplicates of this process's accepted connections on the socket ``path``: its
-    non-listening sockets whose local address is ``path`` (each closed once iterated past)."""
-    wanted = os.fsencode(path)
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
-                continue
-            sock = socket.socket(fileno=os.dup(int(name)))
-        except OSError:
-            continue
-        with sock:
-            try:
-                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                local = sock.getsockname() if sock.family == socket.AF_UNIX else None
-            except OSError:
-                continue
-            if not listening and local is not None and os.fsencode(local) == wanted:
-                yield sock
-
-
-def _shutdown_fd(fd: int) -> None:
-    try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 async def serve_device(
