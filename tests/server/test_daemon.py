@@ -13,6 +13,7 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -414,6 +415,69 @@ async def test_a_client_reconnecting_at_once_is_served_not_refused(vgpud: Daemon
                 await client.request(p.Version(major=0, minor=0, capabilities=CLIENT_CAPABILITIES))
                 assert (await client.device_info()).num_regions == 9
         await vgpud.idle()
+
+
+async def test_a_client_that_left_before_its_session_began_holds_nothing(vgpud: Daemon) -> None:
+    """A connection made and closed at once (a liveness probe), then the VMM: both are
+    queued before the daemon runs, so the first one's session has not even started when
+    the second is accepted. The second is served; the first never held the device."""
+    before = open_fds()
+    for _ in range(20):  # trio orders the accepts and the session's start either way
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(str(vgpud.socket_path))
+        probe.close()
+        vmm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        vmm.connect(str(vgpud.socket_path))  # no checkpoint since the probe's connect
+        with trio.fail_after(10):
+            async with VfioUserClient(
+                FdStream.from_trio(trio.socket.from_stdlib_socket(vmm)), CLIENT_CAPABILITIES
+            ) as client:
+                await client.request(p.Version(major=0, minor=0, capabilities=CLIENT_CAPABILITIES))
+                assert (await client.device_info()).num_regions == 9
+        await vgpud.idle()
+    assert open_fds() == before
+
+
+async def test_a_waiting_client_that_leaves_gives_up_its_turn(vgpud: Daemon) -> None:
+    """The one client allowed to wait for a departed client's session (see the stuck-session
+    test below) leaves before its turn: the next client waits in its place, is served once
+    the session ends, and the one that left is closed."""
+    before = open_fds()
+    old = await vgpud.connect()
+    await enable_memory(old)
+    read = struct.pack("<QII", 0, BAR4, 1 << 20)
+    header = struct.pack("<HHIII", 50, 9, 16 + len(read), 0, 0)
+    await old.stream.send((header + read) * 4)  # 4 MiB of replies: the session is stuck
+    old.stream.socket.shutdown(socket.SHUT_WR)
+    with structlog.testing.capture_logs() as logs:
+        left = await RawConn.open(vgpud.socket_path, negotiate=False)
+        await trio.testing.wait_all_tasks_blocked()  # the daemon has taken it: it waits
+        assert logs[-1]["event"] == "client waits for the departed client's session to end"
+        left.close()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(_close_later, old, logs, 3))
+                async with await vgpud.connect() as client:
+                    assert (await client.device_info()).num_regions == 9
+    events = [(e.get("connection"), e["event"]) for e in logs if e["event"] != "client connected"]
+    assert events[:3] == [
+        (2, "client waits for the departed client's session to end"),
+        (2, "waiting client left before its turn"),
+        (3, "client waits for the departed client's session to end"),
+    ]
+    assert not any("refusing" in event for _, event in events)
+    await vgpud.idle()
+    assert open_fds() == before
+
+
+async def _close_later(client: VfioUserClient, logs: list[dict[str, Any]], waiter: int) -> None:
+    """Close ``client`` (ending its stuck session) once connection ``waiter`` waits."""
+    await trio.testing.wait_all_tasks_blocked()  # the new client awaits its VERSION reply
+    assert (logs[-1]["connection"], logs[-1]["event"]) == (
+        waiter,
+        "client waits for the departed client's session to end",
+    )
+    client.close()
 
 
 @pytest.mark.parametrize("sent", [b"", QEMU_VERSION[:8]], ids=["nothing", "half a header"])

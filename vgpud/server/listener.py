@@ -18,6 +18,7 @@ import select
 import socket
 import stat
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,14 @@ def peer_closed(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def peer_closed_or_gone(sock: socket.socket | None) -> bool:
+    """:func:`peer_closed` for a socket we may have closed already (then: gone)."""
+    if sock is None:
+        return False
+    fd = sock.fileno()
+    return fd < 0 or peer_closed(fd)
+
+
 def peer_credentials(sock: socket.socket) -> dict[str, int]:
     """pid/uid/gid of the connected peer (SO_PEERCRED), for the log."""
     try:
@@ -128,6 +137,15 @@ def peer_credentials(sock: socket.socket) -> dict[str, int]:
         return {}
     pid, uid, gid = struct.unpack("3i", raw)
     return {"peer_pid": pid, "peer_uid": uid, "peer_gid": gid}
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """A client accepted while the departed active client's session is still ending."""
+
+    number: int
+    sock: socket.socket
+    scope: trio.CancelScope  # cancelled when the waiter itself leaves before its turn
 
 
 class DeviceServer:
@@ -154,7 +172,10 @@ class DeviceServer:
         self.internal_errors = 0
         self.active: int | None = None
         self.current_session: Session | None = None
-        self._next: int | None = None  # a client waiting for a departed one's session to end
+        # The active client's socket from the moment it is accepted, before its session
+        # has started: whether that client has already left is read from it.
+        self._active_sock: socket.socket | None = None
+        self._waiter: _Waiter | None = None  # a client waiting for a departed one's session
         self._session_finished = trio.Condition()
         self._refusals = Refusals(self.log)
         self._nursery: trio.Nursery | None = None
@@ -169,21 +190,35 @@ class DeviceServer:
                 self.connections += 1
                 number = self.connections
                 creds = peer_credentials(sock)
-                if self.active is None and self._next is None:
-                    self.active = number
-                    nursery.start_soon(self._run_session, sock, number, creds)
-                elif self._next is None and self._active_client_left():
+                if self._waiter is not None and peer_closed_or_gone(self._waiter.sock):
+                    self._drop_waiter()  # it left while waiting: this client takes its turn
+                if self.active is None and self._waiter is None:
+                    self._start_session(sock, number, creds)
+                elif self._waiter is None and peer_closed_or_gone(self._active_sock):
                     # A VMM reconnecting (say, restarted) before its old session has read
-                    # the EOF: that session ends at its next read, then this client is served.
-                    self._next = number
+                    # the EOF, or even begun: that session ends at its next read, then this
+                    # client is served.
                     self.log.info(
                         "client waits for the departed client's session to end",
                         connection=number,
                         active_connection=self.active,
                     )
-                    nursery.start_soon(self._run_when_free, sock, number, creds)
+                    self._waiter = _Waiter(number, sock, trio.CancelScope())
+                    nursery.start_soon(self._run_when_free, self._waiter, creds)
                 else:
                     self._refuse(sock, number, creds)
+
+    def _start_session(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
+        assert self._nursery is not None, "only serve() starts sessions"
+        self.active, self._active_sock = number, sock
+        self._nursery.start_soon(self._run_session, sock, number, creds)
+
+    def _drop_waiter(self) -> None:
+        waiter = self._waiter
+        assert waiter is not None
+        self.log.info("waiting client left before its turn", connection=waiter.number)
+        self._waiter = None
+        waiter.scope.cancel()  # its task sees it is no longer the waiter and closes it
 
     def _refuse(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
         # Spec vfio-user.md §1: one connection = one device = one client.
@@ -196,33 +231,29 @@ class DeviceServer:
         assert self._nursery is not None, "only serve() refuses clients"
         self._refusals.start(self._nursery, sock)  # EBUSY to its VERSION: see refusal.py
 
-    def _active_client_left(self) -> bool:
-        """Whether the active session's peer has closed its end (POLLRDHUP), even if its
-        session has not got to the EOF yet (requests may still be queued before it)."""
-        session = self.current_session
-        if session is None:
-            return False
-        fd = session.stream.socket.fileno()
-        return fd < 0 or peer_closed(fd)  # fd < 0: closed, the session is ending
-
-    async def _run_when_free(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
+    async def _run_when_free(self, waiter: _Waiter, creds: dict[str, int]) -> None:
         try:
-            with trio.move_on_after(HANDOVER_TIMEOUT):
+            with waiter.scope:
+                waiter.scope.deadline = trio.current_time() + HANDOVER_TIMEOUT
                 async with self._session_finished:
                     while self.active is not None:
                         await self._session_finished.wait()
+            if self._waiter is not waiter:  # dropped by serve() (it left while waiting)
+                waiter.sock.close()
+                return
+            self._waiter = None
+            if self.active is not None:
+                self._refuse(waiter.sock, waiter.number, creds)  # the old session is stuck
+                async with self._session_finished:
+                    self._session_finished.notify_all()  # for wait_idle: no client waits now
+                return
         except BaseException:
-            self._next = None
-            sock.close()
+            if self._waiter is waiter:
+                self._waiter = None
+            waiter.sock.close()
             raise
-        self._next = None
-        if self.active is not None:
-            self._refuse(sock, number, creds)  # the old session is stuck in its device
-            async with self._session_finished:
-                self._session_finished.notify_all()  # for wait_idle: no client waits now
-            return
-        self.active = number
-        await self._run_session(sock, number, creds)
+        self.active, self._active_sock = waiter.number, waiter.sock
+        await self._run_session(waiter.sock, waiter.number, creds)
 
     async def serve_connected(self, sock: socket.socket) -> None:
         """Serve a single already-connected client (``--fd`` with a connected socket)."""
@@ -270,6 +301,7 @@ class DeviceServer:
             stream.close()
             if self.active == number:
                 self.active = None
+                self._active_sock = None
                 self.current_session = None
             async with self._session_finished:
                 self._session_finished.notify_all()
@@ -277,5 +309,5 @@ class DeviceServer:
     async def wait_idle(self) -> None:
         """Wait until no client is attached or waiting to be (used by tests)."""
         async with self._session_finished:
-            while self.active is not None or self._next is not None:
+            while self.active is not None or self._waiter is not None:
                 await self._session_finished.wait()
