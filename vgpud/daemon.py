@@ -11,6 +11,7 @@ stay (device memory outlives the daemon).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import math
@@ -28,11 +29,17 @@ import trio
 from backends.device import DeviceError
 from backends.synthetic import BackingFileError
 from vgpud import systemd
+from vgpud.budget import BudgetError, dma_map_limit
 from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
 from vgpud.devices import BuiltDevice, build_device
 from vgpud.libvfio_user.engine import serve_device
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
-from vgpud.server.listener import DeviceServer, ListenerError, bind_unix_listener
+from vgpud.server.listener import (
+    SERVER_CAPABILITIES,
+    DeviceServer,
+    ListenerError,
+    bind_unix_listener,
+)
 from vgpud.variant import CxlReadinessWait, probe_wait
 
 
@@ -175,6 +182,11 @@ async def run(
     endpoints: list[_Endpoint] = []
     servers: list[ServedDevice] = []
     try:
+        try:
+            max_dma_maps = dma_map_limit([device.device for device in built])
+        except BudgetError as exc:
+            raise StartupError(str(exc)) from exc
+        capabilities = dataclasses.replace(SERVER_CAPABILITIES, max_dma_maps=max_dma_maps)
         inherited = _inherited_sockets(config, inherited_fd)
         if library is None:
             endpoints = _open_endpoints(config, built, inherited)
@@ -182,13 +194,14 @@ async def run(
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, log)
             if library is not None:
                 served = zip(config.devices, built, inherited, strict=True)
-                servers += await _start_libvfio_user(nursery, served, library, log)
+                servers += await _start_libvfio_user(nursery, served, library, max_dma_maps, log)
             for endpoint in endpoints:
                 server = DeviceServer(
                     endpoint.config.name,
                     endpoint.built.device,
                     None if endpoint.connected else endpoint.sock,
                     no_mmap=endpoint.config.no_mmap,
+                    capabilities=capabilities,
                 )
                 servers.append(server)
                 if endpoint.connected:
@@ -203,7 +216,9 @@ async def run(
                     **endpoint.built.summary(),
                 )
             elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
-            log.info("ready", devices=len(servers), startup_ms=elapsed_ms)
+            log.info(
+                "ready", devices=len(servers), max_dma_maps=max_dma_maps, startup_ms=elapsed_ms
+            )
             systemd.notify("READY=1")
             task_status.started(servers)
     finally:
@@ -239,6 +254,7 @@ async def _start_libvfio_user(
     nursery: trio.Nursery,
     served: Iterable[tuple[DeviceConfig, BuiltDevice, socket.socket | None]],
     library: Library,
+    max_dma_maps: int,
     log: Any,
 ) -> list[ServedDevice]:
     """Each device with its configuration and the socket it inherited, if any."""
@@ -256,6 +272,7 @@ async def _start_libvfio_user(
                     no_mmap=device_config.no_mmap,
                     library=library,
                     listener=sock,
+                    max_dma_maps=max_dma_maps,
                 )
             )
         except (EngineUnavailable, ListenerError) as exc:
@@ -272,8 +289,8 @@ async def _start_libvfio_user(
 
 
 def _raise_fd_limit() -> None:
-    # Each live fd-backed DMA mapping holds a descriptor (see vgpud.server.dma) and a client
-    # may have up to max_dma_maps of them: use the hard limit, as the kernel allows.
+    # Each live fd-backed DMA mapping holds a descriptor (see vgpud.server.dma): use the hard
+    # limit, as the kernel allows; vgpud/budget.py shares it out between the devices.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -49,6 +49,7 @@ from backends.device import (
     IrqAction,
     VfioDevice,
 )
+from vgpud.budget import MAX_DMA_MAPS
 from vgpud.devices import BuiltDevice
 from vgpud.libvfio_user import ffi as vfu
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
@@ -90,6 +91,7 @@ class LibvfioUserServer:
         library_log_level: int = vfu.LOG_INFO,
         stall_limit: float = STALL_LIMIT,
         listener: socket.socket | None = None,
+        max_dma_maps: int = MAX_DMA_MAPS,
     ) -> None:
         self.name = name
         self.device = device
@@ -114,6 +116,7 @@ class LibvfioUserServer:
         # An inherited listening socket to serve instead of binding ``socket_path`` (then
         # the socket's own name), and the private directory libvfio-user binds in meanwhile.
         self._inherited = listener
+        self._max_dma_maps = max_dma_maps
         self._private_dir: Path | None = None
         self._device_open = False
         self._callbacks: list[Any] = []  # keeps the C trampolines alive as long as the ctx
@@ -216,10 +219,10 @@ class LibvfioUserServer:
         dma_unregister = self._keep(
             ffi.callback("vfu_dma_unregister_cb_t", self._on_dma_unregister)
         )
-        # Same bound as the Python engine advertises (vgpud.server.listener).
+        # The daemon's share for this device (vgpud/budget.py), as the Python engine uses.
         self._check(
             "vfu_setup_device_dma",
-            lib.vfu_setup_device_dma(self._ctx, 65535, dma_register, dma_unregister),
+            lib.vfu_setup_device_dma(self._ctx, self._max_dma_maps, dma_register, dma_unregister),
         )
         self._check("vfu_realize_ctx", lib.vfu_realize_ctx(self._ctx))
 
@@ -600,6 +603,7 @@ async def serve_device(
     no_mmap: bool = False,
     library: Library | str | os.PathLike[str] | None = None,
     listener: socket.socket | None = None,
+    max_dma_maps: int = MAX_DMA_MAPS,
     task_status: trio.TaskStatus[LibvfioUserServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``built.device`` with libvfio-user on ``socket_path`` until cancelled.
@@ -609,7 +613,8 @@ async def serve_device(
     the socket listens. Raises :class:`EngineUnavailable` (library missing or incompatible) or
     :class:`ListenerError` (socket) before that. The socket is removed on exit.
     ``listener``: an inherited listening socket to serve instead (``socket_path``, its mode
-    and group then unused; its file is left in place on exit).
+    and group then unused; its file is left in place on exit). ``max_dma_maps``: how many
+    DMA regions a client may register (the daemon passes its share, vgpud/budget.py).
     """
     loaded = library if isinstance(library, Library) else load_library(library)
     server = LibvfioUserServer(
@@ -621,6 +626,7 @@ async def serve_device(
         socket_group=socket_group,
         no_mmap=no_mmap,
         listener=listener,
+        max_dma_maps=max_dma_maps,
     )
     try:
         server.create()

@@ -166,7 +166,12 @@ def _received_fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int, max_fds
     fds = _fds_from_ancillary(ancdata) if ancdata else []
     if msg_flags & _CTRUNC:
         close_fds(fds)
-        raise TransportError(f"peer sent more than {max_fds} fds with one message")
+        # The kernel drops what it cannot install: more than the control buffer holds, or
+        # any once the process is out of descriptors (EMFILE), so name both.
+        raise TransportError(
+            f"fds sent with a message were dropped (more than {max_fds}, "
+            "or the daemon is out of file descriptors)"
+        )
     return fds
 
 
