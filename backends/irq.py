@@ -57,6 +57,27 @@ def adopt_eventfds(fds: Iterable[int]) -> None:
         os.set_blocking(fd, False)
 
 
+def same_eventfd(fd: int, other: int) -> bool:
+    """Whether two fds are the same eventfd (a VMM can send one eventfd twice, as two fds).
+
+    Compared by ``eventfd-id`` in /proc/self/fdinfo; a kernel that does not show it makes
+    this False (no check rather than a wrong refusal).
+    """
+    ids = [_eventfd_id(fd) for fd in (fd, other)]
+    return ids[0] is not None and ids[0] == ids[1]
+
+
+def _eventfd_id(fd: int) -> int | None:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            for line in info:
+                if line.startswith("eventfd-id:"):
+                    return int(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def signal_eventfd(fd: int) -> bool:
     """Signal ``fd`` the way vfio-user wants (write an 8-byte 1, spec vfio-user.md §5.6).
 

@@ -39,6 +39,7 @@ from backends.irq import (
     adopt_eventfds,
     close_fds,
     drain_eventfd,
+    same_eventfd,
     signal_eventfd,
     validate_set_irqs,
 )
@@ -129,6 +130,8 @@ class InterruptController:
             if action is IrqAction.MASK and eventfds is not None:
                 raise DeviceError(errno.EINVAL, "INTx MASK takes no eventfd")
             adopt_eventfds(eventfds or ())
+            if index == INTX_IRQ_INDEX and eventfds:
+                self._check_intx_pair(action, eventfds[0])
         except DeviceError:
             close_fds(eventfds or ())
             raise
@@ -138,6 +141,21 @@ class InterruptController:
             self._trigger(index, start, count, eventfds, data_bool)
         else:
             self._intx_mask(action, eventfds, data_bool)
+
+    def _check_intx_pair(self, action: IrqAction, fd: int) -> None:
+        """The INTx trigger and its resampler must be two eventfds: with one, every
+        interrupt would unmask itself and re-signal at once, for as long as the line is
+        asserted, and the daemon would spin (found by an adversarial run)."""
+        if action is IrqAction.TRIGGER:
+            other = self._intx_unmask_fd
+        elif action is IrqAction.UNMASK:
+            other = self._tables[INTX_IRQ_INDEX].get(0)
+        else:
+            return
+        if fd >= 0 and other >= 0 and same_eventfd(fd, other):
+            raise DeviceError(
+                errno.EINVAL, "the INTx trigger and unmask (resample) eventfds are one eventfd"
+            )
 
     def _disable(self, index: int) -> None:
         self._tables[index].clear()

@@ -257,3 +257,28 @@ def test_intx_mask_with_a_false_bool_does_nothing(gpu: SyntheticGpu) -> None:
     doorbell(gpu, 0)
     assert eventfd_count(observer) == 1  # the line was not masked
     os.close(observer)
+
+
+@pytest.mark.parametrize("first", [IrqAction.TRIGGER, IrqAction.UNMASK])
+def test_intx_trigger_and_resampler_must_be_two_eventfds(
+    gpu: SyntheticGpu, first: IrqAction
+) -> None:
+    """One eventfd as both would make each interrupt unmask itself and re-signal, in a loop
+    for as long as the line is asserted (the daemon spun at 100% CPU). Either order of the
+    two SET_IRQS is refused at the second, whose fd is closed; the first stays wired."""
+    before = open_fds()
+    fd, observer = new_eventfd()
+    second = os.dup(fd)  # the same eventfd, as a second fd (what the VMM would send)
+    gpu.set_irqs(INTX_IRQ_INDEX, first, 0, 1, eventfds=[fd])
+    then = IrqAction.UNMASK if first is IrqAction.TRIGGER else IrqAction.TRIGGER
+    with pytest.raises(DeviceError, match="one eventfd") as caught:
+        gpu.set_irqs(INTX_IRQ_INDEX, then, 0, 1, eventfds=[second])
+    assert caught.value.errno == errno.EINVAL
+    with pytest.raises(OSError):
+        os.fstat(second)  # owned by the device, closed on refusal
+    other, other_observer = new_eventfd()
+    gpu.set_irqs(INTX_IRQ_INDEX, then, 0, 1, eventfds=[other])  # two eventfds: fine
+    gpu.set_irqs(INTX_IRQ_INDEX, IrqAction.TRIGGER, 0, 0)  # disable: closes both
+    os.close(observer)
+    os.close(other_observer)
+    assert open_fds() == before
