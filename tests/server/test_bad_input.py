@@ -179,6 +179,10 @@ CASES = [
     Case("SET_IRQS two data types", set_irqs(0x23, 2, 0, 1, b"\1"), errno.EINVAL),
     Case("SET_IRQS ERR with MASK", set_irqs(0x09, 3, 0, 1), errno.EINVAL),
     Case("SET_IRQS count 0 with EVENTFD", set_irqs(0x24, 2, 0, 0), errno.EINVAL),
+    # A de-assign (EVENTFD, no fds) with a count far past the vectors: refused before any
+    # list is sized by it (a count near 2^32 once took the daemon's memory).
+    Case("SET_IRQS de-assign of 2^32-1 vectors", set_irqs(0x24, 2, 0, 0xFFFFFFFF), errno.EINVAL),
+    Case("SET_IRQS de-assign of 17 vectors", set_irqs(0x24, 2, 0, 17), errno.EINVAL),
     Case("DEVICE_FEATURE", msg(16, struct.pack("<II", 8, 1 | (1 << 16))), errno.ENOTTY),
     # PROBE may ask about GET and SET at once (vfio_ioctl_device_feature): the feature is
     # unsupported, not the request malformed.

@@ -78,6 +78,7 @@ class Session:
         self.num_irqs = info.num_irqs
         # Region sizes never change while a device exists; cache them for bounds checks.
         self._region_sizes = [device.region_info(i).size for i in range(info.num_regions)]
+        self._irq_counts = [device.irq_info(i).count for i in range(info.num_irqs)]
         self.messages = 0
         self.internal_errors = 0  # requests that met a bug in vgpud (answered with EIO)
         self.watchers = FdWatchers(None, device, log)
@@ -420,6 +421,14 @@ class Session:
             data_type = msg.flags & _DATA_MASK
             if action is None or data_type not in (_DATA_NONE, _DATA_BOOL, _DATA_EVENTFD):
                 raise DeviceError(errno.EINVAL, f"SET_IRQS flags {msg.flags:#x} invalid")
+            if msg.count > self._irq_counts[msg.index]:
+                # Before anything is sized by it: a de-assign builds one entry per vector,
+                # and a count near 2^32 took the daemon's memory (an adversarial run).
+                raise DeviceError(
+                    errno.EINVAL,
+                    f"SET_IRQS count {msg.count} > irq {msg.index}'s "
+                    f"{self._irq_counts[msg.index]} vectors",
+                )
         except DeviceError:
             close_fds(fds)
             raise
