@@ -370,7 +370,8 @@ class Session:
         # MMAP promises the fd with the reply (docs/interop/vfio-user.rst, GET_REGION_INFO;
         # spec vfio-user.md §3.5), so a client that takes no fds (max_msg_fds 0) gets the
         # region trapped, as with --no-mmap: no MMAP, no sparse or MSI-X-mappable cap. (QEMU
-        # offers 16; libvfio-user answers ENOSPC, which leaves such a client without the BAR.)
+        # offers 16. libvfio-user sends the fd regardless: it reads max_msg_fds but never
+        # checks it when replying, docs/libvfio-user-engine.md.)
         negotiated = self.conn.negotiated
         takes_fds = negotiated is not None and negotiated.max_msg_fds > 0
         if info.mmap is not None and not self.no_mmap and takes_fds:
