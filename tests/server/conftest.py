@@ -28,6 +28,20 @@ def open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
+def tray_config(tmp_path: Path, devices: int = 2) -> Path:
+    """A config file for ``devices`` default 4 GiB GPUs, gpu<i> at tmp_path/gpu<i>.sock with
+    its memory in tmp_path/mem<i>."""
+    config = tmp_path / "tray.toml"
+    config.write_text(
+        "".join(
+            f'[[device]]\nname = "gpu{i}"\nsocket_path = "{tmp_path}/gpu{i}.sock"\n'
+            f'memory_size = "4GiB"\nbacking_dir = "{tmp_path}/mem{i}"\n'
+            for i in range(devices)
+        )
+    )
+    return config
+
+
 @dataclass
 class Daemon:
     socket_path: Path

@@ -20,6 +20,7 @@ import trio
 
 from backends.synthetic import get_profile
 from tests.serve_process import VGPUD, read_log_until, stop
+from tests.server.conftest import tray_config
 from vgpud import budget
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.config import single_device
@@ -32,14 +33,7 @@ MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER = 2, 0x4 | 0x20
 
 @pytest.fixture
 def tray(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
-    config = tmp_path / "tray.toml"
-    config.write_text(
-        "".join(
-            f'[[device]]\nname = "gpu{i}"\nsocket_path = "{tmp_path}/gpu{i}.sock"\n'
-            f'memory_size = "4GiB"\nbacking_dir = "{tmp_path}/mem{i}"\n'
-            for i in range(2)
-        )
-    )
+    config = tray_config(tmp_path)
     serve = shlex.join([*VGPUD, "serve", "--config", str(config), "--log-format", "json"])
     proc = subprocess.Popen(
         ["bash", "-c", f"ulimit -n {FD_LIMIT} && exec {serve}"],

@@ -399,6 +399,16 @@ async def test_client_taking_no_fds_gets_bars_trapped(vgpud: Daemon) -> None:
     assert vgpud.server.internal_errors == 0
 
 
+async def served_on(sock: socket.socket) -> None:
+    """Negotiate on ``sock``, an already connected socket, and be served."""
+    with trio.fail_after(10):
+        async with VfioUserClient(
+            FdStream.from_trio(trio.socket.from_stdlib_socket(sock)), CLIENT_CAPABILITIES
+        ) as client:
+            await client.request(p.Version(major=0, minor=0, capabilities=CLIENT_CAPABILITIES))
+            assert (await client.device_info()).num_regions == 9
+
+
 async def test_a_client_reconnecting_at_once_is_served_not_refused(vgpud: Daemon) -> None:
     """The old connection is closed and the new one made before the daemon runs again: its
     session has not read the EOF yet, but the client has left, so the new one is served."""
@@ -408,12 +418,7 @@ async def test_a_client_reconnecting_at_once_is_served_not_refused(vgpud: Daemon
         old.close()
         new = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         new.connect(str(vgpud.socket_path))  # no checkpoint since the close
-        with trio.fail_after(10):
-            async with VfioUserClient(
-                FdStream.from_trio(trio.socket.from_stdlib_socket(new)), CLIENT_CAPABILITIES
-            ) as client:
-                await client.request(p.Version(major=0, minor=0, capabilities=CLIENT_CAPABILITIES))
-                assert (await client.device_info()).num_regions == 9
+        await served_on(new)
         await vgpud.idle()
 
 
@@ -428,12 +433,7 @@ async def test_a_client_that_left_before_its_session_began_holds_nothing(vgpud: 
         probe.close()
         vmm = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         vmm.connect(str(vgpud.socket_path))  # no checkpoint since the probe's connect
-        with trio.fail_after(10):
-            async with VfioUserClient(
-                FdStream.from_trio(trio.socket.from_stdlib_socket(vmm)), CLIENT_CAPABILITIES
-            ) as client:
-                await client.request(p.Version(major=0, minor=0, capabilities=CLIENT_CAPABILITIES))
-                assert (await client.device_info()).num_regions == 9
+        await served_on(vmm)
         await vgpud.idle()
     assert open_fds() == before
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.server.conftest import tray_config
 from vgpud import daemon
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.config import load_file
@@ -61,14 +62,7 @@ async def test_a_client_that_never_pauses_does_not_hold_up_another_device(
     never has to wait for the socket; gpu1's request still gets its reply long before that
     queue is through (the transport yields every FAIRNESS_BUDGET socket operations)."""
     flood = 2000
-    config = tmp_path / "tray.toml"
-    config.write_text(
-        "".join(
-            f'[[device]]\nname = "gpu{i}"\nsocket_path = "{tmp_path}/gpu{i}.sock"\n'
-            f'memory_size = "4GiB"\nbacking_dir = "{tmp_path}/mem{i}"\n'
-            for i in range(2)
-        )
-    )
+    config = tray_config(tmp_path)
     async with trio.open_nursery() as nursery:
         servers = await nursery.start(functools.partial(daemon.run, load_file(config)))
         async with (
