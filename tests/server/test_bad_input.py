@@ -101,6 +101,10 @@ CASES = [
     Case("read past the config space", region_read(7, 4094, 4), errno.EINVAL),
     Case("read at an offset that wraps", region_read(0, (1 << 64) - 2, 4), errno.EINVAL),
     Case("read larger than max_data_xfer_size", region_read(4, 0, 2 << 20), errno.E2BIG),
+    # An empty access still names a region and an offset, which must exist.
+    Case("empty read of region 12", region_read(12, 0, 0), errno.EINVAL),
+    Case("empty read of an absent BAR", region_read(1, 0, 0), errno.EINVAL),
+    Case("empty write past the config space", region_write(7, 1 << 63, 0, b""), errno.EINVAL),
     Case("write shorter than its count", region_write(7, 0x3C, 4, b"\1"), errno.EINVAL),
     Case(
         "DMA_MAP with two fds",

@@ -621,3 +621,9 @@ async def test_dma_map_refused_by_the_device_leaves_no_entry(tmp_path: Path) -> 
         assert info.value.errno == errno.ENOMEM
         assert server.current_session is not None
         assert len(server.current_session.dma) == 0
+
+
+async def test_an_empty_access_inside_a_region_succeeds(vgpud: Daemon) -> None:
+    async with await vgpud.connect() as client:
+        assert await client.region_read(CONFIG, 0x10, 0) == b""
+        await client.region_write(BAR0, 0, b"")

@@ -477,9 +477,9 @@ class Session:
     def _access(self, region: int, offset: int, count: int, written: bytes | None) -> bytes:
         """The device side of a REGION_READ (``written`` None: returns what was read) or a
         REGION_WRITE (returns nothing), for the general and the fast path alike."""
+        self._check_access(region, offset, count)  # an empty access too (adversarial run)
         if not count:
             return b""
-        self._check_access(region, offset, count)
         if written is None:
             return self.device.region_read(region, offset, count)
         self.device.region_write(region, offset, written)
@@ -488,8 +488,8 @@ class Session:
     def _region_write_multi(self, request: p.Request, msg: p.RegionWriteMulti) -> p.Outgoing | None:
         # Spec vfio-user.md §3.11: entries apply in order, each like a posted write.
         for entry in msg.entries:
+            self._check_access(entry.region, entry.offset, entry.count)
             if entry.count:
-                self._check_access(entry.region, entry.offset, entry.count)
                 self.device.region_write(entry.region, entry.offset, entry.data[: entry.count])
         return self.conn.send_reply(request, p.RegionWriteMultiReply(len(msg.entries)))
 
