@@ -17,11 +17,16 @@ resize a file. The daemon reads and writes through the fd, never a mapping of it
 shrunk file costs an access an EIO instead of killing the daemon with SIGBUS; the file's size
 is restored when an access finds it short and whenever a client attaches or leaves
 (docs/security.md).
+
+A device holds an exclusive lock (``flock``) on its backing directory while its files are
+open, so two devices can never share memory: not through two spellings of one path
+(``a/../m``, a symlink) in one config file, nor from two daemons.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -113,20 +118,26 @@ class BackingFile:
 class MemoryBacking:
     """The windows of one device's memory, each a :class:`BackingFile`."""
 
-    __slots__ = ("_files", "_windows", "directory", "memlength")
+    __slots__ = ("_files", "_lock_fd", "_windows", "directory", "memlength")
 
     def __init__(self, directory: Path, memlength: int) -> None:
         self.directory = directory
         self.memlength = memlength
         self._files: dict[str, BackingFile] = {}
         self._windows: dict[bool, tuple[int, MemoryWindow]] = {}
+        self._lock_fd = -1
 
     def file(self, name: str, size: int) -> BackingFile:
         """The backing file ``name`` (created on first request)."""
         backing = self._files.get(name)
         if backing is None:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            backing = BackingFile(self.directory / name, size)
+            self._lock_directory()
+            try:
+                backing = BackingFile(self.directory / name, size)
+            except BaseException:
+                if not self._files:
+                    self._unlock_directory()  # nothing of this device is open: as before
+                raise
             self._files[name] = backing
         elif backing.size != size:
             raise BackingFileError(f"{name} already open with {backing.size} bytes, not {size}")
@@ -174,3 +185,29 @@ class MemoryBacking:
         for backing in self._files.values():
             backing.close()
         self._files.clear()
+        self._unlock_directory()
+
+    def _unlock_directory(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = -1
+
+    def _lock_directory(self) -> None:
+        if self._lock_fd >= 0:
+            return
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # A lock belongs to the open file description, so a second device of this very
+            # process is refused as surely as another daemon.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BackingFileError(
+                f"backing directory {self.directory} is in use by another device (of this "
+                "daemon or another vgpud); each device needs a directory of its own"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd

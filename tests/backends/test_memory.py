@@ -136,7 +136,7 @@ def test_shutdown_closes_files(tmp_path: Path) -> None:
     gpu.memory_window(0, 95 * GIB, True).write(0, b"\1")
     gpu.memory_window(95 * GIB, GIB, False)
     gpu.region_info(BAR2_REGION_INDEX)
-    assert len(open_fds() - before) == 3
+    assert len(open_fds() - before) == 4  # usemem, resmem, bar1 and the directory's lock
     gpu.shutdown()
     assert open_fds() == before
 
@@ -221,3 +221,27 @@ def test_a_file_that_cannot_be_restored_still_costs_only_the_access(
     assert err.value.errno == errno.EIO
     gpu.close()
     assert os.fstat(window.fd).st_size == 0x1000
+
+
+@pytest.mark.parametrize("alias", ["dotdot", "symlink"])
+def test_two_devices_never_share_a_backing_directory(tmp_path: Path, alias: str) -> None:
+    """Two spellings of one directory (found in an audit: both devices served, on the same
+    files) are one directory: the second device is refused until the first lets go."""
+    memory = tmp_path / "m"
+    if alias == "dotdot":
+        (tmp_path / "q").mkdir()
+        other = tmp_path / "q" / ".." / "m"
+    else:
+        memory.mkdir()
+        other = tmp_path / "link"
+        other.symlink_to(memory)
+    first = SyntheticGpu(get_profile("gh200"), memory)
+    first.memory_window(0, GIB, True)
+    second = SyntheticGpu(get_profile("gh200"), other)
+    before = open_fds()
+    with pytest.raises(BackingFileError, match="in use by another device"):
+        second.memory_window(0, GIB, True)
+    assert open_fds() == before
+    first.shutdown()
+    second.memory_window(0, GIB, True)  # free now
+    second.shutdown()
