@@ -11,6 +11,7 @@ stay (device memory outlives the daemon).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -18,7 +19,7 @@ import math
 import resource
 import signal
 import socket
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,19 +100,44 @@ def _inherited_sockets(
     opened: list[socket.socket | None] = []
     try:
         if inherited_fd is not None:  # one device: run() checked
-            return [socket.socket(fileno=inherited_fd)]
+            given = socket.socket(fileno=inherited_fd)
+            opened.append(given)
+            _check_inherited(given)
+            return opened
         activated = systemd.listen_fds()
         for index, device_config in enumerate(config.devices):
             fd = activated.get(device_config.name)
             if fd is None and len(activated) == len(config.devices):
                 fd = list(activated.values())[index]
             opened.append(None if fd is None else socket.socket(fileno=fd))
-    except OSError as exc:
+        for sock in opened:
+            if sock is not None:
+                _check_inherited(sock)
+    except (OSError, StartupError) as exc:
         for sock in opened:
             if sock is not None:
                 sock.close()
+        if isinstance(exc, StartupError):
+            raise
         raise StartupError(f"inherited socket: {exc.strerror}") from exc
     return opened
+
+
+def _check_inherited(sock: socket.socket) -> None:
+    """A UNIX stream socket, listening or connected: nothing else is a vfio-user endpoint
+    (a TCP listener would let anyone reach the device; an audit found one served)."""
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise StartupError(
+            f"inherited fd {sock.fileno()} is not a UNIX stream socket "
+            f"({sock.family.name}, {sock.type.name})"
+        )
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        try:
+            sock.getpeername()
+        except OSError:
+            raise StartupError(
+                f"inherited fd {sock.fileno()} is a UNIX socket neither listening nor connected"
+            ) from None
 
 
 def _open_endpoints(
@@ -181,6 +207,7 @@ async def run(
     inherited: list[socket.socket | None] = []
     endpoints: list[_Endpoint] = []
     servers: list[ServedDevice] = []
+    ready = False
     try:
         try:
             max_dma_maps = dma_map_limit([device.device for device in built])
@@ -190,7 +217,7 @@ async def run(
         inherited = _inherited_sockets(config, inherited_fd)
         if library is None:
             endpoints = _open_endpoints(config, built, inherited)
-        async with trio.open_nursery() as nursery:
+        async with _startup_errors_unwrapped(), trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, log)
             if library is not None:
                 served = zip(config.devices, built, inherited, strict=True)
@@ -220,6 +247,7 @@ async def run(
                 "ready", devices=len(servers), max_dma_maps=max_dma_maps, startup_ms=elapsed_ms
             )
             systemd.notify("READY=1")
+            ready = True
             task_status.started(servers)
     finally:
         systemd.notify("STOPPING=1")
@@ -229,7 +257,25 @@ async def run(
                 sock.close()
         for device in built:
             device.release()
-        log.info("stopped")
+        if ready:  # a failed start says why in one line of its own (the CLI's)
+            log.info("stopped")
+
+
+@contextlib.asynccontextmanager
+async def _startup_errors_unwrapped() -> AsyncIterator[None]:
+    """A start-up failure inside the nursery (a libvfio-user device that cannot listen)
+    comes out of it as an exception group; the CLI reports a :class:`StartupError` in one
+    line, so hand it on as itself when it is all the group holds."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        startup, rest = group.split(StartupError)
+        if startup is None or rest is not None:
+            raise
+        first: BaseException = startup
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 def _load_engine(config: DaemonConfig) -> Library | None:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -160,19 +161,58 @@ def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Pa
     assert not (tmp_path / "s").exists()
 
 
-def test_refuses_to_steal_a_non_socket(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_refuses_to_steal_a_non_socket(tmp_path: Path, engine: list[str]) -> None:
     path = tmp_path / "not-a-socket"
     path.write_text("precious")
+    serve = ["serve", "--socket-path", str(path), "--backing-dir", str(tmp_path / "m")]
     result = subprocess.run(
-        [*VGPUD, "serve", "--socket-path", str(path), "--backing-dir", str(tmp_path / "m")],
+        [*VGPUD, *serve, *engine],
         capture_output=True,
         text=True,
         check=False,
         timeout=60,
     )
     assert result.returncode == 1
-    assert "is not a socket" in result.stderr
+    # One line, the reason: no traceback (the libvfio-user engine's came out of the nursery
+    # as an exception group) and no "stopped" log line before it.
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("vgpud: ") and "is not a socket" in result.stderr
     assert path.read_text() == "precious"
+
+
+def _tcp_listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_tcp_listener, "not a UNIX stream socket (AF_INET, SOCK_STREAM)"),
+        (lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), "not a UNIX stream socket"),
+        (lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), "neither listening nor"),
+    ],
+    ids=["tcp", "unix-datagram", "unbound"],
+)
+def test_an_inherited_fd_must_be_a_unix_stream_endpoint(
+    tmp_path: Path, make: Callable[[], socket.socket], message: str
+) -> None:
+    """A TCP listener was served (an audit: anyone on the network could reach the device);
+    a datagram or unbound socket waited for a client that could never come, then exit 0."""
+    with make() as given:
+        result = subprocess.run(
+            [*VGPUD, "serve", "--fd", str(given.fileno()), "--backing-dir", str(tmp_path / "m")],
+            pass_fds=(given.fileno(),),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_layout_json_matches_the_kernel_formula() -> None:

@@ -627,3 +627,17 @@ async def test_an_empty_access_inside_a_region_succeeds(vgpud: Daemon) -> None:
     async with await vgpud.connect() as client:
         assert await client.region_read(CONFIG, 0x10, 0) == b""
         await client.region_write(BAR0, 0, b"")
+
+
+def test_a_socket_that_cannot_get_its_group_is_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without CAP_CHOWN, giving the socket its group fails: the socket file goes too."""
+
+    def refuse(*_: object) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(listener_module.os, "chown", refuse)
+    with pytest.raises(ListenerError, match="Operation not permitted"):
+        bind_unix_listener(tmp_path / "gpu0.sock", 0o660, "0")
+    assert list(tmp_path.iterdir()) == []

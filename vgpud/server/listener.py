@@ -63,11 +63,13 @@ def bind_unix_listener(path: Path, mode: int = 0o600, group: str | None = None) 
     remove_if_stale(path)
     gid = group_id(group) if group is not None else None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    bound = False
     try:
         # Born owner-only, so no other user can connect in the window before chmod.
         old_umask = os.umask(0o177)
         try:
             sock.bind(str(path))
+            bound = True
         finally:
             os.umask(old_umask)
         if gid is not None:
@@ -76,7 +78,9 @@ def bind_unix_listener(path: Path, mode: int = 0o600, group: str | None = None) 
         sock.listen(_LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
-        raise ListenerError(f"cannot listen on {path}: {exc.strerror}") from exc
+        if bound:
+            path.unlink(missing_ok=True)  # ours, and no use to anyone now
+        raise ListenerError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
     return sock
 
 
