@@ -33,6 +33,7 @@ names are reported with the key that is wrong. Example (one file can describe a 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -48,6 +49,7 @@ from vgpud.units import parse_size
 DEFAULT_PROFILE = "gh200"
 MEMORY_GRANULE = 64 << 10
 DEFAULT_DEVICE_NAME = "gpu0"
+MAX_SOCKET_PATH = 107  # bytes of a UNIX socket path: sun_path[108] ends in a NUL
 # The Memory_Active_Timeout code a CXL Device DVSEC advertises unless configured: the
 # profile's default (3 = 64 s, spec nvgrace-gpu.md §7.3), so the two cannot drift apart.
 DEFAULT_CXL_MEM_ACTIVE_TIMEOUT = cast(
@@ -154,6 +156,8 @@ def load_file(path: Path) -> DaemonConfig:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     return parse(raw, source=str(path))
 
 
@@ -237,11 +241,15 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
         raise ConfigError(f"{where}: must be a table")
     _reject_unknown(raw, _DEVICE_KEYS, where)
     name = _string(raw, "name", DEFAULT_DEVICE_NAME, where)
-    if not name or "/" in name or name.startswith("."):
+    if not name or "/" in name or "\0" in name or name.startswith("."):
         raise ConfigError(f"{where}: name {name!r} must be a non-empty file-name-safe string")
-    socket_path = raw.get("socket_path")
-    if socket_path is not None and not isinstance(socket_path, str):
-        raise ConfigError(f"{where}: socket_path must be a string")
+    socket_path = _path(raw, "socket_path", where)
+    if socket_path is not None and len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        # sun_path holds 108 bytes with the terminating NUL (unix(7)).
+        raise ConfigError(
+            f"{where}: socket_path is {len(os.fsencode(socket_path))} bytes, more than a UNIX "
+            f"socket address holds ({MAX_SOCKET_PATH})"
+        )
     profile = _string(raw, "profile", DEFAULT_PROFILE, where)
     if profile not in PROFILES:
         raise ConfigError(
@@ -256,21 +264,18 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
         # device memory ends.
         raise ConfigError(f"{where}: memory_size must be a multiple of 64 KiB")
     memphys = _size(raw, "memphys", where)
-    backing_dir = raw.get("backing_dir")
-    if backing_dir is not None and not isinstance(backing_dir, str):
-        raise ConfigError(f"{where}: backing_dir must be a string")
-    mode_raw = raw.get("socket_mode", "0600")
-    try:
-        mode = int(mode_raw, 8) if isinstance(mode_raw, str) else int(mode_raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f'{where}: socket_mode must be an octal string like "0660"') from None
-    if mode & ~0o777:
-        raise ConfigError(f"{where}: socket_mode {mode_raw!r} has bits outside 0777")
+    backing_dir = _path(raw, "backing_dir", where)
+    mode = _socket_mode(raw.get("socket_mode", "0600"), where)
     group = raw.get("socket_group")
-    if group is not None and not isinstance(group, str):
-        raise ConfigError(f"{where}: socket_group must be a string")
+    if group is not None and (not isinstance(group, str) or not group):
+        raise ConfigError(f"{where}: socket_group must be a group name or number")
     delay = raw.get("ready_delay", 0.0)
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
+    if (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not math.isfinite(delay)
+        or delay < 0
+    ):
         raise ConfigError(f"{where}: ready_delay must be a non-negative number of seconds")
     no_mmap = raw.get("no_mmap", False)
     if not isinstance(no_mmap, bool):
@@ -349,6 +354,35 @@ def _check_unique(devices: tuple[DeviceConfig, ...], source: str) -> None:
         if backing in seen_dirs:
             raise ConfigError(f"{source}: two devices share backing_dir {backing}")
         seen_dirs.add(backing)
+
+
+def _path(raw: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "\0" in value:
+        # An empty path would mean the current directory (an audit: memory files in cwd).
+        raise ConfigError(f"{where}: {key} must be a non-empty path")
+    return value
+
+
+def _socket_mode(value: Any, where: str) -> int:
+    # An octal string, or a TOML integer (0o660); not a bool or a float, which int() would
+    # quietly turn into a mode (true became 0o001).
+    if isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            mode = -1
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        mode = -1
+    if mode < 0:
+        raise ConfigError(f'{where}: socket_mode must be an octal string like "0660"')
+    if mode & ~0o777:
+        raise ConfigError(f"{where}: socket_mode {value!r} has bits outside 0777")
+    return mode
 
 
 def _reject_unknown(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:

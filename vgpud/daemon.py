@@ -40,6 +40,7 @@ from vgpud.server.listener import (
     DeviceServer,
     ListenerError,
     bind_unix_listener,
+    group_id,
 )
 from vgpud.variant import CxlReadinessWait, probe_wait
 
@@ -192,6 +193,7 @@ async def run(
     if inherited_fd is not None and len(config.devices) != 1:
         raise StartupError("--fd serves exactly one device")
     library = _load_engine(config)
+    _check_groups(config)
     built: list[BuiltDevice] = []
     started = trio.current_time()
     try:
@@ -276,6 +278,17 @@ async def _startup_errors_unwrapped() -> AsyncIterator[None]:
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
         raise first from None
+
+
+def _check_groups(config: DaemonConfig) -> None:
+    """Every socket_group exists (checked before any memory file is made, not when the socket
+    gets its group: a config audit found the files made, then the start failed)."""
+    for device in config.devices:
+        if device.socket_group is not None:
+            try:
+                group_id(device.socket_group)
+            except ListenerError as exc:
+                raise StartupError(f"device {device.name}: {exc}") from exc
 
 
 def _load_engine(config: DaemonConfig) -> Library | None:

@@ -64,7 +64,15 @@ class BackingFile:
         try:
             existing = os.fstat(fd).st_size
             if existing == 0:
-                os.ftruncate(fd, size)
+                try:
+                    os.ftruncate(fd, size)
+                except OSError as exc:
+                    # Too large for the filesystem (EFBIG), or no room: the empty file is
+                    # ours and of no use, and the message names it.
+                    os.unlink(path)
+                    raise BackingFileError(
+                        f"cannot make backing file {path} {size} bytes: {exc.strerror}"
+                    ) from exc
             elif existing != size:
                 raise BackingFileError(
                     f"backing file {path} holds {existing} bytes but the device needs "

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from backends.synthetic import BackingFileError
+from backends.synthetic.memory import BackingFile
 from vgpud import daemon
 from vgpud.config import DaemonConfig, single_device
 from vgpud.daemon import StartupError
@@ -44,3 +46,24 @@ async def test_a_busy_socket_path_releases_every_device(
         assert open_fds() == before
     assert not (tmp_path / "a.sock").exists()
     assert (tmp_path / "mem-a" / "usemem").stat().st_size == 3 << 30
+
+
+async def test_an_unknown_socket_group_fails_before_any_file_is_made(tmp_path: Path) -> None:
+    config = DaemonConfig(
+        (
+            single_device(
+                socket_path=tmp_path / "gpu0.sock",
+                socket_group="no-such-group-here",
+                backing_dir=tmp_path / "mem",
+            ),
+        )
+    )
+    with pytest.raises(StartupError, match="device gpu0: unknown group 'no-such-group-here'"):
+        await daemon.run(config)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_backing_file_too_large_for_its_filesystem_is_not_left_behind(tmp_path: Path) -> None:
+    with pytest.raises(BackingFileError, match=r"cannot make backing file .*usemem"):
+        BackingFile(tmp_path / "usemem", 1 << 62)  # past any filesystem's limit: EFBIG
+    assert list(tmp_path.iterdir()) == []

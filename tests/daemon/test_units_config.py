@@ -96,6 +96,18 @@ def test_bad_config_is_rejected_with_the_key(raw: dict[str, object], message: st
         parse(raw)
 
 
+def test_config_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[[device]]\nname = "gp\xfc"\n')
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text"):
+        load_file(path)
+
+
+def test_socket_path_of_107_bytes_and_numeric_group_are_fine() -> None:
+    device = parse({"device": [{"socket_path": "/" + "s" * 106, "socket_group": "0"}]})
+    assert len(str(device.devices[0].socket_path)) == 107
+
+
 def test_bad_toml(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[[device]\n")
@@ -162,6 +174,17 @@ def test_cxl_dvsec_flags_make_the_same_device() -> None:
     [
         ({"daemon": {"log_levle": "debug"}, "device": [{}]}, "unknown key"),
         ({"device": [{"socket_mode": "4660"}]}, "socket_mode"),  # setuid bit on a socket
+        # From a config audit: each used to start, or to fail only once files existed.
+        ({"device": [{"backing_dir": ""}]}, "backing_dir must be a non-empty path"),
+        ({"device": [{"socket_path": ""}]}, "socket_path must be a non-empty path"),
+        ({"device": [{"backing_dir": "/m\0x"}]}, "backing_dir must be a non-empty path"),
+        ({"device": [{"name": "gpu\0"}]}, "file-name-safe"),
+        ({"device": [{"socket_path": "/" + "s" * 107}]}, "108 bytes, more than a UNIX socket"),
+        ({"device": [{"socket_mode": True}]}, "socket_mode must be an octal string"),
+        ({"device": [{"socket_mode": 6.9}]}, "socket_mode must be an octal string"),
+        ({"device": [{"socket_group": ""}]}, "socket_group must be a group name or number"),
+        ({"device": [{"ready_delay": float("nan")}]}, "ready_delay"),
+        ({"device": [{"ready_delay": float("inf")}]}, "ready_delay"),
     ],
 )
 def test_more_bad_config(raw: dict[str, object], message: str) -> None:
