@@ -116,6 +116,9 @@ class SyntheticGpu:
         self.readiness = Readiness(clock, ready_delay, valid_delay)
         self.bar0 = Bar0(profile.boot0, self.readiness, self.irqs, profile.msix_vectors)
         self._memory = MemoryBacking(self.backing_dir, profile.memory_size)
+        # BAR1's file is made when first used; one left by a device of another size is
+        # refused now, while the daemon starts, not at the first client's REGION_INFO.
+        self._memory.check_existing(BAR1_FILE, profile.bar1_size)
         self._bar1_window: MemoryWindow | None = None
         self._dma: dict[int, DmaRegion] = {}
         self.reset_count = 0

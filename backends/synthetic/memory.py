@@ -74,11 +74,7 @@ class BackingFile:
                         f"cannot make backing file {path} {size} bytes: {exc.strerror}"
                     ) from exc
             elif existing != size:
-                raise BackingFileError(
-                    f"backing file {path} holds {existing} bytes but the device needs "
-                    f"{size}; it belongs to a device of another size. Remove it (its "
-                    "contents are lost) or configure the original memory size."
-                )
+                raise _another_size(path, existing, size)
         except BaseException:
             os.close(fd)
             raise
@@ -123,6 +119,14 @@ class BackingFile:
             self.fd = -1
 
 
+def _another_size(path: Path, existing: int, size: int) -> BackingFileError:
+    return BackingFileError(
+        f"backing file {path} holds {existing} bytes but the device needs {size}; it "
+        "belongs to a device of another size. Remove it (its contents are lost) or "
+        "configure the original memory size."
+    )
+
+
 class MemoryBacking:
     """The windows of one device's memory, each a :class:`BackingFile`."""
 
@@ -150,6 +154,16 @@ class MemoryBacking:
         elif backing.size != size:
             raise BackingFileError(f"{name} already open with {backing.size} bytes, not {size}")
         return backing
+
+    def check_existing(self, name: str, size: int) -> None:
+        """Refuse at start-up a file ``name`` that exists with another size, rather than when
+        a client first needs it (a config audit: every client was then cut off)."""
+        try:
+            existing = os.stat(self.directory / name, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return
+        if existing not in (0, size):
+            raise _another_size(self.directory / name, existing, size)
 
     def window(self, start: int, length: int, cacheable: bool) -> MemoryWindow:
         """The window ``[start, start+length)`` of device memory with one attribute.

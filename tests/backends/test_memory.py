@@ -245,3 +245,10 @@ def test_two_devices_never_share_a_backing_directory(tmp_path: Path, alias: str)
     first.shutdown()
     second.memory_window(0, GIB, True)  # free now
     second.shutdown()
+
+
+def test_a_bar1_file_of_another_size_is_refused_when_the_device_is_made(tmp_path: Path) -> None:
+    (tmp_path / "bar1").write_bytes(b"x" * 4096)
+    with pytest.raises(BackingFileError, match="bar1 holds 4096 bytes"):
+        SyntheticGpu(get_profile("gb200"), tmp_path)
+    assert (tmp_path / "bar1").read_bytes() == b"x" * 4096  # untouched
