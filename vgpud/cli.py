@@ -19,6 +19,7 @@ import trio
 from vgpud import __version__, daemon, devices, log, probe, qemu_args
 from vgpud.client import VfioUserError
 from vgpud.config import (
+    DEFAULT_DEVICE_NAME,
     DEFAULT_PROFILE,
     ENGINES,
     ConfigError,
@@ -32,11 +33,57 @@ from vgpud.config import (
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
+# Flags that describe one device. A --config file describes the devices itself, so next to it
+# these would be silently outvoted: they are refused instead. Each flag's dest is also its
+# [[device]] key. Only typed flags count, which is why they default to None (or False).
+SERVE_DEVICE_FLAGS = (
+    "--profile",
+    "--memory-size",
+    "--name",
+    "--backing-dir",
+    "--socket-group",
+    "--socket-mode",
+    "--ready-delay",
+    "--no-mmap",
+    "--vfio-device",
+    "--cxl-dvsec",
+    "--cxl-mem-active-timeout",
+)
+QEMU_ARGS_DEVICE_FLAGS = ("--socket-path", "--profile", "--memory-size", "--name")
+
 
 def _device_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default=DEFAULT_PROFILE, help="device profile (default gh200)")
+    parser.add_argument("--profile", help=f"device profile (default {DEFAULT_PROFILE})")
     parser.add_argument("--memory-size", help="device memory size, e.g. 96GiB")
-    parser.add_argument("--name", default="gpu0", help="device name (default gpu0)")
+    parser.add_argument("--name", help=f"device name (default {DEFAULT_DEVICE_NAME})")
+
+
+def _refuse_device_flags(args: argparse.Namespace, flags: Sequence[str]) -> None:
+    """With --config, a typed device flag is a usage error rather than silently ignored."""
+    # Identity, not ==: a typed --ready-delay 0 counts (0.0 == False).
+    given = [
+        flag
+        for flag in flags
+        if (value := getattr(args, _dest(flag))) is not None and value is not False
+    ]
+    if given:
+        keys = ", ".join(_dest(flag) for flag in given)
+        raise ConfigError(
+            f"{', '.join(given)} cannot be combined with --config: the file describes the "
+            f"devices, put {keys} in its [[device]] table(s)"
+        )
+
+
+def _fill_device_defaults(args: argparse.Namespace) -> None:
+    # The device flags default to None so that --config can tell they were not typed.
+    if args.profile is None:
+        args.profile = DEFAULT_PROFILE
+    if args.name is None:
+        args.name = DEFAULT_DEVICE_NAME
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ready-delay",
         type=float,
-        default=0.0,
-        help="seconds the GPU reports not-ready after each reset (testing aid)",
+        help="seconds the GPU reports not-ready after each reset (testing aid, default 0)",
     )
     serve.add_argument("--no-mmap", action="store_true", help="trap every access (no mmap)")
     serve.add_argument(
@@ -139,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve_config(args: argparse.Namespace) -> DaemonConfig:
     if args.config is not None:
+        _refuse_device_flags(args, SERVE_DEVICE_FLAGS)
         config = load_file(args.config)
     else:
+        _fill_device_defaults(args)
         socket_path = args.socket_path
         if socket_path is None and args.fd is None:
             socket_path = default_socket_path(args.name)
@@ -154,7 +202,7 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
             socket_mode=args.socket_mode
             if args.socket_mode
             else ("0660" if args.socket_group else None),
-            ready_delay=args.ready_delay,
+            ready_delay=args.ready_delay or 0.0,
             no_mmap=args.no_mmap,
             cxl_dvsec=args.cxl_dvsec,
             cxl_mem_active_timeout=args.cxl_mem_active_timeout,
@@ -187,6 +235,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_layout(args: argparse.Namespace) -> int:
+    _fill_device_defaults(args)
     device = single_device(
         socket_path=None,
         profile=args.profile,
@@ -205,8 +254,10 @@ def _cmd_layout(args: argparse.Namespace) -> int:
 def _cmd_qemu_args(args: argparse.Namespace) -> int:
     configs: Sequence[DeviceConfig]
     if args.config is not None:
+        _refuse_device_flags(args, QEMU_ARGS_DEVICE_FLAGS)
         configs = load_file(args.config).devices
     else:
+        _fill_device_defaults(args)
         configs = [
             single_device(
                 socket_path=args.socket_path or default_socket_path(args.name),

@@ -18,12 +18,18 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vgpud.units import parse_size
+
 Q35_DEFAULT_HOLE64 = 32 << 30  # Q35_PCI_HOST_HOLE64_SIZE_DEFAULT
 VIRT_DEFAULT_HIGHMEM_MMIO = 512 << 30
 GI_NODES_PER_GPU = 8
 # 46 bits (64 TiB) covers every window this tool computes for the profiles we ship; with
 # KVM the host's own width is used instead (host-phys-bits).
 TCG_PHYS_BITS = 46
+MIB = 1 << 20
+# The huge page sizes guest RAM may be backed with, as documented in docs/operations.md:
+# x86_64's two, which arm64 with 4 KiB pages has too.
+HUGEPAGE_SIZES = (2 << 20, 1 << 30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +68,22 @@ def build(
     """The argument list (without the binary, kernel or disks).
 
     ``hugepages`` (a QEMU size such as ``2M`` or ``1G``) backs guest RAM with a hugetlb memfd
-    of that page size; the host needs that many huge pages reserved.
+    of that page size; the host needs that many huge pages reserved. ``ram`` and ``hugepages``
+    are written out in QEMU's own spelling (``1536M``, ``1G``). Bad values raise ValueError
+    naming the ``vgpud qemu-args`` flag.
     """
+    if smp < 1:
+        raise ValueError(f"--smp {smp}: must be a positive number of CPUs")
+    ram_size = _ram_size(ram)
+    ram = _qemu_size(ram_size)
+    if hugepages is not None:
+        page_size = _hugepage_size(hugepages)
+        if ram_size % page_size:
+            # A hugetlb memfd only takes whole pages: QEMU's ftruncate of it would fail.
+            raise ValueError(
+                f"--ram {ram} is not a whole number of {_qemu_size(page_size)} huge pages"
+            )
+        hugepages = _qemu_size(page_size)
     if arch not in ("x86_64", "aarch64"):
         raise ValueError(f"unknown arch {arch!r} (x86_64 or aarch64)")
     if accel not in ("tcg", "kvm"):
@@ -119,6 +139,33 @@ def build(
                 ]
                 next_node += 1
     return args
+
+
+def _ram_size(ram: str) -> int:
+    """Guest RAM in bytes: a positive whole number of MiB (QEMU's -m unit), with a unit."""
+    try:
+        size = parse_size(ram)
+    except ValueError:
+        raise ValueError(f"--ram {ram!r}: not a size (examples: 512M, 4G)") from None
+    if size == 0:
+        raise ValueError(f"--ram {ram!r}: the guest needs some RAM (e.g. 512M, 4G)")
+    if ram.strip().isdigit():
+        # QEMU reads a bare -m number as MiB but a bare memory-backend size as bytes.
+        raise ValueError(f"--ram {ram!r}: give a unit, e.g. {ram.strip()}M")
+    if size % MIB:
+        raise ValueError(f"--ram {ram!r}: must be a whole number of MiB (e.g. 512M, 4G)")
+    return size
+
+
+def _hugepage_size(hugepages: str) -> int:
+    try:
+        size = parse_size(hugepages)
+    except ValueError:
+        size = 0  # not a size at all: refused below like any unsupported one
+    if size not in HUGEPAGE_SIZES:
+        choices = " or ".join(_qemu_size(s) for s in HUGEPAGE_SIZES)
+        raise ValueError(f"--hugepages {hugepages!r}: not a supported huge page size ({choices})")
+    return size
 
 
 def _qemu_size(size: int) -> str:

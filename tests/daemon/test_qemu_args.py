@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vgpud.qemu_args import GuestDevice, build, mmio_window, render_shell
 
 GH200_BARS = [16 << 20, 2 << 30, 128 << 30]
@@ -69,3 +71,29 @@ def test_hugepages_back_guest_ram() -> None:
         "memory-backend-memfd,id=ram0,size=4G,share=on,hugetlb=on,hugetlbsize=1G"
     ]
     assert _value(args, "-m") == ["4G"]
+
+
+@pytest.mark.parametrize(
+    ("options", "flag"),
+    [
+        ({"hugepages": "abc"}, "--hugepages"),
+        ({"hugepages": "3M"}, "--hugepages"),
+        ({"hugepages": "-2M"}, "--hugepages"),
+        ({"ram": "abc"}, "--ram"),
+        ({"ram": "0"}, "--ram"),
+        ({"ram": "1000K"}, "--ram"),
+        ({"ram": "2G", "hugepages": "1G", "smp": -4}, "--smp"),
+        ({"ram": "1536M", "hugepages": "1G"}, "--ram"),
+    ],
+)
+def test_bad_guest_sizes_never_reach_qemu(options: dict[str, object], flag: str) -> None:
+    with pytest.raises(ValueError, match=f"^{flag} "):
+        build([GuestDevice("/s", GH200_BARS)], **options)  # type: ignore[arg-type]
+
+
+def test_guest_sizes_in_qemu_spelling() -> None:
+    args = build([GuestDevice("/s", GH200_BARS)], ram="2GiB", hugepages="2048K")
+    assert _value(args, "-m") == ["2G"]
+    assert _value(args, "-object") == [
+        "memory-backend-memfd,id=ram0,size=2G,share=on,hugetlb=on,hugetlbsize=2M"
+    ]
