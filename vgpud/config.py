@@ -342,15 +342,17 @@ def _check_unique(devices: tuple[DeviceConfig, ...], source: str) -> None:
             raise ConfigError(f"{source}: two devices are named {device.name!r}")
         seen_names.add(device.name)
         if device.socket_path is not None:
-            if device.socket_path in seen_sockets:
+            # Spelled differently ("x/../a.sock") is still one socket.
+            socket_path = Path(os.path.abspath(device.socket_path))
+            if socket_path in seen_sockets:
                 raise ConfigError(f"{source}: two devices use socket {device.socket_path}")
-            seen_sockets.add(device.socket_path)
+            seen_sockets.add(socket_path)
         if device.vfio_device is not None:
             if device.vfio_device in seen_vfio:
                 raise ConfigError(f"{source}: two devices are vfio_device {device.vfio_device}")
             seen_vfio.add(device.vfio_device)
             continue
-        backing = device.resolved_backing_dir()
+        backing = Path(os.path.abspath(device.resolved_backing_dir()))
         if backing in seen_dirs:
             raise ConfigError(f"{source}: two devices share backing_dir {backing}")
         seen_dirs.add(backing)

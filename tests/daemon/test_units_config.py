@@ -184,6 +184,19 @@ def test_cxl_dvsec_flags_make_the_same_device() -> None:
         ({"device": [{"socket_mode": 6.9}]}, "socket_mode must be an octal string"),
         ({"device": [{"socket_group": ""}]}, "socket_group must be a group name or number"),
         ({"device": [{"ready_delay": float("nan")}]}, "ready_delay"),
+        (
+            {
+                "device": [
+                    {"name": "a", "socket_path": "/r/a.sock"},
+                    {"socket_path": "/r/q/../a.sock"},
+                ]
+            },
+            "two devices use socket /r/q/../a.sock",
+        ),
+        (
+            {"device": [{"name": "a", "backing_dir": "/m"}, {"backing_dir": "/q/../m"}]},
+            "two devices share backing_dir /m",
+        ),
         ({"device": [{"ready_delay": float("inf")}]}, "ready_delay"),
     ],
 )
