@@ -15,11 +15,21 @@ What can be checked without a compiler is checked in :func:`load_library`:
 Everything else (the 64-bit/prefetchable BAR region flags, ``VFU_REGION_FLAG_ALWAYS_CB``) is
 checked when the context is set up: an older library rejects unknown flags with EINVAL and the
 engine reports that as :class:`EngineUnavailable`.
+
+The process must also be allowed ``kcmp(2)``. libvfio-user's fd cache (lib/fd_cache.c)
+compares DMA fds with it, and without it falls back to comparing device, inode and the
+file status flags. A client can change those flags on the fd it sent (they belong to the
+shared open file description), and the region's fd is then not found when it is unmapped,
+so ``assert(err == 0)`` in ``dma_controller_destroy_region`` aborts the whole daemon. An
+adversarial run showed this under a blocked ``kcmp``, which Docker's and podman's default
+seccomp profiles do. So without ``kcmp`` the engine refuses to start.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,7 +191,33 @@ def load_library(explicit: str | os.PathLike[str] | None = None) -> Library:
             f"libvfio-user engine: {path} predates the vfu_setup_device_dma(max_regions) ABI "
             "(upstream f3742ed, March 2026); calling it would crash. Use a newer build."
         )
+    if kcmp_works() is False:
+        raise EngineUnavailable(
+            "libvfio-user engine: kcmp(2) is not permitted here (a container's seccomp "
+            "profile?); without it libvfio-user aborts when a client changes the flags of a "
+            "DMA fd it sent. Allow kcmp (e.g. --cap-add SYS_PTRACE) or use the python engine."
+        )
     return Library(ffi, lib, path)
+
+
+# SYS_kcmp by machine; None (not known) skips the check rather than refusing.
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272, "arm64": 272, "riscv64": 272}
+_KCMP_FILE = 0
+
+
+def kcmp_works() -> bool | None:
+    """Whether ``kcmp(KCMP_FILE)`` works on one of our fds, as libvfio-user probes it."""
+    number = _SYS_KCMP.get(platform.machine())
+    if number is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pid = os.getpid()
+        args = (number, pid, pid, _KCMP_FILE, fd, fd)
+        return int(libc.syscall(*(ctypes.c_long(arg) for arg in args))) == 0
+    finally:
+        os.close(fd)
 
 
 def _has_symbol(lib: Any, name: str) -> bool:
