@@ -108,18 +108,18 @@ class Capabilities:
             "twin_socket must be a TwinSocket",
         )
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, explicit: bool = False) -> dict[str, Any]:
         """The JSON object. ``max_msg_fds`` and ``max_data_xfer_size`` are always present
         (spec R8: QEMU assumes 8 fds, not the spec's 1, when the key is absent); the other
         keys only when they differ from the spec default, which keeps VERSION replies short
-        (spec R2)."""
+        (spec R2), unless ``explicit`` (a request that leaves the reply room, as QEMU's)."""
         obj: dict[str, Any] = {
             "max_msg_fds": self.max_msg_fds,
             "max_data_xfer_size": self.max_data_xfer_size,
         }
-        if self.pgsizes != DEFAULT_PGSIZES:
+        if explicit or self.pgsizes != DEFAULT_PGSIZES:
             obj["pgsizes"] = self.pgsizes
-        if self.max_dma_maps != DEFAULT_MAX_DMA_MAPS:
+        if explicit or self.max_dma_maps != DEFAULT_MAX_DMA_MAPS:
             obj["max_dma_maps"] = self.max_dma_maps
         if self.migration is not None:
             obj["migration"] = self.migration.to_json()

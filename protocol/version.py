@@ -25,7 +25,10 @@ class Version:
 
     ``empty_json`` packs ``Capabilities()`` as ``{"capabilities":{}}`` (every value the spec
     default, like no JSON) rather than with the keys :meth:`Capabilities.to_json` always
-    writes: the shortest reply a client that requires the key accepts. Not compared.
+    writes: the shortest reply a client that requires the key accepts. ``explicit_json``
+    writes every key, defaults too, as QEMU's request does: a server's reply may be no
+    longer than the request (spec R2), so a short request would cost the client the
+    server's own limits (its ``max_dma_maps`` share, for one). Neither is compared.
     """
 
     COMMAND: ClassVar[Command] = Command.VERSION
@@ -34,6 +37,7 @@ class Version:
     minor: int
     capabilities: Capabilities | None = None
     empty_json: bool = field(default=False, compare=False)
+    explicit_json: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         check_uint(self, 16, "major", "minor")
@@ -53,7 +57,8 @@ class Version:
             return head
         if self.empty_json:
             return head + EMPTY_CAPABILITIES_JSON
-        text = json.dumps({"capabilities": self.capabilities.to_json()}, separators=(",", ":"))
+        caps = self.capabilities.to_json(explicit=self.explicit_json)
+        text = json.dumps({"capabilities": caps}, separators=(",", ":"))
         return head + text.encode() + b"\0"
 
     @classmethod

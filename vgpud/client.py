@@ -63,7 +63,9 @@ class VfioUserClient:
             raise
         client = cls(FdStream.from_trio(sock), capabilities)
         try:
-            await client.request(p.Version(major=0, minor=0, capabilities=capabilities))
+            # Every key written, as QEMU does, so the reply has room for the server's limits.
+            version = p.Version(major=0, minor=0, capabilities=capabilities, explicit_json=True)
+            await client.request(version)
         except BaseException:
             client.close()
             raise

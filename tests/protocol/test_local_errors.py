@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from protocol import (
+    HEADER_SIZE,
     Capabilities,
     ClientConnection,
     DeviceInfo,
@@ -29,6 +30,7 @@ from protocol import (
     SparseMmapCap,
     Version,
     build_region_info_reply,
+    negotiate_reply,
 )
 
 from .helpers import QEMU_CAPS, SERVER_CAPS, deliver_one, drain, frame, negotiated_pair, new_fds
@@ -186,6 +188,22 @@ def test_empty_capabilities_json_only_stands_for_the_defaults() -> None:
     assert Version(0, 0, Capabilities(), empty_json=True).pack()[4:] == b'{"capabilities":{}}\0'
     with pytest.raises(LocalProtocolError):
         Version(0, 0, Capabilities(max_msg_fds=16), empty_json=True)
+
+
+def test_an_explicit_request_leaves_the_reply_room_for_the_servers_limits() -> None:
+    """Every key written, defaults too (as QEMU's request has them): the server's reply may
+    be no longer than the request, so a short request cost the client the server's
+    max_dma_maps (vgpud probe showed 65535 against a daemon allowing 19 608)."""
+    request = Version(0, 0, Capabilities(max_msg_fds=16), explicit_json=True)
+    caps = json.loads(request.pack()[4:-1])["capabilities"]
+    assert caps["max_dma_maps"] == 65535 and caps["pgsizes"] == 4096
+    assert Version.unpack(request.pack()) == Version(0, 0, Capabilities(max_msg_fds=16))
+    ours = Capabilities(max_msg_fds=16, max_dma_maps=19608)
+    reply = negotiate_reply(request, ours, HEADER_SIZE + len(request.pack()))
+    assert reply.capabilities is not None and reply.capabilities.max_dma_maps == 19608
+    short = Version(0, 0, Capabilities(max_msg_fds=16))
+    reply = negotiate_reply(short, ours, HEADER_SIZE + len(short.pack()))
+    assert reply.capabilities is not None and reply.capabilities.max_dma_maps == 65535
 
 
 def test_explicit_version_reply_checked() -> None:
