@@ -16,8 +16,9 @@ from pathlib import Path
 
 import trio
 
+from protocol import ProtocolError
 from vgpud import __version__, daemon, devices, log, probe, qemu_args
-from vgpud.client import VfioUserError
+from vgpud.client import MisbehavingServerError, VfioUserError
 from vgpud.config import (
     DEFAULT_DEVICE_NAME,
     DEFAULT_PROFILE,
@@ -294,7 +295,14 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
 def _cmd_probe(args: argparse.Namespace) -> int:
     try:
         result = trio.run(probe.probe, args.socket)
-    except (OSError, EOFError, VfioUserError) as exc:
+    except trio.TooSlowError:
+        print(
+            f"vgpud probe: {args.socket}: no complete answer within {probe.PROBE_TIMEOUT:g} s",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    except (OSError, EOFError, VfioUserError, MisbehavingServerError, ProtocolError) as exc:
+        # Whatever the server sends, one line: a probe is pointed at servers of any quality.
         print(f"vgpud probe: {args.socket}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(json.dumps(probe.as_dict(result), indent=2) if args.json else probe.render(result))

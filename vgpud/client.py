@@ -29,9 +29,29 @@ class VfioUserError(Exception):
     """The server answered a request with an error reply."""
 
     def __init__(self, command: p.Command, errno_: int) -> None:
-        super().__init__(f"{command.name} failed: {os.strerror(errno_)} (errno {errno_})")
+        super().__init__(f"{command.name} failed: {_strerror(errno_)} (errno {errno_})")
         self.command = command
         self.errno = errno_
+
+
+class MisbehavingServerError(Exception):
+    """The server broke the protocol in a way the protocol layer cannot see: an answer to
+    another request, a request of its own, a reply of the wrong kind."""
+
+
+def _strerror(errno_: int) -> str:
+    # Any u32 can come in an error reply; os.strerror rejects what does not fit a C int.
+    if errno_ == 0:
+        return "no error code"
+    try:
+        return os.strerror(errno_)
+    except (ValueError, OverflowError):
+        return "unknown error"
+
+
+# How often a region-info request may be repeated with the larger argsz the server asks for:
+# once is what a correct server needs; one that keeps asking for more is broken.
+REGION_INFO_RETRIES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +124,7 @@ class VfioUserClient:
                 raise EOFError("server closed the connection")
             if isinstance(event, p.Request | p.RejectedRequest):
                 close_fds(event.fds)
-            raise RuntimeError(f"unexpected event from server: {event!r}")
+            raise MisbehavingServerError(f"unexpected message from the server: {event!r}")
 
     async def request(self, message: Any, fds: Sequence[int] = ()) -> p.Reply:
         """Send one request and wait for its reply; error replies raise VfioUserError."""
@@ -112,7 +132,7 @@ class VfioUserClient:
         reply = await self.receive()
         if reply.msg_id != msg_id:
             close_fds(reply.fds)
-            raise RuntimeError(f"reply {reply.msg_id} does not answer request {msg_id}")
+            raise MisbehavingServerError(f"reply {reply.msg_id} does not answer request {msg_id}")
         if isinstance(reply, p.ErrorReply):
             raise VfioUserError(reply.command, reply.errno)
         return reply
@@ -123,7 +143,7 @@ class VfioUserClient:
         got = reply.message
         if not isinstance(got, reply_type):
             close_fds(reply.fds)
-            raise RuntimeError(f"expected {reply_type.__name__}, got {got!r}")
+            raise MisbehavingServerError(f"expected {reply_type.__name__}, got {got!r}")
         return got
 
     # -- typed helpers ----------------------------------------------------------------------
@@ -136,20 +156,21 @@ class VfioUserClient:
 
     async def region_info(self, index: int, argsz: int = 32) -> RegionInfoResult:
         """DEVICE_GET_REGION_INFO, retrying with the argsz the server asks for (as QEMU)."""
-        while True:
+        for _ in range(REGION_INFO_RETRIES + 1):
             reply = await self.request(p.RegionInfoRequest(argsz=argsz, index=index))
             info = reply.message
             fd = reply.fds[0] if reply.fds else None
             close_fds(reply.fds[1:])
             if not isinstance(info, p.RegionInfo):
                 close_fds(reply.fds[:1])
-                raise RuntimeError(f"expected RegionInfo, got {info!r}")
+                raise MisbehavingServerError(f"expected RegionInfo, got {info!r}")
             if info.argsz > argsz:
                 if fd is not None:
                     os.close(fd)
                 argsz = info.argsz
                 continue
             return RegionInfoResult(info, fd)
+        raise MisbehavingServerError(f"region {index}: the server keeps asking for a larger argsz")
 
     async def irq_info(self, index: int) -> p.IrqInfo:
         """DEVICE_GET_IRQ_INFO."""

@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vgpud.client import VfioUserClient, VfioUserError
+import trio
+
+from vgpud.client import MisbehavingServerError, VfioUserClient, VfioUserError
 from vgpud.units import format_size
 from vgpud.variant.probe import (
     CXL_MEM_ACTIVE,
@@ -41,6 +43,11 @@ REGION_NAMES = {
     8: "VGA",
 }
 IRQ_NAMES = {0: "INTx", 1: "MSI", 2: "MSI-X", 3: "ERR", 4: "REQ"}
+PROBE_TIMEOUT = 10.0  # seconds for the whole probe
+MAX_REGIONS = 256  # VFIO's 9 PCI regions plus device-specific ones, generously
+MAX_IRQS = 256
+PCI_HEADER_SIZE = 64
+PCIE_CONFIG_SIZE = 4096
 CAP_NAMES = {
     0x01: "Power Management",
     0x05: "MSI",
@@ -77,10 +84,23 @@ class ProbeResult:
 
 
 async def probe(path: str | Path) -> ProbeResult:
-    """Interrogate the server at ``path``."""
+    """Interrogate the server at ``path``; ``trio.TooSlowError`` after ``PROBE_TIMEOUT``
+    seconds (a server that stops answering must not hang the tool)."""
+    with trio.fail_after(PROBE_TIMEOUT):
+        return await _probe(path)
+
+
+async def _probe(path: str | Path) -> ProbeResult:
     async with await VfioUserClient.connect(path) as client:
         caps = client.server_capabilities
         info = await client.device_info()
+        if info.num_regions > MAX_REGIONS or info.num_irqs > MAX_IRQS:
+            # Each is one request and one entry; a broken server's 2^32 would run forever.
+            raise MisbehavingServerError(
+                f"DEVICE_GET_INFO claims {info.num_regions} regions and {info.num_irqs} "
+                f"interrupt types (a PCI device has 9 and 5; at most {MAX_REGIONS} and "
+                f"{MAX_IRQS} are probed)"
+            )
         result = ProbeResult(
             capabilities={
                 "max_msg_fds": caps.max_msg_fds if caps else None,
@@ -137,7 +157,12 @@ async def probe(path: str | Path) -> ProbeResult:
                 }
             )
         if config_size:
-            config = await client.region_read(7, 0, config_size)
+            if config_size < PCI_HEADER_SIZE:
+                raise MisbehavingServerError(
+                    f"config space is {config_size} bytes, less than a PCI header"
+                )
+            # PCIe config space is 4 KiB; anything past it is not config space.
+            config = await client.region_read(7, 0, min(config_size, PCIE_CONFIG_SIZE))
             result.config = decode_config(config)
             # The variant patches only the first fake BAR a single access touches (spec
             # nvgrace-gpu.md §4.3), so a bulk read shows BAR4 unpatched; read each BAR
