@@ -40,6 +40,7 @@ from vgpud.server.listener import (
     DeviceServer,
     ListenerError,
     bind_unix_listener,
+    check_unix_stream,
     group_id,
 )
 from vgpud.variant import CxlReadinessWait, probe_wait
@@ -125,13 +126,11 @@ def _inherited_sockets(
 
 
 def _check_inherited(sock: socket.socket) -> None:
-    """A UNIX stream socket, listening or connected: nothing else is a vfio-user endpoint
-    (a TCP listener would let anyone reach the device; an audit found one served)."""
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise StartupError(
-            f"inherited fd {sock.fileno()} is not a UNIX stream socket "
-            f"({sock.family.name}, {sock.type.name})"
-        )
+    """A UNIX stream socket, listening or connected."""
+    try:
+        check_unix_stream(sock, f"inherited fd {sock.fileno()}")
+    except ListenerError as exc:
+        raise StartupError(str(exc)) from None
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         try:
             sock.getpeername()
@@ -240,7 +239,7 @@ async def _run(
         inherited = _inherited_sockets(config, inherited_fd)
         if library is None:
             endpoints = _open_endpoints(config, built, inherited)
-        async with _startup_errors_unwrapped(), trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:  # run() unwraps a StartupError from it
             if library is not None:
                 served = zip(config.devices, built, inherited, strict=True)
                 servers += await _start_libvfio_user(nursery, served, library, max_dma_maps, log)

@@ -1,7 +1,7 @@
 """The libvfio-user engine on a listening socket it was handed (``--fd``, socket activation).
 
 libvfio-user binds a path of its own; the engine puts the inherited socket in its place
-(``LibvfioUserServer._create_on_inherited``). These tests hold it to what the Python engine
+(``vgpud.libvfio_user.sockets.adopt_listener``). These tests hold it to what the Python engine
 does with such a socket: clients are served and a second one refused, the socket file stays
 when the daemon stops, and nothing of the stand-in socket or its directory is left behind.
 

@@ -136,7 +136,10 @@ class LibvfioUserServer:
         """
         try:
             if self._inherited is not None:
-                self._create_on_inherited(self._inherited)
+                # --fd, socket activation: see adopt_listener.
+                self.socket_path, self._private_dir = adopt_listener(
+                    self._inherited, self._create_ctx
+                )
             else:
                 path = self.socket_path
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,11 +174,6 @@ class LibvfioUserServer:
         # keeps its number for the context's life, and is needed once a client is attached.
         self._listen_fd = self._lib.vfu_get_poll_fd(ctx)
         return self._listen_fd
-
-    def _create_on_inherited(self, listener: socket.socket) -> None:
-        """Serve a listening socket we were given (``--fd``, socket activation): see
-        :func:`~vgpud.libvfio_user.sockets.adopt_listener`."""
-        self.socket_path, self._private_dir = adopt_listener(listener, self._create_ctx)
 
     def _configure(self) -> None:
         lib, ffi = self._lib, self._ffi
@@ -362,13 +360,13 @@ class LibvfioUserServer:
                     except (BlockingIOError, ConnectionAbortedError):
                         continue
                     self.connections += 1
-                    self.log.warning(
-                        "refusing a second client: the device already has one",
+                    refusals.start(  # EBUSY to its VERSION (server/refusal.py)
+                        nursery,
+                        sock,
                         connection=self.connections,
                         active_connection=active,
-                        **peer_credentials(sock),
+                        creds=peer_credentials(sock),
                     )
-                    refusals.start(nursery, sock)  # EBUSY to its VERSION (server/refusal.py)
 
     async def _attach(self) -> None:
         while True:

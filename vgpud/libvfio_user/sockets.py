@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vgpud.server.listener import ListenerError
+from vgpud.server.listener import ListenerError, check_unix_stream
 
 
 def adopt_listener(listener: socket.socket, bind: Callable[[Path], int]) -> tuple[Path, Path]:
@@ -36,8 +36,7 @@ def adopt_listener(listener: socket.socket, bind: Callable[[Path], int]) -> tupl
         listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     except OSError as exc:
         raise ListenerError(f"inherited socket: {exc.strerror}") from exc
-    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-        raise ListenerError("inherited socket: not a UNIX stream socket")
+    check_unix_stream(listener, "inherited socket")
     if not listening:
         # Attach always accepts: a connection handed over whole (vfio-user's --fd with a
         # connected socket) has nothing to accept from.

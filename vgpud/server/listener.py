@@ -116,6 +116,16 @@ def group_id(group: str) -> int:
         raise ListenerError(f"unknown group {group!r}") from None
 
 
+def check_unix_stream(sock: socket.socket, what: str) -> None:
+    """Raise :class:`ListenerError` unless ``sock`` is a UNIX stream socket: nothing else is a
+    vfio-user endpoint, and a TCP listener would let anyone reach the device (a config audit
+    found one served through ``--fd``)."""
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ListenerError(
+            f"{what} is not a UNIX stream socket ({sock.family.name}, {sock.type.name})"
+        )
+
+
 def peer_closed(fd: int) -> bool:
     """Whether the peer of the connected socket ``fd`` has closed its end (POLLRDHUP, or
     HUP/ERR/NVAL, which poll always reports), even if requests are still queued before the
@@ -225,15 +235,10 @@ class DeviceServer:
         waiter.scope.cancel()  # its task sees it is no longer the waiter and closes it
 
     def _refuse(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
-        # Spec vfio-user.md §1: one connection = one device = one client.
-        self.log.warning(
-            "refusing a second client: the device already has one",
-            connection=number,
-            active_connection=self.active,
-            **creds,
-        )
         assert self._nursery is not None, "only serve() refuses clients"
-        self._refusals.start(self._nursery, sock)  # EBUSY to its VERSION: see refusal.py
+        self._refusals.start(
+            self._nursery, sock, connection=number, active_connection=self.active, creds=creds
+        )
 
     async def _run_when_free(self, waiter: _Waiter, creds: dict[str, int]) -> None:
         try:

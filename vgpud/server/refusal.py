@@ -36,9 +36,25 @@ class Refusals:
         self.log = log
         self.waiting = 0
 
-    def start(self, nursery: trio.Nursery, sock: socket.socket) -> None:
-        """Answer ``sock``'s first request with EBUSY, then close it (in ``nursery``); close
-        it at once when :data:`MAX_REFUSALS` are already waiting. Takes ``sock`` over."""
+    def start(
+        self,
+        nursery: trio.Nursery,
+        sock: socket.socket,
+        *,
+        connection: int,
+        active_connection: int | None,
+        creds: dict[str, int],
+    ) -> None:
+        """Log why ``sock`` is refused, answer its first request with EBUSY, then close it
+        (in ``nursery``); close it at once when :data:`MAX_REFUSALS` are already waiting.
+        Takes ``sock`` over. Both engines refuse through here, with one log line."""
+        # Spec vfio-user.md §1: one connection = one device = one client.
+        self.log.warning(
+            "refusing a second client: the device already has one",
+            connection=connection,
+            active_connection=active_connection,
+            **creds,
+        )
         if self.waiting >= MAX_REFUSALS:
             sock.close()
             return
