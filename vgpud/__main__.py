@@ -1,5 +1,5 @@
 import sys
 
-from vgpud.cli import main
+from vgpud.entry import main
 
 sys.exit(main())

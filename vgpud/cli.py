@@ -30,6 +30,7 @@ from vgpud.config import (
     load_file,
     single_device,
 )
+from vgpud.entry import INTERRUPTED
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -221,6 +222,7 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
         overrides["libvfio_user"] = args.libvfio_user
     if overrides:
         config = replace(config, **overrides)
+    devices.check_layouts(config.devices)
     return config
 
 
@@ -257,6 +259,7 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     if args.config is not None:
         _refuse_device_flags(args, QEMU_ARGS_DEVICE_FLAGS)
         configs = load_file(args.config).devices
+        devices.check_layouts(configs)
     else:
         _fill_device_defaults(args)
         configs = [
@@ -326,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vgpud: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:
         # Output piped into head(1) and the like: not an error worth a traceback.
         sys.stderr.close()

@@ -5,8 +5,8 @@ built and its readiness polled (§7.1: BAR0 registers every second, up to 30 s; 
 CXL DVSEC, its status register every second, up to 1 s + 256 s) *before* its socket exists,
 so a VMM can never attach to a GPU that is not ready. Only when every device listens does
 the service manager hear READY=1 (STYLE.md "trio": ``started()`` only once listening).
-SIGTERM/SIGINT cancel everything; the sockets we created are removed and the backing files
-stay (device memory outlives the daemon).
+SIGTERM/SIGINT/SIGHUP cancel everything; the sockets we created are removed and the backing
+files stay (device memory outlives the daemon).
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ from vgpud.server.listener import (
     group_id,
 )
 from vgpud.variant import CxlReadinessWait, probe_wait
+
+# What stops the daemon cleanly (see run()).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class StartupError(Exception):
@@ -187,14 +190,16 @@ async def run(
     ``task_status.started`` gets one :class:`ServedDevice` per configured device: a
     :class:`DeviceServer` for the Python engine, a ``LibvfioUserServer`` otherwise.
 
-    SIGTERM and SIGINT are ours from the first moment to the last: one that arrives while
+    SIGTERM, SIGINT and SIGHUP are ours from the first moment to the last (SIGHUP as for
+    QEMU: a hang-up or a reload request; there is nothing to reload, and its default action
+    would leave the sockets behind). One that arrives while
     the devices are built or the sockets made, or a second one while stopping, stops the
     daemon the same clean way instead of killing it half-way with its sockets left behind
     (found by a signal audit: the handler used to be installed only once serving began,
     and dropped after the first signal).
     """
     log = structlog.get_logger("vgpud")
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with _startup_errors_unwrapped(), trio.open_nursery() as nursery:
             watcher = await nursery.start(_stop_on_signals, signals, nursery.cancel_scope, log)
             try:

@@ -7,6 +7,7 @@ This is the only place that knows how configuration maps onto backends, so the d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from backends.device import VfioDevice
 from backends.synthetic import PROFILES, Profile, SyntheticGpu, get_profile
 from backends.vfio import VfioPciDevice
 from backends.vfio.device import sysfs_bar_sizes
-from vgpud.config import DeviceConfig
+from vgpud.config import ConfigError, DeviceConfig
 from vgpud.variant import (
     NvgraceLayout,
     compute_layout,
@@ -53,6 +54,22 @@ def layout_for(config: DeviceConfig) -> NvgraceLayout:
     """The kernel-exact layout (spec nvgrace-gpu.md §3.2) the device will present."""
     profile = profile_for(config)
     return compute_layout(profile.memphys, profile.memory_size, profile.has_mig_hw_bug)
+
+
+def check_layouts(devices: Sequence[DeviceConfig]) -> None:
+    """Refuse, naming the device, a synthetic GPU whose memory the kernel would not probe.
+
+    Done with the rest of the configuration checks, before any device is built: a bad
+    memory size in the second device of a tray must not leave the first one's backing
+    files behind, and is the user's input (a usage error), not a start-up failure.
+    """
+    for config in devices:
+        if config.vfio_device is not None:
+            continue
+        try:
+            layout_for(config)
+        except ValueError as exc:  # LayoutError, or a profile override out of range
+            raise ConfigError(f"device {config.name}: {exc}") from exc
 
 
 def guest_bar_sizes(config: DeviceConfig) -> list[int]:

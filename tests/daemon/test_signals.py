@@ -8,14 +8,18 @@ default action in the middle of clean-up.
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import signal
+import sys
 from pathlib import Path
 
+import pytest
 import structlog.testing
 import trio
 
+import vgpud
 from tests.serve_process import read_log_until, serve_args, start, stop
-from vgpud import daemon
+from vgpud import daemon, entry
 from vgpud.config import DaemonConfig, single_device
 
 
@@ -50,3 +54,21 @@ async def test_a_second_signal_while_stopping_is_only_logged(tmp_path: Path) -> 
     assert events == [("stopping", "SIGTERM"), ("already stopping", "SIGINT")]
     assert logs[-1]["event"] == "stopped"
     assert not (tmp_path / "gpu0.sock").exists()
+
+
+class _InterruptedImport(importlib.abc.MetaPathFinder):
+    """Ctrl-C landing while ``vgpud.cli`` (and trio, structlog, ...) is being imported."""
+
+    def find_spec(self, fullname: str, path: object, target: object = None) -> None:
+        if fullname == "vgpud.cli":
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_the_cli_is_imported_is_a_quiet_exit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delitem(sys.modules, "vgpud.cli", raising=False)
+    monkeypatch.delattr(vgpud, "cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptedImport(), *sys.meta_path])
+    assert entry.main(["--version"]) == 130
+    assert capsys.readouterr() == ("", "")

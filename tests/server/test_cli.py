@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.serve_process import VGPUD, serve_args, start, stop
+from tests.server.conftest import tray_config
 
 # Inherited sockets are served by either engine (the libvfio-user one with a local build).
 ENGINES = [
@@ -62,12 +63,17 @@ def test_serve_with_only_a_socket_path_then_probe(
     assert '"event": "stopping"' in stderr and '"signal": "SIGTERM"' in stderr
 
 
-def test_sigint_stops_cleanly_too(tmp_path: Path, notify_socket: socket.socket) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_sigint_and_sighup_stop_cleanly_too(
+    tmp_path: Path, notify_socket: socket.socket, signum: signal.Signals
+) -> None:
+    """SIGHUP (the terminal went away, or a ``kill -HUP`` expecting a reload there is none
+    to do) stops like SIGTERM, as for QEMU; its default action left the socket behind."""
     sock = tmp_path / "gpu0.sock"
     proc = start(serve_args(tmp_path), tmp_path)
     assert notify_socket.recv(64) == b"READY=1"
-    stderr = stop(proc, signal.SIGINT)
-    assert '"signal": "SIGINT"' in stderr
+    stderr = stop(proc, signum)
+    assert f'"signal": "{signum.name}"' in stderr
     assert not sock.exists()
 
 
@@ -136,6 +142,9 @@ def test_a_connected_fd_needs_the_python_engine(tmp_path: Path, engine: list[str
         (["serve", "--memory-size", "lots"], "memory_size"),
         (["serve", "--profile", "h100"], "unknown profile"),
         (["layout", "--memory-size", "1GiB"], "no usemem left"),
+        # The same size is the same usage error for serve (it used to fail later, exit 1).
+        (["serve", "--memory-size", "1GiB"], "no usemem left"),
+        (["qemu-args", "--memory-size", "1GiB"], "no usemem left"),
         (["serve", "--config", "/nonexistent.toml"], "No such file"),
     ],
 )
@@ -159,6 +168,26 @@ def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Pa
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "qemu-args"])
+def test_a_bad_memory_size_in_a_tray_names_the_device(tmp_path: Path, command: str) -> None:
+    """Checked with the rest of the config, before any device is built: the first GPU's
+    backing files are not made (they were, when the layout was only computed at start)."""
+    config = tray_config(tmp_path)
+    gpu0, gpu1 = config.read_text().split('name = "gpu1"')
+    config.write_text(gpu0 + 'name = "gpu1"' + gpu1.replace('"4GiB"', '"1GiB"'))
+    result = subprocess.run(
+        [*VGPUD, command, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "vgpud: device gpu1: no usemem left after the resmem carve-out\n"
+    assert not (tmp_path / "mem0").exists()
+    assert not (tmp_path / "gpu0.sock").exists()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
