@@ -126,7 +126,11 @@ class Harness:
             files=backing_files(layout, backing_dir),
         )
 
-    async def start_vgpud(self, device: Device, extra: Sequence[str] = ()) -> Vgpud:
+    async def start_vgpud(
+        self, device: Device, extra: Sequence[str] = (), *, inherited_fd: int | None = None
+    ) -> Vgpud:
+        """``vgpud serve`` for ``device``; with ``inherited_fd`` (a socket listening at the
+        device's socket path) it serves that fd instead of binding the path itself."""
         return await self._start_vgpud(
             VgpudConfig(
                 socket_path=device.socket_path,
@@ -134,6 +138,7 @@ class Harness:
                 profile=device.profile,
                 memory_size=device.memory_size,
                 extra=list(extra),
+                inherited_fd=inherited_fd,
             )
         )
 

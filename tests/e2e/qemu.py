@@ -403,12 +403,19 @@ class VgpudConfig:
     memory_size: str | None = None
     extra: list[str] = field(default_factory=list)
     config_file: Path | None = None
+    # A listening socket (bound at socket_path) handed over as ``--fd``, as a service
+    # manager's socket activation does.
+    inherited_fd: int | None = None
 
     def serve_args(self) -> list[str]:
         if self.config_file is not None:
             return ["--config", str(self.config_file)]
         assert self.socket_path is not None and self.backing_dir is not None
-        flags = ["--socket-path", str(self.socket_path), "--backing-dir", str(self.backing_dir)]
+        if self.inherited_fd is not None:
+            flags = ["--fd", str(self.inherited_fd)]
+        else:
+            flags = ["--socket-path", str(self.socket_path)]
+        flags += ["--backing-dir", str(self.backing_dir)]
         flags += ["--profile", self.profile]
         if self.memory_size:
             flags += ["--memory-size", self.memory_size]
@@ -447,6 +454,7 @@ class Vgpud:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                pass_fds=() if self.config.inherited_fd is None else (self.config.inherited_fd,),
             )
             nursery.start_soon(_pump, self.process.stdout, self.log, echo)
             with trio.move_on_after(60) as scope:

@@ -7,6 +7,7 @@ libvfio-user is in no package registry; point VGPUD_LIBVFIO_USER at a build of i
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -32,5 +33,24 @@ async def test_guest_uses_gpu_through_libvfio_user(harness: Harness) -> None:
     assert int(results.values["vendor"], 16) == NVIDIA
     assert bar_facts(results, 4)["size"] == device.expected.usemem_bar
     assert bar_facts(results, 2)["size"] == device.expected.resmem_bar
+    bad = plan.mismatches(results) + plan.host_mismatches(device.files)
+    assert not bad, "\n".join(bad)
+
+
+async def test_guest_on_an_inherited_socket_through_libvfio_user(harness: Harness) -> None:
+    """Socket activation with this engine: libvfio-user binds a path of its own, and the
+    engine swaps the inherited listening socket in for it (vgpud/libvfio_user/sockets.py).
+    QEMU connects to the socket the "service manager" (this test) bound, not to vgpud's."""
+    device = harness.device("gh200", "8448MiB")
+    plan = memory_plan(device.expected)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(device.socket_path))
+        listener.listen()
+        await harness.start_vgpud(
+            device, extra=["--engine", "libvfio-user"], inherited_fd=listener.fileno()
+        )
+    # Only the daemon holds the listening socket now.
+    results = await harness.boot(device, plan.script(describe_script()))
+    assert int(results.values["vendor"], 16) == NVIDIA
     bad = plan.mismatches(results) + plan.host_mismatches(device.files)
     assert not bad, "\n".join(bad)
