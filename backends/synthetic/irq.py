@@ -91,12 +91,16 @@ class InterruptController:
     # -- VFIO irq interface --------------------------------------------------------------
 
     def irq_info(self, index: int) -> IrqInfo:
-        """Flags and counts as spec vfio-user.md §3.7 suggests (MSI-X without NORESIZE)."""
+        """Flags and counts as vfio-pci-core's ``VFIO_DEVICE_GET_IRQ_INFO`` gives them (spec
+        vfio-user.md §3.7): INTx maskable and automasked; every other index NORESIZE except
+        MSI-X, which can grow while enabled (dynamic MSI-X, §5.6)."""
         if index == INTX_IRQ_INDEX:
             flags = IrqInfoFlags.EVENTFD | IrqInfoFlags.MASKABLE | IrqInfoFlags.AUTOMASKED
-        elif index == MSI_IRQ_INDEX:
+        elif index in (MSI_IRQ_INDEX, ERR_IRQ_INDEX, REQ_IRQ_INDEX):
+            # ERR and REQ too: the kernel's "index != MSI-X || !has_dyn_msix" branch (found
+            # by an audit against vfio_pci_ioctl_get_irq_info; they had EVENTFD only).
             flags = IrqInfoFlags.EVENTFD | IrqInfoFlags.NORESIZE
-        elif index in (MSIX_IRQ_INDEX, ERR_IRQ_INDEX, REQ_IRQ_INDEX):
+        elif index == MSIX_IRQ_INDEX:
             flags = IrqInfoFlags.EVENTFD
         else:
             raise DeviceError(errno.EINVAL, f"irq index {index} out of range 0..{NUM_PCI_IRQS}")

@@ -34,8 +34,9 @@ E = IrqInfoFlags
         (INTX_IRQ_INDEX, E.EVENTFD | E.MASKABLE | E.AUTOMASKED, 1),
         (MSI_IRQ_INDEX, E.EVENTFD | E.NORESIZE, 16),
         (MSIX_IRQ_INDEX, E.EVENTFD, 16),  # no NORESIZE (spec vfio-user.md §5.6)
-        (ERR_IRQ_INDEX, E.EVENTFD, 1),
-        (REQ_IRQ_INDEX, E.EVENTFD, 1),
+        # NORESIZE as vfio_pci_ioctl_get_irq_info sets it for every index but MSI-X.
+        (ERR_IRQ_INDEX, E.EVENTFD | E.NORESIZE, 1),
+        (REQ_IRQ_INDEX, E.EVENTFD | E.NORESIZE, 1),
     ],
 )
 def test_irq_info(gpu: SyntheticGpu, index: int, flags: IrqInfoFlags, count: int) -> None:
