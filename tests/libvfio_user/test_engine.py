@@ -266,6 +266,42 @@ async def test_interrupt_waits_until_the_client_wires_the_vector(engine: Engine)
         os.close(efd)
 
 
+async def test_an_unwired_vector_does_not_make_every_request_log(engine: Engine) -> None:
+    """libvfio-user says "no fd for interrupt" (LOG_ERR) each time the pending vector is
+    retried, which was after every request: one doorbell, then a warning per access."""
+    async with await engine.connect() as client:
+        await enable_msix(client)
+        with structlog.testing.capture_logs() as logs:
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 9))  # not wired
+            for _ in range(200):
+                await client.region_read(CONFIG, 0, 4)
+    complaints = [e for e in logs if "no fd for interrupt" in str(e.get("message"))]
+    assert len(complaints) <= 1, complaints  # the doorbell's own forward, at most
+
+
+async def test_an_interrupt_raised_before_a_reset_is_not_delivered_after_it(
+    engine: Engine,
+) -> None:
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        async with await engine.connect() as client:
+            await enable_msix(client)
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 5))  # not wired yet
+            await client.reset()  # drops it, as the device drops its pending bits
+            await enable_msix(client)
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 5, 1, [efd])
+            await client.region_read(CONFIG, 0, 4)  # a request: pending vectors are retried
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(efd)
+            # The vector works: a doorbell after the reset arrives.
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 5))
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(efd)
+            assert os.eventfd_read(efd) == 1
+    finally:
+        os.close(efd)
+
+
 async def test_dma_map_and_unmap_reach_the_device(engine: Engine) -> None:
     ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(ram, 1 << 20)

@@ -54,6 +54,7 @@ from vgpud.devices import BuiltDevice
 from vgpud.libvfio_user import ffi as vfu
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.libvfio_user.irq import FORWARDED_IRQS, IrqBridge
+from vgpud.libvfio_user.library_log import LibraryLog
 from vgpud.libvfio_user.sockets import accepted_connections, adopt_listener, shutdown_fd
 from vgpud.libvfio_user.watchdog import STALL_LIMIT, StallWatchdog
 from vgpud.server.listener import (
@@ -72,7 +73,6 @@ _YIELD_EVERY = 32  # requests served back to back before letting other tasks run
 _PROT_READ, _PROT_WRITE = 1, 2
 _PCI_BASE_ADDRESS_0 = 0x10
 _BAR_IO, _BAR_MEM_64, _BAR_PREFETCH = 0x1, 0x4, 0x8
-_SYSLOG_METHODS = {0: "error", 1: "error", 2: "error", 3: "warning", 4: "warning"}
 
 
 class LibvfioUserServer:
@@ -124,6 +124,7 @@ class LibvfioUserServer:
         self._idle = trio.Condition()
         counts = {index: device.irq_info(index).count for index in FORWARDED_IRQS}
         self._bridge = IrqBridge(counts, self._trigger, self.log)
+        self._library_log = LibraryLog(self.log)
         self.watchdog = StallWatchdog(name, self.log, stall_limit)
 
     # -- set-up and tear-down ------------------------------------------------------------
@@ -520,9 +521,10 @@ class LibvfioUserServer:
             if reset_type == self._lib.VFU_RESET_LOST_CONN:
                 self._client_gone()
                 return 0
+            self._bridge.reset()
             self.device.reset()
             self.log.info("device reset", flr=reset_type == self._lib.VFU_RESET_PCI_FLR)
-            self._bridge.drain()
+            self._bridge.drain()  # what the reset itself raised
             return 0
         except DeviceError as exc:
             self._ffi.errno = exc.errno
@@ -584,10 +586,10 @@ class LibvfioUserServer:
         self.log.exception(what, **context)
 
     def _on_log(self, _ctx: Any, level: int, msg: Any) -> None:
+        if self._bridge.quiet:
+            return  # "no fd for interrupt" while retrying a pending vector (irq.py)
         try:
-            text = self._ffi.string(msg).decode(errors="replace")
-            method = _SYSLOG_METHODS.get(level, "info" if level < vfu.LOG_DEBUG else "debug")
-            getattr(self.log, method)("libvfio-user", message=text)
+            self._library_log.emit(level, self._ffi.string(msg).decode(errors="replace"))
         except Exception:
             pass  # a log line must never fail a request
 

@@ -1,0 +1,53 @@
+"""libvfio-user's log lines are rate limited (vgpud/libvfio_user/library_log.py); no library
+needed: the limiter only sees levels and text."""
+
+from __future__ import annotations
+
+import structlog.testing
+
+from vgpud.libvfio_user.library_log import LibraryLog
+
+LOG_ERR, LOG_INFO, LOG_DEBUG = 3, 6, 7
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_flood_is_cut_to_the_burst_then_the_rate_and_the_drops_are_counted() -> None:
+    clock = FakeClock()
+    limited = LibraryLog(structlog.get_logger(), clock=clock, burst=5, per_second=2.0)
+    with structlog.testing.capture_logs() as logs:
+        for i in range(1000):
+            limited.emit(LOG_ERR, f"cmd 9 failed {i}")
+        clock.now += 1.0  # two more lines' worth
+        limited.emit(LOG_ERR, "after a second")
+        limited.emit(LOG_ERR, "and one more")
+        limited.emit(LOG_ERR, "dropped")
+    assert [e["message"] for e in logs] == [
+        *(f"cmd 9 failed {i}" for i in range(5)),
+        "after a second",
+        "and one more",
+    ]
+    assert all(e["log_level"] == "warning" for e in logs)
+    assert logs[5]["suppressed"] == 995
+    assert "suppressed" not in logs[6]
+
+
+def test_levels_have_buckets_of_their_own_and_debug_is_not_limited() -> None:
+    limited = LibraryLog(structlog.get_logger(), clock=FakeClock(), burst=1, per_second=0.0)
+    with structlog.testing.capture_logs() as logs:
+        limited.emit(LOG_ERR, "error")
+        limited.emit(LOG_ERR, "error again")
+        limited.emit(LOG_INFO, "info")
+        for _ in range(50):
+            limited.emit(LOG_DEBUG, "debug")
+    assert [(e["log_level"], e["message"]) for e in logs] == [
+        ("warning", "error"),
+        ("info", "info"),
+        *[("debug", "debug")] * 50,
+    ]
