@@ -52,9 +52,14 @@ from backends.synthetic.capabilities import (
     CXL_DVSEC_RANGE_SIZE_LOW1,
     CXL_MEM_ACTIVE,
     CXL_MEM_INFO_VALID,
+    MSI_OFFSET,
+    MSI_PENDING,
     PCI_EXP_DEVCTL,
     PCI_EXP_DEVCTL_BCR_FLR,
+    PCI_EXP_DEVSTA,
     PCIE_OFFSET,
+    PM_CTRL,
+    PM_OFFSET,
     CapabilityParams,
     build_capabilities,
 )
@@ -65,6 +70,7 @@ from backends.synthetic.config_space import (
     PCI_CACHE_LINE_SIZE,
     PCI_CLASS_PROG,
     PCI_COMMAND,
+    PCI_COMMAND_MEMORY,
     PCI_DEVICE_ID,
     PCI_HEADER_TYPE,
     PCI_INTERRUPT_LINE,
@@ -89,6 +95,18 @@ CLASS_3D_CONTROLLER = 0x030200
 COMMAND_WMASK = 0x0546
 # The CXL readiness register (spec nvgrace-gpu.md §7.3), when the profile has the DVSEC.
 CXL_READY_REGISTER = CXL_DVSEC_OFFSET + CXL_DVSEC_RANGE_SIZE_LOW1
+PMCSR = PM_OFFSET + PM_CTRL
+PM_STATE_MASK, PM_STATE_D3HOT = 0x3, 0x3
+# What vfio-pci-core's save/restore around a function reset does not bring back: status
+# bits (the RW1C error bits the restore's write clears; INTx status and MSI pending bits,
+# which the reset cleared with the interrupt state) and the power state (the reset ioctl
+# puts the function in D0 first).
+NOT_RESTORED = (
+    (PCI_STATUS, 2),
+    (PMCSR, 2),
+    (MSI_OFFSET + MSI_PENDING, 4),
+    (PCIE_OFFSET + PCI_EXP_DEVSTA, 2),
+)
 
 
 class SyntheticGpu:
@@ -122,6 +140,10 @@ class SyntheticGpu:
         self._bar1_window: MemoryWindow | None = None
         self._dma: dict[int, DmaRegion] = {}
         self.reset_count = 0
+        # __vfio_pci_memory_enabled for BAR0/BAR1 accesses, kept up to date on config writes
+        # rather than read from config space on every trapped access.
+        self._memory_enabled = False
+        self._enable()
 
     # -- Backend ---------------------------------------------------------------------------
 
@@ -164,22 +186,27 @@ class SyntheticGpu:
         raise DeviceError(errno.EINVAL, f"region {index} out of range")
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
-        """Read through the region's model; EINVAL outside the region."""
+        """Read through the region's model; EINVAL outside the region, EIO for a BAR while
+        memory decoding is off."""
         self._check_access(index, offset, count)
         if index == CONFIG_REGION_INDEX:
             if self.profile.cxl_dvsec and intersects(offset, count, CXL_READY_REGISTER, 4):
                 self._update_cxl_status()
             return self.config.read(offset, count)
+        self._check_memory_enabled()
         if index == BAR0_REGION_INDEX:
             return self.bar0.read(offset, count)
         return self._bar1().read(offset, count)
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
-        """Write through the region's model; EINVAL outside the region."""
+        """Write through the region's model; EINVAL outside the region, EIO for a BAR while
+        memory decoding is off."""
         self._check_access(index, offset, len(data))
         if index == CONFIG_REGION_INDEX:
             self._config_write(offset, data)
-        elif index == BAR0_REGION_INDEX:
+            return
+        self._check_memory_enabled()
+        if index == BAR0_REGION_INDEX:
             self.bar0.write(offset, data)
         else:
             self._bar1().write(offset, data)
@@ -220,16 +247,32 @@ class SyntheticGpu:
             del self._dma[iova]
 
     def reset(self) -> None:
-        """Function reset: config, registers and interrupt state to defaults; memory kept."""
+        """A function reset as vfio-pci-core does it (``pci_try_reset_function``), for
+        DEVICE_RESET and for an FLR the client writes to DEVCTL: registers, interrupt state
+        and readiness go back to their defaults, memory is kept, and config space is saved
+        before and restored after, so the client finds COMMAND, the BARs and the capability
+        controls as it left them (docs/device.md item 8). Not restored: :data:`NOT_RESTORED`.
+        """
+        saved = bytes(self.config.data)
         self.config.reset()
         self.irqs.reset()
         self.bar0.reset()
+        for offset, size in NOT_RESTORED:
+            saved = (
+                saved[:offset] + self.config.data[offset : offset + size] + saved[offset + size :]
+            )
+        self.config.data[:] = saved
+        self.irqs.config_written()
+        self._update_memory_enabled()
         self.reset_count += 1
 
     def open(self) -> None:
-        """The device keeps its state between clients; only its memory files are checked
-        (the last client may have resized them, see :mod:`backends.synthetic.memory`)."""
+        """A client attached. What vfio-pci-core's open leaves for it: memory decoding on
+        (``pci_enable_device``) and the function in D0; everything else as the last client
+        left it (spec vfio-user.md R19). The memory files are checked (the last client may
+        have resized them, see :mod:`backends.synthetic.memory`)."""
         self._memory.restore_sizes()
+        self._enable()
 
     def close(self) -> None:
         """Release every eventfd; device state and memory stay (spec vfio-user.md R19)."""
@@ -244,6 +287,24 @@ class SyntheticGpu:
         if self._bar1_window is None:
             self._bar1_window = self._memory.file(BAR1_FILE, self.profile.bar1_size).window(False)
         return self._bar1_window
+
+    def _enable(self) -> None:
+        self.config.set_bits(PCI_COMMAND, 2, PCI_COMMAND_MEMORY, True)
+        self.config.set_bits(PMCSR, 2, PM_STATE_MASK, False)
+        self._update_memory_enabled()
+
+    def _update_memory_enabled(self) -> None:
+        # __vfio_pci_memory_enabled: COMMAND.MEM set and the function not in D3hot.
+        self._memory_enabled = bool(self.config.u16(PCI_COMMAND) & PCI_COMMAND_MEMORY) and (
+            self.config.u16(PMCSR) & PM_STATE_MASK != PM_STATE_D3HOT
+        )
+
+    def _check_memory_enabled(self) -> None:
+        # vfio_pci_bar_rw's test_mem for a memory BAR: the kernel refuses with EIO rather
+        # than let the access reach a device that is not decoding memory (found by an audit
+        # against vfio_pci_rdwr.c; BAR0 used to answer whatever COMMAND said).
+        if not self._memory_enabled:
+            raise DeviceError(errno.EIO, "memory decoding is off (COMMAND.MEM clear or D3hot)")
 
     def _check_access(self, index: int, offset: int, count: int) -> None:
         # Region sizes are fixed at creation; building a RegionInfo per trapped access (the
@@ -271,6 +332,7 @@ class SyntheticGpu:
             self.reset()
             return
         self.irqs.config_written()
+        self._update_memory_enabled()
 
 
 def _build_config(profile: Profile, serial_number: int | None) -> ConfigSpace:

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from backends.device import BAR0_REGION_INDEX, DeviceError, RegionFlags
+from backends.device import BAR0_REGION_INDEX, BAR2_REGION_INDEX, DeviceError, RegionFlags
 from backends.synthetic import SyntheticGpu, get_profile
 from backends.synthetic.bar0 import (
     C2C_LINK_BAR0_OFFSET,
     HBM_TRAINING_BAR0_OFFSET,
     SCRATCH,
 )
-from tests.backends.helpers import FakeClock, u32
+from tests.backends.helpers import FakeClock, cfg_write, u32
 
 
 def read32(gpu: SyntheticGpu, offset: int) -> int:
@@ -103,3 +103,24 @@ def test_device_info(gpu: SyntheticGpu) -> None:
     assert (int(info.flags), info.num_regions, info.num_irqs) == (3, 9, 5)
     with pytest.raises(DeviceError):
         gpu.region_info(9)
+
+
+@pytest.mark.parametrize(
+    ("command", "pmcsr"), [(0x0000, 0x0008), (0x0002, 0x000B)], ids=["mem-off", "d3hot"]
+)
+def test_bar_accesses_need_memory_decoding(gpu: SyntheticGpu, command: int, pmcsr: int) -> None:
+    """vfio_pci_bar_rw tests __vfio_pci_memory_enabled for a memory BAR: EIO, not the
+    registers, while COMMAND.MEM is clear or the function is in D3hot (BAR0 and the real
+    BAR1 alike)."""
+    cfg_write(gpu, 0x04, 2, command)
+    cfg_write(gpu, 0x44, 2, pmcsr)
+    for index in (BAR0_REGION_INDEX, BAR2_REGION_INDEX):
+        with pytest.raises(DeviceError) as err:
+            gpu.region_read(index, 0, 4)
+        assert err.value.errno == errno.EIO
+        with pytest.raises(DeviceError) as err:
+            gpu.region_write(index, 0, b"\0" * 4)
+        assert err.value.errno == errno.EIO
+    cfg_write(gpu, 0x44, 2, 0x0008)  # D0
+    cfg_write(gpu, 0x04, 2, 0x0002)  # MEM
+    assert gpu.region_read(BAR0_REGION_INDEX, 0, 4) == gpu.profile.boot0.to_bytes(4, "little")

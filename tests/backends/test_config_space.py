@@ -145,10 +145,14 @@ def test_devctl_and_flr(gpu: SyntheticGpu) -> None:
     cfg_write(gpu, devctl, 2, 0x0000)
     assert cfg_read(gpu, devctl, 2) == 0
     cfg_write(gpu, 0x04, 2, 0x0006)
+    resets = gpu.reset_count
     cfg_write(gpu, devctl, 2, 0x8000)  # initiate FLR
-    assert cfg_read(gpu, devctl, 2) == 0x2810  # reset value; BCR_FLR reads 0
-    assert cfg_read(gpu, 0x04, 2) == 0
-    assert cfg_read(gpu, 0x3C, 1) == 0xFF
+    assert gpu.reset_count == resets + 1
+    # vfio-pci-core writes DEVCTL, then resets the function inside a config save/restore
+    # (vfio_exp_config_write): what was written stays, BCR_FLR reads 0.
+    assert cfg_read(gpu, devctl, 2) == 0
+    assert cfg_read(gpu, 0x04, 2) == 0x0006
+    assert cfg_read(gpu, 0x3C, 1) == 0x0B
 
 
 def test_pm_and_msi_control_bits(gpu: SyntheticGpu) -> None:
@@ -160,19 +164,47 @@ def test_pm_and_msi_control_bits(gpu: SyntheticGpu) -> None:
     assert cfg_read(gpu, MSIX_OFFSET + 2, 2) == 0xC00F
 
 
-def test_reset_restores_config(gpu: SyntheticGpu) -> None:
-    pristine = gpu.region_read(CONFIG_REGION_INDEX, 0, 4096)
+def test_a_fresh_device_decodes_memory_in_d0(gpu: SyntheticGpu) -> None:
+    """What a VFIO user finds after open: pci_enable_device turned memory decoding on."""
+    assert cfg_read(gpu, 0x04, 2) == 0x0002
+    assert cfg_read(gpu, 0x44, 2) & 0x3 == 0
+
+
+def test_reset_keeps_config_as_vfio_pci_core_restores_it(gpu: SyntheticGpu) -> None:
+    """pci_try_reset_function saves config before the reset and restores it after: the
+    client finds it as it left it, except the power state (D0) and status bits."""
     cfg_write(gpu, 0x04, 2, 0x0406)
     cfg_write(gpu, 0x10, 4, 0xFFFFFFFF)
     cfg_write(gpu, MSIX_OFFSET + 2, 2, 0x8000)
+    cfg_write(gpu, 0x3C, 1, 0x0B)
+    cfg_write(gpu, 0x44, 2, 0x0003)  # D3hot
+    before = bytearray(gpu.region_read(CONFIG_REGION_INDEX, 0, 4096))
     gpu.reset()
-    assert gpu.region_read(CONFIG_REGION_INDEX, 0, 4096) == pristine
+    after = gpu.region_read(CONFIG_REGION_INDEX, 0, 4096)
+    assert after[0x44] & 0x3 == 0  # D0
+    before[0x44] &= ~0x3
+    assert after == before
 
 
 def test_flr_by_a_byte_write_to_devctl_upper_byte(gpu: SyntheticGpu) -> None:
     cfg_write(gpu, 0x04, 2, 0x0006)
+    resets = gpu.reset_count
     cfg_write(gpu, PCIE_OFFSET + 8 + 1, 1, 0x80)  # BCR_FLR through DEVCTL's upper byte
-    assert cfg_read(gpu, 0x04, 2) == 0  # the function was reset
+    assert gpu.reset_count == resets + 1  # the function was reset
+    assert cfg_read(gpu, 0x04, 2) == 0x0006  # inside vfio-pci-core's save/restore
+
+
+def test_open_turns_memory_decoding_on_and_keeps_the_rest(gpu: SyntheticGpu) -> None:
+    """The last client left the GPU with COMMAND 0 in D3hot; vfio-pci-core's open enables
+    the device and puts it in D0. The rest of its state is kept (vfio-user R19)."""
+    cfg_write(gpu, 0x3C, 1, 0x0B)
+    cfg_write(gpu, 0x04, 2, 0x0000)
+    cfg_write(gpu, 0x44, 2, 0x0003)
+    gpu.close()
+    gpu.open()
+    assert cfg_read(gpu, 0x04, 2) == 0x0002
+    assert cfg_read(gpu, 0x44, 2) & 0x3 == 0
+    assert cfg_read(gpu, 0x3C, 1) == 0x0B
 
 
 def test_reserved_msi_and_devsta_bits_stay_zero(gpu: SyntheticGpu) -> None:

@@ -203,12 +203,12 @@ def test_intx_level_automask_unmask_ack(gpu: SyntheticGpu) -> None:
 def test_intx_disable_and_mask(gpu: SyntheticGpu) -> None:
     fd, observer = new_eventfd()
     gpu.set_irqs(INTX_IRQ_INDEX, IrqAction.TRIGGER, 0, 1, eventfds=[fd])
-    cfg_write(gpu, 0x04, 2, 0x0400)  # INTX_DISABLE
+    cfg_write(gpu, 0x04, 2, 0x0402)  # INTX_DISABLE (and MEM, for the doorbell in BAR0)
     doorbell(gpu, 0)
     assert eventfd_count(observer) == 0
     assert cfg_read(gpu, 0x06, 2) & 0x08  # status still reports the interrupt
     gpu.set_irqs(INTX_IRQ_INDEX, IrqAction.MASK, 0, 1)
-    cfg_write(gpu, 0x04, 2, 0x0000)
+    cfg_write(gpu, 0x04, 2, 0x0002)
     assert eventfd_count(observer) == 0  # masked
     gpu.set_irqs(INTX_IRQ_INDEX, IrqAction.UNMASK, 0, 1, data_bool=[True])
     assert eventfd_count(observer) == 1

@@ -256,7 +256,8 @@ def test_gate_eagain_then_ready(make_gpu: CxlGpuFactory, clock: FakeClock) -> No
     clock.advance(3.0)
     assert bar4_read(variant) == 0
     assert not variant.gate_armed
-    variant.reset()
+    cfg_write(variant, 0x04, 2, 0x0000)  # as QEMU's vfio_pci_pre_reset does
+    variant.reset()  # config is kept across it (vfio-pci-core's save/restore)
     # nvgrace_gpu_read_mem runs the CXL wait before check_device_ready's memory-enable
     # test, so with COMMAND.MEM clear the GPU's readiness is what answers first.
     assert bar4_read(variant) == errno.EAGAIN

@@ -95,7 +95,7 @@ def test_any_guest_access_sequence_is_answered_or_refused(ops: list[tuple[Any, .
 
 def still_works(device: Any) -> None:
     assert struct.unpack("<HH", device.region_read(CONFIG, 0, 4)) == (0x10DE, 0x2342)
-    device.reset()  # whatever the guest left in COMMAND, the BARs, MSI-X ...
+    device.reset()  # registers and interrupt state; the function back in D0 if left in D3hot
     device.region_write(CONFIG, 0x04, b"\x06\x00")  # memory decoding, as a guest driver does
     try:
         device.region_write(BAR4, 0x100, b"alive!")
