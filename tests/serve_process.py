@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,21 @@ def serve_args(tmp_path: Path, *extra: str) -> list[str]:
     """``serve`` for one device on ``tmp_path/gpu0.sock``, its memory in ``tmp_path/mem``."""
     socket_path, memory = tmp_path / "gpu0.sock", tmp_path / "mem"
     return ["serve", "--socket-path", str(socket_path), "--backing-dir", str(memory), *extra]
+
+
+def run_vgpud(
+    *args: str, pass_fds: Sequence[int] = (), timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``vgpud ARGS`` to its end: exit status and output, whatever the status (``timeout``
+    is a hang guard)."""
+    return subprocess.run(
+        [*VGPUD, *args],
+        pass_fds=pass_fds,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
 
 
 def start(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve_process import VGPUD, serve_args, start, stop
+from tests.serve_process import VGPUD, run_vgpud, serve_args, start, stop
 from tests.server.conftest import tray_config
 
 # Inherited sockets are served by either engine (the libvfio-user one with a local build).
@@ -106,9 +106,7 @@ def test_serve_on_an_inherited_listening_fd(
     listener.close()
     try:
         assert notify_socket.recv(64) == b"READY=1"
-        probe = subprocess.run(
-            [*VGPUD, "probe", str(path)], capture_output=True, text=True, check=False
-        )
+        probe = run_vgpud("probe", str(path))
         assert probe.returncode == 0, probe.stderr
         assert "BAR4    size 4GiB" in probe.stdout
     finally:
@@ -123,14 +121,7 @@ def test_a_connected_fd_needs_the_python_engine(tmp_path: Path, engine: list[str
     ours, theirs = socket.socketpair()
     serve = ["serve", "--fd", str(ours.fileno()), "--backing-dir", str(tmp_path / "m")]
     with ours, theirs:
-        result = subprocess.run(
-            [*VGPUD, *serve, "--memory-size", "4GiB", *engine],
-            pass_fds=(ours.fileno(),),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
+        result = run_vgpud(*serve, "--memory-size", "4GiB", *engine, pass_fds=(ours.fileno(),))
     assert result.returncode == 1
     assert "connected, not listening" in result.stderr
     assert "python engine" in result.stderr
@@ -149,20 +140,13 @@ def test_a_connected_fd_needs_the_python_engine(tmp_path: Path, engine: list[str
     ],
 )
 def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            *VGPUD,
-            *args,
-            *(
-                ["--socket-path", str(tmp_path / "s")]
-                if "--config" not in args and args[0] == "serve"
-                else []
-            ),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
+    result = run_vgpud(
+        *args,
+        *(
+            ["--socket-path", str(tmp_path / "s")]
+            if "--config" not in args and args[0] == "serve"
+            else []
+        ),
     )
     assert result.returncode == 2
     assert message in result.stderr
@@ -177,13 +161,7 @@ def test_a_bad_memory_size_in_a_tray_names_the_device(tmp_path: Path, command: s
     config = tray_config(tmp_path)
     gpu0, gpu1 = config.read_text().split('name = "gpu1"')
     config.write_text(gpu0 + 'name = "gpu1"' + gpu1.replace('"4GiB"', '"1GiB"'))
-    result = subprocess.run(
-        [*VGPUD, command, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    result = run_vgpud(command, "--config", str(config))
     assert result.returncode == 2
     assert result.stderr == "vgpud: device gpu1: no usemem left after the resmem carve-out\n"
     assert not (tmp_path / "mem0").exists()
@@ -195,13 +173,7 @@ def test_refuses_to_steal_a_non_socket(tmp_path: Path, engine: list[str]) -> Non
     path = tmp_path / "not-a-socket"
     path.write_text("precious")
     serve = ["serve", "--socket-path", str(path), "--backing-dir", str(tmp_path / "m")]
-    result = subprocess.run(
-        [*VGPUD, *serve, *engine],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    result = run_vgpud(*serve, *engine)
     assert result.returncode == 1
     # One line, the reason: no traceback (the libvfio-user engine's came out of the nursery
     # as an exception group) and no "stopped" log line before it.
@@ -232,13 +204,13 @@ def test_an_inherited_fd_must_be_a_unix_stream_endpoint(
     """A TCP listener was served (an audit: anyone on the network could reach the device);
     a datagram or unbound socket waited for a client that could never come, then exit 0."""
     with make() as given:
-        result = subprocess.run(
-            [*VGPUD, "serve", "--fd", str(given.fileno()), "--backing-dir", str(tmp_path / "m")],
+        result = run_vgpud(
+            "serve",
+            "--fd",
+            str(given.fileno()),
+            "--backing-dir",
+            str(tmp_path / "m"),
             pass_fds=(given.fileno(),),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
         )
     assert result.returncode == 1
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
@@ -264,13 +236,7 @@ def test_backing_file_of_another_size_is_kept_and_refused(tmp_path: Path) -> Non
     memory = tmp_path / "mem"
     memory.mkdir()
     (memory / "usemem").write_bytes(b"someone's data")
-    result = subprocess.run(
-        [*VGPUD, "serve", "--socket-path", str(tmp_path / "s"), "--backing-dir", str(memory)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    result = run_vgpud("serve", "--socket-path", str(tmp_path / "s"), "--backing-dir", str(memory))
     assert result.returncode == 1
     assert "belongs to a device of another size" in result.stderr
     assert (memory / "usemem").read_bytes() == b"someone's data"
@@ -313,9 +279,7 @@ def test_socket_activation_by_name(
     listener.close()
     try:
         assert notify_socket.recv(64) == b"READY=1"
-        probe = subprocess.run(
-            [*VGPUD, "probe", str(path)], capture_output=True, text=True, check=False
-        )
+        probe = run_vgpud("probe", str(path))
         assert probe.returncode == 0, probe.stderr
         assert "BAR4    size 4GiB" in probe.stdout
     finally:
@@ -343,13 +307,8 @@ def test_started_by_the_first_connection_as_the_socket_unit_does(
         log = _read_until(activator, "Listening on")
         assert not (tmp_path / "m").exists()  # nothing has started the daemon yet
         for _ in range(2):
-            probe = subprocess.run(
-                [*VGPUD, "probe", str(path)],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=30,  # a hang guard: unserved, the connection would wait forever
-            )
+            # A hang guard: unserved, the connection would wait forever.
+            probe = run_vgpud("probe", str(path), timeout=30)
             assert probe.returncode == 0, probe.stderr
             assert "BAR4    size 4GiB" in probe.stdout
     finally:
