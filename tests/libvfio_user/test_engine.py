@@ -232,6 +232,13 @@ async def test_reconnect_keeps_device_memory(engine: Engine) -> None:
         assert handle.read(8) == b"persist!"
 
 
+async def interrupts(efd: int) -> int:
+    """Wait (5 s at most) for ``efd`` to be signalled; how many times it was."""
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(efd)
+    return os.eventfd_read(efd)
+
+
 async def enable_msix(client: VfioUserClient) -> None:
     control = struct.unpack("<H", await client.region_read(CONFIG, MSIX_CAP + 2, 2))[0]
     await client.region_write(CONFIG, MSIX_CAP + 2, struct.pack("<H", control | 0x8000))
@@ -244,9 +251,7 @@ async def test_doorbell_reaches_the_msix_eventfd_through_libvfio_user(engine: En
             await enable_msix(client)
             await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 3, 1, [efd])
             await client.region_write(BAR0, DOORBELL, struct.pack("<I", 3))
-            with trio.fail_after(5):
-                await trio.lowlevel.wait_readable(efd)
-            assert os.eventfd_read(efd) == 1
+            assert await interrupts(efd) == 1
             await client.set_irqs(MSIX_IRQ, SET_IRQS_NONE_TRIGGER, 0, 0)
     finally:
         os.close(efd)
@@ -259,9 +264,7 @@ async def test_interrupt_waits_until_the_client_wires_the_vector(engine: Engine)
             await enable_msix(client)
             await client.region_write(BAR0, DOORBELL, struct.pack("<I", 5))  # not wired yet
             await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 5, 1, [efd])
-            with trio.fail_after(5):
-                await trio.lowlevel.wait_readable(efd)
-            assert os.eventfd_read(efd) == 1
+            assert await interrupts(efd) == 1
     finally:
         os.close(efd)
 
@@ -295,9 +298,7 @@ async def test_an_interrupt_raised_before_a_reset_is_not_delivered_after_it(
                 os.eventfd_read(efd)
             # The vector works: a doorbell after the reset arrives.
             await client.region_write(BAR0, DOORBELL, struct.pack("<I", 5))
-            with trio.fail_after(5):
-                await trio.lowlevel.wait_readable(efd)
-            assert os.eventfd_read(efd) == 1
+            assert await interrupts(efd) == 1
     finally:
         os.close(efd)
 
