@@ -193,7 +193,8 @@ class SyntheticGpu:
             if self.profile.cxl_dvsec and intersects(offset, count, CXL_READY_REGISTER, 4):
                 self._update_cxl_status()
             return self.config.read(offset, count)
-        self._check_memory_enabled()
+        if not self._memory_enabled:  # a flag, not a method: BAR0 reads are the hot path
+            raise _memory_disabled()
         if index == BAR0_REGION_INDEX:
             return self.bar0.read(offset, count)
         return self._bar1().read(offset, count)
@@ -205,7 +206,8 @@ class SyntheticGpu:
         if index == CONFIG_REGION_INDEX:
             self._config_write(offset, data)
             return
-        self._check_memory_enabled()
+        if not self._memory_enabled:
+            raise _memory_disabled()
         if index == BAR0_REGION_INDEX:
             self.bar0.write(offset, data)
         else:
@@ -253,14 +255,12 @@ class SyntheticGpu:
         before and restored after, so the client finds COMMAND, the BARs and the capability
         controls as it left them (docs/device.md item 8). Not restored: :data:`NOT_RESTORED`.
         """
-        saved = bytes(self.config.data)
+        saved = bytearray(self.config.data)
         self.config.reset()
         self.irqs.reset()
         self.bar0.reset()
         for offset, size in NOT_RESTORED:
-            saved = (
-                saved[:offset] + self.config.data[offset : offset + size] + saved[offset + size :]
-            )
+            saved[offset : offset + size] = self.config.data[offset : offset + size]
         self.config.data[:] = saved
         self.irqs.config_written()
         self._update_memory_enabled()
@@ -299,13 +299,6 @@ class SyntheticGpu:
             self.config.u16(PMCSR) & PM_STATE_MASK != PM_STATE_D3HOT
         )
 
-    def _check_memory_enabled(self) -> None:
-        # vfio_pci_bar_rw's test_mem for a memory BAR: the kernel refuses with EIO rather
-        # than let the access reach a device that is not decoding memory (found by an audit
-        # against vfio_pci_rdwr.c; BAR0 used to answer whatever COMMAND said).
-        if not self._memory_enabled:
-            raise DeviceError(errno.EIO, "memory decoding is off (COMMAND.MEM clear or D3hot)")
-
     def _check_access(self, index: int, offset: int, count: int) -> None:
         # Region sizes are fixed at creation; building a RegionInfo per trapped access (the
         # hot path) would cost more than the access itself.
@@ -333,6 +326,13 @@ class SyntheticGpu:
             return
         self.irqs.config_written()
         self._update_memory_enabled()
+
+
+def _memory_disabled() -> DeviceError:
+    # vfio_pci_bar_rw's test_mem for a memory BAR: the kernel refuses with EIO rather than
+    # let the access reach a device that is not decoding memory (found by an audit against
+    # vfio_pci_rdwr.c; BAR0 used to answer whatever COMMAND said).
+    return DeviceError(errno.EIO, "memory decoding is off (COMMAND.MEM clear or D3hot)")
 
 
 def _build_config(profile: Profile, serial_number: int | None) -> ConfigSpace:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from vgpud.libvfio_user.ffi import LOG_DEBUG
@@ -26,6 +27,13 @@ from vgpud.libvfio_user.ffi import LOG_DEBUG
 _METHODS = {0: "error", 1: "error", 2: "error", 3: "warning", 4: "warning", 5: "info", 6: "info"}
 BURST = 20
 PER_SECOND = 2.0
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    last: float  # when tokens was last refilled
+    suppressed: int = 0  # lines dropped since the last one logged
 
 
 class LibraryLog:
@@ -43,8 +51,7 @@ class LibraryLog:
         self._clock = clock
         self._burst = burst
         self._per_second = per_second
-        # method -> [tokens, last refill, lines suppressed since the last one logged]
-        self._buckets: dict[str, list[float]] = {}
+        self._buckets: dict[str, _Bucket] = {}  # per structlog method
 
     def emit(self, level: int, text: str) -> None:
         """Log one library line at the structlog level matching ``level``, within limits."""
@@ -55,16 +62,16 @@ class LibraryLog:
         now = self._clock()
         bucket = self._buckets.get(method)
         if bucket is None:
-            bucket = self._buckets[method] = [float(self._burst), now, 0]
-        tokens = min(float(self._burst), bucket[0] + (now - bucket[1]) * self._per_second)
-        bucket[1] = now
-        if tokens < 1:
-            bucket[0] = tokens
-            bucket[2] += 1
+            bucket = self._buckets[method] = _Bucket(float(self._burst), now)
+        bucket.tokens = min(
+            float(self._burst), bucket.tokens + (now - bucket.last) * self._per_second
+        )
+        bucket.last = now
+        if bucket.tokens < 1:
+            bucket.suppressed += 1
             return
-        bucket[0] = tokens - 1
-        suppressed = int(bucket[2])
-        bucket[2] = 0
+        bucket.tokens -= 1
+        suppressed, bucket.suppressed = bucket.suppressed, 0
         if suppressed:
             getattr(self._log, method)("libvfio-user", message=text, suppressed=suppressed)
         else:
