@@ -29,6 +29,7 @@ from vgpud.libvfio_user import EngineUnavailable, LibvfioUserServer, load_librar
 from vgpud.libvfio_user import engine as engine_module
 from vgpud.libvfio_user.engine import serve_device
 from vgpud.libvfio_user.sockets import accepted_connections
+from vgpud.log_limit import BURST, PER_SECOND
 
 try:
     LIBRARY = load_library()
@@ -280,6 +281,23 @@ async def test_an_unwired_vector_does_not_make_every_request_log(engine: Engine)
                 await client.region_read(CONFIG, 0, 4)
     complaints = [e for e in logs if "no fd for interrupt" in str(e.get("message"))]
     assert len(complaints) <= 1, complaints  # the doorbell's own forward, at most
+
+
+async def test_a_reset_flood_is_logged_within_the_device_rate_limit(engine: Engine) -> None:
+    """As under the Python engine: one "device reset" line per DEVICE_RESET (QEMU sends one
+    per guest FLR) made 200 lines of ours and 200 of libvfio-user's for 200 resets."""
+    start = trio.current_time()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            async with await engine.connect() as client:
+                for _ in range(100):
+                    await client.reset()
+            await engine.server.wait_idle()
+    limit = BURST + PER_SECOND * (trio.current_time() - start) + 1
+    ours = [e for e in logs if e["event"] == "device reset"]
+    library = [e for e in logs if e.get("message") == "device reset by client"]
+    assert BURST <= len(ours) <= limit
+    assert BURST <= len(library) <= limit
 
 
 async def test_an_interrupt_raised_before_a_reset_is_not_delivered_after_it(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import structlog.testing
 
 from vgpud.libvfio_user.library_log import LibraryLog
+from vgpud.log_limit import LogLimiter
 
 LOG_ERR, LOG_INFO, LOG_DEBUG = 3, 6, 7
 
@@ -20,7 +21,7 @@ class FakeClock:
 
 def test_a_flood_is_cut_to_the_burst_then_the_rate_and_the_drops_are_counted() -> None:
     clock = FakeClock()
-    limited = LibraryLog(structlog.get_logger(), clock=clock, burst=5, per_second=2.0)
+    limited = LibraryLog(structlog.get_logger(), LogLimiter(clock=clock, burst=5, per_second=2.0))
     with structlog.testing.capture_logs() as logs:
         for i in range(1000):
             limited.emit(LOG_ERR, f"cmd 9 failed {i}")
@@ -39,7 +40,9 @@ def test_a_flood_is_cut_to_the_burst_then_the_rate_and_the_drops_are_counted() -
 
 
 def test_levels_have_buckets_of_their_own_and_debug_is_not_limited() -> None:
-    limited = LibraryLog(structlog.get_logger(), clock=FakeClock(), burst=1, per_second=0.0)
+    limited = LibraryLog(
+        structlog.get_logger(), LogLimiter(clock=FakeClock(), burst=1, per_second=0.0)
+    )
     with structlog.testing.capture_logs() as logs:
         limited.emit(LOG_ERR, "error")
         limited.emit(LOG_ERR, "error again")

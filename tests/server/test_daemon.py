@@ -36,6 +36,7 @@ from tests.server.rawclient import QEMU_VERSION, RawConn
 from vgpud import daemon
 from vgpud.client import CLIENT_CAPABILITIES, VfioUserClient, VfioUserError
 from vgpud.config import DaemonConfig, single_device
+from vgpud.log_limit import BURST, PER_SECOND
 from vgpud.server import listener as listener_module
 from vgpud.server import session as session_module
 from vgpud.server.dma import DmaMapping
@@ -239,6 +240,22 @@ async def test_reset_clears_emulated_bars_and_keeps_memory(vgpud: Daemon) -> Non
         assert struct.unpack("<I", await client.region_read(CONFIG, 0x20, 4))[0] == 0xC
         await enable_memory(client)
         assert await client.region_read(BAR4, 0, 8) == b"keep me!"
+
+
+async def test_a_reset_flood_is_logged_within_the_device_rate_limit(vgpud: Daemon) -> None:
+    """QEMU sends DEVICE_RESET for every FLR the guest starts, so a guest can make a flood
+    of them; the "device reset" lines stay within the device's limit (vgpud/log_limit.py),
+    which a reconnecting client does not refill."""
+    start = trio.current_time()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            async with await vgpud.connect() as client:
+                for _ in range(100):
+                    await client.reset()
+            await vgpud.idle()
+    elapsed = trio.current_time() - start
+    resets = [e for e in logs if e["event"] == "device reset"]
+    assert BURST <= len(resets) <= BURST + PER_SECOND * elapsed + 1, (len(resets), elapsed)
 
 
 async def test_reconnect_keeps_device_memory(vgpud: Daemon) -> None:

@@ -57,6 +57,7 @@ from vgpud.libvfio_user.irq import FORWARDED_IRQS, IrqBridge
 from vgpud.libvfio_user.library_log import LibraryLog
 from vgpud.libvfio_user.sockets import accepted_connections, adopt_listener, shutdown_fd
 from vgpud.libvfio_user.watchdog import STALL_LIMIT, StallWatchdog
+from vgpud.log_limit import LogLimiter
 from vgpud.server.listener import (
     ListenerError,
     group_id,
@@ -123,8 +124,10 @@ class LibvfioUserServer:
         self._dma_views: dict[tuple[int, int], memoryview] = {}
         self._idle = trio.Condition()
         counts = {index: device.irq_info(index).count for index in FORWARDED_IRQS}
-        self._bridge = IrqBridge(counts, self._trigger, self.log)
-        self._library_log = LibraryLog(self.log)
+        # Lines a client can cause per request are rate limited (vgpud/log_limit.py).
+        self._log_limit = LogLimiter()
+        self._bridge = IrqBridge(counts, self._trigger, self.log, self._log_limit)
+        self._library_log = LibraryLog(self.log, self._log_limit)
         self.watchdog = StallWatchdog(name, self.log, stall_limit)
 
     # -- set-up and tear-down ------------------------------------------------------------
@@ -523,7 +526,8 @@ class LibvfioUserServer:
                 return 0
             self._bridge.reset()
             self.device.reset()
-            self.log.info("device reset", flr=reset_type == self._lib.VFU_RESET_PCI_FLR)
+            flr = reset_type == self._lib.VFU_RESET_PCI_FLR
+            self._log_limit.log(self.log, "info", "device reset", flr=flr)
             self._bridge.drain()  # what the reset itself raised
             return 0
         except DeviceError as exc:
@@ -539,7 +543,7 @@ class LibvfioUserServer:
             self.device.set_irqs(INTX_IRQ_INDEX, action, start, count)
             self._bridge.drain()
         except DeviceError as exc:
-            self.log.info("INTx (un)mask refused", error=str(exc))
+            self._log_limit.log(self.log, "info", "INTx (un)mask refused", error=str(exc))
         except Exception:
             self._internal_error("INTx (un)mask failed")
 
@@ -560,7 +564,9 @@ class LibvfioUserServer:
             self.device.dma_map(region)
         except DeviceError as exc:
             # libvfio-user gives this callback no way to refuse the map.
-            self.log.warning("device refused a DMA map it cannot veto here", error=str(exc))
+            self._log_limit.log(
+                self.log, "warning", "device refused a DMA map it cannot veto here", error=str(exc)
+            )
         except Exception:
             self._internal_error("DMA map notification failed")
 
@@ -576,7 +582,7 @@ class LibvfioUserServer:
                 if view is not None:
                     view.release()
         except DeviceError as exc:
-            self.log.warning("device refused a DMA unmap", error=str(exc))
+            self._log_limit.log(self.log, "warning", "device refused a DMA unmap", error=str(exc))
         except Exception:
             self._internal_error("DMA unmap notification failed")
 

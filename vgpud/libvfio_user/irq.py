@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from backends.device import INTX_IRQ_INDEX, MSI_IRQ_INDEX, MSIX_IRQ_INDEX, IrqAction, VfioDevice
+from vgpud.log_limit import LogLimiter
 
 FORWARDED_IRQS = (INTX_IRQ_INDEX, MSI_IRQ_INDEX, MSIX_IRQ_INDEX)
 
@@ -39,11 +40,18 @@ FORWARDED_IRQS = (INTX_IRQ_INDEX, MSI_IRQ_INDEX, MSIX_IRQ_INDEX)
 class IrqBridge:
     """Proxy eventfds between a ``VfioDevice`` and ``vfu_irq_trigger``."""
 
-    def __init__(self, counts: dict[int, int], trigger: Callable[[int], int], log: Any) -> None:
+    def __init__(
+        self,
+        counts: dict[int, int],
+        trigger: Callable[[int], int],
+        log: Any,
+        log_limit: LogLimiter,
+    ) -> None:
         """``counts``: vectors per forwarded irq index; ``trigger(v)`` returns 0 or an errno."""
         self._counts = {index: counts.get(index, 0) for index in FORWARDED_IRQS}
         self._trigger = trigger
         self._log = log
+        self._log_limit = log_limit
         self._proxies: list[int] = []
         self._epoll = select.epoll(flags=select.EPOLL_CLOEXEC)
         self.pending: set[int] = set()
@@ -103,7 +111,9 @@ class IrqBridge:
         if err == errno.ENOENT:
             self.pending.add(vector)  # not wired by the client yet: keep it
         elif err:
-            self._log.warning("vfu_irq_trigger failed", vector=vector, errno=err)
+            self._log_limit.log(
+                self._log, "warning", "vfu_irq_trigger failed", vector=vector, errno=err
+            )
 
     def close(self) -> None:
         """Close the proxies and the epoll set (the device closes its own dups)."""

@@ -27,6 +27,7 @@ import trio
 
 import protocol as p
 from backends.device import VfioDevice
+from vgpud.log_limit import LogLimiter
 from vgpud.server.refusal import Refusals
 from vgpud.server.session import Session
 from vgpud.server.transport import FdStream
@@ -192,6 +193,7 @@ class DeviceServer:
         self._waiter: _Waiter | None = None  # a client waiting for a departed one's session
         self._session_finished = trio.Condition()
         self._refusals = Refusals(self.log)
+        self.log_limit = LogLimiter()  # for every session of this device (vgpud/log_limit.py)
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -297,7 +299,14 @@ class DeviceServer:
         reason = "error"
         session: Session | None = None
         try:
-            session = Session(stream, self.device, self.capabilities, log, no_mmap=self.no_mmap)
+            session = Session(
+                stream,
+                self.device,
+                self.capabilities,
+                log,
+                no_mmap=self.no_mmap,
+                log_limit=self.log_limit,
+            )
             self.current_session = session
             reason = await session.run()
             log.info("client disconnected", reason=reason, messages=session.messages)

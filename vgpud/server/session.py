@@ -31,6 +31,7 @@ import trio
 
 import protocol as p
 from backends.device import DeviceError, IrqAction, RegionFlags, VfioDevice
+from vgpud.log_limit import LogLimiter
 from vgpud.server.dma import DmaError, DmaTable
 from vgpud.server.transport import FdStream, TransportError, close_fds
 from vgpud.server.watchers import FdWatchers
@@ -66,10 +67,14 @@ class Session:
         log: Any,
         *,
         no_mmap: bool = False,
+        log_limit: LogLimiter | None = None,
     ) -> None:
         self.stream = stream
         self.device = device
         self.log = log
+        # Lines a client can cause per request (vgpud/log_limit.py); the device's limiter,
+        # so that reconnecting does not refill it.
+        self.log_limit = log_limit if log_limit is not None else LogLimiter()
         self.no_mmap = no_mmap
         self.conn = p.ServerConnection(capabilities)
         self.dma = DmaTable(capabilities.max_dma_maps)
@@ -350,7 +355,14 @@ class Session:
         try:
             self.device.dma_unmap(iova, size)
         except DeviceError as exc:
-            self.log.warning("device refused a DMA unmap", iova=iova, size=size, error=str(exc))
+            self.log_limit.log(
+                self.log,
+                "warning",
+                "device refused a DMA unmap",
+                iova=iova,
+                size=size,
+                error=str(exc),
+            )
 
     # -- device and region info ------------------------------------------------------------
 
@@ -501,7 +513,8 @@ class Session:
             self.device.reset()
         finally:
             self.watchers.start()
-        self.log.info("device reset")
+        # QEMU sends one for every FLR the guest starts: a guest can repeat it at will.
+        self.log_limit.log(self.log, "info", "device reset")
         return self.conn.send_reply(request)
 
     def _device_feature(self, request: p.Request, msg: p.DeviceFeature) -> p.Outgoing | None:

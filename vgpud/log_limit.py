@@ -1,0 +1,68 @@
+"""Rate limits for the log lines a client can cause as often as it likes.
+
+Some lines are written once per request of a kind: "device reset" for every DEVICE_RESET,
+a device refusing a DMA unmap, libvfio-user's own complaint about every request that
+failed. A guest reaches some of them without any help from a compromised VMM -- QEMU turns
+each FLR the guest driver starts (a sysfs ``reset`` loop, say) into a DEVICE_RESET -- so
+unlimited, one VM could make the daemon write hundreds of lines a second into the journal
+every other device shares (found by measurement: 200 FLRs, 200 info lines).
+
+So each kind of line keeps a token bucket, as the kernel's ``printk_ratelimit`` does:
+``burst`` lines at once, then ``per_second``; what is dropped is counted and reported on the
+next line of that kind that passes (``suppressed=N``). Ordinary use stays far below the
+limit (a guest reboot resets the device once or twice).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+BURST = 20
+PER_SECOND = 2.0
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    last: float  # when tokens was last refilled
+    suppressed: int = 0  # lines dropped since the last one logged
+
+
+class LogLimiter:
+    """Token buckets, one per kind of line; one limiter per device, shared by its clients
+    (a VMM reconnecting does not get a fresh burst)."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        burst: int = BURST,
+        per_second: float = PER_SECOND,
+    ) -> None:
+        self._clock = clock
+        self._burst = burst
+        self._per_second = per_second
+        self._buckets: dict[str, _Bucket] = {}
+
+    def log(self, log: Any, method: str, event: str, *, key: str = "", **fields: Any) -> bool:
+        """``log.<method>(event, **fields)`` unless the bucket ``key`` (default: ``event``)
+        is empty; whether the line was written."""
+        now = self._clock()
+        bucket = self._buckets.get(key or event)
+        if bucket is None:
+            bucket = self._buckets[key or event] = _Bucket(float(self._burst), now)
+        bucket.tokens = min(
+            float(self._burst), bucket.tokens + (now - bucket.last) * self._per_second
+        )
+        bucket.last = now
+        if bucket.tokens < 1:
+            bucket.suppressed += 1
+            return False
+        bucket.tokens -= 1
+        if bucket.suppressed:
+            fields["suppressed"], bucket.suppressed = bucket.suppressed, 0
+        getattr(log, method)(event, **fields)
+        return True
