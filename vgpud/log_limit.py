@@ -2,10 +2,12 @@
 
 Some lines are written once per request of a kind: "device reset" for every DEVICE_RESET,
 a device refusing a DMA unmap, libvfio-user's own complaint about every request that
-failed. A guest reaches some of them without any help from a compromised VMM -- QEMU turns
-each FLR the guest driver starts (a sysfs ``reset`` loop, say) into a DEVICE_RESET -- so
-unlimited, one VM could make the daemon write hundreds of lines a second into the journal
-every other device shares (found by measurement: 200 FLRs, 200 info lines).
+failed. The VMM is not trusted (docs/security.md: a guest may have compromised it), and it
+can send such requests as fast as the socket takes them: unlimited, one VMM made the daemon
+write a line per request into the journal every other device shares (measured: 200
+DEVICE_RESETs, 200 info lines of ours and 200 of libvfio-user's). A guest on its own
+reaches DEVICE_RESET only through a system or bus reset, far below the limit; its FLRs are
+config writes the device handles without a line.
 
 So each kind of line keeps a token bucket, as the kernel's ``printk_ratelimit`` does:
 ``burst`` lines at once, then ``per_second``; what is dropped is counted and reported on the

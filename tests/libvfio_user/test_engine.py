@@ -284,8 +284,8 @@ async def test_an_unwired_vector_does_not_make_every_request_log(engine: Engine)
 
 
 async def test_a_reset_flood_is_logged_within_the_device_rate_limit(engine: Engine) -> None:
-    """As under the Python engine: one "device reset" line per DEVICE_RESET (QEMU sends one
-    per guest FLR) made 200 lines of ours and 200 of libvfio-user's for 200 resets."""
+    """As under the Python engine: one "device reset" line per DEVICE_RESET made 200 lines
+    of ours and 200 of libvfio-user's for 200 resets back to back."""
     start = trio.current_time()
     with structlog.testing.capture_logs() as logs:
         for _ in range(2):

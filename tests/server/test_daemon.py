@@ -243,9 +243,8 @@ async def test_reset_clears_emulated_bars_and_keeps_memory(vgpud: Daemon) -> Non
 
 
 async def test_a_reset_flood_is_logged_within_the_device_rate_limit(vgpud: Daemon) -> None:
-    """QEMU sends DEVICE_RESET for every FLR the guest starts, so a guest can make a flood
-    of them; the "device reset" lines stay within the device's limit (vgpud/log_limit.py),
-    which a reconnecting client does not refill."""
+    """A VMM can send DEVICE_RESET back to back; the "device reset" lines stay within the
+    device's limit (vgpud/log_limit.py), which a reconnecting client does not refill."""
     start = trio.current_time()
     with structlog.testing.capture_logs() as logs:
         for _ in range(2):

@@ -513,7 +513,7 @@ class Session:
             self.device.reset()
         finally:
             self.watchers.start()
-        # QEMU sends one for every FLR the guest starts: a guest can repeat it at will.
+        # A VMM can send these back to back (vgpud/log_limit.py).
         self.log_limit.log(self.log, "info", "device reset")
         return self.conn.send_reply(request)
 
