@@ -33,8 +33,8 @@ from vgpud import systemd
 from vgpud.budget import BudgetError, dma_map_limit
 from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
 from vgpud.devices import BuiltDevice, build_device
-from vgpud.libvfio_user.engine import serve_device
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
+from vgpud.libvfio_user.thread import serve_device_on_thread
 from vgpud.server.listener import (
     SERVER_CAPABILITIES,
     DeviceServer,
@@ -347,7 +347,7 @@ async def _start_libvfio_user(
         try:
             server = await nursery.start(
                 functools.partial(
-                    serve_device,
+                    serve_device_on_thread,  # a stalled client holds up its device only
                     device,
                     path,
                     socket_mode=device_config.socket_mode,

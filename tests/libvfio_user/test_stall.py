@@ -1,9 +1,10 @@
 """A client stalling libvfio-user mid-message is cut off; the daemon's other devices go on.
 
 libvfio-user reads bodies and sends replies with blocking calls, so without the engine's
-watchdog (vgpud/libvfio_user/watchdog.py) one such client blocks the trio thread, and every
-device of the daemon, forever. The daemon runs in a process of its own here because that is
-exactly what a stall would do to an in-process one.
+watchdog (vgpud/libvfio_user/watchdog.py) one such client blocks its device's thread
+forever (and, before each device had a thread of its own, every device of the daemon:
+tests/libvfio_user/test_thread.py shows the neighbour served during the stall). The daemon
+runs in a process of its own here, as deployed.
 
 Needs a libvfio-user build (``VGPUD_LIBVFIO_USER``); skipped without one.
 """
@@ -119,7 +120,7 @@ def test_stalling_client_is_cut_off_and_other_devices_are_served(
         ids = config_read(neighbour, 1)
         staller = connect(tmp_path / "gpu0.sock")
         stall(staller)
-        send_config_read(neighbour, 2)  # to a device of the same daemon, held up meanwhile
+        send_config_read(neighbour, 2)  # to a device of the same daemon
         # The watchdog cuts the staller off. Without it this waits out the hang guard.
         stall_event, _ = read_log_until(proc, STALL_EVENT)
         assert (stall_event["device"], stall_event["connection"]) == ("gpu0", 1)

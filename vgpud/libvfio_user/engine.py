@@ -12,7 +12,8 @@ Theory of operation (DESIGN.md "Engines" #2):
   *every* config access to us instead of emulating the standard header, BARs, ROM and
   capabilities itself (lib/libvfio-user.c ``region_access``), so the client sees the variant's
   emulated BAR registers exactly as under the Python engine.
-* The library is not thread-safe. Everything runs on the trio thread --
+* The library is not thread-safe within a context. Everything runs on the device's trio
+  thread (the daemon gives each device one: :mod:`vgpud.libvfio_user.thread`) --
   ``vfu_get_poll_fd`` + ``trio.lowlevel.wait_readable`` + ``vfu_run_ctx`` until it has nothing
   left -- except ``vfu_attach_ctx``: it accepts *and negotiates* (a blocking read of VERSION,
   lib/tran.c), so it runs in a worker thread while the trio thread leaves the context alone,
@@ -610,6 +611,7 @@ async def serve_device(
     library: Library | str | os.PathLike[str] | None = None,
     listener: socket.socket | None = None,
     max_dma_maps: int = MAX_DMA_MAPS,
+    stall_limit: float = STALL_LIMIT,
     task_status: trio.TaskStatus[LibvfioUserServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``built.device`` with libvfio-user on ``socket_path`` until cancelled.
@@ -621,6 +623,7 @@ async def serve_device(
     ``listener``: an inherited listening socket to serve instead (``socket_path``, its mode
     and group then unused; its file is left in place on exit). ``max_dma_maps``: how many
     DMA regions a client may register (the daemon passes its share, vgpud/budget.py).
+    ``stall_limit``: how long a client may block the library mid-message (watchdog.py).
     """
     loaded = library if isinstance(library, Library) else load_library(library)
     server = LibvfioUserServer(
@@ -633,6 +636,7 @@ async def serve_device(
         no_mmap=no_mmap,
         listener=listener,
         max_dma_maps=max_dma_maps,
+        stall_limit=stall_limit,
     )
     try:
         server.create()

@@ -3,18 +3,19 @@
 Inside ``vfu_run_ctx`` libvfio-user reads a message body and sends the reply with blocking
 calls (lib/tran_sock.c: ``recv`` of the body, ``sendmsg`` of the reply; only the header is
 read with MSG_DONTWAIT). A client that sends a header and then nothing, or stops reading its
-replies once the socket buffer is full, therefore blocks the trio thread, and with it every
-device of the daemon. The library cannot be told otherwise (a receive timeout on the socket
-would make it answer the half-read message with EAGAIN and then parse the late body as a
-header).
+replies once the socket buffer is full, therefore blocks its device's thread
+(:mod:`vgpud.libvfio_user.thread`) for good, and the device can take no other client. The
+library cannot be told otherwise (a receive timeout on the socket would make it answer the
+half-read message with EAGAIN and then parse the late body as a header).
 
 So a thread that never touches the (not thread-safe) library watches the calls: the trio
 thread numbers each ``vfu_run_ctx`` call (:meth:`StallWatchdog.enter`/:meth:`leave`, two
 attribute stores, no syscall), and when the same call is still running after ``limit``
 seconds the watchdog shuts the connection down through its own duplicate of the socket.
 The blocked ``recv``/``sendmsg`` then returns, libvfio-user fails the message and resets the
-context (ENOTCONN), and the engine attaches the next client as after any disconnect. Other
-devices of the daemon are held up for at most ``limit`` seconds instead of forever.
+context (ENOTCONN), and the engine attaches the next client as after any disconnect: the
+device is held up for at most ``limit`` seconds instead of forever. When the daemon stops,
+:meth:`StallWatchdog.cut_now` does the same at once.
 
 No legitimate message needs that long. QEMU writes a message with one ``sendmsg``, so once a
 header is in, the body is there or on its way within the same system call; it reads replies
@@ -92,6 +93,18 @@ class StallWatchdog:
         """... and it returned."""
         self._call = 0
 
+    @property
+    def busy(self) -> bool:
+        """Whether a ``vfu_run_ctx`` call is in progress (blocked, perhaps)."""
+        return self._call != 0
+
+    def cut_now(self) -> None:
+        """Cut the client off now if a ``vfu_run_ctx`` call is blocked on it (the daemon
+        stops: its device's loop can only see that once the call returns). Any thread."""
+        call = self._call
+        if call != 0:
+            self._cut(call, stalled=False)
+
     def _watch(self) -> None:
         period = self.limit / _CHECKS_PER_LIMIT
         seen, since = 0, 0
@@ -106,7 +119,7 @@ class StallWatchdog:
             self._cut(call)
             seen, since = 0, 0
 
-    def _cut(self, call: int) -> None:
+    def _cut(self, call: int, *, stalled: bool = True) -> None:
         with self._lock:
             if self._call != call or self._conn is None:
                 return  # it returned meanwhile
@@ -115,6 +128,8 @@ class StallWatchdog:
             except OSError:
                 return
             log = self._conn_log
+        if not stalled:
+            return
         self.stalls += 1
         log.warning(
             "client stalled in the middle of a message, cutting it off",

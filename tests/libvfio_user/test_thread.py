@@ -1,0 +1,105 @@
+"""Each libvfio-user device on a thread of its own (vgpud/libvfio_user/thread.py): a client
+blocking the library mid-message holds up its own device only, and a stop does not wait for
+the stall limit.
+
+Needs a libvfio-user build (``VGPUD_LIBVFIO_USER``); skipped without one.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.server.rawclient import HEADER, QEMU_VERSION
+from vgpud.client import VfioUserClient
+from vgpud.config import single_device
+from vgpud.devices import build_device
+from vgpud.libvfio_user import EngineUnavailable, load_library
+from vgpud.libvfio_user.thread import DeviceThread, serve_device_on_thread
+from vgpud.server.listener import ListenerError
+
+try:
+    LIBRARY = load_library()
+except EngineUnavailable as exc:
+    pytest.skip(f"libvfio-user engine tests need the library ({exc})", allow_module_level=True)
+
+CONFIG, REGION_WRITE = 7, 10
+NEVER = 3600.0  # a stall limit no test reaches: only a stop can cut the staller off
+
+
+@asynccontextmanager
+async def served(tmp_path: Path, name: str, **options: object) -> AsyncIterator[DeviceThread]:
+    socket_path = tmp_path / f"{name}.sock"
+    config = single_device(
+        socket_path=socket_path, memory_size="4GiB", backing_dir=tmp_path / f"mem-{name}"
+    )
+    built = build_device(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            serve = functools.partial(
+                serve_device_on_thread, built, socket_path, library=LIBRARY, **options
+            )
+            yield await nursery.start(serve)
+            nursery.cancel_scope.cancel()
+    finally:
+        built.release()
+
+
+async def stall(path: Path) -> socket.socket:
+    """Negotiate, then send a REGION_WRITE header announcing a body that never comes."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await trio.to_thread.run_sync(sock.connect, str(path))
+    sock.sendall(QEMU_VERSION)
+    await trio.to_thread.run_sync(sock.recv, 4096)
+    sock.sendall(HEADER.pack(5, REGION_WRITE, 16 + 16 + 64, 0, 0))
+    return sock
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():  # noqa: ASYNC110 (state of another thread, no event to wait on)
+        await trio.sleep(0.001)
+
+
+async def test_a_stalled_client_holds_up_its_own_device_only(tmp_path: Path) -> None:
+    # Without the thread, reaching gpu1 would wait for the stall limit, NEVER; without the
+    # cut on stop, so would leaving. pytest's timeout (pyproject) turns a hang into a failure.
+    async with (
+        served(tmp_path, "gpu0", stall_limit=NEVER) as gpu0,
+        served(tmp_path, "gpu1") as gpu1,
+    ):
+        staller = await stall(tmp_path / "gpu0.sock")
+        # gpu0's thread is now inside vfu_run_ctx, blocked reading the body.
+        await until(lambda: gpu0.server is not None and gpu0.server.watchdog.busy)
+        async with await VfioUserClient.connect(tmp_path / "gpu1.sock") as client:
+            assert await client.region_read(CONFIG, 0, 2) == b"\xde\x10"
+        await gpu1.wait_idle()
+        assert gpu0.server is not None and gpu0.server.watchdog.busy
+        assert gpu0.server.watchdog.stalls == 0
+    # Leaving stopped both: the staller was cut off at once.
+    with staller:
+        assert staller.recv(1) == b""
+    assert not (tmp_path / "gpu0.sock").exists()
+
+
+async def test_a_start_up_error_comes_out_as_itself(tmp_path: Path) -> None:
+    """The daemon reports start-up errors in one line: no exception group around them."""
+    busy = tmp_path / "gpu0.sock"
+    built = build_device(
+        single_device(socket_path=busy, memory_size="4GiB", backing_dir=tmp_path / "mem")
+    )
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+            live.bind(str(busy))
+            live.listen()
+            async with trio.open_nursery() as nursery:
+                serve = functools.partial(serve_device_on_thread, built, busy, library=LIBRARY)
+                with pytest.raises(ListenerError, match="already listening"):
+                    await nursery.start(serve)
+    finally:
+        built.release()

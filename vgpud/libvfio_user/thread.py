@@ -1,0 +1,177 @@
+"""Each libvfio-user device on a thread of its own, with a trio loop of its own.
+
+Inside ``vfu_run_ctx`` libvfio-user reads message bodies and sends replies with blocking
+calls (:mod:`vgpud.libvfio_user.watchdog`). With every device on the daemon's one trio
+thread, a client that stalled mid-message held up every other device of the daemon until
+the watchdog cut it off (5 s), and a VMM that reconnected and stalled again, over and over,
+could keep them held up for good. On a thread of its own a device blocks only itself: the
+library keeps its contexts independent (its one piece of global state, the fd cache, takes
+a mutex: lib/fd_cache.c) and cffi releases the GIL around each call into it.
+
+A device's thread runs ``serve_device`` (:mod:`vgpud.libvfio_user.engine`) unchanged in its
+own ``trio.run``. The daemon's loop talks to it through trio tokens only
+(``run_sync_soon`` is the thread-safe way into a loop): the child reports that its socket
+listens, and the parent cancels it when the daemon stops. A client blocking the library at
+that moment is cut off at once (:meth:`StallWatchdog.cut_now`) rather than after the stall
+limit, so a stop is not held up either.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vgpud.devices import BuiltDevice
+from vgpud.libvfio_user.engine import LibvfioUserServer, serve_device
+
+_Serve = Callable[..., Awaitable[None]]
+
+
+class DeviceThread:
+    """The daemon's handle on one device served on its own thread (a ``ServedDevice``)."""
+
+    def __init__(self, name: str, serve: _Serve) -> None:
+        self.name = name
+        self.server: LibvfioUserServer | None = None  # once the child's socket listens
+        self._serve = serve
+        self._lock = threading.Lock()  # guards the child's token and nursery against stop()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
+
+    @property
+    def connections(self) -> int:
+        return 0 if self.server is None else self.server.connections
+
+    @property
+    def socket_path(self) -> Path | None:
+        return None if self.server is None else self.server.socket_path
+
+    async def wait_idle(self) -> None:
+        """Until no client is attached or negotiating (the server's own wait, run in the
+        device's loop; used by tests)."""
+        server, token, nursery = self.server, self._token, self._nursery
+        if server is None or token is None or nursery is None:
+            return
+        parent = trio.lowlevel.current_trio_token()
+        idle = trio.Event()
+
+        async def wait_in_child() -> None:
+            await server.wait_idle()
+            parent.run_sync_soon(idle.set)
+
+        token.run_sync_soon(nursery.start_soon, wait_in_child)
+        await idle.wait()
+
+    async def run(self, task_status: trio.TaskStatus[DeviceThread]) -> None:
+        """Serve on a new thread until :meth:`stop`; ``task_status`` once it listens.
+
+        Start-up errors (``EngineUnavailable``, ``ListenerError``) come out as themselves."""
+        parent = trio.lowlevel.current_trio_token()
+
+        def started(server: LibvfioUserServer) -> None:  # in the parent's loop
+            self.server = server
+            task_status.started(self)
+
+        with _single_error_unwrapped():
+            await trio.to_thread.run_sync(
+                self._thread_main,
+                parent,
+                started,
+                thread_name=f"vgpud-{self.name}",
+                limiter=trio.CapacityLimiter(1),  # not the default limiter's 40 threads
+            )
+
+    def stop(self) -> None:
+        """Cancel the device's loop (from any thread); it removes its socket and returns."""
+        with self._lock:
+            self._stopping = True
+            token, nursery = self._token, self._nursery
+        if token is not None and nursery is not None:
+            try:
+                token.run_sync_soon(nursery.cancel_scope.cancel)
+            except trio.RunFinishedError:
+                pass
+        if self.server is not None:
+            # The loop sees the cancel only once vfu_run_ctx returns.
+            self.server.watchdog.cut_now()
+
+    def _thread_main(
+        self,
+        parent: trio.lowlevel.TrioToken,
+        started: Callable[[LibvfioUserServer], None],
+    ) -> None:
+        with _single_error_unwrapped():
+            trio.run(self._child_main, parent, started)
+
+    async def _child_main(
+        self,
+        parent: trio.lowlevel.TrioToken,
+        started: Callable[[LibvfioUserServer], None],
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            with self._lock:
+                if self._stopping:
+                    return
+                self._token = trio.lowlevel.current_trio_token()
+                self._nursery = nursery
+            server = await nursery.start(self._serve)
+            try:
+                parent.run_sync_soon(started, server)
+            except trio.RunFinishedError:
+                nursery.cancel_scope.cancel()
+
+
+async def serve_device_on_thread(
+    built: BuiltDevice,
+    socket_path: Path,
+    *,
+    task_status: trio.TaskStatus[DeviceThread] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> None:
+    """:func:`~vgpud.libvfio_user.engine.serve_device` (same ``options``) on a thread of its
+    own, until cancelled; ``task_status.started`` gets the :class:`DeviceThread`."""
+    device_thread = DeviceThread(
+        built.name, functools.partial(serve_device, built, socket_path, **options)
+    )
+    with _single_error_unwrapped():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_when_cancelled, device_thread)
+            try:
+                await device_thread.run(task_status)
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def _stop_when_cancelled(device_thread: DeviceThread) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        device_thread.stop()
+
+
+@contextmanager
+def _single_error_unwrapped() -> Iterator[None]:
+    """A nursery wraps what fails in it in an exception group; a start-up error that is all
+    the group holds is handed on as itself (the daemon reports it in one line)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if len(leaves) != 1 or isinstance(leaves[0], trio.Cancelled):
+            raise
+        raise leaves[0] from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
