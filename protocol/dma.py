@@ -115,7 +115,8 @@ class DmaUnmap:
     """DMA_UNMAP request, and its optional echo reply (spec §3.3).
 
     ``argsz`` is derived: 24, plus 16 + bitmap size with GET_DIRTY_BITMAP (a received argsz
-    may be larger: it is room for the reply, spec §3.3). QEMU quirk accepted:
+    may be larger: it is room for the reply, docs/interop/vfio-user.rst DMA_UNMAP; the
+    sheet's §3.3 only says QEMU sends 24). QEMU quirk accepted:
     ``ALL`` with address = size = 0 unmaps everything (spec R15).
     """
 
@@ -177,8 +178,9 @@ class DmaUnmap:
                 exact_length(payload, DMA_UNMAP_STRUCT.size, "DMA_UNMAP")
             message = cls(flags, address, size, bitmap)
             # argsz is the most reply payload the sender takes (docs/interop/vfio-user.rst
-            # DMA_UNMAP; spec vfio-user.md §3.3): at least the echo (+ bitmap), more is room
-            # to spare, as for the kernel's argsz and libvfio-user's is_valid_unmap.
+            # DMA_UNMAP; the sheet's §3.3 gives only QEMU's 24): at least the echo
+            # (+ bitmap), more is room to spare, as for the kernel's argsz and libvfio-user's
+            # is_valid_unmap.
             require(argsz >= message.argsz, f"DMA_UNMAP argsz {argsz} < {message.argsz}")
             return message
 

@@ -1,9 +1,11 @@
 """``vgpud serve``: build every configured device, listen, serve, stop cleanly.
 
-Order matters and follows the kernel's probe (spec nvgrace-gpu.md §2.4): the device is
-built and its readiness polled (§7.1: BAR0 registers every second, up to 30 s; §7.3: with a
-CXL DVSEC, its status register every second, up to 1 s + 256 s) *before* its socket exists,
-so a VMM can never attach to a GPU that is not ready. Only when every device listens does
+Order matters: as the kernel's probe waits before it registers the device (spec
+nvgrace-gpu.md §2.4), the device's readiness is polled (§7.1: BAR0 registers every second,
+up to 30 s; §7.3: with a CXL DVSEC, its status register every second, up to 1 s + 256 s)
+*before* its socket exists, so a VMM can never attach to a GPU that is not ready. (Unlike
+§2.4, the device -- and so its layout -- is built before the wait, so a bad memory
+description fails at once rather than after it.) Only when every device listens does
 the service manager hear READY=1 (STYLE.md "trio": ``started()`` only once listening).
 SIGTERM/SIGINT/SIGHUP cancel everything; the sockets we created are removed and the backing
 files stay (device memory outlives the daemon).

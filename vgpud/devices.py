@@ -154,7 +154,8 @@ class BuiltDevice:
         return isinstance(self.backend, SyntheticGpu)
 
     def ready_now(self) -> bool:
-        """The readiness registers read ready (spec nvgrace-gpu.md §7.1)."""
+        """The readiness registers read ready: BAR0 (spec nvgrace-gpu.md §7.1), or the CXL
+        DVSEC when the device has one (§7.3)."""
         return device_ready(self.backend)
 
     def summary(self) -> dict[str, Any]:

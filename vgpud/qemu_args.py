@@ -90,6 +90,8 @@ def build(
         raise ValueError(f"unknown accel {accel!r} (tcg or kvm)")
     window = mmio_window(devices)
     args: list[str] = []
+    # With -numa, guest RAM goes to node 0 (memdev=ram0) and -machine memory-backend= is
+    # rejected (spec vfio-user.md §11, §14).
     machine_ram = "" if numa else ",memory-backend=ram0"
     if arch == "x86_64":
         args += ["-machine", f"q35{machine_ram}", "-accel", accel]

@@ -6,7 +6,7 @@ Regions (spec vfio-user.md §4, R12-R14)::
     1         upper half of BAR0 (size 0)
     2  BAR1   the GPU's real BAR1 at BAR2/3: 64-bit prefetchable, mmappable (file ``bar1``)
     3         upper half (size 0)
-    4, 5      absent on the raw device; the variant fakes usemem there (spec §3.4)
+    4, 5      absent on the raw device; the variant fakes usemem there (nvgrace-gpu.md §3.4)
     6  ROM    absent (ROM BAR reads 0 after sizing)
     7  config 4 KiB PCIe config space
     8  VGA    absent

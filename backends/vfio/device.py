@@ -437,7 +437,8 @@ class VfioPciDevice:
             if exc.errno != errno.EINVAL or index >= NUM_PCI_REGIONS:
                 raise
             # vfio-pci answers EINVAL for a fixed PCI region the device lacks (the VGA
-            # region of a non-VGA device); vfio-user says "absent" with size 0 (R13).
+            # region of a non-VGA device); vfio-user says "absent" with size 0 (spec
+            # vfio-user.md §3.5).
             absent = uapi.RawRegionInfo(index, 0, 0, 0)
             self._regions[index] = absent
             return absent

@@ -21,9 +21,9 @@ No legitimate message needs that long. QEMU writes a message with one ``sendmsg`
 header is in, the body is there or on its way within the same system call; it reads replies
 in its "VFIO user" iothread, so a reply too large for the socket buffer (a 1 MiB
 REGION_READ) waits only as long as that thread is busy; and it gives up on a reply itself
-after ``x-msg-timeout``, 5 s by default (spec vfio-user.md §5.1, §5.2). Hence the same 5 s:
-a connection blocked that long has already failed for QEMU, and a shorter limit would risk
-cutting a VM off a busy host for nothing.
+after ``x-msg-timeout``, 5 s by default (spec vfio-user.md §1 "Timeouts", §5.1, §5.2).
+Hence the same 5 s: a connection blocked that long has already failed for QEMU, and a
+shorter limit would risk cutting a VM off a busy host for nothing.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """The per-connection DMA table: what the client mapped, and our mappings of it.
 
 Spec vfio-user.md §3.2/§3.3, R15 and §12: accept fd-less maps (ROM, BAR back-mappings),
-identical re-maps succeed, overlaps fail, an unmap removes the mappings inside its range (as
-the kernel's type1 IOMMU does; see :meth:`DmaTable.unmap`) or everything, and every
-mapping and fd is released before the unmap reply. An fd-backed map is checked against the
-file's size first: mapping past the end of a file would SIGBUS the daemon on first touch.
+identical re-maps succeed, overlaps fail (EEXIST), unmap-all (flag 2) removes everything,
+and every mapping and fd is released before the unmap reply. One deliberate deviation: the
+sheet (§3.3, R15, §5.7) wants an unmap to match a prior map exactly; here an unmap removes
+every mapping inside its range and succeeds on an empty one, as the kernel's type1 IOMMU
+does, because QEMU's vIOMMU code unmaps whole ranges (docs/protocol.md "DMA_UNMAP ranges",
+:meth:`DmaTable.unmap`). An exact unmap is the one-mapping case. An fd-backed map is
+checked against the file's size first: mapping past the end of a file would SIGBUS the
+daemon on first touch.
 
 Guest RAM backed by huge pages (hugetlb memfds) can only be mapped from block-aligned file
 offsets and in whole blocks, while QEMU's offsets are a section's place in its RAM block

@@ -37,8 +37,9 @@ Two places where vfio-user cannot do what the kernel does, and what happens inst
   The gate is armed whenever the device completes a function reset -- ``reset()``, or an
   FLR the guest writes to config space, which the backend counts in ``reset_count`` (the
   kernel's ``err_handler.reset_done``) -- and by ``open()``, because the kernel's open runs
-  a function reset (§7.4, (I)). Only ``reset()`` clears ``bar_val`` (§4.7): the kernel
-  clears it in the VFIO_DEVICE_RESET ioctl, not in the PCI reset path.
+  a function reset (§7.4, (I)). Of these, ``reset()`` and ``open()`` clear ``bar_val``
+  (§4.7: the kernel clears it in the VFIO_DEVICE_RESET ioctl and in open_device); a guest
+  FLR does not, as the kernel's PCI reset path does not.
 """
 
 from __future__ import annotations
