@@ -12,7 +12,7 @@ A device's thread runs ``serve_device`` (:mod:`vgpud.libvfio_user.engine`) uncha
 own ``trio.run``. The daemon's loop talks to it through trio tokens only
 (``run_sync_soon`` is the thread-safe way into a loop): the child reports that its socket
 listens, and the parent cancels it when the daemon stops. A client blocking the library at
-that moment is cut off at once (:meth:`StallWatchdog.cut_now`) rather than after the stall
+that moment is cut off at once (:meth:`StallWatchdog.cut_all`) rather than after the stall
 limit, so a stop is not held up either.
 """
 
@@ -100,7 +100,7 @@ class DeviceThread:
                 pass
         if self.server is not None:
             # The loop sees the cancel only once vfu_run_ctx returns.
-            self.server.watchdog.cut_now()
+            self.server.watchdog.cut_all()
 
     def _thread_main(
         self,

@@ -15,7 +15,7 @@ seconds the watchdog shuts the connection down through its own duplicate of the 
 The blocked ``recv``/``sendmsg`` then returns, libvfio-user fails the message and resets the
 context (ENOTCONN), and the engine attaches the next client as after any disconnect: the
 device is held up for at most ``limit`` seconds instead of forever. When the daemon stops,
-:meth:`StallWatchdog.cut_now` does the same at once.
+:meth:`StallWatchdog.cut_all` does the same at once.
 
 No legitimate message needs that long. QEMU writes a message with one ``sendmsg``, so once a
 header is in, the body is there or on its way within the same system call; it reads replies
@@ -50,6 +50,7 @@ class StallWatchdog:
         self._conn: socket.socket | None = None
         self._conn_log = log
         self._stop = threading.Event()
+        self._cutting_all = False  # the daemon stops: no call may block any more (cut_all)
         self._thread = threading.Thread(
             target=self._watch, name=f"vgpud-watchdog-{name}", daemon=True
         )
@@ -88,6 +89,8 @@ class StallWatchdog:
         """The trio thread is about to call ``vfu_run_ctx``."""
         self._calls += 1
         self._call = self._calls
+        if self._cutting_all:
+            self._cut(self._call, stalled=False)
 
     def leave(self) -> None:
         """... and it returned."""
@@ -98,9 +101,13 @@ class StallWatchdog:
         """Whether a ``vfu_run_ctx`` call is in progress (blocked, perhaps)."""
         return self._call != 0
 
-    def cut_now(self) -> None:
-        """Cut the client off now if a ``vfu_run_ctx`` call is blocked on it (the daemon
-        stops: its device's loop can only see that once the call returns). Any thread."""
+    def cut_all(self) -> None:
+        """The daemon stops, and the device's loop can only see that between calls: cut the
+        client off now if a ``vfu_run_ctx`` call is in progress, and at :meth:`enter` for any
+        later one. Any thread. (Setting the flag before looking at the call, while
+        :meth:`enter` publishes the call before looking at the flag, leaves no gap: a call
+        that had just begun when the stop came was let block until the stall limit.)"""
+        self._cutting_all = True
         call = self._call
         if call != 0:
             self._cut(call, stalled=False)
