@@ -201,9 +201,7 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
             backing_dir=args.backing_dir,
             name=args.name,
             socket_group=args.socket_group,
-            socket_mode=args.socket_mode
-            if args.socket_mode
-            else ("0660" if args.socket_group else None),
+            socket_mode=args.socket_mode,
             ready_delay=args.ready_delay or 0.0,
             no_mmap=args.no_mmap,
             cxl_dvsec=args.cxl_dvsec,

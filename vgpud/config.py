@@ -15,8 +15,8 @@ names are reported with the key that is wrong. Example (one file can describe a 
     profile = "gh200"           # gh200 | gh200-480g | gh200-sku | gb200 | gb300
     memory_size = "96GiB"       # overrides the profile's device memory size
     backing_dir = "/dev/shm/vgpud/gpu0"
-    socket_mode = "0600"
-    socket_group = "kvm"
+    socket_group = "kvm"        # default: none (the daemon's own group)
+    socket_mode = "0660"        # default 0600, or 0660 with socket_group
     ready_delay = 0.0           # seconds the GPU reads not-ready after each reset (testing aid)
     no_mmap = false             # true: trap every access (no mmap)
     cxl_dvsec = false           # true: add a CXL Device DVSEC, the v7.2 driver's readiness
@@ -265,10 +265,12 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
         raise ConfigError(f"{where}: memory_size must be a multiple of 64 KiB")
     memphys = _size(raw, "memphys", where)
     backing_dir = _path(raw, "backing_dir", where)
-    mode = _socket_mode(raw.get("socket_mode", "0600"), where)
     group = raw.get("socket_group")
     if group is not None and (not isinstance(group, str) or not group):
         raise ConfigError(f"{where}: socket_group must be a group name or number")
+    # A group is named so that its members (the VMM) can connect: an owner-only socket of
+    # that group would lock them out, so without a mode of its own the socket is 0660.
+    mode = _socket_mode(raw.get("socket_mode", "0600" if group is None else "0660"), where)
     delay = raw.get("ready_delay", 0.0)
     if (
         isinstance(delay, bool)

@@ -118,8 +118,26 @@ def test_bad_toml(tmp_path: Path) -> None:
 def test_flags_make_one_device() -> None:
     device = single_device(socket_path=Path("/tmp/x.sock"), memory_size="8GiB", socket_group="kvm")
     assert device.memory_size == 8 << 30
-    assert device.socket_mode == 0o600
+    assert device.socket_mode == 0o660  # the group's members may connect
     assert device.resolved_backing_dir() == Path("/dev/shm/vgpud/gpu0")
+
+
+@pytest.mark.parametrize(
+    ("keys", "mode"),
+    [
+        ({}, 0o600),
+        ({"socket_group": "kvm"}, 0o660),
+        ({"socket_group": "kvm", "socket_mode": "0600"}, 0o600),
+        ({"socket_mode": "0666"}, 0o666),
+    ],
+)
+def test_a_socket_group_alone_makes_the_socket_group_accessible(
+    keys: dict[str, str], mode: int
+) -> None:
+    """docs/operations.md "Permissions": owner-only unless socket_mode says otherwise, and
+    with socket_group the default becomes 0660 -- in a config file as with --socket-group
+    (a file with only the group used to leave the group's VMM locked out of an 0600 socket)."""
+    assert parse({"device": [keys]}).devices[0].socket_mode == mode
 
 
 def test_cxl_dvsec_is_off_by_default() -> None:
