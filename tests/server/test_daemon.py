@@ -229,6 +229,25 @@ async def test_a_blocking_eventfd_at_its_limit_cannot_block_the_daemon(vgpud: Da
         os.close(efd)
 
 
+async def test_a_refused_request_is_logged_with_the_errno_the_vmm_got(vgpud: Daemon) -> None:
+    """docs/operations.md: ``--log-level debug`` adds refused requests with their errno, so
+    a VMM's "SET_IRQS: Invalid argument" can be found in the daemon's log."""
+    read_end, write_end = os.pipe()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with await vgpud.connect() as client:
+                with pytest.raises(VfioUserError) as refused:
+                    await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 0, 1, [read_end])
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert refused.value.errno == errno.EINVAL
+    (entry,) = [e for e in logs if e["event"] == "request refused"]
+    assert entry["log_level"] == "debug"
+    assert (entry["command"], entry["errno"]) == ("DEVICE_SET_IRQS", errno.EINVAL)
+    assert "not an eventfd" in entry["error"]
+
+
 async def test_reset_clears_emulated_bars_and_keeps_memory(vgpud: Daemon) -> None:
     async with await vgpud.connect() as client:
         await enable_memory(client)

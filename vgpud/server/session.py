@@ -298,7 +298,9 @@ class Session:
         A device or DMA refusal is the client's business (logged at debug); anything else is
         a bug in vgpud, which must cost this request, not the daemon (DESIGN.md "Errors")."""
         if isinstance(exc, DeviceError | DmaError):
-            self.log.debug("request refused", command=command, error=str(exc))
+            # The errno is what the VMM reports ("Invalid argument"): logged so the two can
+            # be matched (docs/operations.md, Logs).
+            self.log.debug("request refused", command=command, errno=exc.errno, error=str(exc))
             return exc.errno
         self.internal_errors += 1
         self.log.exception("internal error handling request", command=command)
