@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vgpud.config import DeviceConfig
+from vgpud import cli, daemon, log
+from vgpud.config import DaemonConfig, DeviceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
@@ -42,6 +44,45 @@ def test_template_serves_the_instance_by_name() -> None:
     assert "FileDescriptorName=%i" in socket_unit
     assert "--name %i" in service
     assert "Type=notify" in service
+
+
+def _template_argv(instance: str, vgpud_args: str) -> list[str]:
+    """vgpud@.service's ExecStart for ``instance`` as systemd runs it: %i replaced, and an
+    unquoted $VGPUD_ARGS split into words at whitespace (systemd.service(5), Command lines)."""
+    service = (SYSTEMD / "vgpud@.service").read_text()
+    (exec_start,) = [line for line in service.splitlines() if line.startswith("ExecStart=")]
+    binary, *words = shlex.split(exec_start.removeprefix("ExecStart="))
+    assert binary == "/usr/bin/vgpud"
+    argv: list[str] = []
+    for word in words:
+        argv += vgpud_args.split() if word == "$VGPUD_ARGS" else [word.replace("%i", instance)]
+    return argv
+
+
+@pytest.mark.parametrize(
+    "vgpud_args",
+    ["", "--profile gb200 --memory-size 186GiB", "--vfio-device 0009:01:00.0"],
+    ids=["default", "unit comment's example", "a real device"],
+)
+def test_template_takes_each_documented_vgpud_args(
+    monkeypatch: pytest.MonkeyPatch, vgpud_args: str
+) -> None:
+    """What docs/operations.md puts in /etc/vgpud/<name>.env is accepted by the template's
+    command line. Its --backing-dir used to refuse --vfio-device (a real device has no
+    memory directory), so the template could not serve one."""
+    served: list[DaemonConfig] = []
+
+    async def run(config: DaemonConfig, *, inherited_fd: int | None = None) -> None:
+        served.append(config)
+
+    monkeypatch.setattr(daemon, "run", run)
+    monkeypatch.setattr(log, "configure", lambda level, fmt: None)  # process-wide otherwise
+    assert cli.main(_template_argv("gpu7", vgpud_args)) == 0
+    (device,) = served[0].devices
+    assert device.name == "gpu7"
+    if device.vfio_device is None:
+        # The unit's promise: memory files in /dev/shm/vgpud/<instance>/.
+        assert device.resolved_backing_dir() == Path("/dev/shm/vgpud/gpu7")
 
 
 def test_containerfile_copies_what_exists() -> None:
