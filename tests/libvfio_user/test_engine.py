@@ -377,15 +377,19 @@ async def test_silent_client_is_cut_off_and_the_next_one_served(
     monkeypatch.setattr(engine_module, "NEGOTIATION_TIMEOUT", 0.3)
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        silent.connect(str(engine.socket_path))
-        # libvfio-user listens with a backlog of 0: one pending connection at most, so the
-        # next client can connect only once the engine has taken this one.
-        await accepted(engine.socket_path)
-        with trio.fail_after(10):
-            async with await engine.connect() as client:
-                assert (await client.device_info()).num_regions == 9
+        with structlog.testing.capture_logs() as logs:
+            silent.connect(str(engine.socket_path))
+            # libvfio-user listens with a backlog of 0: one pending connection at most, so
+            # the next client can connect only once the engine has taken this one.
+            await accepted(engine.socket_path)
+            with trio.fail_after(10):
+                async with await engine.connect() as client:
+                    assert (await client.device_info()).num_regions == 9
     finally:
         silent.close()
+    # The same line as the Python engine's, which docs/operations.md tells operators to find.
+    cut = [e for e in logs if e["event"] == "client did not negotiate in time, closing"]
+    assert len(cut) == 1 and cut[0]["log_level"] == "warning"
 
 
 async def test_a_client_still_negotiating_keeps_the_engine_busy(engine: Engine) -> None:

@@ -404,7 +404,9 @@ class LibvfioUserServer:
             with trio.move_on_after(NEGOTIATION_TIMEOUT):
                 await done.wait()
                 return
-            self.log.warning("client did not negotiate in time, dropping it")
+            # The Python engine's words (vgpud.server.session): the line operators are told
+            # to look for (docs/operations.md, Troubleshooting), whichever engine serves.
+            self.log.warning("client did not negotiate in time, closing")
         finally:
             # Timed out, or the daemon stops: cut until the thread has returned. Cutting once
             # is not enough: the thread may not have accepted the connection yet, and once it
