@@ -14,6 +14,8 @@ names are reported with the key that is wrong. Example (one file can describe a 
     socket_path = "/run/vgpud/gpu0.sock"
     profile = "gh200"           # gh200 | gh200-480g | gh200-sku | gb200 | gb300
     memory_size = "96GiB"       # overrides the profile's device memory size
+    memphys = "0x400000000000"  # device memory's host physical base, as firmware reports it
+                                # (the default; each GPU of a real tray has its own)
     backing_dir = "/dev/shm/vgpud/gpu0"
     socket_group = "kvm"        # default: none (the daemon's own group)
     socket_mode = "0660"        # default 0600, or 0660 with socket_group

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vgpud import config as config_module
 from vgpud.config import ConfigError, load_file, parse, single_device
 from vgpud.devices import profile_for
 from vgpud.units import format_size, parse_size
@@ -52,6 +53,14 @@ def test_tray_config(tmp_path: Path) -> None:
     assert [d.name for d in config.devices] == ["gpu0", "gpu1", "gpu2", "gpu3"]
     assert config.devices[3].memory_size == 8 << 30
     assert config.log_level == "debug"
+
+
+def test_every_key_is_in_the_module_docstring() -> None:
+    """README and docs/operations.md send users to the top of vgpud/config.py for the keys
+    (memphys was accepted but not listed there)."""
+    doc = config_module.__doc__ or ""
+    listed = {line.strip().lstrip("# ").split(" = ")[0] for line in doc.splitlines()}
+    assert not (config_module._DEVICE_KEYS | config_module._DAEMON_KEYS) - listed
 
 
 CXL_CODE_MESSAGE = r"cxl_mem_active_timeout must be an integer code 0\.\.7"
