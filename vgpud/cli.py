@@ -229,6 +229,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log.configure(config.log_level, config.log_format)
     try:
         trio.run(lambda: daemon.run(config, inherited_fd=args.fd))
+    except daemon.RefusedConfigError as exc:
+        print(f"vgpud: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except daemon.StartupError as exc:
         print(f"vgpud: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -55,6 +55,11 @@ class StartupError(Exception):
     """The daemon cannot start; the message is for the user."""
 
 
+class RefusedConfigError(StartupError):
+    """The configuration cannot work on this host, found before anything was made: the
+    user's input is wrong (the CLI's usage error, exit 2), not the start."""
+
+
 @dataclass
 class _Endpoint:
     config: DeviceConfig
@@ -314,7 +319,7 @@ def _check_groups(config: DaemonConfig) -> None:
             try:
                 group_id(device.socket_group)
             except ListenerError as exc:
-                raise StartupError(f"device {device.name}: {exc}") from exc
+                raise RefusedConfigError(f"device {device.name}: {exc}") from exc
 
 
 def _load_engine(config: DaemonConfig) -> Library | None:
@@ -325,7 +330,7 @@ def _load_engine(config: DaemonConfig) -> Library | None:
     if passthrough:
         # libvfio-user keeps the VMM's eventfds to itself and its irq bridge wires every
         # index at once, which the kernel's VFIO refuses (one interrupt type at a time).
-        raise StartupError(
+        raise RefusedConfigError(
             f"the libvfio-user engine cannot serve a vfio_device ({', '.join(passthrough)}); "
             "use the python engine"
         )

@@ -154,6 +154,29 @@ def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Pa
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--socket-group", "no-such-group-here"],
+            "device gpu0: unknown group 'no-such-group-here'",
+        ),
+        (
+            ["--vfio-device", "0000:00:03.0", "--engine", "libvfio-user"],
+            "the libvfio-user engine cannot serve a vfio_device (gpu0); use the python engine",
+        ),
+    ],
+)
+def test_configuration_the_daemon_refuses_is_a_usage_error(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    """Found before anything is made, like the config checks: exit 2, one line (both were a
+    start-up failure, exit 1, though nothing had started)."""
+    result = run_vgpud("serve", "--socket-path", str(tmp_path / "s"), *args)
+    assert (result.returncode, result.stderr) == (2, f"vgpud: {message}\n"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["serve", "qemu-args"])
 def test_a_bad_memory_size_in_a_tray_names_the_device(tmp_path: Path, command: str) -> None:
     """Checked with the rest of the config, before any device is built: the first GPU's
