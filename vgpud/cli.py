@@ -144,8 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="libvfio-user.so.0 to load (default: $VGPUD_LIBVFIO_USER, then the loader's)",
     )
-    serve.add_argument("--log-level", choices=log.LEVELS, default=None)
-    serve.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
+    serve.add_argument(
+        "--log-level",
+        choices=log.LEVELS,
+        default=None,
+        help="info by default; debug adds every refused request with its errno",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=("auto", "console", "json"),
+        default=None,
+        help="auto (default): console on a terminal, JSON lines otherwise",
+    )
 
     layout = sub.add_parser("layout", help="print the kernel-exact BAR layout of a profile")
     _device_flags(layout)
@@ -251,7 +261,7 @@ def _cmd_layout(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_dict, indent=2))
     else:
-        print(report.text)
+        print(report.text, end="")
     return 0
 
 

@@ -255,6 +255,12 @@ def test_layout_json_matches_the_kernel_formula() -> None:
     assert regions["resmem"]["bar_size"] == 2 << 30
 
 
+def test_layout_text_ends_with_its_last_line() -> None:
+    result = run_vgpud("layout", "--profile", "gh200")
+    assert result.returncode == 0
+    assert result.stdout.endswith(" bytes\n"), result.stdout[-40:]  # no blank line after
+
+
 def test_backing_file_of_another_size_is_kept_and_refused(tmp_path: Path) -> None:
     memory = tmp_path / "mem"
     memory.mkdir()
