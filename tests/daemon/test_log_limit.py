@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import structlog.testing
 
+from tests.backends.helpers import FakeClock
 from vgpud.log_limit import LogLimiter
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_each_kind_of_line_has_its_own_bucket_and_drops_are_reported() -> None:

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import structlog.testing
 
+from tests.backends.helpers import FakeClock
 from vgpud.libvfio_user.library_log import LibraryLog
 from vgpud.log_limit import LogLimiter
 
 LOG_ERR, LOG_INFO, LOG_DEBUG = 3, 6, 7
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_flood_is_cut_to_the_burst_then_the_rate_and_the_drops_are_counted() -> None:

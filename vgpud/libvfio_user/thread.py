@@ -66,7 +66,10 @@ class DeviceThread:
             await server.wait_idle()
             parent.run_sync_soon(idle.set)
 
-        token.run_sync_soon(nursery.start_soon, wait_in_child)
+        try:
+            token.run_sync_soon(nursery.start_soon, wait_in_child)
+        except trio.RunFinishedError:
+            return  # the device's loop has ended: nobody is attached
         await idle.wait()
 
     async def run(self, task_status: trio.TaskStatus[DeviceThread]) -> None:
