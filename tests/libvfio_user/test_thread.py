@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,12 +18,14 @@ from pathlib import Path
 import pytest
 import structlog
 import trio
+import trio.testing
 
 from tests.server.rawclient import HEADER, QEMU_VERSION
 from vgpud.client import VfioUserClient
 from vgpud.config import single_device
 from vgpud.devices import build_device
 from vgpud.libvfio_user import EngineUnavailable, load_library
+from vgpud.libvfio_user.engine import LibvfioUserServer, serve_device
 from vgpud.libvfio_user.thread import DeviceThread, serve_device_on_thread
 from vgpud.libvfio_user.watchdog import StallWatchdog
 from vgpud.server.listener import ListenerError
@@ -33,6 +37,7 @@ except EngineUnavailable as exc:
 
 CONFIG, REGION_WRITE = 7, 10
 NEVER = 3600.0  # a stall limit no test reaches: only a stop can cut the staller off
+HANG_GUARD = 30.0  # seconds; waits that are over in milliseconds unless something hangs
 
 
 @asynccontextmanager
@@ -87,6 +92,69 @@ async def test_a_stalled_client_holds_up_its_own_device_only(tmp_path: Path) -> 
     with staller:
         assert staller.recv(1) == b""
     assert not (tmp_path / "gpu0.sock").exists()
+
+
+async def test_a_stop_before_the_daemon_heard_the_device_listens_cuts_too(
+    tmp_path: Path,
+) -> None:
+    """The device's loop tells the daemon's loop that it listens, and goes on serving; a
+    stop the daemon's loop handles before that news has no server to cut, while a client
+    may already have attached and blocked the library. It is cut at once all the same (a
+    start-up stress -- stop signals while hostile clients stalled each socket as it
+    appeared -- found 1 stop in 250 taking 6.3 s, the stall limit)."""
+    socket_path = tmp_path / "gpu0.sock"
+    built = build_device(
+        single_device(socket_path=socket_path, memory_size="4GiB", backing_dir=tmp_path / "mem")
+    )
+    listening = threading.Event()
+    servers: list[LibvfioUserServer] = []
+
+    async def serve(task_status: trio.TaskStatus[LibvfioUserServer]) -> None:
+        # serve_device, telling this test too once the socket listens (in the device's loop).
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                functools.partial(
+                    serve_device, built, socket_path, library=LIBRARY, stall_limit=NEVER
+                )
+            )
+            servers.append(server)
+            listening.set()
+            task_status.started(server)
+
+    device_thread = DeviceThread("gpu0", serve)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(device_thread.run, trio.TASK_STATUS_IGNORED)
+            await trio.testing.wait_all_tasks_blocked()  # the device's thread has started
+            # No await from here to stop(): this loop cannot take the device's news meanwhile.
+            assert listening.wait(HANG_GUARD)
+            staller = stall_blocking(socket_path)
+            [server] = servers
+            until_without_yielding(lambda: server.watchdog.busy)  # blocked in the library
+            device_thread.stop()
+        # Without the cut, the device's thread would return only at the stall limit, NEVER.
+    finally:
+        built.release()
+    with staller:
+        assert staller.recv(1) == b""
+    assert server.watchdog.stalls == 0
+
+
+def until_without_yielding(condition: Callable[[], bool]) -> None:
+    """:func:`until`, holding the test's loop up meanwhile."""
+    while not condition():
+        time.sleep(0.001)
+
+
+def stall_blocking(path: Path) -> socket.socket:
+    """:func:`stall` without yielding to the test's loop."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(HANG_GUARD)
+    sock.connect(str(path))
+    sock.sendall(QEMU_VERSION)
+    assert sock.recv(4096), "no VERSION reply"
+    sock.sendall(HEADER.pack(5, REGION_WRITE, 16 + 16 + 64, 0, 0))
+    return sock
 
 
 async def test_a_start_up_error_comes_out_as_itself(tmp_path: Path) -> None:

@@ -80,6 +80,11 @@ class DeviceThread:
 
         def started(server: LibvfioUserServer) -> None:  # in the parent's loop
             self.server = server
+            if self._stopping:
+                # stop() came before this news and had no server to cut, while the device's
+                # loop went on serving: a client may have it blocked in the library already.
+                # (stop() sets the flag before it looks at the server: no gap, as in cut_all.)
+                server.watchdog.cut_all()
             task_status.started(self)
 
         with _single_error_unwrapped():
@@ -102,7 +107,8 @@ class DeviceThread:
             except trio.RunFinishedError:
                 pass
         if self.server is not None:
-            # The loop sees the cancel only once vfu_run_ctx returns.
+            # The loop sees the cancel only once vfu_run_ctx returns. (No server yet: the
+            # news that the device listens is on its way, and run()'s started() cuts.)
             self.server.watchdog.cut_all()
 
     def _thread_main(
