@@ -157,6 +157,22 @@ def stall_blocking(path: Path) -> socket.socket:
     return sock
 
 
+async def test_wait_idle_returns_when_the_device_stops_meanwhile(tmp_path: Path) -> None:
+    """A wait for the device to be idle that is under way when the device stops ends with
+    it: its half in the device's loop is cancelled there, and still says so (it said
+    nothing, and the wait never returned: found by a cross-thread hand-off audit)."""
+    async with (
+        served(tmp_path, "gpu0") as gpu0,
+        await VfioUserClient.connect(tmp_path / "gpu0.sock") as client,
+    ):
+        assert await client.region_read(CONFIG, 0, 2) == b"\xde\x10"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gpu0.wait_idle)  # the client stays: it waits
+            await trio.testing.wait_all_tasks_blocked()
+            gpu0.stop()  # as the daemon does when it stops
+        # The nursery ended: wait_idle returned. pytest's timeout turns a hang into a failure.
+
+
 async def test_a_start_up_error_comes_out_as_itself(tmp_path: Path) -> None:
     """The daemon reports start-up errors in one line: no exception group around them."""
     busy = tmp_path / "gpu0.sock"

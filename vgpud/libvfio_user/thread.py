@@ -54,8 +54,9 @@ class DeviceThread:
         return None if self.server is None else self.server.socket_path
 
     async def wait_idle(self) -> None:
-        """Until no client is attached or negotiating (the server's own wait, run in the
-        device's loop; used by tests)."""
+        """Until no client is attached or negotiating, or the device's loop is stopping
+        (its client is then cut off): the server's own wait, run in the device's loop;
+        used by tests."""
         server, token, nursery = self.server, self._token, self._nursery
         if server is None or token is None or nursery is None:
             return
@@ -63,11 +64,21 @@ class DeviceThread:
         idle = trio.Event()
 
         async def wait_in_child() -> None:
-            await server.wait_idle()
-            parent.run_sync_soon(idle.set)
+            try:
+                await server.wait_idle()
+            finally:  # cancelled too: the device stops, and nothing else would tell us
+                parent.run_sync_soon(idle.set)
+
+        def start_in_child() -> None:
+            try:
+                nursery.start_soon(wait_in_child)
+            except RuntimeError:
+                # The nursery has closed: the loop is ending. (Raised from a run_sync_soon
+                # callback, it would crash that loop.)
+                parent.run_sync_soon(idle.set)
 
         try:
-            token.run_sync_soon(nursery.start_soon, wait_in_child)
+            token.run_sync_soon(start_in_child)
         except trio.RunFinishedError:
             return  # the device's loop has ended: nobody is attached
         await idle.wait()
