@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+import structlog.testing
 import trio
 import trio.testing
 
@@ -25,6 +27,7 @@ from vgpud.client import VfioUserClient
 from vgpud.config import single_device
 from vgpud.devices import build_device
 from vgpud.libvfio_user import EngineUnavailable, load_library
+from vgpud.libvfio_user import thread as thread_module
 from vgpud.libvfio_user.engine import LibvfioUserServer, serve_device
 from vgpud.libvfio_user.thread import DeviceThread, serve_device_on_thread
 from vgpud.libvfio_user.watchdog import StallWatchdog
@@ -208,3 +211,45 @@ def test_a_call_begun_as_the_daemon_stops_is_cut_too() -> None:
         watchdog.leave()
         watchdog.forget()
         assert watchdog.stalls == 0
+
+
+async def test_a_device_stuck_outside_its_socket_is_abandoned_at_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing the stop can cut reaches a thread blocked elsewhere than on its client's
+    socket -- in libvfio-user's plain write to a blocking interrupt fd the VMM filled, say.
+    The stop gives it STOP_GRACE, then leaves it to die with the process and removes its
+    socket file (the daemon used to wait for it for ever: SIGTERM did not stop it, found by
+    a cross-thread audit). Here a doorbell write blocks in the device model instead, which
+    is the same place for the thread and the test controls it."""
+    monkeypatch.setattr(thread_module, "STOP_GRACE", 0.2)
+    socket_path = tmp_path / "gpu0.sock"
+    built = build_device(
+        single_device(socket_path=socket_path, memory_size="4GiB", backing_dir=tmp_path / "mem")
+    )
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_write(index: int, offset: int, data: bytes) -> None:
+        entered.set()
+        release.wait()  # the test's own hang guard ends it (finally below)
+
+    monkeypatch.setattr(built.device, "region_write", stuck_write)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                serve = functools.partial(
+                    serve_device_on_thread, built, socket_path, library=LIBRARY
+                )
+                await nursery.start(serve)
+                client = await stall(socket_path)  # negotiates, then a REGION_WRITE header
+                # ... and its body, 64 bytes into config space: the write runs.
+                client.sendall(struct.pack("<QII", 0x100, CONFIG, 64) + bytes(64))
+                assert await trio.to_thread.run_sync(entered.wait, HANG_GUARD)
+                nursery.cancel_scope.cancel()
+        client.close()
+        assert not socket_path.exists()
+        abandoned = [e for e in logs if e["event"] == "device did not stop, abandoning its thread"]
+        assert len(abandoned) == 1 and abandoned[0]["log_level"] == "error"
+    finally:
+        release.set()  # let the abandoned thread finish before the device is released
+        built.release()

@@ -291,6 +291,15 @@ class LibvfioUserServer:
         self._callbacks.clear()
         self.watchdog.stop()
 
+    def forsake(self) -> None:
+        """The device's thread is stuck inside the library and will die with the process
+        (vgpud/libvfio_user/thread.py): remove the socket file or private directory that
+        :meth:`destroy` would have, without calling into the library from this thread."""
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+        elif self._inherited is None:
+            self.socket_path.unlink(missing_ok=True)
+
     def _keep(self, callback: Any) -> Any:
         self._callbacks.append(callback)
         return callback

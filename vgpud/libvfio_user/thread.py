@@ -18,6 +18,7 @@ limit, so a stop is not held up either.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,12 +26,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
 from vgpud.devices import BuiltDevice
 from vgpud.libvfio_user.engine import LibvfioUserServer, serve_device
 
 _Serve = Callable[..., Awaitable[None]]
+# Seconds a stopping device's thread gets before it is abandoned. A stop takes milliseconds
+# (the cut ends any wait on the client's socket); only a thread blocked elsewhere -- in
+# libvfio-user's plain eventfd_write to an interrupt fd the VMM made blocking and full, say
+# (docs/libvfio-user-engine.md) -- takes longer, and would otherwise hold the stop forever.
+STOP_GRACE = 5.0
 
 
 class DeviceThread:
@@ -98,14 +105,44 @@ class DeviceThread:
                 server.watchdog.cut_all()
             task_status.started(self)
 
-        with _single_error_unwrapped():
-            await trio.to_thread.run_sync(
-                self._thread_main,
-                parent,
-                started,
-                thread_name=f"vgpud-{self.name}",
-                limiter=trio.CapacityLimiter(1),  # not the default limiter's 40 threads
-            )
+        finished = trio.Event()
+
+        def body() -> None:
+            try:
+                self._thread_main(parent, started)
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    parent.run_sync_soon(finished.set)
+
+        try:
+            with _single_error_unwrapped():
+                await trio.to_thread.run_sync(
+                    body,
+                    thread_name=f"vgpud-{self.name}",
+                    limiter=trio.CapacityLimiter(1),  # not the default limiter's 40 threads
+                    abandon_on_cancel=True,  # the wait below decides
+                )
+        except trio.Cancelled:
+            self.stop()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(STOP_GRACE):
+                    await finished.wait()
+                if not finished.is_set():
+                    self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """The device's thread is stuck where no cut reaches: leave it to die with the
+        process, and remove what its context would have removed on the way out."""
+        log = structlog.get_logger("vgpud").bind(device=self.name, engine="libvfio-user")
+        log.error(
+            "device did not stop, abandoning its thread",
+            grace_seconds=STOP_GRACE,
+            likely_cause="blocked writing to an interrupt fd the VMM passed (a blocking "
+            "eventfd at its maximum count, a full pipe)",
+        )
+        if self.server is not None:
+            self.server.forsake()
 
     def stop(self) -> None:
         """Cancel the device's loop (from any thread); it removes its socket and returns."""
@@ -160,20 +197,7 @@ async def serve_device_on_thread(
     device_thread = DeviceThread(
         built.name, functools.partial(serve_device, built, socket_path, **options)
     )
-    with _single_error_unwrapped():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_when_cancelled, device_thread)
-            try:
-                await device_thread.run(task_status)
-            finally:
-                nursery.cancel_scope.cancel()
-
-
-async def _stop_when_cancelled(device_thread: DeviceThread) -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        device_thread.stop()
+    await device_thread.run(task_status)
 
 
 @contextmanager
