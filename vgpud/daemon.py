@@ -49,6 +49,9 @@ from vgpud.variant import CxlReadinessWait, probe_wait
 
 # What stops the daemon cleanly (see run()).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Logs one "status" line per device (``kill -USR1``), instead of the default action, which
+# would kill the daemon and leave its sockets behind.
+STATUS_SIGNAL = signal.SIGUSR1
 
 
 class StartupError(Exception):
@@ -185,6 +188,9 @@ class ServedDevice(Protocol):
     async def wait_idle(self) -> None:
         """Until no client is attached."""
 
+    def status(self) -> dict[str, Any]:
+        """What the "status" line says about the device (``kill -USR1``)."""
+
 
 async def run(
     config: DaemonConfig,
@@ -195,7 +201,7 @@ async def run(
     """Run the daemon until cancelled or signalled.
 
     ``task_status.started`` gets one :class:`ServedDevice` per configured device: a
-    :class:`DeviceServer` for the Python engine, a ``LibvfioUserServer`` otherwise.
+    :class:`DeviceServer` for the Python engine, a ``DeviceThread`` otherwise.
 
     SIGTERM, SIGINT and SIGHUP are ours from the first moment to the last (SIGHUP as for
     QEMU: a hang-up or a reload request; there is nothing to reload, and its default action
@@ -203,14 +209,17 @@ async def run(
     the devices are built or the sockets made, or a second one while stopping, stops the
     daemon the same clean way instead of killing it half-way with its sockets left behind
     (found by a signal audit: the handler used to be installed only once serving began,
-    and dropped after the first signal).
+    and dropped after the first signal). SIGUSR1 logs one "status" line per device.
     """
     log = structlog.get_logger("vgpud")
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    servers: list[ServedDevice] = []  # filled by _run as the devices listen
+    with trio.open_signal_receiver(*STOP_SIGNALS, STATUS_SIGNAL) as signals:
         async with _startup_errors_unwrapped(), trio.open_nursery() as nursery:
-            watcher = await nursery.start(_stop_on_signals, signals, nursery.cancel_scope, log)
+            watcher = await nursery.start(
+                _handle_signals, signals, nursery.cancel_scope, servers, log
+            )
             try:
-                await _run(config, inherited_fd, task_status, log)
+                await _run(config, inherited_fd, task_status, log, servers)
             finally:
                 watcher.cancel()
 
@@ -220,6 +229,7 @@ async def _run(
     inherited_fd: int | None,
     task_status: trio.TaskStatus[list[Any]],
     log: Any,
+    servers: list[ServedDevice],
 ) -> None:
     _raise_fd_limit()
     if inherited_fd is not None and len(config.devices) != 1:
@@ -240,7 +250,6 @@ async def _run(
         raise StartupError(str(exc)) from exc
     inherited: list[socket.socket | None] = []
     endpoints: list[_Endpoint] = []
-    servers: list[ServedDevice] = []
     ready = False
     try:
         try:
@@ -393,19 +402,25 @@ async def _serve_one_then_stop(
     nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signals(
+async def _handle_signals(
     signals: AsyncIterator[int],
     scope: trio.CancelScope,
+    servers: list[ServedDevice],
     log: Any,
     *,
     task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Cancel ``scope`` at the first stop signal, and keep taking signals until told to
     stop (the scope handed to ``task_status``): shielded, so it outlives the cancellation
-    it caused and a repeat signal during clean-up is logged, not fatal."""
+    it caused and a repeat signal during clean-up is logged, not fatal. The status signal
+    logs what ``servers`` (the devices listening so far) say about themselves."""
     with trio.CancelScope(shield=True) as own:
         task_status.started(own)
         async for signum in signals:
+            if signum == STATUS_SIGNAL:
+                for server in servers:
+                    log.info("status", device=server.name, **server.status())
+                continue
             name = signal.Signals(signum).name
             if scope.cancel_called:
                 log.info("already stopping", signal=name)

@@ -12,6 +12,7 @@ import importlib.abc
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -20,6 +21,7 @@ import trio
 import vgpud
 from tests.serve_process import read_log_until, serve_args, start, stop
 from vgpud import daemon, entry
+from vgpud.client import VfioUserClient
 from vgpud.config import DaemonConfig, single_device
 
 
@@ -72,3 +74,41 @@ def test_ctrl_c_while_the_cli_is_imported_is_a_quiet_exit(
     monkeypatch.setattr(sys, "meta_path", [_InterruptedImport(), *sys.meta_path])
     assert entry.main(["--version"]) == 130
     assert capsys.readouterr() == ("", "")
+
+
+async def test_sigusr1_logs_each_devices_status_and_stops_nothing(tmp_path: Path) -> None:
+    """``kill -USR1``: one "status" line per device (its default action killed the daemon
+    and left its sockets behind)."""
+    config = DaemonConfig(
+        (
+            single_device(
+                socket_path=tmp_path / "gpu0.sock",
+                memory_size="4GiB",
+                backing_dir=tmp_path / "mem",
+            ),
+        )
+    )
+    with structlog.testing.capture_logs() as logs, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            [server] = await nursery.start(functools.partial(daemon.run, config))
+            async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+                await client.region_read(7, 0, 4)
+                signal.raise_signal(signal.SIGUSR1)
+                await wait_for_event(logs, "status")
+                await client.region_read(7, 0, 4)  # still served
+            await server.wait_idle()
+            signal.raise_signal(signal.SIGUSR1)
+            await wait_for_event(logs, "status", count=2)
+            nursery.cancel_scope.cancel()
+    first, second = (e for e in logs if e["event"] == "status")
+    assert first["device"] == "gpu0" and first["engine"] == "python"
+    assert (first["client"], first["connections"], first["messages"]) == (1, 1, 2)
+    assert (second["client"], second["connections"]) == (None, 1)
+    assert not any(e["event"] == "stopping" for e in logs)
+
+
+async def wait_for_event(logs: list[dict[str, Any]], event: str, count: int = 1) -> None:
+    """Until ``count`` lines of ``event`` were logged (a signal reaches trio's receiver from
+    the C handler's wake-up fd: no event to wait on from here)."""
+    while sum(e["event"] == event for e in logs) < count:  # noqa: ASYNC110
+        await trio.sleep(0.001)

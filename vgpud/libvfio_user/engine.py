@@ -104,6 +104,7 @@ class LibvfioUserServer:
         self.messages = 0
         self.internal_errors = 0  # callbacks that met a bug in vgpud (logged, EIO to C)
         self.attached = False
+        self.client: int | None = None  # the attached client's connection number
         # A connection taken and still negotiating (the attach thread runs): not attached
         # yet, but not idle either -- its client already has its VERSION reply.
         self.negotiating = False
@@ -320,6 +321,7 @@ class LibvfioUserServer:
         while True:
             await self._attach()
             self.connections += 1
+            self.client = self.connections
             # Lines the device logs from the callbacks carry the connection too (as in
             # vgpud.server.listener); this task's context is its own.
             with structlog.contextvars.bound_contextvars(
@@ -344,6 +346,7 @@ class LibvfioUserServer:
         finally:
             self.watchdog.forget()
             self.attached = False
+            self.client = None
             await self._notify_idle()
 
     async def _refuse_other_clients(self, active: int, conn_fd: int) -> None:
@@ -497,6 +500,18 @@ class LibvfioUserServer:
             self._device_open = False
             self.device.close()
         self._dma_views.clear()
+
+    def status(self) -> dict[str, Any]:
+        """For the daemon's "status" line (read from the daemon's thread: plain attributes,
+        each read whole). ``messages`` counts every client's, as "client disconnected" does."""
+        return {
+            "engine": "libvfio-user",
+            "client": self.client,
+            "negotiating": self.negotiating,
+            "connections": self.connections,
+            "messages": self.messages,
+            "stalls": self.watchdog.stalls,
+        }
 
     async def wait_idle(self) -> None:
         """Wait until no client is attached or negotiating (used by tests)."""

@@ -60,6 +60,11 @@ class DeviceThread:
     def socket_path(self) -> Path | None:
         return None if self.server is None else self.server.socket_path
 
+    def status(self) -> dict[str, Any]:
+        if self.server is None:
+            return {"engine": "libvfio-user", "client": None, "starting": True}
+        return self.server.status()
+
     async def wait_idle(self) -> None:
         """Until no client is attached or negotiating, or the device's loop is stopping
         (its client is then cut off): the server's own wait, run in the device's loop;

@@ -324,6 +324,17 @@ class DeviceServer:
             async with self._session_finished:
                 self._session_finished.notify_all()
 
+    def status(self) -> dict[str, Any]:
+        """For the daemon's "status" line: the client's connection number (None: no client),
+        connections so far, and the messages of the current session."""
+        session = self.current_session
+        return {
+            "engine": "python",
+            "client": self.active,
+            "connections": self.connections,
+            "messages": session.messages if session is not None else 0,
+        }
+
     async def wait_idle(self) -> None:
         """Wait until no client is attached or waiting to be (used by tests)."""
         async with self._session_finished:
