@@ -238,7 +238,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _serve_config(args)
     log.configure(config.log_level, config.log_format)
     try:
-        trio.run(lambda: daemon.run(config, inherited_fd=args.fd))
+        with daemon.EarlySignals() as early:
+            trio.run(lambda: daemon.run(config, inherited_fd=args.fd, early=early))
     except daemon.RefusedConfigError as exc:
         print(f"vgpud: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -112,3 +112,35 @@ async def wait_for_event(logs: list[dict[str, Any]], event: str, count: int = 1)
     the C handler's wake-up fd: no event to wait on from here)."""
     while sum(e["event"] == event for e in logs) < count:  # noqa: ASYNC110
         await trio.sleep(0.001)
+
+
+def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path) -> None:
+    """As the CLI runs the daemon: EarlySignals installed, then ``trio.run``. A SIGTERM before
+    ``run`` takes the signals over stops it at once, cleanly; one after it has given them
+    back is swallowed (its default action used to kill the process that had just stopped)."""
+    taken = (*daemon.STOP_SIGNALS, daemon.STATUS_SIGNAL)
+    saved = {signum: signal.getsignal(signum) for signum in taken}
+    config = DaemonConfig(
+        (
+            single_device(
+                socket_path=tmp_path / "gpu0.sock",
+                memory_size="4GiB",
+                backing_dir=tmp_path / "mem",
+            ),
+        )
+    )
+    try:
+        with daemon.EarlySignals() as early, structlog.testing.capture_logs() as logs:
+            signal.raise_signal(signal.SIGTERM)  # before run(): remembered
+            trio.run(functools.partial(daemon.run, config, early=early))
+            for signum in taken:  # after run(): this process would die here without them
+                signal.raise_signal(signum)
+        for signum in taken:  # ... and here, once the CLI is done with the daemon
+            signal.raise_signal(signum)
+        assert early.received == [signal.SIGTERM, *taken]
+        assert [(e["event"], e.get("signal")) for e in logs][:1] == [("stopping", "SIGTERM")]
+        assert not any(e["event"] == "ready" for e in logs), "it served before stopping"
+        assert not (tmp_path / "gpu0.sock").exists()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
