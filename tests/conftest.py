@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from socket import socket
@@ -9,6 +10,19 @@ from socket import socket
 import pytest
 
 from tests.serve_process import notify_socket_at
+from vgpud.daemon import STATUS_SIGNAL, STOP_SIGNALS
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """``vgpud serve`` run in-process (cli.main) takes the stop signals and leaves them
+    ignored, as a process about to exit should (vgpud.daemon.EarlySignals); the test
+    process goes on, Ctrl-C included."""
+    taken = (*STOP_SIGNALS, STATUS_SIGNAL)
+    saved = {signum: signal.getsignal(signum) for signum in taken}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture

@@ -21,7 +21,12 @@ Served = list[DaemonConfig]
 def served(monkeypatch: pytest.MonkeyPatch) -> Served:
     configs: Served = []
 
-    async def run(config: DaemonConfig, *, inherited_fd: int | None = None) -> None:
+    async def run(
+        config: DaemonConfig,
+        *,
+        inherited_fd: int | None = None,
+        early: daemon.EarlySignals | None = None,
+    ) -> None:
         configs.append(config)
 
     monkeypatch.setattr(daemon, "run", run)

@@ -118,8 +118,7 @@ def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path) -> 
     """As the CLI runs the daemon: EarlySignals installed, then ``trio.run``. A SIGTERM before
     ``run`` takes the signals over stops it at once, cleanly; one after it has given them
     back is swallowed (its default action used to kill the process that had just stopped)."""
-    taken = (*daemon.STOP_SIGNALS, daemon.STATUS_SIGNAL)
-    saved = {signum: signal.getsignal(signum) for signum in taken}
+    taken = (*daemon.STOP_SIGNALS, daemon.STATUS_SIGNAL)  # restored: tests/conftest.py
     config = DaemonConfig(
         (
             single_device(
@@ -129,18 +128,14 @@ def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path) -> 
             ),
         )
     )
-    try:
-        with daemon.EarlySignals() as early, structlog.testing.capture_logs() as logs:
-            signal.raise_signal(signal.SIGTERM)  # before run(): remembered
-            trio.run(functools.partial(daemon.run, config, early=early))
-            for signum in taken:  # after run(): this process would die here without them
-                signal.raise_signal(signum)
-        for signum in taken:  # ... and here, once the CLI is done with the daemon
+    with daemon.EarlySignals() as early, structlog.testing.capture_logs() as logs:
+        signal.raise_signal(signal.SIGTERM)  # before run(): remembered
+        trio.run(functools.partial(daemon.run, config, early=early))
+        for signum in taken:  # after run(): this process would die here without them
             signal.raise_signal(signum)
-        assert early.received == [signal.SIGTERM, *taken]
-        assert [(e["event"], e.get("signal")) for e in logs][:1] == [("stopping", "SIGTERM")]
-        assert not any(e["event"] == "ready" for e in logs), "it served before stopping"
-        assert not (tmp_path / "gpu0.sock").exists()
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+    for signum in taken:  # ... and here, once the CLI is done with the daemon
+        signal.raise_signal(signum)
+    assert early.received == [signal.SIGTERM, *taken]
+    assert [(e["event"], e.get("signal")) for e in logs][:1] == [("stopping", "SIGTERM")]
+    assert not any(e["event"] == "ready" for e in logs), "it served before stopping"
+    assert not (tmp_path / "gpu0.sock").exists()

@@ -72,7 +72,12 @@ def test_template_takes_each_documented_vgpud_args(
     memory directory), so the template could not serve one."""
     served: list[DaemonConfig] = []
 
-    async def run(config: DaemonConfig, *, inherited_fd: int | None = None) -> None:
+    async def run(
+        config: DaemonConfig,
+        *,
+        inherited_fd: int | None = None,
+        early: daemon.EarlySignals | None = None,
+    ) -> None:
         served.append(config)
 
     monkeypatch.setattr(daemon, "run", run)
