@@ -22,7 +22,6 @@ import contextlib
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +204,7 @@ async def serve_device_on_thread(
     await device_thread.run(task_status)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _single_error_unwrapped() -> Iterator[None]:
     """A nursery wraps what fails in it in an exception group; a start-up error that is all
     the group holds is handed on as itself (the daemon reports it in one line)."""
