@@ -49,13 +49,18 @@ class LogLimiter:
         self._per_second = per_second
         self._buckets: dict[str, _Bucket] = {}
 
-    def log(self, log: Any, method: str, event: str, *, key: str = "", **fields: Any) -> bool:
-        """``log.<method>(event, **fields)`` unless the bucket ``key`` (default: ``event``)
-        is empty; whether the line was written."""
+    def log(self, log: Any, method: str, event: str, /, **fields: Any) -> bool:
+        """``log.<method>(event, **fields)`` unless the bucket of ``event`` is empty;
+        whether the line was written."""
+        return self.log_in(event, log, method, event, **fields)
+
+    def log_in(self, key: str, log: Any, method: str, event: str, /, **fields: Any) -> bool:
+        """:meth:`log`, counting against the bucket ``key`` (lines of one event that come
+        in kinds of their own)."""
         now = self._clock()
-        bucket = self._buckets.get(key or event)
+        bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key or event] = _Bucket(float(self._burst), now)
+            bucket = self._buckets[key] = _Bucket(float(self._burst), now)
         bucket.tokens = min(
             float(self._burst), bucket.tokens + (now - bucket.last) * self._per_second
         )

@@ -15,8 +15,8 @@ def test_each_kind_of_line_has_its_own_bucket_and_drops_are_reported() -> None:
     with structlog.testing.capture_logs() as logs:
         written = [limiter.log(log, "info", "device reset") for _ in range(10)]
         limiter.log(log, "warning", "device refused a DMA unmap", iova=0)  # a bucket of its own
-        limiter.log(log, "info", "same event", key="a")
-        limiter.log(log, "info", "same event", key="b")
+        limiter.log_in("a", log, "info", "same event")
+        limiter.log_in("b", log, "info", "same event")
         clock.now += 1.0
         limiter.log(log, "info", "device reset", flr=False)
     assert written == [True] * 3 + [False] * 7

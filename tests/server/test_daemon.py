@@ -276,6 +276,30 @@ async def test_a_reset_flood_is_logged_within_the_device_rate_limit(vgpud: Daemo
     assert BURST <= len(resets) <= BURST + PER_SECOND * elapsed + 1, (len(resets), elapsed)
 
 
+async def test_a_connection_loop_is_logged_within_the_device_rate_limit(vgpud: Daemon) -> None:
+    """A process looping on connect -- whole sessions, or refused second clients -- wrote
+    a line or three per connection; they share the device's limits (vgpud/log_limit.py)."""
+    start = trio.current_time()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(60):
+            async with await vgpud.connect():
+                pass
+            await vgpud.idle()
+        async with await vgpud.connect():
+            for _ in range(60):
+                with pytest.raises(VfioUserError, match="Device or resource busy"):
+                    await vgpud.connect()
+    limit = BURST + PER_SECOND * (trio.current_time() - start) + 1
+    for event in (
+        "client connected",
+        "negotiated",
+        "client disconnected",
+        "refusing a second client: the device already has one",
+    ):
+        count = sum(e["event"] == event for e in logs)
+        assert BURST <= count <= limit, (event, count, limit)
+
+
 async def test_reconnect_keeps_device_memory(vgpud: Daemon) -> None:
     async with await vgpud.connect() as client:
         await enable_memory(client)

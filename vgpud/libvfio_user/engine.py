@@ -330,7 +330,7 @@ class LibvfioUserServer:
                 await self._serve_client(self.log.bind(connection=self.connections))
 
     async def _serve_client(self, log: Any) -> None:
-        log.info("client connected", **self._peer())
+        self._log_limit.log(log, "info", "client connected", **self._peer())
         conn_fd = self._lib.vfu_get_poll_fd(self._ctx)
         self.watchdog.guard(conn_fd, log)
         try:
@@ -342,7 +342,9 @@ class LibvfioUserServer:
                 nursery.start_soon(self._refuse_other_clients, self.connections, conn_fd)
                 reason = await self._run_until_detached(log)
                 nursery.cancel_scope.cancel()
-            log.info("client disconnected", reason=reason, messages=self.messages)
+            self._log_limit.log(
+                log, "info", "client disconnected", reason=reason, messages=self.messages
+            )
         finally:
             self.watchdog.forget()
             self.attached = False
@@ -364,7 +366,7 @@ class LibvfioUserServer:
         its next read). So is one that comes once libvfio-user has dropped the client
         (``conn_fd`` no longer the poll fd) and the run loop's return has yet to cancel this
         task."""
-        refusals = Refusals(self.log)
+        refusals = Refusals(self.log, self._log_limit)
         with socket.socket(fileno=os.dup(self._listen_fd)) as listener:
             listener.setblocking(False)  # already O_NONBLOCK (ATTACH_NB): a no-op, stated
             async with trio.open_nursery() as nursery:
@@ -405,7 +407,13 @@ class LibvfioUserServer:
                 self.negotiating = False
             await self._notify_idle()
             if err not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                self.log.warning("client failed to attach", error=os.strerror(err), errno=err)
+                self._log_limit.log(
+                    self.log,
+                    "warning",
+                    "client failed to attach",
+                    error=os.strerror(err),
+                    errno=err,
+                )
 
     def _attach_blocking(self) -> tuple[int, int]:
         rc = self._lib.vfu_attach_ctx(self._ctx)
@@ -418,7 +426,7 @@ class LibvfioUserServer:
                 return
             # The Python engine's words (vgpud.server.session): the line operators are told
             # to look for (docs/operations.md, Troubleshooting), whichever engine serves.
-            self.log.warning("client did not negotiate in time, closing")
+            self._log_limit.log(self.log, "warning", "client did not negotiate in time, closing")
         finally:
             # Timed out, or the daemon stops: cut until the thread has returned. Cutting once
             # is not enough: the thread may not have accepted the connection yet, and once it

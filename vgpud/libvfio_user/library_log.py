@@ -36,6 +36,6 @@ class LibraryLog:
         if method == "debug":
             self._log.debug("libvfio-user", message=text)
             return
-        self._limiter.log(
-            self._log, method, "libvfio-user", key=f"libvfio-user {method}", message=text
+        self._limiter.log_in(
+            f"libvfio-user {method}", self._log, method, "libvfio-user", message=text
         )

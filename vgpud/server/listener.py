@@ -192,8 +192,10 @@ class DeviceServer:
         self._active_sock: socket.socket | None = None
         self._waiter: _Waiter | None = None  # a client waiting for a departed one's session
         self._session_finished = trio.Condition()
-        self._refusals = Refusals(self.log)
-        self.log_limit = LogLimiter()  # for every session of this device (vgpud/log_limit.py)
+        # Lines a client can cause per request or per connection (vgpud/log_limit.py), for
+        # every session of this device.
+        self.log_limit = LogLimiter()
+        self._refusals = Refusals(self.log, self.log_limit)
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -295,7 +297,7 @@ class DeviceServer:
     ) -> None:
         stream = FdStream(sock)
         log = self.log.bind(connection=number)
-        log.info("client connected", **creds)
+        self.log_limit.log(log, "info", "client connected", **creds)
         reason = "error"
         session: Session | None = None
         try:
@@ -309,7 +311,9 @@ class DeviceServer:
             )
             self.current_session = session
             reason = await session.run()
-            log.info("client disconnected", reason=reason, messages=session.messages)
+            self.log_limit.log(
+                log, "info", "client disconnected", reason=reason, messages=session.messages
+            )
         except Exception:
             self.internal_errors += 1
             log.exception("session failed; device kept, waiting for the next client")

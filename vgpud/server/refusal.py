@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 import protocol as p
+from vgpud.log_limit import LogLimiter
 from vgpud.server.transport import FdStream, TransportError, close_fds
 
 REFUSAL_TIMEOUT = 2.0  # seconds a refused client has to send its first message
@@ -32,8 +33,9 @@ MAX_REFUSALS = 4  # refusals waiting for a first message at once, per device
 class Refusals:
     """The refusals of one device's listener in progress."""
 
-    def __init__(self, log: Any) -> None:
+    def __init__(self, log: Any, log_limit: LogLimiter) -> None:
         self.log = log
+        self.log_limit = log_limit  # the device's: a connect loop must not flood the log
         self.waiting = 0
 
     def start(
@@ -49,7 +51,9 @@ class Refusals:
         (in ``nursery``); close it at once when :data:`MAX_REFUSALS` are already waiting.
         Takes ``sock`` over. Both engines refuse through here, with one log line."""
         # Spec vfio-user.md §1: one connection = one device = one client.
-        self.log.warning(
+        self.log_limit.log(
+            self.log,
+            "warning",
             "refusing a second client: the device already has one",
             connection=connection,
             active_connection=active_connection,

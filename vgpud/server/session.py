@@ -116,7 +116,9 @@ class Session:
                 with trio.move_on_after(NEGOTIATION_TIMEOUT) as self._negotiation:
                     reason = await self._serve()
                 if self._negotiation.cancelled_caught:
-                    self.log.warning(
+                    self.log_limit.log(
+                        self.log,
+                        "warning",
                         "client did not negotiate in time, closing",
                         timeout_seconds=NEGOTIATION_TIMEOUT,
                     )
@@ -149,10 +151,18 @@ class Session:
                         event = next_event
                 except p.RemoteProtocolError as exc:
                     close_fds(exc.fds)
-                    self.log.warning("protocol violation, closing", error=str(exc), errno=exc.errno)
+                    self.log_limit.log(
+                        self.log,
+                        "warning",
+                        "protocol violation, closing",
+                        error=str(exc),
+                        errno=exc.errno,
+                    )
                     return "protocol-error"
                 except TransportError as exc:
-                    self.log.warning("transport error, closing", error=str(exc))
+                    self.log_limit.log(
+                        self.log, "warning", "transport error, closing", error=str(exc)
+                    )
                     return "transport-error"
                 if type(event) is bytes:
                     # A trapped access (protocol.trapped), already answered.
@@ -314,7 +324,9 @@ class Session:
         if negotiated is not None:
             self.dma.max_maps = min(self.dma.max_maps, negotiated.max_dma_maps)
             self._negotiation.deadline = math.inf
-        self.log.info("negotiated", client_capabilities=_caps_summary(negotiated))
+        self.log_limit.log(
+            self.log, "info", "negotiated", client_capabilities=_caps_summary(negotiated)
+        )
         return outgoing
 
     # -- DMA ------------------------------------------------------------------------------
