@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from benchmarks import codec, guest_access, guest_bandwidth, roundtrip
+from benchmarks import codec, guest_access, guest_bandwidth, neighbour, roundtrip
 from tests.e2e.initramfs import GuestResults
 
 
@@ -47,6 +47,18 @@ def test_roundtrip_libvfio_user_rows_run() -> None:
         os.sched_setaffinity(0, before)
     for name in ("vgpud+libvfio-user config read", "bound (libvfio-user + cb)"):
         assert results[name]["p50_us"] > 0 and results[name]["msgs_per_s"] > 0
+
+
+def test_neighbour_benchmark_runs() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    try:
+        results = neighbour.run(iterations=50, cpu=cpu, engine_names=["python"])
+    finally:
+        os.sched_setaffinity(0, before)  # run() pins the calling process
+    assert set(results) == {f"python {scenario}" for scenario in neighbour.SCENARIOS}
+    for row in results.values():
+        assert 0 < row["p50_us"] <= row["p99_us"] <= row["max_us"]
 
 
 def _guest_run(**overrides: str) -> guest_bandwidth.GuestRun:
