@@ -10,13 +10,13 @@ from socket import socket
 import pytest
 
 from tests.serve_process import notify_socket_at
-from vgpud.daemon import STATUS_SIGNAL, STOP_SIGNALS
+from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS
 
 
 @pytest.fixture(autouse=True)
 def _signal_handlers_restored() -> Iterator[None]:
     """``vgpud serve`` run in-process (cli.main) takes the stop signals and leaves them
-    ignored, as a process about to exit should (vgpud.daemon.EarlySignals); the test
+    ignored, as a process about to exit should (vgpud.signals.EarlySignals); the test
     process goes on, Ctrl-C included."""
     taken = (*STOP_SIGNALS, STATUS_SIGNAL)
     saved = {signum: signal.getsignal(signum) for signum in taken}

@@ -31,6 +31,7 @@ from vgpud.config import (
     single_device,
 )
 from vgpud.entry import INTERRUPTED
+from vgpud.signals import EarlySignals
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -238,7 +239,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _serve_config(args)
     log.configure(config.log_level, config.log_format)
     try:
-        with daemon.EarlySignals() as early:
+        with EarlySignals() as early:
             trio.run(lambda: daemon.run(config, inherited_fd=args.fd, early=early))
     except daemon.RefusedConfigError as exc:
         print(f"vgpud: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ import pytest
 
 from vgpud import cli, daemon, log
 from vgpud.config import DaemonConfig
+from vgpud.signals import EarlySignals
 
 Served = list[DaemonConfig]
 
@@ -25,7 +26,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Served:
         config: DaemonConfig,
         *,
         inherited_fd: int | None = None,
-        early: daemon.EarlySignals | None = None,
+        early: EarlySignals | None = None,
     ) -> None:
         configs.append(config)
 

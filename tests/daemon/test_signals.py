@@ -23,6 +23,7 @@ from tests.serve_process import read_log_until, serve_args, start, stop
 from vgpud import daemon, entry
 from vgpud.client import VfioUserClient
 from vgpud.config import DaemonConfig, single_device
+from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS, EarlySignals
 
 
 def test_sigterm_while_waiting_for_the_gpu_is_a_clean_stop(tmp_path: Path) -> None:
@@ -118,7 +119,7 @@ def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path) -> 
     """As the CLI runs the daemon: EarlySignals installed, then ``trio.run``. A SIGTERM before
     ``run`` takes the signals over stops it at once, cleanly; one after it has given them
     back is swallowed (its default action used to kill the process that had just stopped)."""
-    taken = (*daemon.STOP_SIGNALS, daemon.STATUS_SIGNAL)  # restored: tests/conftest.py
+    taken = (*STOP_SIGNALS, STATUS_SIGNAL)  # restored: tests/conftest.py
     config = DaemonConfig(
         (
             single_device(
@@ -128,7 +129,7 @@ def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path) -> 
             ),
         )
     )
-    with daemon.EarlySignals() as early, structlog.testing.capture_logs() as logs:
+    with EarlySignals() as early, structlog.testing.capture_logs() as logs:
         signal.raise_signal(signal.SIGTERM)  # before run(): remembered
         trio.run(functools.partial(daemon.run, config, early=early))
         for signum in taken:  # after run(): this process would die here without them

@@ -13,6 +13,7 @@ import pytest
 
 from vgpud import cli, daemon, log
 from vgpud.config import DaemonConfig, DeviceConfig
+from vgpud.signals import EarlySignals
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
@@ -76,7 +77,7 @@ def test_template_takes_each_documented_vgpud_args(
         config: DaemonConfig,
         *,
         inherited_fd: int | None = None,
-        early: daemon.EarlySignals | None = None,
+        early: EarlySignals | None = None,
     ) -> None:
         served.append(config)
 

@@ -1,0 +1,97 @@
+"""What the daemon does with signals (vgpud.daemon.run takes them for its whole life).
+
+SIGTERM, SIGINT and SIGHUP stop it cleanly (SIGHUP as for QEMU: a hang-up or a reload
+request; there is nothing to reload, and its default action would leave the sockets
+behind); a repeat one while stopping is only logged. SIGUSR1 logs one "status" line per
+device. Outside ``run`` -- before it has taken the signals over and after it has given them
+back -- :class:`EarlySignals` keeps them from killing the process half-way or at the end.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+import trio
+
+# What stops the daemon cleanly (see run()).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Logs one "status" line per device (``kill -USR1``), instead of the default action, which
+# would kill the daemon and leave its sockets behind.
+STATUS_SIGNAL = signal.SIGUSR1
+
+
+class EarlySignals:
+    """The stop and status signals outside :func:`run`, for a process that runs it once::
+
+        with EarlySignals() as early:
+            trio.run(functools.partial(run, config, early=early))
+
+    Entered, a stop signal that comes before :func:`run` has taken the signals over is
+    remembered, and :func:`run` then stops at once, the clean way, instead of the default
+    action killing a daemon that may be making its files. Left, the signals are ignored:
+    the daemon has stopped, and a repeat signal in the process's last milliseconds (trio
+    gives the handlers back, then the interpreter's shutdown resets Python handlers to the
+    default action) used to kill the process that had already stopped cleanly, exit status
+    143 instead of 0 (found by a thread audit: 17 of 25 double SIGTERMs).
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def __enter__(self) -> EarlySignals:
+        for signum in (*STOP_SIGNALS, STATUS_SIGNAL):  # the main thread's job, as for any
+            signal.signal(signum, self._remember)  # Python handler
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum in (*STOP_SIGNALS, STATUS_SIGNAL):
+            signal.signal(signum, signal.SIG_IGN)  # not reset by the interpreter's shutdown
+
+    def _remember(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+
+    def stop_requested(self) -> int | None:
+        """The first stop signal received, if any."""
+        return next((s for s in self.received if s in STOP_SIGNALS), None)
+
+
+class StatusReporter(Protocol):
+    """A served device, as the status signal sees it."""
+
+    name: str
+
+    def status(self) -> dict[str, Any]:
+        """What the "status" line says about the device."""
+
+
+async def handle_signals(
+    signals: AsyncIterator[int],
+    scope: trio.CancelScope,
+    servers: Sequence[StatusReporter],
+    log: Any,
+    early_stop: int | None,
+    *,
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Cancel ``scope`` at the first stop signal, and keep taking signals until told to
+    stop (the scope handed to ``task_status``): shielded, so it outlives the cancellation
+    it caused and a repeat signal during clean-up is logged, not fatal. The status signal
+    logs what ``servers`` (the devices listening so far) say about themselves."""
+    with trio.CancelScope(shield=True) as own:
+        task_status.started(own)
+        if early_stop is not None:  # before run() took the signals over
+            log.info("stopping", signal=signal.Signals(early_stop).name)
+            scope.cancel()
+        async for signum in signals:
+            if signum == STATUS_SIGNAL:
+                for server in servers:
+                    log.info("status", device=server.name, **server.status())
+                continue
+            name = signal.Signals(signum).name
+            if scope.cancel_called:
+                log.info("already stopping", signal=name)
+                continue
+            log.info("stopping", signal=name)
+            scope.cancel()
