@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import trio
 
-# What stops the daemon cleanly (see run()).
+# What stops the daemon cleanly (see vgpud.daemon.run).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Logs one "status" line per device (``kill -USR1``), instead of the default action, which
 # would kill the daemon and leave its sockets behind.
@@ -23,13 +23,13 @@ STATUS_SIGNAL = signal.SIGUSR1
 
 
 class EarlySignals:
-    """The stop and status signals outside :func:`run`, for a process that runs it once::
+    """The stop and status signals outside :func:`vgpud.daemon.run`, for a process that runs it once::
 
         with EarlySignals() as early:
-            trio.run(functools.partial(run, config, early=early))
+            trio.run(functools.partial(daemon.run, config, early=early))
 
-    Entered, a stop signal that comes before :func:`run` has taken the signals over is
-    remembered, and :func:`run` then stops at once, the clean way, instead of the default
+    Entered, a stop signal that comes before :func:`vgpud.daemon.run` has taken the signals over is
+    remembered, and :func:`vgpud.daemon.run` then stops at once, the clean way, instead of the default
     action killing a daemon that may be making its files. Left, the signals are ignored:
     the daemon has stopped, and a repeat signal in the process's last milliseconds (trio
     gives the handlers back, then the interpreter's shutdown resets Python handlers to the
