@@ -23,18 +23,19 @@ STATUS_SIGNAL = signal.SIGUSR1
 
 
 class EarlySignals:
-    """The stop and status signals outside :func:`vgpud.daemon.run`, for a process that runs it once::
+    """The stop and status signals outside :func:`vgpud.daemon.run`, for a process that
+    runs it once::
 
         with EarlySignals() as early:
             trio.run(functools.partial(daemon.run, config, early=early))
 
-    Entered, a stop signal that comes before :func:`vgpud.daemon.run` has taken the signals over is
-    remembered, and :func:`vgpud.daemon.run` then stops at once, the clean way, instead of the default
-    action killing a daemon that may be making its files. Left, the signals are ignored:
-    the daemon has stopped, and a repeat signal in the process's last milliseconds (trio
-    gives the handlers back, then the interpreter's shutdown resets Python handlers to the
-    default action) used to kill the process that had already stopped cleanly, exit status
-    143 instead of 0 (found by a thread audit: 17 of 25 double SIGTERMs).
+    Entered, a stop signal that comes before ``run`` has taken the signals over is
+    remembered, and ``run`` then stops at once, the clean way, instead of the default action
+    killing a daemon that may be making its files. Left, the signals are ignored: the daemon
+    has stopped, and a repeat signal in the process's last milliseconds (trio gives the
+    handlers back, then the interpreter's shutdown resets Python handlers to the default
+    action) used to kill the process that had already stopped cleanly, exit status 143
+    instead of 0 (found by a thread audit: 17 of 25 double SIGTERMs).
     """
 
     def __init__(self) -> None:
