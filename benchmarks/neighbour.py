@@ -54,8 +54,9 @@ def engines() -> list[str]:
 
 
 @contextmanager
-def _tray(engine: str, tmp: Path, cpu: int) -> Iterator[tuple[Path, Path]]:
-    """A daemon serving gpu0 and gpu1; their socket paths."""
+def _tray(engine: str, tmp: Path) -> Iterator[tuple[Path, Path]]:
+    """A daemon serving gpu0 and gpu1; their socket paths. It inherits the caller's CPU
+    affinity (run() pins it), and so do all its threads."""
     config = tmp / f"{engine}.toml"
     config.write_text(
         f'[daemon]\nengine = "{engine}"\nlog_level = "warning"\n'
@@ -71,7 +72,6 @@ def _tray(engine: str, tmp: Path, cpu: int) -> Iterator[tuple[Path, Path]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        os.sched_setaffinity(proc.pid, {cpu})  # before it starts its threads: they inherit it
         yield tmp / f"{engine}-gpu0.sock", tmp / f"{engine}-gpu1.sock"
     finally:
         proc.terminate()
@@ -123,7 +123,7 @@ def run(
         for engine in engine_names or engines():
             for scenario in SCENARIOS:
                 # A fresh daemon per scenario: a stall leaves gpu0 busy until its cut.
-                with _tray(engine, Path(tmp), cpu) as (gpu0, gpu1):
+                with _tray(engine, Path(tmp)) as (gpu0, gpu1):
                     probe = RawClient(str(gpu1))
                     timer = probe.region_read_timer(CONFIG_REGION, 0, 4)
                     for _ in range(min(200, iterations)):  # warm up before gpu0 starts:

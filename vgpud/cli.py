@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _device_flags(serve)
     serve.add_argument("--backing-dir", type=Path, help="directory for the memory files")
     serve.add_argument("--socket-group", help="group allowed to connect (mode 0660)")
-    serve.add_argument("--socket-mode", help="socket permissions, octal (default 0600)")
+    serve.add_argument(
+        "--socket-mode", help="socket permissions, octal (default 0600, 0660 with --socket-group)"
+    )
     serve.add_argument(
         "--ready-delay",
         type=float,

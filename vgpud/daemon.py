@@ -263,7 +263,9 @@ async def _run(
         async with trio.open_nursery() as nursery:  # run() unwraps a StartupError from it
             if library is not None:
                 served = zip(config.devices, built, inherited, strict=True)
-                servers += await _start_libvfio_user(nursery, served, library, max_dma_maps, log)
+                await _start_libvfio_user(
+                    nursery, served, library, max_dma_maps=max_dma_maps, servers=servers, log=log
+                )
             for endpoint in endpoints:
                 server = DeviceServer(
                     endpoint.config.name,
@@ -353,11 +355,13 @@ async def _start_libvfio_user(
     nursery: trio.Nursery,
     served: Iterable[tuple[DeviceConfig, BuiltDevice, socket.socket | None]],
     library: Library,
+    *,
     max_dma_maps: int,
+    servers: list[ServedDevice],
     log: Any,
-) -> list[ServedDevice]:
-    """Each device with its configuration and the socket it inherited, if any."""
-    servers: list[ServedDevice] = []
+) -> None:
+    """Each device with its configuration and the socket it inherited, if any; each is
+    added to ``servers`` as it listens (the status signal reports those)."""
     for device_config, device, sock in served:
         path = device_config.socket_path or default_socket_path(device_config.name)
         try:
@@ -384,7 +388,6 @@ async def _start_libvfio_user(
             engine="libvfio-user",
             **device.summary(),
         )
-    return servers
 
 
 def _raise_fd_limit() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +25,17 @@ from vgpud import daemon, entry
 from vgpud.client import VfioUserClient
 from vgpud.config import DaemonConfig, single_device
 from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS, EarlySignals
+
+ENGINES = [
+    "python",
+    pytest.param(
+        "libvfio-user",
+        marks=pytest.mark.skipif(
+            not os.environ.get("VGPUD_LIBVFIO_USER"),
+            reason="VGPUD_LIBVFIO_USER is not set: the libvfio-user engine needs a local build",
+        ),
+    ),
+]
 
 
 def test_sigterm_while_waiting_for_the_gpu_is_a_clean_stop(tmp_path: Path) -> None:
@@ -77,18 +89,16 @@ def test_ctrl_c_while_the_cli_is_imported_is_a_quiet_exit(
     assert capsys.readouterr() == ("", "")
 
 
-async def test_sigusr1_logs_each_devices_status_and_stops_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_sigusr1_logs_each_devices_status_and_stops_nothing(
+    tmp_path: Path, engine: str
+) -> None:
     """``kill -USR1``: one "status" line per device (its default action killed the daemon
     and left its sockets behind)."""
-    config = DaemonConfig(
-        (
-            single_device(
-                socket_path=tmp_path / "gpu0.sock",
-                memory_size="4GiB",
-                backing_dir=tmp_path / "mem",
-            ),
-        )
+    device = single_device(
+        socket_path=tmp_path / "gpu0.sock", memory_size="4GiB", backing_dir=tmp_path / "mem"
     )
+    config = DaemonConfig((device,), engine=engine)
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             [server] = await nursery.start(functools.partial(daemon.run, config))
@@ -102,8 +112,10 @@ async def test_sigusr1_logs_each_devices_status_and_stops_nothing(tmp_path: Path
             await wait_for_event(logs, "status", count=2)
             nursery.cancel_scope.cancel()
     first, second = (e for e in logs if e["event"] == "status")
-    assert first["device"] == "gpu0" and first["engine"] == "python"
-    assert (first["client"], first["connections"], first["messages"]) == (1, 1, 2)
+    assert first["device"] == "gpu0" and first["engine"] == engine
+    # The Python engine counts the session's VERSION too; libvfio-user answers it itself.
+    messages = 2 if engine == "python" else 1
+    assert (first["client"], first["connections"], first["messages"]) == (1, 1, messages)
     assert (second["client"], second["connections"]) == (None, 1)
     assert not any(e["event"] == "stopping" for e in logs)
 
@@ -115,20 +127,19 @@ async def wait_for_event(logs: list[dict[str, Any]], event: str, count: int = 1)
         await trio.sleep(0.001)
 
 
-def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path, engine: str) -> None:
     """As the CLI runs the daemon: EarlySignals installed, then ``trio.run``. A SIGTERM before
     ``run`` takes the signals over stops it at once, cleanly; one after it has given them
-    back is swallowed (its default action used to kill the process that had just stopped)."""
+    back is swallowed (its default action used to kill the process that had just stopped).
+    Under the libvfio-user engine the stop came before the device's thread had started,
+    and was taken for a thread that would not stop: 5 s, then an error line (a review
+    found it)."""
     taken = (*STOP_SIGNALS, STATUS_SIGNAL)  # restored: tests/conftest.py
-    config = DaemonConfig(
-        (
-            single_device(
-                socket_path=tmp_path / "gpu0.sock",
-                memory_size="4GiB",
-                backing_dir=tmp_path / "mem",
-            ),
-        )
+    device = single_device(
+        socket_path=tmp_path / "gpu0.sock", memory_size="4GiB", backing_dir=tmp_path / "mem"
     )
+    config = DaemonConfig((device,), engine=engine)
     with EarlySignals() as early, structlog.testing.capture_logs() as logs:
         signal.raise_signal(signal.SIGTERM)  # before run(): remembered
         trio.run(functools.partial(daemon.run, config, early=early))
@@ -139,4 +150,5 @@ def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path) -> 
     assert early.received == [signal.SIGTERM, *taken]
     assert [(e["event"], e.get("signal")) for e in logs][:1] == [("stopping", "SIGTERM")]
     assert not any(e["event"] == "ready" for e in logs), "it served before stopping"
+    assert not any(e["log_level"] == "error" for e in logs), logs
     assert not (tmp_path / "gpu0.sock").exists()

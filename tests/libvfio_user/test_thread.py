@@ -169,9 +169,16 @@ async def test_wait_idle_returns_when_the_device_stops_meanwhile(tmp_path: Path)
         await VfioUserClient.connect(tmp_path / "gpu0.sock") as client,
     ):
         assert await client.region_read(CONFIG, 0, 2) == b"\xde\x10"
+        returned = trio.Event()
+
+        async def wait_idle() -> None:
+            await gpu0.wait_idle()
+            returned.set()
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(gpu0.wait_idle)  # the client stays: it waits
+            nursery.start_soon(wait_idle)  # the client stays: it waits
             await trio.testing.wait_all_tasks_blocked()
+            assert not returned.is_set(), "wait_idle returned with a client attached"
             gpu0.stop()  # as the daemon does when it stops
         # The nursery ended: wait_idle returned. pytest's timeout turns a hang into a failure.
 
@@ -234,13 +241,14 @@ async def test_a_device_stuck_outside_its_socket_is_abandoned_at_stop(
         release.wait()  # the test's own hang guard ends it (finally below)
 
     monkeypatch.setattr(built.device, "region_write", stuck_write)
+    device_thread: DeviceThread | None = None
     try:
         with structlog.testing.capture_logs() as logs:
             async with trio.open_nursery() as nursery:
                 serve = functools.partial(
                     serve_device_on_thread, built, socket_path, library=LIBRARY
                 )
-                await nursery.start(serve)
+                device_thread = await nursery.start(serve)
                 client = await stall(socket_path)  # negotiates, then a REGION_WRITE header
                 # ... and its body, 64 bytes into config space: the write runs.
                 client.sendall(struct.pack("<QII", 0x100, CONFIG, 64) + bytes(64))
@@ -251,5 +259,9 @@ async def test_a_device_stuck_outside_its_socket_is_abandoned_at_stop(
         abandoned = [e for e in logs if e["event"] == "device did not stop, abandoning its thread"]
         assert len(abandoned) == 1 and abandoned[0]["log_level"] == "error"
     finally:
-        release.set()  # let the abandoned thread finish before the device is released
+        release.set()  # the abandoned thread goes on, and has to finish before the device
+        # is released and this test's logs end (its last library lines would land in the
+        # next test's otherwise)
+        if device_thread is not None:
+            assert device_thread.thread_done.wait(HANG_GUARD)
         built.release()

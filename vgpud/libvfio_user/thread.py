@@ -9,11 +9,13 @@ library keeps its contexts independent (its one piece of global state, the fd ca
 a mutex: lib/fd_cache.c) and cffi releases the GIL around each call into it.
 
 A device's thread runs ``serve_device`` (:mod:`vgpud.libvfio_user.engine`) unchanged in its
-own ``trio.run``. The daemon's loop talks to it through trio tokens only
+own ``trio.run``. The two loops hand each other work through trio tokens
 (``run_sync_soon`` is the thread-safe way into a loop): the child reports that its socket
-listens, and the parent cancels it when the daemon stops. A client blocking the library at
-that moment is cut off at once (:meth:`StallWatchdog.cut_all`) rather than after the stall
-limit, so a stop is not held up either.
+listens, and the parent cancels it when the daemon stops. Otherwise only the watchdog's cut
+(thread-safe by design) and the status line's reads of plain attributes cross threads. A
+client blocking the library when the daemon stops is cut off at once
+(:meth:`StallWatchdog.cut_all`) rather than after the stall limit, so a stop is not held up
+either.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class DeviceThread:
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._stopping = False
+        self.thread_done = threading.Event()  # the thread has left the library for good
 
     @property
     def connections(self) -> int:
@@ -60,9 +63,8 @@ class DeviceThread:
         return None if self.server is None else self.server.socket_path
 
     def status(self) -> dict[str, Any]:
-        if self.server is None:
-            return {"engine": "libvfio-user", "client": None, "starting": True}
-        return self.server.status()
+        # The daemon lists a device once it listens, when server is set.
+        return {} if self.server is None else self.server.status()
 
     async def wait_idle(self) -> None:
         """Until no client is attached or negotiating, or the device's loop is stopping
@@ -114,7 +116,12 @@ class DeviceThread:
         def body() -> None:
             try:
                 self._thread_main(parent, started)
+            except BaseException:
+                if self._stopping:  # run() has been cancelled: nobody will see it raised
+                    self._log().exception("device thread failed while stopping")
+                raise
             finally:
+                self.thread_done.set()
                 with contextlib.suppress(trio.RunFinishedError):
                     parent.run_sync_soon(finished.set)
 
@@ -127,7 +134,10 @@ class DeviceThread:
                     abandon_on_cancel=True,  # the wait below decides
                 )
         except trio.Cancelled:
-            self.stop()
+            if not self.stop():
+                # No loop yet (the cancel may even have come before the thread started):
+                # one that starts now sees the stop and returns before serving anything.
+                raise
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(STOP_GRACE):
                     await finished.wait()
@@ -138,8 +148,7 @@ class DeviceThread:
     def _abandon(self) -> None:
         """The device's thread is stuck where no cut reaches: leave it to die with the
         process, and remove what its context would have removed on the way out."""
-        log = structlog.get_logger("vgpud").bind(device=self.name, engine="libvfio-user")
-        log.error(
+        self._log().error(
             "device did not stop, abandoning its thread",
             grace_seconds=STOP_GRACE,
             likely_cause="blocked writing to an interrupt fd the VMM passed (a blocking "
@@ -148,8 +157,12 @@ class DeviceThread:
         if self.server is not None:
             self.server.forsake()
 
-    def stop(self) -> None:
-        """Cancel the device's loop (from any thread); it removes its socket and returns."""
+    def _log(self) -> Any:
+        return structlog.get_logger("vgpud").bind(device=self.name, engine="libvfio-user")
+
+    def stop(self) -> bool:
+        """Cancel the device's loop (from any thread); it removes its socket and returns.
+        Whether there was a loop to cancel (none: it will not serve, should it start)."""
         with self._lock:
             self._stopping = True
             token, nursery = self._token, self._nursery
@@ -162,6 +175,7 @@ class DeviceThread:
             # The loop sees the cancel only once vfu_run_ctx returns. (No server yet: the
             # news that the device listens is on its way, and run()'s started() cuts.)
             self.server.watchdog.cut_all()
+        return token is not None
 
     def _thread_main(
         self,
