@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks.roundtrip import CONFIG_REGION, HEADER, RawClient
+from benchmarks.roundtrip import CONFIG_REGION, HEADER, RawClient, summarize
 
 SCENARIOS = ("idle", "flood", "stalled")
 REGION_WRITE = 10
@@ -131,17 +131,8 @@ def run(
                     with _neighbour(gpu0, scenario):
                         samples = [timer() for _ in range(iterations)]
                     probe.close()
-                results[f"{engine} {scenario}"] = _summary(samples)
+                results[f"{engine} {scenario}"] = summarize(samples)
     return results
-
-
-def _summary(samples_ns: list[int]) -> dict[str, float]:
-    ordered = sorted(samples_ns)
-    return {
-        "p50_us": ordered[len(ordered) // 2] / 1000,
-        "p99_us": ordered[int(len(ordered) * 0.99)] / 1000,
-        "max_us": ordered[-1] / 1000,
-    }
 
 
 def main() -> int:
