@@ -10,7 +10,11 @@ from socket import socket
 import pytest
 
 from tests.serve_process import notify_socket_at
-from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS
+from vgpud import daemon, log
+from vgpud.config import DaemonConfig
+from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS, EarlySignals
+
+Served = list[DaemonConfig]
 
 
 @pytest.fixture(autouse=True)
@@ -29,3 +33,23 @@ def _signal_handlers_restored() -> Iterator[None]:
 def notify_socket(tmp_path: Path) -> Iterator[socket]:
     """Where a ``vgpud serve`` started by :func:`tests.serve_process.start` says READY=1."""
     yield from notify_socket_at(tmp_path)
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> Served:
+    """``vgpud serve`` run in-process never starts a daemon: ``daemon.run`` only records the
+    configuration it was given (in the list this returns)."""
+    configs: Served = []
+
+    async def run(
+        config: DaemonConfig,
+        *,
+        inherited_fd: int | None = None,
+        early: EarlySignals | None = None,
+    ) -> None:
+        configs.append(config)
+
+    monkeypatch.setattr(daemon, "run", run)
+    # The real one reconfigures process-wide logging, which other tests rely on.
+    monkeypatch.setattr(log, "configure", lambda level, fmt: None)
+    return configs

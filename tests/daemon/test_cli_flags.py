@@ -11,29 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vgpud import cli, daemon, log
-from vgpud.config import DaemonConfig
-from vgpud.signals import EarlySignals
-
-Served = list[DaemonConfig]
-
-
-@pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> Served:
-    configs: Served = []
-
-    async def run(
-        config: DaemonConfig,
-        *,
-        inherited_fd: int | None = None,
-        early: EarlySignals | None = None,
-    ) -> None:
-        configs.append(config)
-
-    monkeypatch.setattr(daemon, "run", run)
-    # The real one reconfigures process-wide logging, which other tests rely on.
-    monkeypatch.setattr(log, "configure", lambda level, fmt: None)
-    return configs
+from tests.conftest import Served
+from vgpud import cli
 
 
 @pytest.fixture

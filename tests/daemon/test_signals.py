@@ -38,6 +38,14 @@ ENGINES = [
 ]
 
 
+def one_gpu(tmp_path: Path, engine: str = "python") -> DaemonConfig:
+    """A 4 GiB gh200 on tmp_path/gpu0.sock, its memory in tmp_path/mem."""
+    device = single_device(
+        socket_path=tmp_path / "gpu0.sock", memory_size="4GiB", backing_dir=tmp_path / "mem"
+    )
+    return DaemonConfig((device,), engine=engine)
+
+
 def test_sigterm_while_waiting_for_the_gpu_is_a_clean_stop(tmp_path: Path) -> None:
     proc = start(serve_args(tmp_path, "--ready-delay", "60", "--log-format", "json"), tmp_path)
     read_log_until(proc, "waiting for the device to become ready")
@@ -49,15 +57,7 @@ def test_sigterm_while_waiting_for_the_gpu_is_a_clean_stop(tmp_path: Path) -> No
 
 
 async def test_a_second_signal_while_stopping_is_only_logged(tmp_path: Path) -> None:
-    config = DaemonConfig(
-        (
-            single_device(
-                socket_path=tmp_path / "gpu0.sock",
-                memory_size="4GiB",
-                backing_dir=tmp_path / "mem",
-            ),
-        )
-    )
+    config = one_gpu(tmp_path)
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(daemon.run, config))
@@ -95,10 +95,7 @@ async def test_sigusr1_logs_each_devices_status_and_stops_nothing(
 ) -> None:
     """``kill -USR1``: one "status" line per device (its default action killed the daemon
     and left its sockets behind)."""
-    device = single_device(
-        socket_path=tmp_path / "gpu0.sock", memory_size="4GiB", backing_dir=tmp_path / "mem"
-    )
-    config = DaemonConfig((device,), engine=engine)
+    config = one_gpu(tmp_path, engine)
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             [server] = await nursery.start(functools.partial(daemon.run, config))
@@ -136,10 +133,7 @@ def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path, eng
     and was taken for a thread that would not stop: 5 s, then an error line (a review
     found it)."""
     taken = (*STOP_SIGNALS, STATUS_SIGNAL)  # restored: tests/conftest.py
-    device = single_device(
-        socket_path=tmp_path / "gpu0.sock", memory_size="4GiB", backing_dir=tmp_path / "mem"
-    )
-    config = DaemonConfig((device,), engine=engine)
+    config = one_gpu(tmp_path, engine)
     with EarlySignals() as early, structlog.testing.capture_logs() as logs:
         signal.raise_signal(signal.SIGTERM)  # before run(): remembered
         trio.run(functools.partial(daemon.run, config, early=early))

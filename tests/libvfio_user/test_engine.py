@@ -22,6 +22,7 @@ import trio
 
 import protocol as p
 from backends.device import DmaRegion
+from tests.server.conftest import reset_flood
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.config import single_device
 from vgpud.devices import BuiltDevice, build_device
@@ -29,7 +30,7 @@ from vgpud.libvfio_user import EngineUnavailable, LibvfioUserServer, load_librar
 from vgpud.libvfio_user import engine as engine_module
 from vgpud.libvfio_user.engine import serve_device
 from vgpud.libvfio_user.sockets import accepted_connections
-from vgpud.log_limit import BURST, PER_SECOND
+from vgpud.log_limit import BURST
 
 try:
     LIBRARY = load_library()
@@ -286,14 +287,7 @@ async def test_an_unwired_vector_does_not_make_every_request_log(engine: Engine)
 async def test_a_reset_flood_is_logged_within_the_device_rate_limit(engine: Engine) -> None:
     """As under the Python engine: one "device reset" line per DEVICE_RESET made 200 lines
     of ours and 200 of libvfio-user's for 200 resets back to back."""
-    start = trio.current_time()
-    with structlog.testing.capture_logs() as logs:
-        for _ in range(2):
-            async with await engine.connect() as client:
-                for _ in range(100):
-                    await client.reset()
-            await engine.server.wait_idle()
-    limit = BURST + PER_SECOND * (trio.current_time() - start) + 1
+    logs, limit = await reset_flood(engine.connect, engine.server.wait_idle)
     ours = [e for e in logs if e["event"] == "device reset"]
     library = [e for e in logs if e.get("message") == "device reset by client"]
     assert BURST <= len(ours) <= limit

@@ -61,14 +61,20 @@ async def served(tmp_path: Path, name: str, **options: object) -> AsyncIterator[
         built.release()
 
 
-async def stall(path: Path) -> socket.socket:
+def stall_blocking(path: Path) -> socket.socket:
     """Negotiate, then send a REGION_WRITE header announcing a body that never comes."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await trio.to_thread.run_sync(sock.connect, str(path))
+    sock.settimeout(HANG_GUARD)
+    sock.connect(str(path))
     sock.sendall(QEMU_VERSION)
-    await trio.to_thread.run_sync(sock.recv, 4096)
+    assert sock.recv(4096), "no VERSION reply"
     sock.sendall(HEADER.pack(5, REGION_WRITE, 16 + 16 + 64, 0, 0))
     return sock
+
+
+async def stall(path: Path) -> socket.socket:
+    """:func:`stall_blocking`, the test's loop going on meanwhile."""
+    return await trio.to_thread.run_sync(stall_blocking, path)
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -147,17 +153,6 @@ def until_without_yielding(condition: Callable[[], bool]) -> None:
     """:func:`until`, holding the test's loop up meanwhile."""
     while not condition():
         time.sleep(0.001)
-
-
-def stall_blocking(path: Path) -> socket.socket:
-    """:func:`stall` without yielding to the test's loop."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(HANG_GUARD)
-    sock.connect(str(path))
-    sock.sendall(QEMU_VERSION)
-    assert sock.recv(4096), "no VERSION reply"
-    sock.sendall(HEADER.pack(5, REGION_WRITE, 16 + 16 + 64, 0, 0))
-    return sock
 
 
 async def test_wait_idle_returns_when_the_device_stops_meanwhile(tmp_path: Path) -> None:

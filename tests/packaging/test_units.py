@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from vgpud import cli, daemon, log
-from vgpud.config import DaemonConfig, DeviceConfig
-from vgpud.signals import EarlySignals
+from tests.conftest import Served
+from vgpud import cli
+from vgpud.config import DeviceConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
@@ -65,24 +65,10 @@ def _template_argv(instance: str, vgpud_args: str) -> list[str]:
     ["", "--profile gb200 --memory-size 186GiB", "--vfio-device 0009:01:00.0"],
     ids=["default", "unit comment's example", "a real device"],
 )
-def test_template_takes_each_documented_vgpud_args(
-    monkeypatch: pytest.MonkeyPatch, vgpud_args: str
-) -> None:
+def test_template_takes_each_documented_vgpud_args(served: Served, vgpud_args: str) -> None:
     """What docs/operations.md puts in /etc/vgpud/<name>.env is accepted by the template's
     command line. Its --backing-dir used to refuse --vfio-device (a real device has no
     memory directory), so the template could not serve one."""
-    served: list[DaemonConfig] = []
-
-    async def run(
-        config: DaemonConfig,
-        *,
-        inherited_fd: int | None = None,
-        early: EarlySignals | None = None,
-    ) -> None:
-        served.append(config)
-
-    monkeypatch.setattr(daemon, "run", run)
-    monkeypatch.setattr(log, "configure", lambda level, fmt: None)  # process-wide otherwise
     assert cli.main(_template_argv("gpu7", vgpud_args)) == 0
     (device,) = served[0].devices
     assert device.name == "gpu7"

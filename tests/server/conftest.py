@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 
 from vgpud import daemon
 from vgpud.client import VfioUserClient
 from vgpud.config import DaemonConfig, single_device
+from vgpud.log_limit import BURST, PER_SECOND
 from vgpud.server.listener import DeviceServer
 
 # 4 GiB gh200: usemem 3 GiB in a 4 GiB BAR4 (a 1 GiB trapped tail), resmem 1 GiB in BAR2.
@@ -75,3 +78,19 @@ async def vgpud(tmp_path: Path) -> AsyncIterator[Daemon]:
     async with trio.open_nursery() as nursery:
         yield await start_daemon(nursery, tmp_path)
         nursery.cancel_scope.cancel()
+
+
+async def reset_flood(
+    connect: Callable[[], Awaitable[VfioUserClient]], idle: Callable[[], Awaitable[None]]
+) -> tuple[list[dict[str, Any]], float]:
+    """200 DEVICE_RESETs back to back over two connections; the lines logged meanwhile, and
+    the most lines of one kind the device's rate limit (vgpud/log_limit.py) lets through in
+    the time it took."""
+    start = trio.current_time()
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            async with await connect() as client:
+                for _ in range(100):
+                    await client.reset()
+            await idle()
+    return logs, BURST + PER_SECOND * (trio.current_time() - start) + 1
