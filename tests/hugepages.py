@@ -30,7 +30,7 @@ def fake_huge_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def fstat(fd: int) -> os.stat_result:
         st = real_fstat(fd)
-        return os.stat_result(tuple(st[:10]), {"st_blksize": HUGE})
+        return os.stat_result(tuple(st[:10]), {"st_blksize": HUGE, "st_blocks": st.st_blocks})
 
     monkeypatch.setattr("vgpud.server.dma.os.fstat", fstat)
 

@@ -33,7 +33,7 @@ from backends.synthetic import BackingFileError
 from vgpud import systemd
 from vgpud.budget import BudgetError, dma_map_limit
 from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
-from vgpud.devices import BuiltDevice, build_device
+from vgpud.devices import BuiltDevice, build_device, memory_shortfalls
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.libvfio_user.thread import serve_device_on_thread
 from vgpud.server.listener import (
@@ -285,6 +285,16 @@ async def _run(
                     socket=str(endpoint.path) if endpoint.path else "inherited",
                     engine="python",
                     **endpoint.built.summary(),
+                )
+            # Once serving, so that a start that fails says only why (the CLI's one line).
+            for shortfall in memory_shortfalls(built):
+                log.warning(
+                    "device memory is larger than its filesystem has free; the VM is killed "
+                    "(SIGBUS) if its guest writes past that",
+                    devices=list(shortfall.devices),
+                    backing_dirs=list(shortfall.backing_dirs),
+                    unbacked=shortfall.unbacked,
+                    free=shortfall.free,
                 )
             elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
             log.info(

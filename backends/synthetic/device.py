@@ -87,7 +87,7 @@ from backends.synthetic.config_space import (
     intersects,
 )
 from backends.synthetic.irq import InterruptController
-from backends.synthetic.memory import BAR1_FILE, MemoryBacking
+from backends.synthetic.memory import BAR1_FILE, MemoryBacking, Unbacked
 from backends.synthetic.profiles import NVIDIA_VENDOR_ID, Profile
 
 CLASS_3D_CONTROLLER = 0x030200
@@ -158,6 +158,11 @@ class SyntheticGpu:
         if self.profile.memory_size == 0:
             raise DeviceError(errno.EINVAL, "device has no coherent memory")
         return self._memory.window(start, length, cacheable)
+
+    def unbacked_memory(self) -> Unbacked | None:
+        """What of the device memory files the filesystem has yet to provide
+        (:meth:`MemoryBacking.unbacked`)."""
+        return self._memory.unbacked()
 
     def shutdown(self) -> None:
         """Close eventfds and the backing files (their contents stay)."""

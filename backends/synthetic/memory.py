@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -40,6 +41,21 @@ _log = structlog.get_logger("vgpud")
 USEMEM_FILE = "usemem"
 RESMEM_FILE = "resmem"
 BAR1_FILE = "bar1"
+
+
+@dataclass(frozen=True, slots=True)
+class Unbacked:
+    """How much of a device's memory its filesystem has yet to provide, and what it has free.
+
+    The files are sparse: a page costs the filesystem something only once written. What is
+    not yet written can still be, by the guest through QEMU's mapping, and a page the
+    filesystem then cannot provide is a SIGBUS that kills the VM (docs/operations.md).
+    """
+
+    filesystem: int  # st_dev of the backing directory: devices on one filesystem share ``free``
+    directory: Path
+    size: int
+    free: int
 
 
 class BackingFileError(Exception):
@@ -63,6 +79,7 @@ class BackingFile:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             existing = os.fstat(fd).st_size
+            _check_writable(fd, path, created=existing == 0)
             if existing == 0:
                 try:
                     os.ftruncate(fd, size)
@@ -117,6 +134,29 @@ class BackingFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _check_writable(fd: int, path: Path, created: bool) -> None:
+    """Refuse a file the daemon cannot write with ``pwrite``: it writes device memory that
+    way for every REGION_WRITE to BAR2/BAR4 (a VMM that did not or could not mmap them,
+    ``no_mmap``).
+
+    A write of no bytes is the probe: the kernel refuses a file without write support
+    (``FMODE_CAN_WRITE``) before it looks at the count, and writes nothing otherwise. The
+    case met in practice is hugetlbfs, which has no ``write(2)`` at all: a device served from
+    it started, then failed every guest write that did not go through QEMU's mapping (and a
+    96 GiB mapping would need all its huge pages reserved up front).
+    """
+    try:
+        os.pwrite(fd, b"", 0)
+    except OSError as exc:
+        if created:
+            os.unlink(path)  # empty and ours: leave nothing behind
+        raise BackingFileError(
+            f"backing file {path} cannot be written with write(2) ({exc.strerror}; a "
+            "hugetlbfs mount?): put backing_dir on tmpfs, or for huge pages on a tmpfs "
+            "mounted with huge=within_size"
+        ) from exc
 
 
 def _another_size(path: Path, existing: int, size: int) -> BackingFileError:
@@ -196,6 +236,23 @@ class MemoryBacking:
         window = backing.window(cacheable)
         self._windows[cacheable] = (start, window)
         return window
+
+    def unbacked(self) -> Unbacked | None:
+        """The open files' pages not yet provided, next to the free space of their filesystem
+        (what an unprivileged writer may still use: ``f_bavail``); None with no file open."""
+        if self._lock_fd < 0:
+            return None
+        size = 0
+        for backing in self._files.values():
+            # st_blocks counts 512-byte units whatever the filesystem's block size.
+            size += max(0, backing.size - os.fstat(backing.fd).st_blocks * 512)
+        vfs = os.fstatvfs(self._lock_fd)
+        return Unbacked(
+            filesystem=os.fstat(self._lock_fd).st_dev,
+            directory=self.directory,
+            size=size,
+            free=vfs.f_bavail * vfs.f_frsize,
+        )
 
     def restore_sizes(self) -> list[str]:
         """:meth:`BackingFile.restore_size` for every open file; the names it repaired."""

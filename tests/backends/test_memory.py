@@ -6,7 +6,9 @@ import errno
 import fcntl
 import mmap
 import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -252,3 +254,57 @@ def test_a_bar1_file_of_another_size_is_refused_when_the_device_is_made(tmp_path
     with pytest.raises(BackingFileError, match="bar1 holds 4096 bytes"):
         SyntheticGpu(get_profile("gb200"), tmp_path)
     assert (tmp_path / "bar1").read_bytes() == b"x" * 4096  # untouched
+
+
+@pytest.fixture
+def hugetlbfs(tmp_path: Path) -> Iterator[Path]:
+    """A hugetlbfs mount of its own (needs root); unmounted afterwards."""
+    mount_point = tmp_path / "hugetlbfs"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(mount_point)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount hugetlbfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_backing_dir_on_hugetlbfs_is_refused_and_left_empty(hugetlbfs: Path) -> None:
+    """hugetlbfs has no write(2): a device on it used to start and then fail every
+    REGION_WRITE to its memory with EINVAL."""
+    gpu = SyntheticGpu(get_profile("gb200").with_overrides(memory_size=GIB), hugetlbfs / "gpu0")
+    before = open_fds()
+    try:
+        with pytest.raises(BackingFileError, match=r"cannot be written with write\(2\).*huge="):
+            gpu.memory_window(0, GIB, True)
+        assert open_fds() == before
+    finally:
+        gpu.shutdown()
+    assert list((hugetlbfs / "gpu0").iterdir()) == []
+
+
+def test_unbacked_memory_is_what_the_guest_has_not_written(tmp_path: Path) -> None:
+    gpu = SyntheticGpu(get_profile("gh200").with_overrides(memory_size=4 * GIB), tmp_path)
+    assert gpu.unbacked_memory() is None  # no window asked for yet: no file open
+    usemem = gpu.memory_window(0, 3 * GIB, True)
+    gpu.memory_window(3 * GIB, GIB, False)
+    unbacked = gpu.unbacked_memory()
+    assert unbacked is not None
+    assert (unbacked.size, unbacked.directory) == (4 * GIB, tmp_path)
+    assert unbacked.filesystem == os.stat(tmp_path).st_dev
+    vfs = os.statvfs(tmp_path)
+    assert 0 < unbacked.free <= vfs.f_blocks * vfs.f_frsize
+    usemem.write(GIB, b"\x01" * (1 << 20))
+    allocated = os.stat(tmp_path / "usemem").st_blocks * 512
+    assert allocated >= 1 << 20
+    after = gpu.unbacked_memory()
+    assert after is not None
+    assert after.size == 4 * GIB - allocated
+    gpu.shutdown()
+    assert gpu.unbacked_memory() is None

@@ -1,0 +1,77 @@
+"""The start-up warning for device memory its filesystem could not provide in full.
+
+The backing files are sparse, so a device may be larger than the free space under it; the
+guest writing past that free space gets its VM killed by SIGBUS (docs/operations.md, "Device
+memory"). The daemon says so at start-up, summing the devices that share a filesystem.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+import structlog.testing
+import trio
+
+from backends.synthetic.profiles import GIB
+from vgpud import daemon
+from vgpud.config import DaemonConfig, DeviceConfig, single_device
+
+WARNING = "device memory is larger than its filesystem has free"
+
+
+def device(tmp_path: Path, name: str, memory_gib: int) -> DeviceConfig:
+    return single_device(
+        socket_path=tmp_path / f"{name}.sock",
+        name=name,
+        memory_size=f"{memory_gib}GiB",
+        backing_dir=tmp_path / f"mem-{name}",
+    )
+
+
+async def startup_lines(*devices: DeviceConfig) -> list[dict[str, object]]:
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(daemon.run, DaemonConfig(devices=devices)))
+            nursery.cancel_scope.cancel()
+    return logs
+
+
+def free_gib(path: Path) -> int:
+    vfs = os.statvfs(path)
+    free = vfs.f_bavail * vfs.f_frsize // GIB
+    if not 8 <= free <= 4096:
+        # Sparse files larger than a few TiB are refused by some filesystems (EFBIG), and a
+        # nearly full one leaves no room for the margins below.
+        pytest.skip(f"needs 8 GiB to 4 TiB free under {path}, has {free} GiB")
+    return free
+
+
+async def test_devices_that_together_exceed_the_free_space_are_named_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    free = free_gib(tmp_path)
+    # Each fits alone (a margin of a quarter for whatever else writes meanwhile); the two do not.
+    each = free * 3 // 4
+    logs = await startup_lines(device(tmp_path, "a", each), device(tmp_path, "b", each))
+    (warning,) = [line for line in logs if str(line["event"]).startswith(WARNING)]
+    assert warning["log_level"] == "warning"
+    assert warning["devices"] == ["a", "b"]
+    assert warning["backing_dirs"] == [str(tmp_path / "mem-a"), str(tmp_path / "mem-b")]
+    assert warning["unbacked"] == 2 * each * GIB  # nothing written yet
+    assert 0 < int(str(warning["free"])) < 2 * each * GIB
+    # ... and the daemon served anyway: a warning, not a refusal.
+    assert [line["device"] for line in logs if line["event"] == "serving"] == ["a", "b"]
+
+
+async def test_devices_that_fit_are_not_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    free = free_gib(tmp_path)
+    logs = await startup_lines(device(tmp_path, "a", free // 4), device(tmp_path, "b", free // 4))
+    assert not [line for line in logs if str(line["event"]).startswith(WARNING)]
+    assert [line["device"] for line in logs if line["event"] == "serving"] == ["a", "b"]
