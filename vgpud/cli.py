@@ -48,6 +48,7 @@ SERVE_DEVICE_FLAGS = (
     "--socket-mode",
     "--ready-delay",
     "--no-mmap",
+    "--prealloc",
     "--vfio-device",
     "--cxl-dvsec",
     "--cxl-mem-active-timeout",
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the GPU reports not-ready after each reset (testing aid, default 0)",
     )
     serve.add_argument("--no-mmap", action="store_true", help="trap every access (no mmap)")
+    serve.add_argument(
+        "--prealloc",
+        action="store_true",
+        help="allocate the memory files in full at start-up: a filesystem too small for the "
+        "device then fails the start instead of the VM (SIGBUS) later",
+    )
     serve.add_argument(
         "--vfio-device",
         metavar="PCI_ADDRESS",
@@ -217,6 +224,7 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
             socket_mode=args.socket_mode,
             ready_delay=args.ready_delay or 0.0,
             no_mmap=args.no_mmap,
+            prealloc=args.prealloc,
             cxl_dvsec=args.cxl_dvsec,
             cxl_mem_active_timeout=args.cxl_mem_active_timeout,
             vfio_device=args.vfio_device,

@@ -21,6 +21,8 @@ names are reported with the key that is wrong. Example (one file can describe a 
     socket_mode = "0660"        # default 0600, or 0660 with socket_group
     ready_delay = 0.0           # seconds the GPU reads not-ready after each reset (testing aid)
     no_mmap = false             # true: trap every access (no mmap)
+    prealloc = false            # true: allocate the memory files in full at start-up, so a
+                                # filesystem too small fails the start, not the VM later
     cxl_dvsec = false           # true: add a CXL Device DVSEC, the v7.2 driver's readiness
                                 # path (spec nvgrace-gpu.md §2.3, §7.3) instead of BAR0's
     # cxl_mem_active_timeout = 3  # with cxl_dvsec = true only: its Memory_Active_Timeout
@@ -83,6 +85,10 @@ class DeviceConfig:
     # Serve every region as trapped (no MMAP, no fds): a debugging aid, and what the
     # captures' "nommap" scenario shows QEMU doing.
     no_mmap: bool = False
+    # Allocate every page of the memory files at start-up (QEMU's ``prealloc=on`` for the
+    # device's memory): a filesystem that cannot hold the device then fails the start with
+    # a message, instead of the VM with SIGBUS when its guest first touches the missing page.
+    prealloc: bool = False
     # Give the synthetic GPU a CXL Device DVSEC (spec nvgrace-gpu.md §2.3): the v7.2 driver,
     # and the daemon's probe-time wait, then take readiness from its Range 1 Size Low
     # register (MEM_INFO_VALID, MEM_ACTIVE; §7.3) instead of the BAR0 registers (§7.1).
@@ -124,6 +130,7 @@ _DEVICE_KEYS = {
     "socket_group",
     "ready_delay",
     "no_mmap",
+    "prealloc",
     "cxl_dvsec",
     "cxl_mem_active_timeout",
     "vfio_device",
@@ -135,6 +142,7 @@ _SYNTHETIC_KEYS = (
     "memphys",
     "backing_dir",
     "ready_delay",
+    "prealloc",
     "cxl_dvsec",
     "cxl_mem_active_timeout",
 )
@@ -205,6 +213,7 @@ def single_device(
     socket_mode: str | None = None,
     ready_delay: float = 0.0,
     no_mmap: bool = False,
+    prealloc: bool = False,
     cxl_dvsec: bool = False,
     cxl_mem_active_timeout: int | None = None,
     vfio_device: str | None = None,
@@ -231,6 +240,8 @@ def single_device(
     if socket_mode is not None:
         raw["socket_mode"] = socket_mode
     raw["no_mmap"] = no_mmap
+    if prealloc or vfio_device is None:
+        raw["prealloc"] = prealloc
     if cxl_dvsec or vfio_device is None:
         raw["cxl_dvsec"] = cxl_dvsec
     if cxl_mem_active_timeout is not None:
@@ -284,6 +295,9 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
     no_mmap = raw.get("no_mmap", False)
     if not isinstance(no_mmap, bool):
         raise ConfigError(f"{where}: no_mmap must be true or false")
+    prealloc = raw.get("prealloc", False)
+    if not isinstance(prealloc, bool):
+        raise ConfigError(f"{where}: prealloc must be true or false")
     cxl_dvsec = raw.get("cxl_dvsec", False)
     if not isinstance(cxl_dvsec, bool):
         raise ConfigError(f"{where}: cxl_dvsec must be true or false")
@@ -311,6 +325,7 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
         socket_group=group,
         ready_delay=float(delay),
         no_mmap=no_mmap,
+        prealloc=prealloc,
         cxl_dvsec=cxl_dvsec,
         cxl_mem_active_timeout=timeout,
         vfio_device=vfio_device,

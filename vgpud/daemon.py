@@ -32,8 +32,9 @@ from backends.device import DeviceError
 from backends.synthetic import BackingFileError
 from vgpud import systemd
 from vgpud.budget import BudgetError, dma_map_limit
+from vgpud.capacity import PreallocError, memory_shortfalls, preallocate
 from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
-from vgpud.devices import BuiltDevice, build_device, memory_shortfalls
+from vgpud.devices import BuiltDevice, build_device
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.libvfio_user.thread import serve_device_on_thread
 from vgpud.server.listener import (
@@ -243,7 +244,10 @@ async def _run(
             built.append(build_device(device_config))
         for device in built:
             await wait_ready(device, log.bind(device=device.name))
-    except (OSError, ValueError, BackingFileError, DeviceError) as exc:
+        for device in built:
+            if device.config.prealloc:
+                await preallocate(device, log.bind(device=device.name))
+    except (OSError, ValueError, BackingFileError, DeviceError, PreallocError) as exc:
         # ValueError covers LayoutError: the kernel would fail probe for this memory size.
         for device in built:
             device.release()

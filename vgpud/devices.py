@@ -14,7 +14,6 @@ from typing import Any
 from backends.backend import Backend
 from backends.device import VfioDevice
 from backends.synthetic import PROFILES, Profile, SyntheticGpu, get_profile
-from backends.synthetic.memory import Unbacked
 from backends.vfio import VfioPciDevice
 from backends.vfio.device import sysfs_bar_sizes
 from vgpud.config import ConfigError, DeviceConfig
@@ -200,44 +199,3 @@ def build_device(config: DeviceConfig) -> BuiltDevice:
             profile_for(config), config.resolved_backing_dir(), ready_delay=config.ready_delay
         )
     return BuiltDevice(config.name, backend, make_device(backend), config)
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryShortfall:
-    """Devices whose memory, not yet written, is more than their filesystem has free."""
-
-    devices: tuple[str, ...]
-    backing_dirs: tuple[str, ...]
-    unbacked: int
-    free: int
-
-
-def memory_shortfalls(built: Sequence[BuiltDevice]) -> list[MemoryShortfall]:
-    """Filesystems that could not provide every page of the device memory they hold.
-
-    Sparse files make this legal (a 96 GiB device on a 12 GiB ``/dev/shm`` is fine until the
-    guest writes 12 GiB), so it is worth a warning at start-up, not a refusal: the page the
-    filesystem cannot provide later is a SIGBUS that kills the VM, far from its cause. Devices
-    on one filesystem are summed, as they share its free space (like LVM's warning when thin
-    volumes add up to more than their pool).
-    """
-    by_filesystem: dict[int, list[tuple[str, Unbacked]]] = {}
-    for device in built:
-        if isinstance(device.backend, SyntheticGpu):
-            unbacked = device.backend.unbacked_memory()
-            if unbacked is not None:
-                by_filesystem.setdefault(unbacked.filesystem, []).append((device.name, unbacked))
-    shortfalls = []
-    for entries in by_filesystem.values():
-        total = sum(unbacked.size for _, unbacked in entries)
-        free = min(unbacked.free for _, unbacked in entries)
-        if total > free:
-            shortfalls.append(
-                MemoryShortfall(
-                    devices=tuple(name for name, _ in entries),
-                    backing_dirs=tuple(str(unbacked.directory) for _, unbacked in entries),
-                    unbacked=total,
-                    free=free,
-                )
-            )
-    return shortfalls

@@ -48,6 +48,7 @@ def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         ["--socket-mode", "0660"],
         ["--ready-delay", "0"],
         ["--no-mmap"],
+        ["--prealloc"],
         ["--vfio-device", "0009:01:00.0"],
         ["--cxl-dvsec"],
         ["--cxl-mem-active-timeout", "2"],
@@ -85,6 +86,13 @@ def test_serve_flags_alone_still_default(tmp_path: Path, served: Served) -> None
     assert cli.main(["serve", "--socket-path", str(tmp_path / "s")]) == 0
     [device] = served[0].devices
     assert (device.name, device.profile, device.ready_delay) == ("gpu0", "gh200", 0.0)
+    assert not device.prealloc
+
+
+def test_serve_prealloc_flag_reaches_the_device(tmp_path: Path, served: Served) -> None:
+    assert cli.main(["serve", "--socket-path", str(tmp_path / "s"), "--prealloc"]) == 0
+    [device] = served[0].devices
+    assert device.prealloc
 
 
 def test_qemu_args_refuses_device_flags_next_to_config(

@@ -86,6 +86,7 @@ SYNTHETIC: dict[str, dict[str, Any]] = {
     "backing_dir": {"backing_dir": "/tmp/m"},
     "ready_delay": {"ready_delay": 0.0},
     "cxl_dvsec": {"cxl_dvsec": False},
+    "prealloc": {"prealloc": False},
     "cxl_mem_active_timeout": {"cxl_dvsec": True, "cxl_mem_active_timeout": 3},
 }
 
@@ -115,6 +116,7 @@ def test_every_synthetic_key_is_named_at_once() -> None:
         ({"backing_dir": Path("/tmp/m")}, "backing_dir"),
         ({"ready_delay": 2.0}, "ready_delay"),
         ({"cxl_dvsec": True}, "cxl_dvsec"),
+        ({"prealloc": True}, "prealloc"),
     ],
 )
 def test_synthetic_flags_are_refused_next_to_vfio_device(flags: dict[str, Any], key: str) -> None:

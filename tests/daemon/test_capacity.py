@@ -1,14 +1,16 @@
-"""The start-up warning for device memory its filesystem could not provide in full.
+"""Device memory its filesystem could not provide in full (vgpud/capacity.py).
 
 The backing files are sparse, so a device may be larger than the free space under it; the
 guest writing past that free space gets its VM killed by SIGBUS (docs/operations.md, "Device
-memory"). The daemon says so at start-up, summing the devices that share a filesystem.
+memory"). The daemon says so at start-up, summing the devices that share a filesystem, and
+with ``prealloc`` allocates the memory before it serves, or refuses to start.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,16 +20,21 @@ import trio
 from backends.synthetic.profiles import GIB
 from vgpud import daemon
 from vgpud.config import DaemonConfig, DeviceConfig, single_device
+from vgpud.daemon import StartupError
 
 WARNING = "device memory is larger than its filesystem has free"
 
 
-def device(tmp_path: Path, name: str, memory_gib: int) -> DeviceConfig:
+def device(
+    tmp_path: Path, name: str, memory_gib: int, profile: str = "gh200", prealloc: bool = False
+) -> DeviceConfig:
     return single_device(
         socket_path=tmp_path / f"{name}.sock",
         name=name,
+        profile=profile,
         memory_size=f"{memory_gib}GiB",
         backing_dir=tmp_path / f"mem-{name}",
+        prealloc=prealloc,
     )
 
 
@@ -75,3 +82,50 @@ async def test_devices_that_fit_are_not_warned_about(
     logs = await startup_lines(device(tmp_path, "a", free // 4), device(tmp_path, "b", free // 4))
     assert not [line for line in logs if str(line["event"]).startswith(WARNING)]
     assert [line["device"] for line in logs if line["event"] == "serving"] == ["a", "b"]
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.mark.parametrize(
+    ("profile", "files"),
+    [
+        ("gh200", {"usemem": GIB, "resmem": GIB}),  # 2 GiB: 1 GiB carved out as resmem
+        ("gb200", {"usemem": 2 * GIB, "bar1": 64 << 20}),  # BAR2 is the real BAR1 (a file)
+    ],
+)
+async def test_prealloc_allocates_every_mappable_page_and_keeps_contents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, profile: str, files: dict[str, int]
+) -> None:
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    memory = tmp_path / "mem-a"
+    memory.mkdir()
+    with (memory / "usemem").open("wb") as usemem:  # memory from an earlier run
+        usemem.truncate(files["usemem"])
+        usemem.seek(0x1000)
+        usemem.write(b"keep")
+    try:
+        logs = await startup_lines(device(tmp_path, "a", 2, profile=profile, prealloc=True))
+        for name, size in files.items():
+            assert allocated(memory / name) >= size, name
+        with (memory / "usemem").open("rb") as usemem:
+            usemem.seek(0x1000)
+            assert usemem.read(4) == b"keep"
+        (line,) = [line for line in logs if line["event"] == "device memory allocated"]
+        assert line["device"] == "a"
+        assert sum(files.values()) - 2 * 4096 <= int(str(line["allocated"])) < sum(files.values())
+        assert not [line for line in logs if str(line["event"]).startswith(WARNING)]
+    finally:
+        shutil.rmtree(memory)  # a kept tmp_path must not hold gigabytes (tmpfs /tmp: RAM)
+
+
+async def test_prealloc_refuses_a_device_larger_than_the_free_space_allocating_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    too_big = free_gib(tmp_path) * 5 // 4
+    with pytest.raises(StartupError, match=r"device a: cannot preallocate its memory in .*mem-a"):
+        await daemon.run(DaemonConfig(devices=(device(tmp_path, "a", too_big, prealloc=True),)))
+    assert allocated(tmp_path / "mem-a" / "usemem") == 0
+    assert not (tmp_path / "a.sock").exists()
