@@ -8,6 +8,7 @@ and exit status 2 before anything starts.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -329,10 +330,18 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     except (OSError, EOFError, VfioUserError, MisbehavingServerError, ProtocolError) as exc:
         # Whatever the server sends, one line: a probe is pointed at servers of any quality.
-        print(f"vgpud probe: {args.socket}: {exc}", file=sys.stderr)
+        print(f"vgpud probe: {args.socket}: {exc}{_probe_hint(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     print(json.dumps(probe.as_dict(result), indent=2) if args.json else probe.render(result))
     return 0
+
+
+def _probe_hint(exc: Exception) -> str:
+    """What a refusal means, for the one refusal users meet in practice: a probe of a device
+    whose VM is running (one client per device; vgpud/server/refusal.py)."""
+    if isinstance(exc, VfioUserError) and exc.errno == errno.EBUSY:
+        return " (the device has a client already, e.g. its VM: one client at a time)"
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -12,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.serve_process import VGPUD, run_vgpud, serve_args, start, stop
 from tests.server.conftest import tray_config
+from vgpud.client import VfioUserClient
 
 # Inherited sockets are served by either engine (the libvfio-user one with a local build).
 ENGINES = [
@@ -61,6 +64,25 @@ def test_serve_with_only_a_socket_path_then_probe(
     assert not sock.exists(), "socket left behind"
     assert (tmp_path / "mem" / "usemem").stat().st_size == 95 << 30, "memory file removed"
     assert '"event": "stopping"' in stderr and '"signal": "SIGTERM"' in stderr
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_probe_of_a_device_in_use_says_why_in_one_line(
+    tmp_path: Path, notify_socket: socket.socket, engine: list[str]
+) -> None:
+    """What users meet when they probe the device of a running VM: the refusal, explained."""
+    sock = tmp_path / "gpu0.sock"
+    proc = start(serve_args(tmp_path, "--memory-size", "4GiB", *engine), tmp_path)
+    try:
+        assert notify_socket.recv(64) == b"READY=1"
+        async with await VfioUserClient.connect(sock):
+            probe = await trio.to_thread.run_sync(functools.partial(run_vgpud, "probe", str(sock)))
+    finally:
+        stop(proc)
+    assert probe.returncode == 1
+    assert probe.stderr.count("\n") == 1, probe.stderr
+    assert "VERSION failed: Device or resource busy (errno 16)" in probe.stderr
+    assert "has a client already, e.g. its VM: one client at a time" in probe.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
