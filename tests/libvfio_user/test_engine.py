@@ -501,3 +501,15 @@ async def test_a_client_reconnecting_after_closing_is_served(engine: Engine) -> 
             client = await engine.connect()
         client.close()
     assert not [entry for entry in logs if entry["event"].startswith("refusing")]
+
+
+async def test_a_stop_logs_no_library_line_above_debug(tmp_path: Path) -> None:
+    """vfu_destroy_ctx says at every stop that it reset the context for the shutdown, as an
+    info line reading like a failure; it is a debug line here (library_log.routine)."""
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await start_engine(nursery, tmp_path)
+            nursery.cancel_scope.cancel()
+    library_lines = [(e["log_level"], e["message"]) for e in logs if e["event"] == "libvfio-user"]
+    assert any("vfu_reset_ctx" in message for _, message in library_lines)
+    assert {level for level, _ in library_lines} == {"debug"}

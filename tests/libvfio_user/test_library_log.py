@@ -47,3 +47,19 @@ def test_levels_have_buckets_of_their_own_and_debug_is_not_limited() -> None:
         ("info", "info"),
         *[("debug", "debug")] * 50,
     ]
+
+
+def test_routine_info_lines_are_debug_lines_and_warnings_stay() -> None:
+    """vfu_destroy_ctx's "vfu_reset_ctx: Cannot send after transport endpoint shutdown" at
+    every stop is the library's info line, not a failure."""
+    library = LibraryLog(structlog.get_logger(), LogLimiter(clock=FakeClock()))
+    with structlog.testing.capture_logs() as logs:
+        with library.routine():
+            library.emit(LOG_INFO, "vfu_reset_ctx: Cannot send after transport endpoint shutdown")
+            library.emit(LOG_ERR, "a real failure")
+        library.emit(LOG_INFO, "after")
+    assert [(e["log_level"], e["message"]) for e in logs] == [
+        ("debug", "vfu_reset_ctx: Cannot send after transport endpoint shutdown"),
+        ("warning", "a real failure"),
+        ("info", "after"),
+    ]

@@ -280,7 +280,8 @@ class LibvfioUserServer:
         stays, as it is not ours); the device keeps its memory."""
         if self._ctx != self._ffi.NULL:
             # May call the reset (LOST_CONN) and DMA callbacks for an attached client.
-            self._lib.vfu_destroy_ctx(self._ctx)
+            with self._library_log.routine():
+                self._lib.vfu_destroy_ctx(self._ctx)
             self._ctx = self._ffi.NULL
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)

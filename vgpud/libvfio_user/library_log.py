@@ -14,6 +14,8 @@ debug lines are not limited: they only appear when asked for (``library_log_leve
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from vgpud.libvfio_user.ffi import LOG_DEBUG
@@ -29,10 +31,26 @@ class LibraryLog:
     def __init__(self, log: Any, limiter: LogLimiter) -> None:
         self._log = log
         self._limiter = limiter
+        self._routine = False
+
+    @contextlib.contextmanager
+    def routine(self) -> Iterator[None]:
+        """Within: the library's info lines are debug lines. For ``vfu_destroy_ctx``, which
+        says at every stop that it reset the context because of the shutdown, in words that
+        read like a failure ("vfu_reset_ctx: Cannot send after transport endpoint shutdown",
+        its strerror(ESHUTDOWN)); the daemon's own "stopped" line says what happened.
+        Warnings and errors keep their level."""
+        self._routine = True
+        try:
+            yield
+        finally:
+            self._routine = False
 
     def emit(self, level: int, text: str) -> None:
         """Log one library line at the structlog level matching ``level``, within limits."""
         method = _METHODS.get(level, "info" if level < LOG_DEBUG else "debug")
+        if method == "info" and self._routine:
+            method = "debug"
         if method == "debug":
             self._log.debug("libvfio-user", message=text)
             return
