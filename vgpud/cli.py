@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add 8 generic-initiator NUMA nodes per GPU (needed for MIG)",
     )
+    qemu.add_argument(
+        "--hotplug",
+        action="store_true",
+        help="leave the GPU out, with room reserved for its BARs on its root port, and print "
+        "the QMP device_add that adds it to the running guest",
+    )
     qemu.add_argument("--json", action="store_true", help="print a JSON array")
 
     probe = sub.add_parser("probe", help="show what a vfio-user server exposes")
@@ -298,7 +304,7 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     guests = [
         qemu_args.GuestDevice(
             socket_path=str(c.socket_path or default_socket_path(c.name)),
-            bar_sizes=devices.guest_bar_sizes(c),
+            bars=devices.guest_bars(c),
             id=c.name,
         )
         for c in configs
@@ -311,11 +317,22 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         accel=args.accel,
         numa=args.numa,
         hugepages=args.hugepages,
+        hotplug=args.hotplug,
     )
+    if not args.hotplug:
+        binary = f"qemu-system-{args.arch}"
+        print(json.dumps(built) if args.json else qemu_args.render_shell(built, binary))
+        return 0
+    commands = qemu_args.device_add_commands(guests)
     if args.json:
-        print(json.dumps(built))
-    else:
-        print(qemu_args.render_shell(built, f"qemu-system-{args.arch}"))
+        print(json.dumps({"args": built, "qmp": commands}))
+        return 0
+    print(qemu_args.render_shell(built, f"qemu-system-{args.arch}"))
+    print("# then, with the guest running, on its QMP monitor (one per device):")
+    for command in commands:
+        print(json.dumps(command, separators=(",", ":")))
+    # Seen with QEMU 11.1.3: device_del of a device with MSI-X aborts QEMU (captures README).
+    print("# device_del aborts QEMU 11.1.3 (MSI-X): the GPU stays until the VM stops")
     return 0
 
 

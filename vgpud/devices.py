@@ -15,8 +15,9 @@ from backends.backend import Backend
 from backends.device import VfioDevice
 from backends.synthetic import PROFILES, Profile, SyntheticGpu, get_profile
 from backends.vfio import VfioPciDevice
-from backends.vfio.device import sysfs_bar_sizes
+from backends.vfio.device import IORESOURCE_IO, IORESOURCE_PREFETCH, sysfs_bars
 from vgpud.config import ConfigError, DeviceConfig
+from vgpud.qemu_args import GuestBar
 from vgpud.variant import (
     NvgraceLayout,
     compute_layout,
@@ -72,17 +73,27 @@ def check_layouts(devices: Sequence[DeviceConfig]) -> None:
             raise ConfigError(f"device {config.name}: {exc}") from exc
 
 
-def guest_bar_sizes(config: DeviceConfig) -> list[int]:
-    """Every BAR the guest will have to place (for the MMIO window of ``qemu-args``).
+def guest_bars(config: DeviceConfig) -> list[GuestBar]:
+    """Every memory BAR the guest will have to place (for the MMIO windows of ``qemu-args``).
 
-    For a VFIO device: its BARs as the host's sysfs lists them (the device is not opened).
+    For a VFIO device: its BARs as the host's sysfs lists them (the device is not opened);
+    I/O BARs take no MMIO. The synthetic GPU: BAR0 non-prefetchable, BAR2 and BAR4 64-bit
+    prefetchable (backends/synthetic/device.py, spec nvgrace-gpu.md §3.4).
     """
     if config.vfio_device is not None:
-        return [size for size in sysfs_bar_sizes(config.vfio_device) if size]
+        return [
+            GuestBar(size, bool(flags & IORESOURCE_PREFETCH))
+            for size, flags in sysfs_bars(config.vfio_device)
+            if size and not flags & IORESOURCE_IO
+        ]
     profile = profile_for(config)
     layout = layout_for(config)
     bar2 = layout.resmem.bar_size if layout.resmem is not None else profile.bar1_size
-    return [BAR0_SIZE, bar2, layout.usemem.bar_size]
+    return [
+        GuestBar(BAR0_SIZE, prefetchable=False),
+        GuestBar(bar2),
+        GuestBar(layout.usemem.bar_size),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +133,7 @@ def layout_report(config: DeviceConfig) -> LayoutReport:
         files["bar1"] = {"path": str(backing_dir / "bar1"), "offset": 0, "size": profile.bar1_size}
     lines = [format_layout(layout, title=title).rstrip("\n"), "backing files (mmap offset 0):"]
     lines += [f"  {name:<7} {f['path']}  {f['size']:#x} bytes" for name, f in files.items()]
-    bar_sizes = guest_bar_sizes(config)
+    bar_sizes = [bar.size for bar in guest_bars(config)]
     return LayoutReport(
         text="\n".join(lines) + "\n",
         as_dict=layout_as_dict(

@@ -9,6 +9,12 @@ What a guest needs, per the spec sheets:
   spec nvgrace-gpu.md §11.2);
 - optionally the memory-less NUMA nodes and ``acpi-generic-initiator`` objects the guest
   NVIDIA driver needs for MIG (spec nvgrace-gpu.md §11.1, §12): 8 per GPU.
+
+For hot-plug (``--hotplug``), the device is left out of the command line and added later with
+QMP ``device_add``. Its root port then has to reserve bridge windows for BARs that are not
+there at boot: the firmware sizes an empty port's windows from the port's resource-reserve
+hints (``mem-reserve``, ``pref64-reserve``), and without them a hot-added GPU is enumerated
+with none of its BARs assigned (seen with QEMU 11.1.3, SeaBIOS and a Linux 6.1 guest).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from vgpud.units import parse_size
 
@@ -32,27 +39,88 @@ MIB = 1 << 20
 HUGEPAGE_SIZES = (2 << 20, 1 << 30)
 
 
+class GuestBar(NamedTuple):
+    """One memory BAR of a device as the guest will see it."""
+
+    size: int
+    # A bridge forwards prefetchable and non-prefetchable BARs through different windows
+    # (the 64-bit prefetchable one and the 32-bit one), so a hot-plug port reserves each.
+    prefetchable: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class GuestDevice:
     """One vgpud device as the guest will see it."""
 
     socket_path: str
-    bar_sizes: Sequence[int]  # every BAR of the device, in bytes
+    bars: Sequence[GuestBar]  # every memory BAR of the device
     id: str = "gpu0"
+
+    def device_spec(self, port: str) -> dict[str, Any]:
+        """The JSON ``vfio-user-pci`` device behind ``port`` (spec vfio-user.md §5.1)."""
+        return {
+            "driver": "vfio-user-pci",
+            "id": self.id,
+            "bus": port,
+            "socket": {"type": "unix", "path": self.socket_path},
+        }
+
+    def port_reserves(self) -> str:
+        """The root port's resource-reserve hints that leave room for this device's BARs."""
+        mem = sum(bar.size for bar in self.bars if not bar.prefetchable)
+        hints = []
+        if mem:
+            hints.append(f"mem-reserve={_qemu_size(_reserve(mem))}")
+        if self.prefetchable_reserve():
+            hints.append(f"pref64-reserve={_qemu_size(self.prefetchable_reserve())}")
+        return ",".join(hints)
+
+    def prefetchable_reserve(self) -> int:
+        """The 64-bit prefetchable window a hot-plug port reserves (0: none needed)."""
+        pref = sum(bar.size for bar in self.bars if bar.prefetchable)
+        return _reserve(pref) if pref else 0
+
+
+def _reserve(size: int) -> int:
+    """A bridge window that holds BARs of ``size`` bytes in total, each naturally aligned.
+
+    SeaBIOS places an empty port's reserved window with only the bridge's own 1 MiB
+    alignment (seen: a 16 MiB mem-reserve at 0xfda00000, where a 16 MiB BAR0 cannot go), so
+    the window is twice the BARs' power-of-two total: any such window holds a block of that
+    total aligned to it, and in there the BARs, largest first, are each aligned.
+    """
+    return 2 * _next_pow2(size)
 
 
 def _next_pow2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
 
-def mmio_window(devices: Sequence[GuestDevice]) -> int:
+def port_id(index: int) -> str:
+    """The root port of the index-th device (from 0)."""
+    return f"rp{index}"
+
+
+def mmio_window(devices: Sequence[GuestDevice], *, hotplug: bool = False) -> int:
     """Bytes of 64-bit MMIO that hold every device's BARs with their natural alignment.
 
     Each root port's window must be aligned to its largest BAR, so each device is rounded
-    to a power of two; twice the total leaves the firmware room to align the windows.
+    to a power of two; twice the total leaves the firmware room to align the windows. A
+    hot-plug port's window is its 64-bit reserve, whether or not the device is there yet.
     """
-    total = sum(_next_pow2(sum(d.bar_sizes)) for d in devices)
+    if hotplug:
+        total = sum(d.prefetchable_reserve() for d in devices)
+    else:
+        total = sum(_next_pow2(sum(bar.size for bar in d.bars)) for d in devices)
     return _next_pow2(2 * total)
+
+
+def device_add_commands(devices: Sequence[GuestDevice]) -> list[dict[str, Any]]:
+    """The QMP commands that hot-add each device to the port :func:`build` left for it."""
+    return [
+        {"execute": "device_add", "arguments": device.device_spec(port_id(index))}
+        for index, device in enumerate(devices)
+    ]
 
 
 def build(
@@ -64,8 +132,12 @@ def build(
     accel: str = "tcg",
     numa: bool = False,
     hugepages: str | None = None,
+    hotplug: bool = False,
 ) -> list[str]:
     """The argument list (without the binary, kernel or disks).
+
+    ``hotplug``: each device's root port reserves room for its BARs and the device itself is
+    left out, to be added with :func:`device_add_commands` once the guest runs.
 
     ``hugepages`` (a QEMU size such as ``2M`` or ``1G``) backs guest RAM with a hugetlb memfd
     of that page size; the host needs that many huge pages reserved. ``ram`` and ``hugepages``
@@ -88,7 +160,11 @@ def build(
         raise ValueError(f"unknown arch {arch!r} (x86_64 or aarch64)")
     if accel not in ("tcg", "kvm"):
         raise ValueError(f"unknown accel {accel!r} (tcg or kvm)")
-    window = mmio_window(devices)
+    if hotplug and numa:
+        # The generic-initiator objects name the GPU, which must then exist at start-up, and
+        # the guest reads the NUMA affinity from ACPI tables built once, at boot.
+        raise ValueError("--numa needs the GPU present at start-up; it cannot be hot-plugged")
+    window = mmio_window(devices, hotplug=hotplug)
     args: list[str] = []
     # With -numa, guest RAM goes to node 0 (memdev=ram0) and -machine memory-backend= is
     # rejected (spec vfio-user.md §11, §14).
@@ -119,18 +195,16 @@ def build(
         args += ["-numa", f"node,nodeid=0,cpus={cpus},memdev=ram0"]
     next_node = 1
     for slot, device in enumerate(devices, start=1):
-        port = f"rp{slot - 1}"
+        port = port_id(slot - 1)
         port_args = f"pcie-root-port,id={port},bus=pcie.0,chassis={slot}"
         if arch == "x86_64":
             port_args += f",slot={slot}"
+        if hotplug:
+            reserves = device.port_reserves()
+            args += ["-device", f"{port_args},{reserves}" if reserves else port_args]
+            continue
         args += ["-device", port_args]
-        spec = {
-            "driver": "vfio-user-pci",
-            "id": device.id,
-            "bus": port,
-            "socket": {"type": "unix", "path": device.socket_path},
-        }
-        args += ["-device", json.dumps(spec, separators=(",", ":"))]
+        args += ["-device", json.dumps(device.device_spec(port), separators=(",", ":"))]
         if numa:
             for _ in range(GI_NODES_PER_GPU):
                 args += ["-numa", f"node,nodeid={next_node}"]

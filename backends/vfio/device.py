@@ -90,17 +90,28 @@ def iommu_group(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> int:
     return int(Path(group).name)
 
 
-def sysfs_bar_sizes(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> list[int]:
-    """Sizes of BARs 0-5 from the device's sysfs ``resource`` file (0 for an unused BAR)."""
+# Resource flags in sysfs "resource" lines (include/linux/ioport.h).
+IORESOURCE_IO = 0x100
+IORESOURCE_PREFETCH = 0x2000
+
+
+def sysfs_bars(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> list[tuple[int, int]]:
+    """(size, resource flags) of BARs 0-5 from the device's sysfs ``resource`` file; an unused
+    BAR is (0, 0)."""
     try:
         lines = (sysfs / address / "resource").read_text().splitlines()
     except OSError as exc:
         raise ValueError(f"PCI device {address}: cannot read its BARs: {exc.strerror}") from None
-    sizes = []
+    bars = []
     for line in lines[:6]:
-        start, end, _flags = (int(field, 16) for field in line.split())
-        sizes.append(end - start + 1 if end else 0)
-    return sizes
+        start, end, flags = (int(field, 16) for field in line.split())
+        bars.append((end - start + 1, flags) if end else (0, 0))
+    return bars
+
+
+def sysfs_bar_sizes(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> list[int]:
+    """Sizes of BARs 0-5 from the device's sysfs ``resource`` file (0 for an unused BAR)."""
+    return [size for size, _flags in sysfs_bars(address, sysfs)]
 
 
 def bound_driver(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> str | None:

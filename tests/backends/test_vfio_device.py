@@ -15,7 +15,7 @@ import pytest
 
 from backends.device import DeviceError
 from backends.vfio import VfioPciDevice, normalize_pci_address
-from backends.vfio.device import bound_driver, iommu_group, sysfs_bar_sizes
+from backends.vfio.device import bound_driver, iommu_group, sysfs_bar_sizes, sysfs_bars
 from tests.backends.helpers import open_fds
 
 ADDRESS = "0000:01:00.0"
@@ -128,6 +128,15 @@ def test_normalize_pci_address_rejects(text: str) -> None:
 def test_sysfs_bar_sizes(host: Host) -> None:
     host.add_device()
     assert sysfs_bar_sizes(ADDRESS, host.sysfs) == [16 << 20, 0, 1 << 30, 0, 2 << 40, 0]
+
+
+def test_sysfs_bars_carry_the_resource_flags(host: Host) -> None:
+    host.add_device()
+    bars = sysfs_bars(ADDRESS, host.sysfs)
+    assert [size for size, _ in bars] == sysfs_bar_sizes(ADDRESS, host.sysfs)
+    assert bars[1] == (0, 0)  # unused
+    assert bars[0] == (16 << 20, 0x40200)  # memory, not prefetchable
+    assert bars[2] == (1 << 30, 0x14220C)  # memory, 64-bit, prefetchable
 
 
 def test_sysfs_bar_sizes_of_a_device_with_fewer_lines(host: Host) -> None:

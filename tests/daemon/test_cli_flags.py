@@ -141,3 +141,41 @@ def test_qemu_args_writes_sizes_as_qemu_spells_them(capsys: pytest.CaptureFixtur
     assert args[args.index("-m") + 1] == "1536M"
     assert args[args.index("-smp") + 1] == "4"
     assert "memory-backend-memfd,id=ram0,size=1536M,share=on,hugetlb=on,hugetlbsize=2M" in args
+
+
+# -- qemu-args --hotplug -----------------------------------------------------------------------
+
+
+def test_qemu_args_hotplug_prints_the_device_add_next_to_the_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["qemu-args", "--socket-path", "/s", "--memory-size", "8448MiB", "--hotplug"]
+    assert cli.main([*argv, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"args", "qmp"}
+    assert not [a for a in printed["args"] if "vfio-user-pci" in a]
+    assert "mem-reserve=32M,pref64-reserve=32G" in printed["args"][-1]
+    assert printed["qmp"] == [
+        {
+            "execute": "device_add",
+            "arguments": {
+                "driver": "vfio-user-pci",
+                "id": "gpu0",
+                "bus": "rp0",
+                "socket": {"type": "unix", "path": "/s"},
+            },
+        }
+    ]
+    # The shell form: the same command line, then the same QMP command, ready to paste.
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    qmp = [json.loads(line) for line in lines if line.startswith("{")]
+    assert qmp == printed["qmp"]
+    assert lines[0] == "qemu-system-x86_64 \\"
+    assert any(line.startswith("# device_del aborts QEMU 11.1.3") for line in lines)
+
+
+def test_qemu_args_hotplug_refuses_numa(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _usage_error(capsys, ["qemu-args", "--socket-path", "/s", "--hotplug", "--numa"])
+    assert err.startswith("vgpud: --numa needs the GPU present at start-up")
+    assert capsys.readouterr().out == ""

@@ -6,9 +6,17 @@ import json
 
 import pytest
 
-from vgpud.qemu_args import GuestDevice, build, mmio_window, render_shell
+from vgpud.qemu_args import (
+    GuestBar,
+    GuestDevice,
+    build,
+    device_add_commands,
+    mmio_window,
+    render_shell,
+)
 
-GH200_BARS = [16 << 20, 2 << 30, 128 << 30]
+BAR0 = GuestBar(16 << 20, prefetchable=False)
+GH200_BARS = [BAR0, GuestBar(2 << 30), GuestBar(128 << 30)]
 
 
 def _value(args: list[str], option: str) -> list[str]:
@@ -34,13 +42,14 @@ def test_q35_default_gh200() -> None:
 
 
 def test_small_device_needs_no_hole_override() -> None:
-    args = build([GuestDevice("/s", [16 << 20, 1 << 30, 4 << 30])])
-    assert mmio_window([GuestDevice("/s", [16 << 20, 1 << 30, 4 << 30])]) == 16 << 30
+    small = GuestDevice("/s", [BAR0, GuestBar(1 << 30), GuestBar(4 << 30)])
+    args = build([small])
+    assert mmio_window([small]) == 16 << 30
     assert _value(args, "-global") == []
 
 
 def test_aarch64_numa_generic_initiators() -> None:
-    args = build([GuestDevice("/s", [16 << 20, 512 << 30])], arch="aarch64", numa=True, smp=2)
+    args = build([GuestDevice("/s", [BAR0, GuestBar(512 << 30)])], arch="aarch64", numa=True, smp=2)
     assert _value(args, "-machine") == ["virt,gic-version=3,highmem-mmio-size=2T"]
     numa = _value(args, "-numa")
     assert numa[0] == "node,nodeid=0,cpus=0-1,memdev=ram0"
@@ -97,3 +106,59 @@ def test_guest_sizes_in_qemu_spelling() -> None:
     assert _value(args, "-object") == [
         "memory-backend-memfd,id=ram0,size=2G,share=on,hugetlb=on,hugetlbsize=2M"
     ]
+
+
+# -- --hotplug ---------------------------------------------------------------------------------
+
+
+def test_hotplug_leaves_the_gpu_out_and_reserves_room_on_its_port() -> None:
+    device = GuestDevice("/run/vgpud/gpu0.sock", GH200_BARS)
+    args = build([device], hotplug=True)
+    # BAR0 (16 MiB) in the 32-bit window, BAR2 + BAR4 (130 GiB) in the 64-bit one: twice
+    # the power-of-two total each, so a naturally aligned block fits wherever it is placed.
+    assert _value(args, "-device") == [
+        "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1,mem-reserve=32M,pref64-reserve=512G"
+    ]
+    # The hole holds the 512 GiB reserve with room to align it.
+    assert _value(args, "-global") == ["q35-pcihost.pci-hole64-size=1T"]
+    assert device_add_commands([device]) == [
+        {
+            "execute": "device_add",
+            "arguments": {
+                "driver": "vfio-user-pci",
+                "id": "gpu0",
+                "bus": "rp0",
+                "socket": {"type": "unix", "path": "/run/vgpud/gpu0.sock"},
+            },
+        }
+    ]
+
+
+def test_hotplug_tray_adds_each_gpu_to_its_own_port() -> None:
+    devices = [GuestDevice(f"/s{i}", GH200_BARS, id=f"gpu{i}") for i in range(2)]
+    ports = _value(build(devices, hotplug=True, arch="aarch64"), "-device")
+    assert [p.split(",")[1] for p in ports] == ["id=rp0", "id=rp1"]
+    assert all("pref64-reserve=512G" in p for p in ports)
+    commands = device_add_commands(devices)
+    assert [(c["arguments"]["id"], c["arguments"]["bus"]) for c in commands] == [
+        ("gpu0", "rp0"),
+        ("gpu1", "rp1"),
+    ]
+
+
+def test_hotplug_reserves_only_the_windows_a_device_needs() -> None:
+    prefetchable_only = GuestDevice("/s", [GuestBar(1 << 30)])
+    assert prefetchable_only.port_reserves() == "pref64-reserve=2G"
+    assert GuestDevice("/s", [GuestBar(3 << 20, prefetchable=False)]).port_reserves() == (
+        "mem-reserve=8M"
+    )
+    assert GuestDevice("/s", []).port_reserves() == ""
+    assert _value(build([GuestDevice("/s", [])], hotplug=True), "-device") == [
+        "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,slot=1"
+    ]
+
+
+def test_hotplug_refuses_numa() -> None:
+    # The generic-initiator objects name the GPU, so it must be there at start-up.
+    with pytest.raises(ValueError, match=r"^--numa needs the GPU present at start-up"):
+        build([GuestDevice("/s", GH200_BARS)], hotplug=True, numa=True)

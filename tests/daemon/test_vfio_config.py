@@ -19,7 +19,7 @@ import trio
 
 from backends.device import DeviceError
 from backends.vfio import VfioPciDevice
-from backends.vfio.device import SYSFS_PCI_DEVICES, sysfs_bar_sizes
+from backends.vfio.device import SYSFS_PCI_DEVICES, sysfs_bars
 from tests.serve_process import VGPUD
 from vgpud import cli, daemon, devices, qemu_args
 from vgpud.config import ConfigError, DaemonConfig, DeviceConfig, parse, single_device
@@ -202,13 +202,25 @@ def fake_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "0x0000000000000000 0x0000000000000000 0x0000000000000000\n"
         "0x0000400000000000 0x000040ffffffffff 0x000000000014220c\n"
     )
-    monkeypatch.setattr(devices, "sysfs_bar_sizes", functools.partial(sysfs_bar_sizes, sysfs=sysfs))
+    monkeypatch.setattr(devices, "sysfs_bars", functools.partial(sysfs_bars, sysfs=sysfs))
     return sysfs
 
 
-def test_guest_bar_sizes_of_a_vfio_device_come_from_sysfs(fake_sysfs: Path) -> None:
+def test_guest_bars_of_a_vfio_device_come_from_sysfs(fake_sysfs: Path) -> None:
     config = single_device(socket_path=None, vfio_device="01:00.0")
-    assert devices.guest_bar_sizes(config) == [16 << 20, 1 << 40]  # unused BARs left out
+    # Unused BARs left out; prefetchable as sysfs flags it (0x2000).
+    assert devices.guest_bars(config) == [
+        qemu_args.GuestBar(16 << 20, prefetchable=False),
+        qemu_args.GuestBar(1 << 40, prefetchable=True),
+    ]
+
+
+def test_guest_bars_of_a_vfio_device_leave_io_bars_out(fake_sysfs: Path) -> None:
+    resource = fake_sysfs / "0000:01:00.0" / "resource"
+    io_bar = "0x000000000000c000 0x000000000000c07f 0x0000000000040101\n"
+    resource.write_text(resource.read_text() + io_bar)
+    config = single_device(socket_path=None, vfio_device="01:00.0")
+    assert [bar.size for bar in devices.guest_bars(config)] == [16 << 20, 1 << 40]
 
 
 def test_qemu_args_for_a_vfio_device_size_the_window_from_sysfs(
@@ -219,7 +231,13 @@ def test_qemu_args_for_a_vfio_device_size_the_window_from_sysfs(
     assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == qemu_args.build(
-        [qemu_args.GuestDevice(socket_path=str(sock), bar_sizes=[16 << 20, 1 << 40], id="gpu0")],
+        [
+            qemu_args.GuestDevice(
+                socket_path=str(sock),
+                bars=[qemu_args.GuestBar(16 << 20, False), qemu_args.GuestBar(1 << 40)],
+                id="gpu0",
+            )
+        ],
         arch="x86_64",
         ram="1G",
         smp=1,
@@ -253,10 +271,10 @@ def test_qemu_args_vfio_device_and_config_are_exclusive(tmp_path: Path) -> None:
     assert caught.value.code == cli.EXIT_USAGE
 
 
-def test_guest_bar_sizes_of_an_absent_device(absent: str) -> None:
+def test_guest_bars_of_an_absent_device(absent: str) -> None:
     config = single_device(socket_path=None, vfio_device=absent)
     with pytest.raises(ValueError, match=f"PCI device {absent}: cannot read its BARs"):
-        devices.guest_bar_sizes(config)
+        devices.guest_bars(config)
 
 
 # -- the daemon ------------------------------------------------------------------------------

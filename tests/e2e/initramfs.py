@@ -255,6 +255,19 @@ class GuestScript:
             "vg_kv device_found yes"
         )
 
+    def wait_for_device(self, within_s: int, vendor: int = 0x10DE) -> GuestScript:
+        """Like :meth:`find_device`, for a device hot-added while the script runs: polls
+        sysfs (pciehp adds it on the slot's presence event) for up to ``within_s``."""
+        tries = within_s * 5
+        return self.raw(
+            f"vg_tries=0; until vg_find_dev {vendor:#06x}; do\n"
+            f"  vg_tries=$((vg_tries + 1))\n"
+            f"  if [ $vg_tries -gt {tries} ]; then vg_kv device_found no; exit 1; fi\n"
+            "  sleep 0.2\n"
+            "done\n"
+            "vg_kv device_found yes"
+        )
+
     def describe(self) -> GuestScript:
         return self.raw("vg_describe")
 

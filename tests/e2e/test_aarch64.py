@@ -16,6 +16,7 @@ from tests.e2e.expect import NVIDIA
 from tests.e2e.harness import Harness
 from tests.e2e.plans import bar_facts, describe_script, memory_plan
 from tests.e2e.qemu import qemu_device_args
+from tests.e2e.test_hotplug import hot_add_and_check
 
 pytestmark = [pytest.mark.e2e, pytest.mark.aarch64, pytest.mark.timeout(600)]
 
@@ -103,3 +104,9 @@ async def test_aarch64_guest_with_numa_nodes_uses_gpu_memory(arm: Harness) -> No
             handle.hex(),
             results.values["bdf"],
         )
+
+
+async def test_aarch64_hot_added_gpu_gets_its_bars(arm: Harness) -> None:
+    """`vgpud qemu-args --arch aarch64 --hotplug`, then QMP device_add: on ``virt`` the guest
+    kernel assigns the BARs itself (it grows the port's windows), the reserves do no harm."""
+    await hot_add_and_check(arm, arm.device("gh200", "8448MiB"))
