@@ -8,8 +8,11 @@ gives an empty port no room for a 128 GiB BAR (seen with QEMU 11.1.3, SeaBIOS, L
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
+from tests.e2e.engines import ENGINES
 from tests.e2e.harness import Device, Harness
 from tests.e2e.initramfs import GuestScript
 from tests.e2e.plans import bar_facts, memory_plan
@@ -18,18 +21,21 @@ from tests.e2e.qemu import vgpud_json
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-async def test_hot_added_gpu_gets_its_bars_and_serves_its_memory(harness: Harness) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_hot_added_gpu_gets_its_bars_and_serves_its_memory(
+    harness: Harness, engine: list[str]
+) -> None:
     # The default 96 GiB gh200: a 128 GiB BAR4 and a 1 GiB BAR2 (a 512 GiB reserve).
-    await hot_add_and_check(harness, harness.device("gh200"))
+    await hot_add_and_check(harness, harness.device("gh200"), engine)
 
 
-async def hot_add_and_check(harness: Harness, device: Device) -> None:
+async def hot_add_and_check(harness: Harness, device: Device, engine: Sequence[str] = ()) -> None:
     """Boot without the GPU, hot-add it, and check its BARs from the guest and the host."""
     expected = device.expected
     arch = harness.assets.arch
     # arm64 faults on unaligned device-memory accesses (vfio-user.md §14).
     plan = memory_plan(expected, unaligned=arch == "x86_64")
-    daemon = await harness.start_vgpud(device)
+    daemon = await harness.start_vgpud(device, engine)
     args = ["qemu-args", "--socket-path", str(device.socket_path), "--profile", device.profile]
     if device.memory_size:
         args += ["--memory-size", device.memory_size]

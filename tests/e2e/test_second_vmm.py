@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from tests.e2e.engines import ENGINES
 from tests.e2e.harness import Harness
 from tests.e2e.plans import describe_script, persistence_plan
 from tests.e2e.qemu import E2EError
@@ -21,18 +22,6 @@ SIZE = "8448MiB"
 # A usemem word the host writes once the second QEMU is gone; the first guest waits for it.
 GO_OFFSET = 0x300
 GO = 0x600DF00D
-
-ENGINES = [
-    pytest.param([], id="python"),
-    pytest.param(
-        ["--engine", "libvfio-user"],
-        id="libvfio-user",
-        marks=pytest.mark.skipif(
-            not os.environ.get("VGPUD_LIBVFIO_USER"),
-            reason="VGPUD_LIBVFIO_USER is not set: the libvfio-user engine needs a local build",
-        ),
-    ),
-]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
