@@ -328,7 +328,8 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         print(json.dumps({"args": built, "qmp": commands}))
         return 0
     print(qemu_args.render_shell(built, f"qemu-system-{args.arch}"))
-    print("# then, with the guest running, on its QMP monitor (one per device):")
+    # QMP only: HMP's device_add cannot build the socket object (seen with QEMU 11.1.3).
+    print("# then, with the guest running, on its QMP monitor (one per device; not HMP):")
     for command in commands:
         print(json.dumps(command, separators=(",", ":")))
     # Seen with QEMU 11.1.3: device_del of a device with MSI-X aborts QEMU (captures README).
