@@ -37,6 +37,7 @@ from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
 from vgpud.devices import BuiltDevice, build_device
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.libvfio_user.thread import serve_device_on_thread
+from vgpud.mappers import describe, find_mappers, memory_file_ids
 from vgpud.server.listener import (
     SERVER_CAPABILITIES,
     DeviceServer,
@@ -247,6 +248,9 @@ async def _run(
         for device in built:
             if device.config.prealloc:
                 await preallocate(device, log.bind(device=device.name))
+        # Before any client can attach (the libvfio-user engine serves from threads of its
+        # own, and only those may ask the device anything then).
+        memory_files = {device.name: memory_file_ids(device.device) for device in built}
     except (OSError, ValueError, BackingFileError, DeviceError, PreallocError) as exc:
         # ValueError covers LayoutError: the kernel would fail probe for this memory size.
         for device in built:
@@ -300,6 +304,17 @@ async def _run(
                     unbacked=shortfall.unbacked,
                     free=shortfall.free,
                 )
+            for name, files in memory_files.items():
+                mappers = await trio.to_thread.run_sync(find_mappers, files)
+                if mappers:
+                    log.warning(
+                        "device memory is still mapped by another process (a VM attached "
+                        "before this start?): its GPU no longer answers, QEMU does not "
+                        "reconnect, but it still writes this memory, which the next VM "
+                        "would share; stop it first",
+                        device=name,
+                        **describe(mappers),
+                    )
             elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
             log.info(
                 "ready", devices=len(servers), max_dma_maps=max_dma_maps, startup_ms=elapsed_ms

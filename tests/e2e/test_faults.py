@@ -125,7 +125,8 @@ async def test_vgpud_restart_under_a_running_vm(harness: Harness) -> None:
     """vgpud stops and starts again while its VM runs. QEMU does not reconnect (spec
     vfio-user.md §5.8), so trapped accesses fail from then on, but BAR2/BAR4 stay mapped and
     keep reaching the same memory files: the restarted daemon opens them again and never
-    replaces them, so what the VM writes meanwhile is there for the next VM."""
+    replaces them, so what the VM writes meanwhile is there for the next VM. The restarted
+    daemon says which process still maps the memory."""
     device = harness.device("gh200", SIZE)
     first = await harness.start_vgpud(device)
     qemu = await harness.start_qemu(device, _ticking_script())
@@ -134,6 +135,10 @@ async def test_vgpud_restart_under_a_running_vm(harness: Harness) -> None:
     assert before["boot0"] not in (0, 0xFFFF_FFFF), before
     assert await first.stop() == 0
     second = await harness.start_vgpud(device)
+    # The restarted daemon names the VM that still maps the device memory (vgpud/mappers.py).
+    assert qemu.process is not None
+    warnings = [e for e in second.events() if "still mapped by another" in e.get("event", "")]
+    assert [w["pids"] for w in warnings] == [[qemu.process.pid]], second.events()
     after = await _tick(qemu)
     assert after["marker"] == MARKER, "the mapped BAR4 lost the memory file"
     assert after["boot0"] == 0xFFFF_FFFF, "a trapped read still answered: QEMU reconnected?"
@@ -145,6 +150,8 @@ async def test_vgpud_restart_under_a_running_vm(harness: Harness) -> None:
     assert int(results.values["marker"], 16) == MARKER
     assert int(results.values["ticks"], 16) >= written
     assert second.running
+    # The old VM was gone by then: the next one shares its memory with nobody.
+    assert not [e for e in second.events() if "also mapped by another" in e.get("event", "")]
 
 
 async def test_migration_is_refused_locally_and_carries_no_device_state(

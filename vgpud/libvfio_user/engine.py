@@ -59,6 +59,7 @@ from vgpud.libvfio_user.library_log import LibraryLog
 from vgpud.libvfio_user.sockets import accepted_connections, adopt_listener, shutdown_fd
 from vgpud.libvfio_user.watchdog import STALL_LIMIT, StallWatchdog
 from vgpud.log_limit import LogLimiter
+from vgpud.mappers import SharedMemoryCheck
 from vgpud.server.listener import (
     ListenerError,
     group_id,
@@ -128,6 +129,7 @@ class LibvfioUserServer:
         counts = {index: device.irq_info(index).count for index in FORWARDED_IRQS}
         # Lines a client can cause per request are rate limited (vgpud/log_limit.py).
         self._log_limit = LogLimiter()
+        self._shared_memory = SharedMemoryCheck(device)
         self._bridge = IrqBridge(counts, self._trigger, self.log, self._log_limit)
         self._library_log = LibraryLog(self.log, self._log_limit)
         self.watchdog = StallWatchdog(name, self.log, stall_limit)
@@ -331,13 +333,15 @@ class LibvfioUserServer:
                 await self._serve_client(self.log.bind(connection=self.connections))
 
     async def _serve_client(self, log: Any) -> None:
-        self._log_limit.log(log, "info", "client connected", **self._peer())
+        peer = self._peer()
+        self._log_limit.log(log, "info", "client connected", **peer)
         conn_fd = self._lib.vfu_get_poll_fd(self._ctx)
         self.watchdog.guard(conn_fd, log)
         try:
             self.device.open()
             self._device_open = True
             self._bridge.connect(self.device)
+            await self._shared_memory.at_attach(log, self._log_limit, peer)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_irqs)
                 nursery.start_soon(self._refuse_other_clients, self.connections, conn_fd)

@@ -28,6 +28,7 @@ import trio
 import protocol as p
 from backends.device import VfioDevice
 from vgpud.log_limit import LogLimiter
+from vgpud.mappers import SharedMemoryCheck
 from vgpud.server.refusal import Refusals
 from vgpud.server.session import Session
 from vgpud.server.transport import FdStream
@@ -196,6 +197,7 @@ class DeviceServer:
         # every session of this device.
         self.log_limit = LogLimiter()
         self._refusals = Refusals(self.log, self.log_limit)
+        self._shared_memory = SharedMemoryCheck(device)
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -298,6 +300,9 @@ class DeviceServer:
         stream = FdStream(sock)
         log = self.log.bind(connection=number)
         self.log_limit.log(log, "info", "client connected", **creds)
+        # Before the session: the client waits the scan's milliseconds once, and no scan is
+        # still reading /proc when the session has ended.
+        await self._shared_memory.at_attach(log, self.log_limit, creds)
         reason = "error"
         session: Session | None = None
         try:
