@@ -37,7 +37,8 @@ from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
 from vgpud.devices import BuiltDevice, build_device
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.libvfio_user.thread import serve_device_on_thread
-from vgpud.mappers import describe, find_mappers, memory_file_ids
+from vgpud.mappers import describe, find_mappers
+from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import (
     SERVER_CAPABILITIES,
     DeviceServer,
@@ -250,7 +251,7 @@ async def _run(
                 await preallocate(device, log.bind(device=device.name))
         # Before any client can attach (the libvfio-user engine serves from threads of its
         # own, and only those may ask the device anything then).
-        memory_files = {device.name: memory_file_ids(device.device) for device in built}
+        memory_files = {device.name: MemoryFiles(device.device).ids for device in built}
     except (OSError, ValueError, BackingFileError, DeviceError, PreallocError) as exc:
         # ValueError covers LayoutError: the kernel would fail probe for this memory size.
         for device in built:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import stat
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,10 @@ from typing import Any
 
 import trio
 
-from backends.device import BAR2_REGION_INDEX, BAR4_REGION_INDEX, VfioDevice
 from vgpud.log_limit import LogLimiter
+from vgpud.memory_files import FileId, MemoryFiles
 
 PROC = Path("/proc")
-
-# (st_dev, st_ino) of a file.
-FileId = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,20 +37,6 @@ class Mapper:
 
     pid: int
     command: str  # /proc/<pid>/comm
-
-
-def memory_file_ids(device: VfioDevice) -> frozenset[FileId]:
-    """The regular files a VMM is told to mmap for BAR2 and BAR4 (none with ``no_mmap``
-    answers or a device whose memory is not in files, such as a VFIO device's own fd)."""
-    ids = set()
-    for index in (BAR2_REGION_INDEX, BAR4_REGION_INDEX):
-        target = device.region_info(index).mmap
-        if target is None:
-            continue
-        st = os.fstat(target.fd)
-        if stat.S_ISREG(st.st_mode):
-            ids.add((st.st_dev, st.st_ino))
-    return frozenset(ids)
 
 
 def find_mappers(
@@ -110,10 +92,8 @@ class SharedMemoryCheck:
     """For one device: at each client's attach, warn when another process maps the
     device's memory (a VM from before a restart: the new client's guest would share it)."""
 
-    def __init__(self, device: VfioDevice) -> None:
-        # Now, before any client: the device may open its memory files to answer, and those
-        # stay open with the device (a client must not seem to leave fds behind).
-        self._files = memory_file_ids(device)
+    def __init__(self, files: MemoryFiles) -> None:
+        self._files = files.ids
 
     async def at_attach(self, log: Any, log_limit: LogLimiter, peer: dict[str, int]) -> None:
         """The scan runs on a worker thread, so the daemon's other devices go on being

@@ -29,7 +29,8 @@ from vgpud import daemon
 from vgpud.client import VfioUserClient
 from vgpud.config import DaemonConfig, single_device
 from vgpud.devices import build_device
-from vgpud.mappers import find_mappers, memory_file_ids
+from vgpud.mappers import find_mappers
+from vgpud.memory_files import MemoryFiles
 
 AT_START = "device memory is still mapped by another process"
 AT_ATTACH = "device memory is also mapped by another process"
@@ -118,7 +119,7 @@ def test_maps_are_matched_by_device_and_inode(tmp_path: Path) -> None:
     assert [(m.pid, m.command) for m in found] == [(100, "proc100")]
 
 
-def test_memory_file_ids_are_the_files_qemu_maps(tmp_path: Path) -> None:
+def test_memory_files_are_the_files_qemu_maps(tmp_path: Path) -> None:
     for profile, names in (("gh200", {"usemem", "resmem"}), ("gb200", {"usemem", "bar1"})):
         config = single_device(
             socket_path=None, profile=profile, memory_size="4GiB", backing_dir=tmp_path / profile
@@ -126,7 +127,7 @@ def test_memory_file_ids_are_the_files_qemu_maps(tmp_path: Path) -> None:
         built = build_device(config)
         try:
             assert isinstance(built.backend, SyntheticGpu)
-            ids = memory_file_ids(built.device)
+            ids = MemoryFiles(built.device).ids
             assert ids == {file_id(tmp_path / profile / name) for name in names}
         finally:
             built.release()

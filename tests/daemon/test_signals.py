@@ -97,11 +97,16 @@ async def test_sigusr1_logs_each_devices_status_and_stops_nothing(
     and left its sockets behind)."""
     config = one_gpu(tmp_path, engine)
     # The Python engine counts the session's VERSION too; libvfio-user answers it itself.
-    messages = 2 if engine == "python" else 1
+    messages = 4 if engine == "python" else 3
     with structlog.testing.capture_logs() as logs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             [server] = await nursery.start(functools.partial(daemon.run, config))
+            ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(ram, 1 << 20)
             async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+                await client.dma_map(0, 1 << 20, fd=ram)
+                os.close(ram)
+                await client.region_write(4, 0x1000, b"\xa5" * 8)  # BAR4: usemem
                 await client.region_read(7, 0, 4)
                 # The libvfio-user engine counts what vfu_run_ctx returns, on the device's
                 # thread, after the reply went out: the client can be faster.
@@ -117,7 +122,12 @@ async def test_sigusr1_logs_each_devices_status_and_stops_nothing(
     first, second = (e for e in logs if e["event"] == "status")
     assert first["device"] == "gpu0" and first["engine"] == engine
     assert (first["client"], first["connections"], first["messages"]) == (1, 1, messages)
-    assert (second["client"], second["connections"]) == (None, 1)
+    assert first["dma_maps"] == 1
+    # The (sparse) memory files hold the page the client wrote, and not much more (a
+    # filesystem may allocate ahead).
+    assert os.sysconf("SC_PAGE_SIZE") <= first["memory_allocated"] <= 1 << 20
+    assert (second["client"], second["connections"], second["dma_maps"]) == (None, 1, 0)
+    assert second["memory_allocated"] == first["memory_allocated"]  # kept
     assert not any(e["event"] == "stopping" for e in logs)
 
 

@@ -60,6 +60,7 @@ from vgpud.libvfio_user.sockets import accepted_connections, adopt_listener, shu
 from vgpud.libvfio_user.watchdog import STALL_LIMIT, StallWatchdog
 from vgpud.log_limit import LogLimiter
 from vgpud.mappers import SharedMemoryCheck
+from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import (
     ListenerError,
     group_id,
@@ -129,7 +130,11 @@ class LibvfioUserServer:
         counts = {index: device.irq_info(index).count for index in FORWARDED_IRQS}
         # Lines a client can cause per request are rate limited (vgpud/log_limit.py).
         self._log_limit = LogLimiter()
-        self._shared_memory = SharedMemoryCheck(device)
+        self.memory_files = MemoryFiles(device)  # before any client, as for the Python engine
+        self._shared_memory = SharedMemoryCheck(self.memory_files)
+        # The attached client's DMA mappings, as libvfio-user has told the device (a set:
+        # after a lost connection it may report unmaps the device has already forgotten).
+        self._dma_maps: set[tuple[int, int]] = set()
         self._bridge = IrqBridge(counts, self._trigger, self.log, self._log_limit)
         self._library_log = LibraryLog(self.log, self._log_limit)
         self.watchdog = StallWatchdog(name, self.log, stall_limit)
@@ -513,6 +518,7 @@ class LibvfioUserServer:
             self._device_open = False
             self.device.close()
         self._dma_views.clear()
+        self._dma_maps.clear()
 
     def status(self) -> dict[str, Any]:
         """For the daemon's "status" line (read from the daemon's thread: plain attributes,
@@ -524,6 +530,8 @@ class LibvfioUserServer:
             "connections": self.connections,
             "messages": self.messages,
             "stalls": self.watchdog.stalls,
+            "dma_maps": len(self._dma_maps),
+            "memory_allocated": self.memory_files.allocated(),
         }
 
     async def wait_idle(self) -> None:
@@ -601,6 +609,7 @@ class LibvfioUserServer:
             region = DmaRegion(
                 iova, size, bool(info.prot & _PROT_READ), bool(info.prot & _PROT_WRITE), memory
             )
+            self._dma_maps.add((iova, size))  # libvfio-user has taken it, whatever the device says
             self.device.dma_map(region)
         except DeviceError as exc:
             # libvfio-user gives this callback no way to refuse the map.
@@ -614,6 +623,7 @@ class LibvfioUserServer:
         try:
             iova = int(self._ffi.cast("uintptr_t", info.iova.iov_base))
             size = int(info.iova.iov_len)
+            self._dma_maps.discard((iova, size))
             try:
                 self.device.dma_unmap(iova, size)
             finally:

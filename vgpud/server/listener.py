@@ -29,6 +29,7 @@ import protocol as p
 from backends.device import VfioDevice
 from vgpud.log_limit import LogLimiter
 from vgpud.mappers import SharedMemoryCheck
+from vgpud.memory_files import MemoryFiles
 from vgpud.server.refusal import Refusals
 from vgpud.server.session import Session
 from vgpud.server.transport import FdStream
@@ -197,7 +198,10 @@ class DeviceServer:
         # every session of this device.
         self.log_limit = LogLimiter()
         self._refusals = Refusals(self.log, self.log_limit)
-        self._shared_memory = SharedMemoryCheck(device)
+        # Before any client: the device may open its memory files to answer, and those stay
+        # open with the device (a client must not seem to leave fds behind).
+        self.memory_files = MemoryFiles(device)
+        self._shared_memory = SharedMemoryCheck(self.memory_files)
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -335,13 +339,16 @@ class DeviceServer:
 
     def status(self) -> dict[str, Any]:
         """For the daemon's "status" line: the client's connection number (None: no client),
-        connections so far, and the messages of the current session."""
+        connections so far, the messages and DMA mappings of the current session, and how
+        much of the device memory its filesystem holds."""
         session = self.current_session
         return {
             "engine": "python",
             "client": self.active,
             "connections": self.connections,
             "messages": session.messages if session is not None else 0,
+            "dma_maps": len(session.dma) if session is not None else 0,
+            "memory_allocated": self.memory_files.allocated(),
         }
 
     async def wait_idle(self) -> None:
