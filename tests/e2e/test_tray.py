@@ -51,13 +51,37 @@ def _config(harness: Harness) -> str:
     return "\n".join(devices)
 
 
-async def test_a_guest_with_a_two_gpu_tray(harness: Harness) -> None:
+# Hot-plug: the guest boots without the GPUs and waits (up to 60 s) for both to appear.
+_WAIT_FOR_THE_TRAY = f"""
+vg_kv booted yes
+tries=0
+until [ "$(cat /sys/bus/pci/devices/*/vendor | grep -c 0x10de)" = {len(GPUS)} ]; do
+    tries=$((tries + 1)); [ $tries -gt 300 ] && break
+    sleep 0.2
+done
+"""
+
+
+@pytest.mark.parametrize("hotplug", [False, True], ids=["cold", "hot-plugged"])
+async def test_a_guest_with_a_two_gpu_tray(harness: Harness, hotplug: bool) -> None:
+    """Hot-plugged: ``qemu-args --config --hotplug`` leaves both GPUs out, each root port
+    reserving room for its GPU's BARs, and the two QMP device_adds it prints bring them in."""
     config = harness.workdir / "tray.toml"
     config.write_text(_config(harness))
     await harness.start_vgpud_config(config)
-    qemu_args = vgpud_json("qemu-args", "--config", str(config))
     script = GuestScript().raw(f"MAGIC={MAGIC:#x}" + _EVERY_GPU)
-    results = await harness.boot(None, script, qemu_args=qemu_args)
+    if not hotplug:
+        qemu_args = vgpud_json("qemu-args", "--config", str(config))
+        results = await harness.boot(None, script, qemu_args=qemu_args)
+    else:
+        printed = vgpud_json("qemu-args", "--config", str(config), "--hotplug")
+        script = GuestScript().raw(_WAIT_FOR_THE_TRAY).raw(f"MAGIC={MAGIC:#x}" + _EVERY_GPU)
+        qemu = await harness.start_qemu(None, script, qemu_args=printed["args"])
+        await qemu.wait_line(r"^VGTEST booted=yes", 240)
+        assert qemu.qmp is not None
+        for command in printed["qmp"]:
+            await qemu.qmp.execute(command["execute"], **command["arguments"])
+        results = await qemu.run_guest(240)
 
     values = results.values
     assert values.get("gpus") == str(len(GPUS)), values
