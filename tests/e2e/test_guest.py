@@ -27,24 +27,40 @@ class GuestRun:
     results: GuestResults
     host_mismatches: list[str]
     files: dict[str, Any]
+    prealloc: bool
+    # Bytes each memory file holds on its filesystem once the guest is done.
+    allocated: dict[str, int]
+    events: list[dict[str, Any]]
 
 
-def _scenario(assets: Assets, profile: str, memory_size: str | None) -> ScenarioRun:
+def _scenario(assets: Assets, profile: str, memory_size: str | None, prealloc: bool) -> ScenarioRun:
     async def body(h: Harness) -> GuestRun:
         device = h.device(profile, memory_size)
         plan = memory_plan(device.expected)
-        await h.start_vgpud(device)
+        daemon = await h.start_vgpud(device, ["--prealloc"] if prealloc else [])
         results = await h.boot(device, plan.script(describe_script()))
-        files = {path.name: path.stat().st_size for path in sorted(device.backing_dir.iterdir())}
-        return GuestRun(device, plan, results, plan.host_mismatches(device.files), files)
+        paths = sorted(device.backing_dir.iterdir())
+        files = {path.name: path.stat().st_size for path in paths}
+        allocated = {path.name: path.stat().st_blocks * 512 for path in paths}
+        return GuestRun(
+            device,
+            plan,
+            results,
+            plan.host_mismatches(device.files),
+            files,
+            prealloc,
+            allocated,
+            daemon.events(),
+        )
 
     return run_scenario(assets, body)
 
 
-@pytest.fixture(scope="module", params=["gh200-8448MiB", "gh200-default", "gb200-6GiB"])
+# The gb200 guest runs against a preallocated device (``--prealloc``): same checks.
+@pytest.fixture(scope="module", params=["gh200-8448MiB", "gh200-default", "gb200-6GiB-prealloc"])
 def guest(request: pytest.FixtureRequest, assets: Assets) -> ScenarioRun:
-    profile, _, size = request.param.partition("-")
-    return _scenario(assets, profile, None if size == "default" else size)
+    profile, size, *options = request.param.split("-")
+    return _scenario(assets, profile, None if size == "default" else size, "prealloc" in options)
 
 
 def _run(guest: ScenarioRun) -> GuestRun:
@@ -112,3 +128,20 @@ def test_host_backing_files_hold_guest_writes(guest: ScenarioRun) -> None:
     assert not run.host_mismatches, "\n".join(run.host_mismatches)
     if not run.device.expected.resmem_len:
         assert "resmem" not in run.files, f"no-carve-out profile created a resmem file: {run.files}"
+
+
+def test_prealloc_allocated_the_memory_before_serving(guest: ScenarioRun) -> None:
+    """``--prealloc``: every mappable byte was allocated before the daemon served (its
+    "device memory allocated" line comes before "ready"), and the guest's checks above pass
+    on it; without it the files stay sparse."""
+    run = _run(guest)
+    events = [e.get("event") for e in run.events]
+    for name, size in run.files.items():
+        if run.prealloc:
+            assert run.allocated[name] >= size, f"{name}: {run.allocated[name]} of {size} bytes"
+        else:
+            assert run.allocated[name] < size // 2, f"{name} is no longer sparse"
+    if run.prealloc:
+        assert events.index("device memory allocated") < events.index("ready"), events
+    else:
+        assert "device memory allocated" not in events
