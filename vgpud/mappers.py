@@ -44,16 +44,21 @@ def find_mappers(
 ) -> list[Mapper]:
     """Every process but ``exclude`` (and this one) that maps one of ``files``, by pid.
 
-    Processes that vanish or may not be read while this runs are skipped: the answer is
-    what could be seen, which is all of it for root outside a container.
+    Processes that vanish or may not be read while this runs are skipped, and so is a
+    ``proc`` that cannot be listed: the answer is what could be seen, which is all of it for
+    root outside a container.
     """
     if not files:
+        return []
+    try:
+        entries = list(proc.iterdir())
+    except OSError:
         return []
     skip = {os.getpid(), *exclude}
     # A quick test before parsing: the inode number as the maps line spells it.
     inodes = {b" %d " % ino for _, ino in files}
     found = []
-    for entry in proc.iterdir():
+    for entry in entries:
         if not entry.name.isdigit() or int(entry.name) in skip:
             continue
         try:

@@ -119,6 +119,10 @@ def test_maps_are_matched_by_device_and_inode(tmp_path: Path) -> None:
     assert [(m.pid, m.command) for m in found] == [(100, "proc100")]
 
 
+def test_no_proc_finds_nobody(tmp_path: Path) -> None:
+    assert find_mappers({(1, 2)}, proc=tmp_path / "absent") == []
+
+
 def test_memory_files_are_the_files_qemu_maps(tmp_path: Path) -> None:
     for profile, names in (("gh200", {"usemem", "resmem"}), ("gb200", {"usemem", "bar1"})):
         config = single_device(
