@@ -49,6 +49,7 @@ SERVE_DEVICE_FLAGS = (
     "--socket-mode",
     "--ready-delay",
     "--no-mmap",
+    "--no-msix",
     "--prealloc",
     "--vfio-device",
     "--cxl-dvsec",
@@ -119,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the GPU reports not-ready after each reset (testing aid, default 0)",
     )
     serve.add_argument("--no-mmap", action="store_true", help="trap every access (no mmap)")
+    serve.add_argument(
+        "--no-msix",
+        action="store_true",
+        help="leave MSI-X out (MSI and INTx remain): QEMU 11.1.3 can then hot-unplug the GPU, "
+        "which it aborts on with MSI-X",
+    )
     serve.add_argument(
         "--prealloc",
         action="store_true",
@@ -231,6 +238,7 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
             socket_mode=args.socket_mode,
             ready_delay=args.ready_delay or 0.0,
             no_mmap=args.no_mmap,
+            no_msix=args.no_msix,
             prealloc=args.prealloc,
             cxl_dvsec=args.cxl_dvsec,
             cxl_mem_active_timeout=args.cxl_mem_active_timeout,
@@ -333,7 +341,7 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
     for command in commands:
         print(json.dumps(command, separators=(",", ":")))
     # Seen with QEMU 11.1.3: device_del of a device with MSI-X aborts QEMU (captures README).
-    print("# device_del aborts QEMU 11.1.3 (MSI-X): the GPU stays until the VM stops")
+    print("# device_del aborts QEMU 11.1.3 unless the GPU is served with --no-msix")
     return 0
 
 

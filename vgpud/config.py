@@ -21,6 +21,8 @@ names are reported with the key that is wrong. Example (one file can describe a 
     socket_mode = "0660"        # default 0600, or 0660 with socket_group
     ready_delay = 0.0           # seconds the GPU reads not-ready after each reset (testing aid)
     no_mmap = false             # true: trap every access (no mmap)
+    no_msix = false             # true: no MSI-X (MSI and INTx remain), so that QEMU 11.1.3
+                                # can hot-unplug the GPU (it aborts with MSI-X)
     prealloc = false            # true: allocate the memory files in full at start-up, so a
                                 # filesystem too small fails the start, not the VM later
     cxl_dvsec = false           # true: add a CXL Device DVSEC, the v7.2 driver's readiness
@@ -85,6 +87,10 @@ class DeviceConfig:
     # Serve every region as trapped (no MMAP, no fds): a debugging aid, and what the
     # captures' "nommap" scenario shows QEMU doing.
     no_mmap: bool = False
+    # Leave MSI-X out of the synthetic GPU (capability, irq index, BAR0 table): QEMU 11.1.3
+    # aborts when it hot-unplugs a device with MSI-X (captures README fact 14), and a GPU
+    # without it unplugs cleanly. The real GPU has MSI-X; this is for hot-plug tests.
+    no_msix: bool = False
     # Allocate every page of the memory files at start-up (QEMU's ``prealloc=on`` for the
     # device's memory): a filesystem that cannot hold the device then fails the start with
     # a message, instead of the VM with SIGBUS when its guest first touches the missing page.
@@ -130,6 +136,7 @@ _DEVICE_KEYS = {
     "socket_group",
     "ready_delay",
     "no_mmap",
+    "no_msix",
     "prealloc",
     "cxl_dvsec",
     "cxl_mem_active_timeout",
@@ -142,6 +149,7 @@ _SYNTHETIC_KEYS = (
     "memphys",
     "backing_dir",
     "ready_delay",
+    "no_msix",
     "prealloc",
     "cxl_dvsec",
     "cxl_mem_active_timeout",
@@ -213,6 +221,7 @@ def single_device(
     socket_mode: str | None = None,
     ready_delay: float = 0.0,
     no_mmap: bool = False,
+    no_msix: bool = False,
     prealloc: bool = False,
     cxl_dvsec: bool = False,
     cxl_mem_active_timeout: int | None = None,
@@ -240,6 +249,8 @@ def single_device(
     if socket_mode is not None:
         raw["socket_mode"] = socket_mode
     raw["no_mmap"] = no_mmap
+    if no_msix or vfio_device is None:
+        raw["no_msix"] = no_msix
     if prealloc or vfio_device is None:
         raw["prealloc"] = prealloc
     if cxl_dvsec or vfio_device is None:
@@ -295,6 +306,9 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
     no_mmap = raw.get("no_mmap", False)
     if not isinstance(no_mmap, bool):
         raise ConfigError(f"{where}: no_mmap must be true or false")
+    no_msix = raw.get("no_msix", False)
+    if not isinstance(no_msix, bool):
+        raise ConfigError(f"{where}: no_msix must be true or false")
     prealloc = raw.get("prealloc", False)
     if not isinstance(prealloc, bool):
         raise ConfigError(f"{where}: prealloc must be true or false")
@@ -325,6 +339,7 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
         socket_group=group,
         ready_delay=float(delay),
         no_mmap=no_mmap,
+        no_msix=no_msix,
         prealloc=prealloc,
         cxl_dvsec=cxl_dvsec,
         cxl_mem_active_timeout=timeout,

@@ -48,6 +48,8 @@ def profile_for(config: DeviceConfig) -> Profile:
         # nvgrace-gpu.md §2.3, §7.3). Without the key the profile's own setting stands.
         overrides["cxl_dvsec"] = True
         overrides["cxl_mem_active_timeout"] = config.cxl_mem_active_timeout
+    if config.no_msix:
+        overrides["msix_vectors"] = 0
     return profile.with_overrides(**overrides) if overrides else profile
 
 

@@ -122,8 +122,11 @@ def build_capabilities(cfg: ConfigSpace, params: CapabilityParams) -> None:
     cfg.set(PCI_CAPABILITY_LIST, 1, PM_OFFSET)
     _power_management(cfg, PM_OFFSET, next_cap=MSI_OFFSET)
     _msi(cfg, MSI_OFFSET, params.msi_vectors, next_cap=PCIE_OFFSET)
-    _pci_express(cfg, PCIE_OFFSET, next_cap=MSIX_OFFSET)
-    _msix(cfg, MSIX_OFFSET, params.msix_vectors, next_cap=0)
+    if params.msix_vectors:
+        _pci_express(cfg, PCIE_OFFSET, next_cap=MSIX_OFFSET)
+        _msix(cfg, MSIX_OFFSET, params.msix_vectors, next_cap=0)
+    else:  # no MSI-X: the list ends at PCIe, and the capability's bytes stay zero
+        _pci_express(cfg, PCIE_OFFSET, next_cap=0)
     # The extended list: DSN, then whichever DVSECs exist, in offset order.
     chain = [DSN_OFFSET]
     if params.dvsec_bitmap is not None:

@@ -102,6 +102,8 @@ class InterruptController:
             flags = IrqInfoFlags.EVENTFD | IrqInfoFlags.NORESIZE
         elif index == MSIX_IRQ_INDEX:
             flags = IrqInfoFlags.EVENTFD
+            if not self._msix_vectors:  # no MSI-X, so no dynamic MSI-X: has_dyn_msix false
+                flags |= IrqInfoFlags.NORESIZE
         else:
             raise DeviceError(errno.EINVAL, f"irq index {index} out of range 0..{NUM_PCI_IRQS}")
         return IrqInfo(index=index, flags=flags, count=self._counts[index])
@@ -269,6 +271,8 @@ class InterruptController:
 
     @property
     def _msix_enabled(self) -> bool:
+        if not self._msix_vectors:  # no capability: those config bytes are not its flags
+            return False
         return bool(self._cfg.u16(MSIX_OFFSET + MSIX_FLAGS) & MSIX_FLAGS_ENABLE)
 
     @property

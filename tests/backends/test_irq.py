@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -20,10 +21,25 @@ from backends.device import (
     IrqInfoFlags,
 )
 from backends.irq import EventfdTable
-from backends.synthetic import SyntheticGpu
+from backends.synthetic import SyntheticGpu, get_profile
 from backends.synthetic.bar0 import DOORBELL, INTX_STATUS
-from backends.synthetic.capabilities import MSI_OFFSET, MSIX_OFFSET
-from tests.backends.helpers import cfg_read, cfg_write, eventfd_count, new_eventfd, open_fds
+from backends.synthetic.capabilities import (
+    MSI_OFFSET,
+    MSIX_OFFSET,
+    PCI_CAP_ID_EXP,
+    PCI_CAP_ID_MSI,
+    PCI_CAP_ID_PM,
+)
+from backends.synthetic.config_space import PCI_CAPABILITY_LIST
+from backends.synthetic.profiles import GIB
+from tests.backends.helpers import (
+    FakeClock,
+    cfg_read,
+    cfg_write,
+    eventfd_count,
+    new_eventfd,
+    open_fds,
+)
 
 E = IrqInfoFlags
 
@@ -283,3 +299,40 @@ def test_intx_trigger_and_resampler_must_be_two_eventfds(
     os.close(observer)
     os.close(other_observer)
     assert open_fds() == before
+
+
+# -- no MSI-X (``no_msix``: what QEMU 11.1.3 can hot-unplug) -------------------------------
+
+
+@pytest.fixture
+def gpu_without_msix(tmp_path: Path, clock: FakeClock) -> Iterator[SyntheticGpu]:
+    profile = get_profile("gh200").with_overrides(memory_size=4 * GIB, msix_vectors=0)
+    device = SyntheticGpu(profile, tmp_path / "mem", clock=clock)
+    yield device
+    device.shutdown()
+
+
+def test_without_msix_the_capability_list_ends_at_pcie(gpu_without_msix: SyntheticGpu) -> None:
+    found = []
+    cap = cfg_read(gpu_without_msix, PCI_CAPABILITY_LIST, 1)
+    while cap:
+        found.append(cfg_read(gpu_without_msix, cap, 1))
+        cap = cfg_read(gpu_without_msix, cap + 1, 1)
+    assert found == [PCI_CAP_ID_PM, PCI_CAP_ID_MSI, PCI_CAP_ID_EXP]
+    # Where the capability was, nothing: zeros, and a write does not stick.
+    cfg_write(gpu_without_msix, MSIX_OFFSET + 2, 2, 0xC000)
+    assert cfg_read(gpu_without_msix, MSIX_OFFSET, 12) == 0
+
+
+def test_without_msix_the_irq_index_is_empty(gpu_without_msix: SyntheticGpu) -> None:
+    info = gpu_without_msix.irq_info(MSIX_IRQ_INDEX)
+    # As vfio-pci-core reports a device with no MSI-X capability: no dynamic MSI-X either.
+    assert (info.count, info.flags) == (0, IrqInfoFlags.EVENTFD | IrqInfoFlags.NORESIZE)
+    fd, observer = new_eventfd()
+    with pytest.raises(DeviceError) as caught:
+        gpu_without_msix.set_irqs(
+            MSIX_IRQ_INDEX, IrqAction.TRIGGER, 0, 1, eventfds=[fd], data_bool=None
+        )
+    assert caught.value.errno == errno.EINVAL
+    os.close(observer)
+    assert gpu_without_msix.irq_info(MSI_IRQ_INDEX).count == 16  # MSI stays

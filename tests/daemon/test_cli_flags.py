@@ -48,6 +48,7 @@ def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         ["--socket-mode", "0660"],
         ["--ready-delay", "0"],
         ["--no-mmap"],
+        ["--no-msix"],
         ["--prealloc"],
         ["--vfio-device", "0009:01:00.0"],
         ["--cxl-dvsec"],
@@ -87,6 +88,12 @@ def test_serve_flags_alone_still_default(tmp_path: Path, served: Served) -> None
     [device] = served[0].devices
     assert (device.name, device.profile, device.ready_delay) == ("gpu0", "gh200", 0.0)
     assert not device.prealloc
+
+
+def test_serve_no_msix_flag_reaches_the_device(tmp_path: Path, served: Served) -> None:
+    assert cli.main(["serve", "--socket-path", str(tmp_path / "s"), "--no-msix"]) == 0
+    [device] = served[0].devices
+    assert device.no_msix
 
 
 def test_serve_prealloc_flag_reaches_the_device(tmp_path: Path, served: Served) -> None:

@@ -88,6 +88,7 @@ CXL_CODE_MESSAGE = r"cxl_mem_active_timeout must be an integer code 0\.\.7"
         ({"device": [{"cxl_dvsec": "yes"}]}, "cxl_dvsec must be true or false"),
         ({"device": [{"cxl_dvsec": 1}]}, "cxl_dvsec must be true or false"),
         ({"device": [{"prealloc": "yes"}]}, "prealloc must be true or false"),
+        ({"device": [{"no_msix": "yes"}]}, "no_msix must be true or false"),
         ({"device": [{"prealloc": 1}]}, "prealloc must be true or false"),
         # The timeout is the CXL DVSEC's field: meaningless, so refused, without one.
         ({"device": [{"cxl_mem_active_timeout": 4}]}, "cxl_mem_active_timeout needs cxl_dvsec"),

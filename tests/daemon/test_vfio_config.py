@@ -367,6 +367,7 @@ def test_serve_an_absent_device_is_one_line_naming_it(absent: str, tmp_path: Pat
         (["--backing-dir", "/tmp/m"], "backing_dir describe(s) the synthetic GPU"),
         (["--profile", "gb200"], "profile describe(s) the synthetic GPU"),
         (["--cxl-dvsec"], "cxl_dvsec describe(s) the synthetic GPU"),
+        (["--no-msix"], "no_msix describe(s) the synthetic GPU"),
     ],
 )
 def test_serve_refuses_synthetic_flags_next_to_vfio_device(
