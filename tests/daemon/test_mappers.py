@@ -29,7 +29,8 @@ from vgpud import daemon
 from vgpud.client import VfioUserClient
 from vgpud.config import DaemonConfig, single_device
 from vgpud.devices import build_device
-from vgpud.mappers import find_mappers
+from vgpud.log_limit import LogLimiter
+from vgpud.mappers import SharedMemoryCheck, find_mappers
 from vgpud.memory_files import MemoryFiles
 
 AT_START = "device memory is still mapped by another process"
@@ -197,3 +198,25 @@ async def test_a_client_attaching_while_another_process_maps_the_memory_is_warne
     assert warning["log_level"] == "warning"
     assert warning["pids"] == [pid]
     assert warning["device"] == "gpu0" and warning["connection"] == 1
+
+
+async def test_a_search_that_takes_too_long_is_given_up_and_the_client_served(
+    tmp_path: Path,
+) -> None:
+    """The attach waits for the search a bounded time (QEMU gives each reply 5 s); past it
+    the client is served and the log says the search was given up."""
+    config = single_device(socket_path=None, memory_size="4GiB", backing_dir=tmp_path / "mem")
+    built = build_device(config)
+    try:
+        check = SharedMemoryCheck(MemoryFiles(built.device))
+        log = structlog.get_logger("test")
+        with held_by_child(tmp_path / "mem" / "usemem"), structlog.testing.capture_logs() as logs:
+            await check.at_attach(log, LogLimiter(), {}, limit=0)
+            await check.at_attach(log, LogLimiter(), {})
+    finally:
+        built.release()
+    assert [line["event"] for line in logs] == [
+        "gave up looking for other processes mapping the device memory",
+        AT_ATTACH + ", which shares it with this client's guest (a VM from before vgpud's "
+        "restart?)",
+    ]
