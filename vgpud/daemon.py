@@ -305,8 +305,11 @@ async def _run(
                     unbacked=shortfall.unbacked,
                     free=shortfall.free,
                 )
+            # One pass over /proc for every device (it can take a while on a large host).
+            every_file = frozenset().union(*memory_files.values())
+            found = await trio.to_thread.run_sync(find_mappers, every_file)
             for name, files in memory_files.items():
-                mappers = await trio.to_thread.run_sync(find_mappers, files)
+                mappers = [m for m in found if m.files & files]
                 if mappers:
                     log.warning(
                         "device memory is still mapped by another process (a VM attached "

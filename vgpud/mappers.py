@@ -41,6 +41,7 @@ class Mapper:
 
     pid: int
     command: str  # /proc/<pid>/comm
+    files: frozenset[FileId]  # which of the files asked about it maps
 
 
 def find_mappers(
@@ -69,13 +70,16 @@ def find_mappers(
             maps = (entry / "maps").read_bytes()
         except OSError:
             continue
-        if any(ino in maps for ino in inodes) and _maps_any(maps, files):
-            found.append(Mapper(int(entry.name), _command(entry)))
+        if any(ino in maps for ino in inodes):
+            mapped = _mapped(maps, files)
+            if mapped:
+                found.append(Mapper(int(entry.name), _command(entry), mapped))
     return sorted(found, key=lambda m: m.pid)
 
 
-def _maps_any(maps: bytes, files: Collection[FileId]) -> bool:
+def _mapped(maps: bytes, files: Collection[FileId]) -> frozenset[FileId]:
     # "start-end perms offset major:minor inode path" (proc(5)); major and minor in hex.
+    mapped = set()
     for line in maps.splitlines():
         fields = line.split(maxsplit=5)
         if len(fields) < 5:
@@ -86,8 +90,8 @@ def _maps_any(maps: bytes, files: Collection[FileId]) -> bool:
         except ValueError:
             continue
         if file_id in files:
-            return True
-    return False
+            mapped.add(file_id)
+    return frozenset(mapped)
 
 
 def _command(entry: Path) -> str:

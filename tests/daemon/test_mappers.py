@@ -116,8 +116,8 @@ def test_maps_are_matched_by_device_and_inode(tmp_path: Path) -> None:
         (tmp_path / pid / "comm").write_text(f"proc{pid}\n")
     (tmp_path / "500").mkdir()  # no maps: gone meanwhile
     (tmp_path / "self").mkdir()
-    found = find_mappers({(dev, 4242)}, proc=tmp_path)
-    assert [(m.pid, m.command) for m in found] == [(100, "proc100")]
+    found = find_mappers({(dev, 4242), (dev, 7)}, proc=tmp_path)
+    assert [(m.pid, m.command, m.files) for m in found] == [(100, "proc100", {(dev, 4242)})]
 
 
 def test_no_proc_finds_nobody(tmp_path: Path) -> None:
@@ -144,19 +144,27 @@ def test_memory_files_are_the_files_qemu_maps(tmp_path: Path) -> None:
 async def test_the_daemon_names_a_process_mapping_its_memory_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A tray of two: the child maps gpu1's memory only, and only gpu1 is named."""
     monkeypatch.delenv("LISTEN_FDS", raising=False)
-    config = single_device(
-        socket_path=tmp_path / "gpu0.sock", memory_size="4GiB", backing_dir=tmp_path / "mem"
+    configs = tuple(
+        single_device(
+            socket_path=tmp_path / f"gpu{i}.sock",
+            name=f"gpu{i}",
+            memory_size="4GiB",
+            backing_dir=tmp_path / f"mem{i}",
+        )
+        for i in range(2)
     )
-    build_device(config).release()  # the files exist, as from an earlier run
-    usemem = tmp_path / "mem" / "usemem"
+    for config in configs:
+        build_device(config).release()  # the files exist, as from an earlier run
+    usemem = tmp_path / "mem1" / "usemem"
     with held_by_child(usemem) as pid, structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(daemon.run, DaemonConfig(devices=(config,))))
+            await nursery.start(functools.partial(daemon.run, DaemonConfig(devices=configs)))
             nursery.cancel_scope.cancel()
     (warning,) = [line for line in logs if str(line["event"]).startswith(AT_START)]
     assert warning["log_level"] == "warning"
-    assert (warning["device"], warning["pids"]) == ("gpu0", [pid])
+    assert (warning["device"], warning["pids"]) == ("gpu1", [pid])
     # ... before the "ready" line, and the daemon served anyway.
     events = [line["event"] for line in logs]
     assert events.index(warning["event"]) < events.index("ready")
