@@ -16,7 +16,7 @@ from tests.e2e.expect import NVIDIA
 from tests.e2e.harness import Harness
 from tests.e2e.plans import bar_facts, describe_script, memory_plan
 from tests.e2e.qemu import qemu_device_args
-from tests.e2e.test_hotplug import hot_add_and_check
+from tests.e2e.test_hotplug import hot_add_and_check, unplug_and_plug_back
 
 pytestmark = [pytest.mark.e2e, pytest.mark.aarch64, pytest.mark.timeout(600)]
 
@@ -110,3 +110,8 @@ async def test_aarch64_hot_added_gpu_gets_its_bars(arm: Harness) -> None:
     """`vgpud qemu-args --arch aarch64 --hotplug`, then QMP device_add: on ``virt`` the guest
     kernel assigns the BARs itself (it grows the port's windows), the reserves do no harm."""
     await hot_add_and_check(arm, arm.device("gh200", "8448MiB"))
+
+
+async def test_aarch64_gpu_without_msix_unplugs_and_plugs_back_in(arm: Harness) -> None:
+    """The hot-unplug cycle of test_hotplug.py on ``virt`` (Grace hosts run arm64 guests)."""
+    await unplug_and_plug_back(arm)

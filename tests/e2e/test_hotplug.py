@@ -77,11 +77,16 @@ async def test_a_gpu_without_msix_unplugs_and_plugs_back_in(
     (captures README fact 14; without ``--no-msix`` this test fails on that assertion), not
     of one without. Hot-add, write, device_del: the guest sees the GPU go and vgpud its
     client leave; hot-add again: the guest finds the GPU once more, with what it wrote."""
+    await unplug_and_plug_back(harness, engine)
+
+
+async def unplug_and_plug_back(harness: Harness, engine: Sequence[str] = ()) -> None:
+    """The body of the test above, for either architecture."""
     device = harness.device("gh200", "8448MiB")
     daemon = await harness.start_vgpud(device, [*engine, "--no-msix"])
     hotplug = vgpud_json(
         "qemu-args", "--socket-path", str(device.socket_path), "--memory-size", "8448MiB",
-        "--hotplug",
+        "--arch", harness.assets.arch, "--hotplug",
     )  # fmt: skip
     script = (
         GuestScript()
