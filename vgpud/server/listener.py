@@ -304,12 +304,13 @@ class DeviceServer:
         stream = FdStream(sock)
         log = self.log.bind(connection=number)
         self.log_limit.log(log, "info", "client connected", **creds)
-        # Before the session: the client waits the scan's milliseconds once, and no scan is
-        # still reading /proc when the session has ended.
-        await self._shared_memory.at_attach(log, self.log_limit, creds)
         reason = "error"
         session: Session | None = None
         try:
+            # Before the session: the client waits for the search once (bounded), and a
+            # session that ends finds no search of its own still reading /proc. Inside the
+            # try, so that a stop meanwhile still closes the connection below.
+            await self._shared_memory.at_attach(log, self.log_limit, creds)
             session = Session(
                 stream,
                 self.device,
