@@ -12,11 +12,14 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -25,7 +28,7 @@ import trio
 from backends.synthetic import SyntheticGpu
 from tests.daemon.test_signals import ENGINES
 from tests.server.conftest import start_daemon
-from vgpud import daemon
+from vgpud import daemon, mappers
 from vgpud.client import VfioUserClient
 from vgpud.config import DaemonConfig, single_device
 from vgpud.devices import build_device
@@ -228,3 +231,38 @@ async def test_a_search_that_takes_too_long_is_given_up_and_the_client_served(
         AT_ATTACH + ", which shares it with this client's guest (a VM from before vgpud's "
         "restart?)",
     ]
+
+
+async def test_a_stop_during_the_search_closes_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon stops while a client's attach waits for the search: the client's
+    connection is closed all the same, and no descriptor is left behind."""
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    searching, release = threading.Event(), threading.Event()
+    real_find_mappers = mappers.find_mappers
+
+    def slow_find_mappers(*args: Any, **kwargs: Any) -> list[mappers.Mapper]:
+        if kwargs.get("exclude"):  # the attach's search (the start-up one excludes nobody)
+            searching.set()
+            release.wait(30)
+        return real_find_mappers(*args, **kwargs)
+
+    monkeypatch.setattr(mappers, "find_mappers", slow_find_mappers)
+    config = single_device(
+        socket_path=tmp_path / "gpu0.sock", memory_size="4GiB", backing_dir=tmp_path / "mem"
+    )
+    before = {int(name) for name in os.listdir("/proc/self/fd")}
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(daemon.run, DaemonConfig((config,))))
+                client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                await client.connect(str(tmp_path / "gpu0.sock"))
+                await trio.to_thread.run_sync(searching.wait)
+                nursery.cancel_scope.cancel()
+            assert await client.recv(1) == b"", "the connection was left open"
+            client.close()
+    finally:
+        release.set()
+    assert {int(name) for name in os.listdir("/proc/self/fd")} == before
