@@ -27,7 +27,7 @@ import trio
 
 from backends.synthetic import SyntheticGpu
 from tests.daemon.test_signals import ENGINES
-from tests.server.conftest import start_daemon
+from tests.server.conftest import start_daemon, tray_devices
 from vgpud import daemon, mappers
 from vgpud.client import VfioUserClient
 from vgpud.config import DaemonConfig, single_device
@@ -149,15 +149,7 @@ async def test_the_daemon_names_a_process_mapping_its_memory_at_start(
 ) -> None:
     """A tray of two: the child maps gpu1's memory only, and only gpu1 is named."""
     monkeypatch.delenv("LISTEN_FDS", raising=False)
-    configs = tuple(
-        single_device(
-            socket_path=tmp_path / f"gpu{i}.sock",
-            name=f"gpu{i}",
-            memory_size="4GiB",
-            backing_dir=tmp_path / f"mem{i}",
-        )
-        for i in range(2)
-    )
+    configs = tray_devices(tmp_path)
     for config in configs:
         build_device(config).release()  # the files exist, as from an earlier run
     usemem = tmp_path / "mem1" / "usemem"
@@ -211,19 +203,47 @@ async def test_a_client_attaching_while_another_process_maps_the_memory_is_warne
     assert warning["device"] == "gpu0" and warning["connection"] == 1
 
 
+class SlowSearch:
+    """find_mappers held back until released; says when it has started and finished (the
+    daemon leaves a search it gave up on running, and it reads /proc meanwhile)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started, self.release, self.finished = (threading.Event() for _ in range(3))
+        self._real = mappers.find_mappers
+        monkeypatch.setattr(mappers, "find_mappers", self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[mappers.Mapper]:
+        if not kwargs.get("exclude"):  # the start-up search (it excludes nobody): not held
+            return self._real(*args, **kwargs)
+        self.started.set()
+        self.release.wait(30)
+        try:
+            return self._real(*args, **kwargs)
+        finally:
+            self.finished.set()
+
+    async def let_finish(self) -> None:
+        self.release.set()
+        await trio.to_thread.run_sync(self.finished.wait, 30)
+
+
 async def test_a_search_that_takes_too_long_is_given_up_and_the_client_served(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The attach waits for the search a bounded time (QEMU gives each reply 5 s); past it
     the client is served and the log says the search was given up."""
     config = single_device(socket_path=None, memory_size="4GiB", backing_dir=tmp_path / "mem")
     built = build_device(config)
+    check = SharedMemoryCheck(MemoryFiles(built.device))
+    log = structlog.get_logger("test")
+    peer = {"peer_pid": 1}  # what at_attach excludes; makes SlowSearch hold it
     try:
-        check = SharedMemoryCheck(MemoryFiles(built.device))
-        log = structlog.get_logger("test")
         with held_by_child(tmp_path / "mem" / "usemem"), structlog.testing.capture_logs() as logs:
-            await check.at_attach(log, LogLimiter(), {}, limit=0)
-            await check.at_attach(log, LogLimiter(), {})
+            search = SlowSearch(monkeypatch)
+            await check.at_attach(log, LogLimiter(), peer, limit=0.01)
+            await search.let_finish()
+            monkeypatch.undo()
+            await check.at_attach(log, LogLimiter(), peer)
     finally:
         built.release()
     assert [line["event"] for line in logs] == [
@@ -239,16 +259,7 @@ async def test_a_stop_during_the_search_closes_the_connection(
     """The daemon stops while a client's attach waits for the search: the client's
     connection is closed all the same, and no descriptor is left behind."""
     monkeypatch.delenv("LISTEN_FDS", raising=False)
-    searching, release = threading.Event(), threading.Event()
-    real_find_mappers = mappers.find_mappers
-
-    def slow_find_mappers(*args: Any, **kwargs: Any) -> list[mappers.Mapper]:
-        if kwargs.get("exclude"):  # the attach's search (the start-up one excludes nobody)
-            searching.set()
-            release.wait(30)
-        return real_find_mappers(*args, **kwargs)
-
-    monkeypatch.setattr(mappers, "find_mappers", slow_find_mappers)
+    search = SlowSearch(monkeypatch)
     config = single_device(
         socket_path=tmp_path / "gpu0.sock", memory_size="4GiB", backing_dir=tmp_path / "mem"
     )
@@ -259,10 +270,10 @@ async def test_a_stop_during_the_search_closes_the_connection(
                 await nursery.start(functools.partial(daemon.run, DaemonConfig((config,))))
                 client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 await client.connect(str(tmp_path / "gpu0.sock"))
-                await trio.to_thread.run_sync(searching.wait)
+                await trio.to_thread.run_sync(search.started.wait, 30)
                 nursery.cancel_scope.cancel()
             assert await client.recv(1) == b"", "the connection was left open"
             client.close()
     finally:
-        release.set()
+        await search.let_finish()
     assert {int(name) for name in os.listdir("/proc/self/fd")} == before

@@ -15,7 +15,7 @@ import trio
 
 from vgpud import daemon
 from vgpud.client import VfioUserClient
-from vgpud.config import DaemonConfig, single_device
+from vgpud.config import DaemonConfig, DeviceConfig, single_device
 from vgpud.log_limit import BURST, PER_SECOND
 from vgpud.server.listener import DeviceServer
 
@@ -29,6 +29,19 @@ RESMEM_LENGTH = 1 << 30
 def open_fds() -> set[int]:
     """This process's open descriptors (the daemon runs in-process)."""
     return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def tray_devices(tmp_path: Path, devices: int = 2) -> tuple[DeviceConfig, ...]:
+    """``devices`` 4 GiB GPUs gpu<i> at tmp_path/gpu<i>.sock, memory in tmp_path/mem<i>."""
+    return tuple(
+        single_device(
+            socket_path=tmp_path / f"gpu{i}.sock",
+            name=f"gpu{i}",
+            memory_size="4GiB",
+            backing_dir=tmp_path / f"mem{i}",
+        )
+        for i in range(devices)
+    )
 
 
 def tray_config(tmp_path: Path, devices: int = 2) -> Path:

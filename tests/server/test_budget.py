@@ -20,10 +20,9 @@ import trio
 
 from backends.synthetic import get_profile
 from tests.serve_process import VGPUD, read_log_until, stop
-from tests.server.conftest import tray_config
+from tests.server.conftest import tray_config, tray_devices
 from vgpud import budget
 from vgpud.client import VfioUserClient, VfioUserError
-from vgpud.config import single_device
 from vgpud.devices import BuiltDevice, build_device
 
 FD_LIMIT = 1024
@@ -90,17 +89,7 @@ async def test_a_client_mapping_all_it_may_leaves_another_device_its_descriptors
 
 @pytest.fixture
 def devices(tmp_path: Path) -> Iterator[list[BuiltDevice]]:
-    built = [
-        build_device(
-            single_device(
-                socket_path=tmp_path / f"gpu{i}.sock",
-                name=f"gpu{i}",
-                memory_size="4GiB",
-                backing_dir=tmp_path / f"mem{i}",
-            )
-        )
-        for i in range(4)
-    ]
+    built = [build_device(config) for config in tray_devices(tmp_path, 4)]
     yield built
     for device in built:
         device.release()
