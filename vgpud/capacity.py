@@ -17,10 +17,11 @@ from typing import Any
 
 import trio
 
-from backends.device import BAR2_REGION_INDEX, BAR4_REGION_INDEX, SparseArea
+from backends.device import SparseArea
 from backends.synthetic import SyntheticGpu
 from backends.synthetic.memory import Unbacked
 from vgpud.devices import BuiltDevice
+from vgpud.memory_files import mappable_regions
 
 # fallocate of this much takes well under a second even on tmpfs (which zeroes the pages),
 # so a stop during a large preallocation is heard between two of them.
@@ -76,12 +77,9 @@ def mappable_extents(built: BuiltDevice) -> list[tuple[int, int, int]]:
     mmappable areas of BAR2 and BAR4 as the region-info replies give them to QEMU (the
     variant's resmem and usemem, or a Blackwell's real BAR1), and nothing of the BAR tails."""
     extents = []
-    for index in (BAR2_REGION_INDEX, BAR4_REGION_INDEX):
-        info = built.device.region_info(index)
-        if info.mmap is None:
-            continue
+    for info, target in mappable_regions(built.device):
         for area in info.sparse_areas or (SparseArea(0, info.size),):
-            extents.append((info.mmap.fd, info.mmap.offset + area.offset, area.size))
+            extents.append((target.fd, target.offset + area.offset, area.size))
     return extents
 
 

@@ -251,7 +251,7 @@ async def _run(
                 await preallocate(device, log.bind(device=device.name))
         # Before any client can attach (the libvfio-user engine serves from threads of its
         # own, and only those may ask the device anything then).
-        memory_files = {device.name: MemoryFiles(device.device).ids for device in built}
+        memory_files = {device.name: MemoryFiles(device.device) for device in built}
     except (OSError, ValueError, BackingFileError, DeviceError, PreallocError) as exc:
         # ValueError covers LayoutError: the kernel would fail probe for this memory size.
         for device in built:
@@ -273,7 +273,13 @@ async def _run(
             if library is not None:
                 served = zip(config.devices, built, inherited, strict=True)
                 await _start_libvfio_user(
-                    nursery, served, library, max_dma_maps=max_dma_maps, servers=servers, log=log
+                    nursery,
+                    served,
+                    library,
+                    max_dma_maps=max_dma_maps,
+                    memory_files=memory_files,
+                    servers=servers,
+                    log=log,
                 )
             for endpoint in endpoints:
                 server = DeviceServer(
@@ -282,6 +288,7 @@ async def _run(
                     None if endpoint.connected else endpoint.sock,
                     no_mmap=endpoint.config.no_mmap,
                     capabilities=capabilities,
+                    memory_files=memory_files[endpoint.built.name],
                 )
                 servers.append(server)
                 if endpoint.connected:
@@ -306,10 +313,10 @@ async def _run(
                     free=shortfall.free,
                 )
             # One pass over /proc for every device (it can take a while on a large host).
-            every_file = frozenset().union(*memory_files.values())
+            every_file = frozenset().union(*(files.ids for files in memory_files.values()))
             found = await trio.to_thread.run_sync(find_mappers, every_file)
             for name, files in memory_files.items():
-                mappers = [m for m in found if m.files & files]
+                mappers = [m for m in found if m.files & files.ids]
                 if mappers:
                     log.warning(
                         "device memory is still mapped by another process (a VM attached "
@@ -390,11 +397,13 @@ async def _start_libvfio_user(
     library: Library,
     *,
     max_dma_maps: int,
+    memory_files: dict[str, MemoryFiles],
     servers: list[ServedDevice],
     log: Any,
 ) -> None:
     """Each device with its configuration and the socket it inherited, if any; each is
-    added to ``servers`` as it listens (the status signal reports those)."""
+    added to ``servers`` as it listens (the status signal reports those). ``memory_files``:
+    each device's, by name, taken at start-up."""
     for device_config, device, sock in served:
         path = device_config.socket_path or default_socket_path(device_config.name)
         try:
@@ -409,6 +418,7 @@ async def _start_libvfio_user(
                     library=library,
                     listener=sock,
                     max_dma_maps=max_dma_maps,
+                    memory_files=memory_files[device.name],
                 )
             )
         except (EngineUnavailable, ListenerError) as exc:

@@ -12,10 +12,23 @@ from __future__ import annotations
 import os
 import stat
 
-from backends.device import BAR2_REGION_INDEX, BAR4_REGION_INDEX, VfioDevice
+from backends.device import (
+    BAR2_REGION_INDEX,
+    BAR4_REGION_INDEX,
+    MmapTarget,
+    RegionInfo,
+    VfioDevice,
+)
 
 # (st_dev, st_ino) of a file.
 FileId = tuple[int, int]
+
+
+def mappable_regions(device: VfioDevice) -> list[tuple[RegionInfo, MmapTarget]]:
+    """BAR2's and BAR4's region info, with what it hands the VMM to mmap, where it does (the
+    variant's resmem and usemem, or a Blackwell's real BAR1)."""
+    infos = [device.region_info(index) for index in (BAR2_REGION_INDEX, BAR4_REGION_INDEX)]
+    return [(info, info.mmap) for info in infos if info.mmap is not None]
 
 
 class MemoryFiles:
@@ -26,11 +39,11 @@ class MemoryFiles:
         # Asked once, before any client: the device may open its files to answer, and
         # under the libvfio-user engine only the device's own thread may ask it anything
         # later. The fds stay the device's; they are only fstat()ed here, from any thread.
-        self._fds = []
-        for index in (BAR2_REGION_INDEX, BAR4_REGION_INDEX):
-            target = device.region_info(index).mmap
-            if target is not None and stat.S_ISREG(os.fstat(target.fd).st_mode):
-                self._fds.append(target.fd)
+        self._fds = [
+            target.fd
+            for _, target in mappable_regions(device)
+            if stat.S_ISREG(os.fstat(target.fd).st_mode)
+        ]
         self.ids: frozenset[FileId] = frozenset(
             (st.st_dev, st.st_ino) for st in map(os.fstat, self._fds)
         )

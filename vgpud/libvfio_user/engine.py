@@ -96,6 +96,7 @@ class LibvfioUserServer:
         stall_limit: float = STALL_LIMIT,
         listener: socket.socket | None = None,
         max_dma_maps: int = MAX_DMA_MAPS,
+        memory_files: MemoryFiles | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -130,7 +131,8 @@ class LibvfioUserServer:
         counts = {index: device.irq_info(index).count for index in FORWARDED_IRQS}
         # Lines a client can cause per request are rate limited (vgpud/log_limit.py).
         self._log_limit = LogLimiter()
-        self.memory_files = MemoryFiles(device)  # before any client, as for the Python engine
+        # Before any client, as for the Python engine (the daemon passes its own).
+        self.memory_files = memory_files or MemoryFiles(device)
         self._shared_memory = SharedMemoryCheck(self.memory_files)
         # The attached client's DMA mappings, as libvfio-user has told the device (a set:
         # after a lost connection it may report unmaps the device has already forgotten).
@@ -661,6 +663,7 @@ async def serve_device(
     listener: socket.socket | None = None,
     max_dma_maps: int = MAX_DMA_MAPS,
     stall_limit: float = STALL_LIMIT,
+    memory_files: MemoryFiles | None = None,
     task_status: trio.TaskStatus[LibvfioUserServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``built.device`` with libvfio-user on ``socket_path`` until cancelled.
@@ -673,6 +676,7 @@ async def serve_device(
     and group then unused; its file is left in place on exit). ``max_dma_maps``: how many
     DMA regions a client may register (the daemon passes its share, vgpud/budget.py).
     ``stall_limit``: how long a client may block the library mid-message (watchdog.py).
+    ``memory_files``: the device's, if already taken (vgpud/memory_files.py).
     """
     loaded = library if isinstance(library, Library) else load_library(library)
     server = LibvfioUserServer(
@@ -686,6 +690,7 @@ async def serve_device(
         listener=listener,
         max_dma_maps=max_dma_maps,
         stall_limit=stall_limit,
+        memory_files=memory_files,
     )
     try:
         server.create()

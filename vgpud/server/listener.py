@@ -176,6 +176,7 @@ class DeviceServer:
         *,
         no_mmap: bool = False,
         capabilities: p.Capabilities = SERVER_CAPABILITIES,
+        memory_files: MemoryFiles | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -199,8 +200,9 @@ class DeviceServer:
         self.log_limit = LogLimiter()
         self._refusals = Refusals(self.log, self.log_limit)
         # Before any client: the device may open its memory files to answer, and those stay
-        # open with the device (a client must not seem to leave fds behind).
-        self.memory_files = MemoryFiles(device)
+        # open with the device (a client must not seem to leave fds behind). The daemon
+        # passes the ones it took at start-up.
+        self.memory_files = memory_files or MemoryFiles(device)
         self._shared_memory = SharedMemoryCheck(self.memory_files)
         self._nursery: trio.Nursery | None = None
 
