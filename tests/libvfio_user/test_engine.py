@@ -448,6 +448,11 @@ async def test_a_client_that_never_pauses_does_not_hold_up_another_device(
         gpu0 = await start_engine(nursery, tmp_path / "gpu0")
         gpu1 = await start_engine(nursery, tmp_path / "gpu1")
         async with await gpu0.connect() as client0, await gpu1.connect() as client1:
+            # Both attached in full first: libvfio-user answers VERSION before the engine's
+            # attach-time search (vgpud/mappers.py) has run, and the first answer after it
+            # measures that search, not how the two devices share the process.
+            await client0.region_read(CONFIG, 0, 4)
+            await client1.region_read(CONFIG, 0, 4)
             posted = struct.pack("<HHIII", 0, REGION_WRITE, 36, 0x10, 0)  # NO_REPLY
             posted += struct.pack("<QII", 0x3C, CONFIG, 4) + b"\x0b\x00\x00\x00"
             start = gpu0.server.messages
