@@ -67,18 +67,15 @@ class GuestDevice:
 
     def port_reserves(self) -> str:
         """The root port's resource-reserve hints that leave room for this device's BARs."""
-        mem = sum(bar.size for bar in self.bars if not bar.prefetchable)
-        hints = []
-        if mem:
-            hints.append(f"mem-reserve={_qemu_size(_reserve(mem))}")
-        if self.prefetchable_reserve():
-            hints.append(f"pref64-reserve={_qemu_size(self.prefetchable_reserve())}")
+        mem = _reserve(sum(bar.size for bar in self.bars if not bar.prefetchable))
+        pref = self.prefetchable_reserve()
+        hints = [f"mem-reserve={_qemu_size(mem)}"] if mem else []
+        hints += [f"pref64-reserve={_qemu_size(pref)}"] if pref else []
         return ",".join(hints)
 
     def prefetchable_reserve(self) -> int:
         """The 64-bit prefetchable window a hot-plug port reserves (0: none needed)."""
-        pref = sum(bar.size for bar in self.bars if bar.prefetchable)
-        return _reserve(pref) if pref else 0
+        return _reserve(sum(bar.size for bar in self.bars if bar.prefetchable))
 
 
 def _reserve(size: int) -> int:
@@ -87,9 +84,10 @@ def _reserve(size: int) -> int:
     SeaBIOS places an empty port's reserved window with only the bridge's own 1 MiB
     alignment (seen: a 16 MiB mem-reserve at 0xfda00000, where a 16 MiB BAR0 cannot go), so
     the window is twice the BARs' power-of-two total: any such window holds a block of that
-    total aligned to it, and in there the BARs, largest first, are each aligned.
+    total aligned to it, and in there the BARs, largest first, are each aligned. No BARs,
+    no window: 0.
     """
-    return 2 * _next_pow2(size)
+    return 2 * _next_pow2(size) if size else 0
 
 
 def _next_pow2(value: int) -> int:
