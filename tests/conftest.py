@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from socket import socket
 
@@ -46,6 +46,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Served:
         *,
         inherited_fd: int | None = None,
         early: EarlySignals | None = None,
+        reload_config: Callable[[], DaemonConfig] | None = None,
     ) -> None:
         configs.append(config)
 

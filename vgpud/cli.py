@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -265,7 +266,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log.configure(config.log_level, config.log_format)
     try:
         with EarlySignals() as early:
-            trio.run(lambda: daemon.run(config, inherited_fd=args.fd, early=early))
+            # SIGHUP reads the file again, with the same command-line overrides.
+            reload_config = None if args.config is None else functools.partial(_serve_config, args)
+            trio.run(
+                functools.partial(
+                    daemon.run,
+                    config,
+                    inherited_fd=args.fd,
+                    early=early,
+                    reload_config=reload_config,
+                )
+            )
     except daemon.RefusedConfigError as exc:
         print(f"vgpud: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,8 +7,9 @@ up to 30 s; §7.3: with a CXL DVSEC, its status register every second, up to 1 s
 §2.4, the device -- and so its layout -- is built before the wait, so a bad memory
 description fails at once rather than after it.) Only when every device listens does
 the service manager hear READY=1 (STYLE.md "trio": ``started()`` only once listening).
-SIGTERM/SIGINT/SIGHUP cancel everything; the sockets we created are removed and the backing
-files stay (device memory outlives the daemon).
+SIGTERM/SIGINT cancel everything; the sockets we created are removed and the backing
+files stay (device memory outlives the daemon). SIGHUP reloads the config file
+(vgpud/fleet.py), or stops the daemon when it was started without one.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import functools
 import math
 import resource
 import socket
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import structlog
 import trio
@@ -33,20 +33,13 @@ from backends.synthetic import BackingFileError
 from vgpud import systemd
 from vgpud.budget import BudgetError, dma_map_limit
 from vgpud.capacity import PreallocError, memory_shortfalls, preallocate
-from vgpud.config import DaemonConfig, DeviceConfig, default_socket_path
+from vgpud.config import ConfigError, DaemonConfig, DeviceConfig
 from vgpud.devices import BuiltDevice, build_device
+from vgpud.fleet import DeviceStartError, Endpoint, Fleet, ServedDevice
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
-from vgpud.libvfio_user.thread import serve_device_on_thread
 from vgpud.mappers import describe, find_mappers
 from vgpud.memory_files import MemoryFiles
-from vgpud.server.listener import (
-    SERVER_CAPABILITIES,
-    DeviceServer,
-    ListenerError,
-    bind_unix_listener,
-    check_unix_stream,
-    group_id,
-)
+from vgpud.server.listener import ListenerError, check_unix_stream, group_id
 from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS, EarlySignals, handle_signals
 from vgpud.variant import CxlReadinessWait, probe_wait
 
@@ -58,15 +51,6 @@ class StartupError(Exception):
 class RefusedConfigError(StartupError):
     """The configuration cannot work on this host, found before anything was made: the
     user's input is wrong (the CLI's usage error, exit 2), not the start."""
-
-
-@dataclass
-class _Endpoint:
-    config: DeviceConfig
-    built: BuiltDevice
-    sock: socket.socket
-    path: Path | None  # None when the socket was inherited (we must not unlink it)
-    connected: bool = False
 
 
 async def wait_ready(built: BuiltDevice, log: Any) -> None:
@@ -150,96 +134,94 @@ def _check_inherited(sock: socket.socket) -> None:
             ) from None
 
 
-def _open_endpoints(
-    config: DaemonConfig, built: list[BuiltDevice], inherited: list[socket.socket | None]
-) -> list[_Endpoint]:
-    endpoints: list[_Endpoint] = []
-    try:
-        for device_config, device, given in zip(config.devices, built, inherited, strict=True):
-            if given is not None:
-                listening = given.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                endpoints.append(_Endpoint(device_config, device, given, None, not listening))
-                continue
-            path = device_config.socket_path or default_socket_path(device_config.name)
-            sock = bind_unix_listener(path, device_config.socket_mode, device_config.socket_group)
-            endpoints.append(_Endpoint(device_config, device, sock, path))
-    except (ListenerError, OSError) as exc:
-        _close_endpoints(endpoints)  # run() closes the inherited sockets not yet in one
-        raise StartupError(str(exc)) from exc
-    return endpoints
-
-
-def _close_endpoints(endpoints: list[_Endpoint]) -> None:
-    for endpoint in endpoints:
-        endpoint.sock.close()
-        if endpoint.path is not None:
-            endpoint.path.unlink(missing_ok=True)
-
-
-class ServedDevice(Protocol):
-    """What each engine hands back per device once it listens (tests use it)."""
-
-    name: str
-    connections: int
-
-    async def wait_idle(self) -> None:
-        """Until no client is attached."""
-
-    def status(self) -> dict[str, Any]:
-        """What the "status" line says about the device (``kill -USR1``)."""
-
-
 async def run(
     config: DaemonConfig,
     *,
     inherited_fd: int | None = None,
     early: EarlySignals | None = None,
+    reload_config: Callable[[], DaemonConfig] | None = None,
     task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until cancelled or signalled (``early``: see :class:`EarlySignals`).
 
-    ``task_status.started`` gets one :class:`ServedDevice` per configured device: a
-    :class:`DeviceServer` for the Python engine, a ``DeviceThread`` otherwise.
+    ``task_status.started`` gets the list of :class:`~vgpud.fleet.ServedDevice` (a
+    :class:`DeviceServer` for the Python engine, a ``DeviceThread`` otherwise), one per
+    device served, which the daemon keeps up to date as reloads change the devices.
 
-    SIGTERM, SIGINT and SIGHUP are ours from the first moment to the last (SIGHUP as for
-    QEMU: a hang-up or a reload request; there is nothing to reload, and its default action
-    would leave the sockets behind). One that arrives while
-    the devices are built or the sockets made, or a second one while stopping, stops the
-    daemon the same clean way instead of killing it half-way with its sockets left behind
-    (found by a signal audit: the handler used to be installed only once serving began,
-    and dropped after the first signal). SIGUSR1 logs one "status" line per device.
+    SIGTERM, SIGINT and SIGHUP are ours from the first moment to the last. One that
+    arrives while the devices are built or the sockets made, or a second one while
+    stopping, stops the daemon the same clean way instead of killing it half-way with its
+    sockets left behind (found by a signal audit: the handler used to be installed only
+    once serving began, and dropped after the first signal). SIGUSR1 logs one "status"
+    line per device. SIGHUP reloads when there is a configuration to read again
+    (``reload_config``: the config file, with the command line's overrides, as at
+    start-up; vgpud/fleet.py); without one it stops, as for QEMU (a hang-up: there is
+    nothing to reload, and its default action would leave the sockets behind).
     """
     log = structlog.get_logger("vgpud")
-    servers: list[ServedDevice] = []  # filled by _run as the devices listen
+    servers: list[ServedDevice] = []  # kept to the devices that listen by the fleet
+    # One reload waits at most: SIGHUPs that come during a reload are folded into one more.
+    reloads, reload_requests = trio.open_memory_channel[None](1)
+    request_reload = None if reload_config is None else functools.partial(_request, reloads)
     with trio.open_signal_receiver(*STOP_SIGNALS, STATUS_SIGNAL) as signals:
         async with _startup_errors_unwrapped(), trio.open_nursery() as nursery:
             watcher = await nursery.start(
-                handle_signals,
-                signals,
-                nursery.cancel_scope,
-                servers,
-                log,
-                early.stop_requested() if early is not None else None,
+                functools.partial(
+                    handle_signals,
+                    signals,
+                    nursery.cancel_scope,
+                    servers,
+                    log,
+                    early.stop_requested() if early is not None else None,
+                    reload=request_reload,
+                )
             )
+            ready = False
             try:
-                await _run(config, inherited_fd, task_status, log, servers)
+                # The devices' tasks: until they have all ended, the signals are still
+                # taken (a repeat stop signal is logged) and the daemon has not stopped.
+                async with trio.open_nursery() as devices:
+                    fleet = await _start(
+                        config,
+                        inherited_fd,
+                        nursery=devices,
+                        daemon_scope=nursery.cancel_scope,
+                        log=log,
+                        servers=servers,
+                    )
+                    ready = True
+                    task_status.started(servers)
+                    if reload_config is not None:
+                        async for _ in reload_requests:
+                            await _reload(fleet, reload_config, log)
             finally:
+                systemd.notify("STOPPING=1")
+                if ready:  # a failed start says why in one line of its own (the CLI's)
+                    log.info("stopped")
                 watcher.cancel()
 
 
-async def _run(
+def _request(channel: trio.MemorySendChannel[None]) -> None:
+    with contextlib.suppress(trio.WouldBlock):
+        channel.send_nowait(None)  # a reload is already due: it reads the file afresh
+
+
+async def _start(
     config: DaemonConfig,
     inherited_fd: int | None,
-    task_status: trio.TaskStatus[list[Any]],
+    *,
+    nursery: trio.Nursery,
+    daemon_scope: trio.CancelScope,
     log: Any,
     servers: list[ServedDevice],
-) -> None:
+) -> Fleet:
+    """Build, ready and serve every configured device, their tasks in ``nursery``."""
     _raise_fd_limit()
     if inherited_fd is not None and len(config.devices) != 1:
         raise StartupError("--fd serves exactly one device")
     library = _load_engine(config)
     _check_groups(config)
-    built: list[BuiltDevice] = []
+    built: list[BuiltDevice] = []  # those not yet handed to the fleet
     started = trio.current_time()
     try:
         for device_config in config.devices:
@@ -258,91 +240,118 @@ async def _run(
             device.release()
         raise StartupError(str(exc)) from exc
     inherited: list[socket.socket | None] = []
-    endpoints: list[_Endpoint] = []
-    ready = False
+    endpoints: list[Endpoint] = []  # those not yet handed to the fleet
     try:
         try:
             max_dma_maps = dma_map_limit([device.device for device in built])
         except BudgetError as exc:
             raise StartupError(str(exc)) from exc
-        capabilities = dataclasses.replace(SERVER_CAPABILITIES, max_dma_maps=max_dma_maps)
         inherited = _inherited_sockets(config, inherited_fd)
-        if library is None:
-            endpoints = _open_endpoints(config, built, inherited)
-        async with trio.open_nursery() as nursery:  # run() unwraps a StartupError from it
-            if library is not None:
-                served = zip(config.devices, built, inherited, strict=True)
-                await _start_libvfio_user(
-                    nursery,
-                    served,
-                    library,
-                    max_dma_maps=max_dma_maps,
-                    memory_files=memory_files,
-                    servers=servers,
-                    log=log,
-                )
-            for endpoint in endpoints:
-                server = DeviceServer(
-                    endpoint.config.name,
-                    endpoint.built.device,
-                    None if endpoint.connected else endpoint.sock,
-                    no_mmap=endpoint.config.no_mmap,
-                    capabilities=capabilities,
-                    memory_files=memory_files[endpoint.built.name],
-                )
-                servers.append(server)
-                if endpoint.connected:
-                    nursery.start_soon(_serve_one_then_stop, server, endpoint.sock, nursery)
-                else:
-                    await nursery.start(server.serve)
-                log.info(
-                    "serving",
-                    device=endpoint.config.name,
-                    socket=str(endpoint.path) if endpoint.path else "inherited",
-                    engine="python",
-                    **endpoint.built.summary(),
-                )
-            # Once serving, so that a start that fails says only why (the CLI's one line).
-            for shortfall in memory_shortfalls(built):
-                log.warning(
-                    "device memory is larger than its filesystem has free; the VM is killed "
-                    "(SIGBUS) if its guest writes past that",
-                    devices=list(shortfall.devices),
-                    backing_dirs=list(shortfall.backing_dirs),
-                    unbacked=shortfall.unbacked,
-                    free=shortfall.free,
-                )
-            # One pass over /proc for every device (it can take a while on a large host).
-            every_file = frozenset().union(*(files.ids for files in memory_files.values()))
-            found = await trio.to_thread.run_sync(find_mappers, every_file)
-            for name, files in memory_files.items():
-                mappers = [m for m in found if m.files & files.ids]
-                if mappers:
-                    log.warning(
-                        "device memory is still mapped by another process (a VM attached "
-                        "before this start?): its GPU no longer answers, QEMU does not "
-                        "reconnect, but it still writes this memory, which the next VM "
-                        "would share; stop it first",
-                        device=name,
-                        **describe(mappers),
-                    )
-            elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
-            log.info(
-                "ready", devices=len(servers), max_dma_maps=max_dma_maps, startup_ms=elapsed_ms
+        fleet = Fleet(
+            config,
+            nursery,
+            library,
+            servers,
+            log,
+            prepare=functools.partial(_prepare, library=library, log=log),
+            stop_daemon=daemon_scope.cancel,
+        )
+        fleet.share(max_dma_maps)
+        try:
+            for index, device_config in enumerate(config.devices):
+                endpoints.append(fleet.open_endpoint(device_config, inherited[index]))
+                inherited[index] = None  # the endpoint's now
+            while built:
+                device, endpoint = built.pop(0), endpoints.pop(0)
+                await fleet.start(device, memory_files[device.name], endpoint)
+        except (ListenerError, EngineUnavailable) as exc:
+            raise StartupError(str(exc)) from exc
+        # Once serving, so that a start that fails says only why (the CLI's one line).
+        for shortfall in memory_shortfalls([live.built for live in fleet.devices]):
+            log.warning(
+                "device memory is larger than its filesystem has free; the VM is killed "
+                "(SIGBUS) if its guest writes past that",
+                devices=list(shortfall.devices),
+                backing_dirs=list(shortfall.backing_dirs),
+                unbacked=shortfall.unbacked,
+                free=shortfall.free,
             )
-            systemd.notify("READY=1")
-            ready = True
-            task_status.started(servers)
+        # One pass over /proc for every device (it can take a while on a large host).
+        every_file = frozenset().union(*(files.ids for files in memory_files.values()))
+        found = await trio.to_thread.run_sync(find_mappers, every_file)
+        for name, files in memory_files.items():
+            mappers = [m for m in found if m.files & files.ids]
+            if mappers:
+                log.warning(
+                    "device memory is still mapped by another process (a VM attached "
+                    "before this start?): its GPU no longer answers, QEMU does not "
+                    "reconnect, but it still writes this memory, which the next VM "
+                    "would share; stop it first",
+                    device=name,
+                    **describe(mappers),
+                )
+        elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
+        log.info("ready", devices=len(servers), max_dma_maps=max_dma_maps, startup_ms=elapsed_ms)
+        systemd.notify("READY=1")
+        return fleet
     finally:
-        systemd.notify("STOPPING=1")
-        _close_endpoints(endpoints)
-        for sock in inherited:  # those the libvfio-user engine did not take over
+        for endpoint in endpoints:
+            endpoint.close()
+        for sock in inherited:  # those no endpoint took
             if sock is not None:
                 sock.close()
         for device in built:
             device.release()
-        if ready:  # a failed start says why in one line of its own (the CLI's)
-            log.info("stopped")
+
+
+async def _prepare(
+    config: DeviceConfig, *, library: Library | None, log: Any
+) -> tuple[BuiltDevice, MemoryFiles]:
+    """One device a reload adds, as start-up makes each: built, ready, preallocated if
+    configured, its memory files taken; released if any step fails."""
+    if library is not None and config.vfio_device is not None:
+        raise DeviceStartError(
+            f"the libvfio-user engine cannot serve a vfio_device ({config.name})"
+        )
+    try:
+        built = build_device(config)
+    except (OSError, ValueError, BackingFileError, DeviceError) as exc:
+        raise DeviceStartError(str(exc)) from exc
+    try:
+        device_log = log.bind(device=built.name)
+        await wait_ready(built, device_log)
+        if config.prealloc:
+            await preallocate(built, device_log)
+        return built, MemoryFiles(built.device)
+    except (StartupError, OSError, ValueError, DeviceError, PreallocError) as exc:
+        built.release()
+        raise DeviceStartError(str(exc)) from exc
+    except BaseException:
+        built.release()
+        raise
+
+
+async def _reload(fleet: Fleet, load: Callable[[], DaemonConfig], log: Any) -> None:
+    """Read the configuration again and apply it (vgpud/fleet.py); a configuration that
+    does not parse changes nothing. The service manager sees the reload start and end
+    (sd_notify RELOADING=1 ... READY=1)."""
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    log.info("reloading")
+    try:
+        try:
+            wanted = load()
+        except ConfigError as exc:
+            log.error("reload failed, nothing changed", error=str(exc))
+            return
+        outcome = await fleet.reload(wanted)
+        log.info(
+            "reloaded",
+            devices=len(fleet.servers),
+            max_dma_maps=fleet.max_dma_maps,
+            **{key: names for key, names in dataclasses.asdict(outcome).items() if names},
+        )
+    finally:
+        systemd.notify("READY=1")
 
 
 @contextlib.asynccontextmanager
@@ -391,58 +400,9 @@ def _load_engine(config: DaemonConfig) -> Library | None:
         raise StartupError(str(exc)) from exc
 
 
-async def _start_libvfio_user(
-    nursery: trio.Nursery,
-    served: Iterable[tuple[DeviceConfig, BuiltDevice, socket.socket | None]],
-    library: Library,
-    *,
-    max_dma_maps: int,
-    memory_files: dict[str, MemoryFiles],
-    servers: list[ServedDevice],
-    log: Any,
-) -> None:
-    """Each device with its configuration and the socket it inherited, if any; each is
-    added to ``servers`` as it listens (the status signal reports those). ``memory_files``:
-    each device's, by name, taken at start-up."""
-    for device_config, device, sock in served:
-        path = device_config.socket_path or default_socket_path(device_config.name)
-        try:
-            server = await nursery.start(
-                functools.partial(
-                    serve_device_on_thread,  # a stalled client holds up its device only
-                    device,
-                    path,
-                    socket_mode=device_config.socket_mode,
-                    socket_group=device_config.socket_group,
-                    no_mmap=device_config.no_mmap,
-                    library=library,
-                    listener=sock,
-                    max_dma_maps=max_dma_maps,
-                    memory_files=memory_files[device.name],
-                )
-            )
-        except (EngineUnavailable, ListenerError) as exc:
-            raise StartupError(str(exc)) from exc
-        servers.append(server)
-        log.info(
-            "serving",
-            device=device.name,
-            socket=str(server.socket_path) if sock is None else "inherited",
-            engine="libvfio-user",
-            **device.summary(),
-        )
-
-
 def _raise_fd_limit() -> None:
     # Each live fd-backed DMA mapping holds a descriptor (see vgpud.server.dma): use the hard
     # limit, as the kernel allows; vgpud/budget.py shares it out between the devices.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-async def _serve_one_then_stop(
-    server: DeviceServer, sock: socket.socket, nursery: trio.Nursery
-) -> None:
-    await server.serve_connected(sock)
-    nursery.cancel_scope.cancel()

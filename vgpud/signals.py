@@ -1,22 +1,25 @@
 """What the daemon does with signals (vgpud.daemon.run takes them for its whole life).
 
-SIGTERM, SIGINT and SIGHUP stop it cleanly (SIGHUP as for QEMU: a hang-up or a reload
-request; there is nothing to reload, and its default action would leave the sockets
-behind); a repeat one while stopping is only logged. SIGUSR1 logs one "status" line per
-device. Outside ``run`` -- before it has taken the signals over and after it has given them
+SIGTERM and SIGINT stop it cleanly; a repeat one while stopping is only logged. SIGHUP
+reloads the config file (``systemctl reload``; vgpud/fleet.py) when the daemon was started
+with one, and otherwise stops it as SIGTERM does (as for QEMU: a hang-up, with nothing to
+reload; its default action would leave the sockets behind). SIGUSR1 logs one "status" line
+per device. Outside ``run`` -- before it has taken the signals over and after it has given them
 back -- :class:`EarlySignals` keeps them from killing the process half-way or at the end.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import trio
 
-# What stops the daemon cleanly (see vgpud.daemon.run).
+# What stops the daemon cleanly (see vgpud.daemon.run); SIGHUP reloads instead when there
+# is a config file to read again.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+RELOAD_SIGNAL = signal.SIGHUP
 # Logs one "status" line per device (``kill -USR1``), instead of the default action, which
 # would kill the daemon and leave its sockets behind.
 STATUS_SIGNAL = signal.SIGUSR1
@@ -74,12 +77,14 @@ async def handle_signals(
     log: Any,
     early_stop: int | None,
     *,
+    reload: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Cancel ``scope`` at the first stop signal, and keep taking signals until told to
     stop (the scope handed to ``task_status``): shielded, so it outlives the cancellation
     it caused and a repeat signal during clean-up is logged, not fatal. The status signal
-    logs what ``servers`` (the devices listening so far) say about themselves."""
+    logs what ``servers`` (the devices listening now) say about themselves. With
+    ``reload``, SIGHUP calls it (it must not block) instead of stopping."""
     with trio.CancelScope(shield=True) as own:
         task_status.started(own)
         if early_stop is not None:  # before run() took the signals over
@@ -91,6 +96,12 @@ async def handle_signals(
                     log.info("status", device=server.name, **server.status())
                 continue
             name = signal.Signals(signum).name
+            if signum == RELOAD_SIGNAL and reload is not None:
+                if scope.cancel_called:
+                    log.info("already stopping", signal=name)
+                else:
+                    reload()
+                continue
             if scope.cancel_called:
                 log.info("already stopping", signal=name)
                 continue

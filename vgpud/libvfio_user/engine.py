@@ -111,6 +111,10 @@ class LibvfioUserServer:
         # A connection taken and still negotiating (the attach thread runs): not attached
         # yet, but not idle either -- its client already has its VERSION reply.
         self.negotiating = False
+        # Set by retire(): no new client is attached, serve() returns once the current one
+        # has been served.
+        self.retiring = False
+        self._waiting_for_client = trio.CancelScope()
         self._socket_mode = socket_mode
         self._socket_group = socket_group
         self._no_mmap = no_mmap
@@ -326,10 +330,10 @@ class LibvfioUserServer:
     # -- serving ---------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Attach clients one after the other, forever; the device stays between them."""
+        """Attach clients one after the other until :meth:`retire`; the device stays
+        between them."""
         self.watchdog.start()
-        while True:
-            await self._attach()
+        while await self._attach():
             self.connections += 1
             self.client = self.connections
             # Lines the device logs from the callbacks carry the connection too (as in
@@ -397,11 +401,32 @@ class LibvfioUserServer:
                         connection=self.connections,
                         active_connection=active,
                         creds=peer_credentials(sock),
+                        retiring=self.retiring,
                     )
 
-    async def _attach(self) -> None:
+    def retire(self, *, only_if_idle: bool = False) -> bool:
+        """Attach no new client (a reload removed or changed the device; call in the
+        device's own loop): :meth:`serve` returns once the attached client, or the one
+        negotiating, has been served, and a client that connects meanwhile is refused
+        (ENODEV). With ``only_if_idle``, only when no client is attached or negotiating;
+        whether it retired."""
+        if only_if_idle and (self.attached or self.negotiating):
+            return False
+        self.retiring = True
+        # Waiting for a connection: stop. Negotiating (the attach thread owns the context
+        # and cannot be cancelled): the client it attaches is served, then serve() ends.
+        self._waiting_for_client.cancel()
+        return True
+
+    async def _attach(self) -> bool:
+        """Until a client is attached (True), or the device retires (False)."""
         while True:
-            await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
+            self._waiting_for_client = trio.CancelScope()
+            with self._waiting_for_client:
+                if not self.retiring:
+                    await trio.lowlevel.wait_readable(self._lib.vfu_get_poll_fd(self._ctx))
+            if self.retiring:
+                return False
             done = trio.Event()
             self.negotiating = True
             try:
@@ -414,7 +439,7 @@ class LibvfioUserServer:
                         done.set()
                 if rc == 0:
                     self.attached = True  # before negotiating is cleared: never idle between
-                    return
+                    return True
             finally:
                 self.negotiating = False
             await self._notify_idle()

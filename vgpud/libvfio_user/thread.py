@@ -96,6 +96,30 @@ class DeviceThread:
             return  # the device's loop has ended: nobody is attached
         await idle.wait()
 
+    async def retire(self, *, only_if_idle: bool = False) -> bool:
+        """The server's :meth:`~vgpud.libvfio_user.engine.LibvfioUserServer.retire`, run in
+        the device's loop (its state is that thread's); then :meth:`run` returns once the
+        device's client has been served. True too when the device's loop has ended."""
+        server, token = self.server, self._token
+        assert server is not None and token is not None, "retire() a device that listens"
+        parent = trio.lowlevel.current_trio_token()
+        answered = trio.Event()
+        retired = [True]
+
+        def in_child() -> None:
+            try:
+                retired[0] = server.retire(only_if_idle=only_if_idle)
+            finally:
+                with contextlib.suppress(trio.RunFinishedError):
+                    parent.run_sync_soon(answered.set)
+
+        try:
+            token.run_sync_soon(in_child)  # if it does not raise, it runs (trio's promise)
+        except trio.RunFinishedError:
+            return True  # the device's loop has ended: there is nothing left to serve
+        await answered.wait()
+        return retired[0]
+
     async def run(self, task_status: trio.TaskStatus[DeviceThread]) -> None:
         """Serve on a new thread until :meth:`stop`; ``task_status`` once it listens.
 

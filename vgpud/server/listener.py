@@ -205,34 +205,69 @@ class DeviceServer:
         self.memory_files = memory_files or MemoryFiles(device)
         self._shared_memory = SharedMemoryCheck(self.memory_files)
         self._nursery: trio.Nursery | None = None
+        # Set by retire(): every new client is refused, and serve() returns once the
+        # attached one (and one already waiting for its turn) has been served.
+        self.retiring = False
+        self._accepting = trio.CancelScope()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept clients forever, one at a time."""
+        """Accept clients, one at a time, until :meth:`retire` (or cancelled)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            while True:
-                sock = socket.socket(fileno=(await self._accept()).detach())
-                self.connections += 1
-                number = self.connections
-                creds = peer_credentials(sock)
-                if self._waiter is not None and peer_closed_or_gone(self._waiter.sock):
-                    self._drop_waiter()  # it left while waiting: this client takes its turn
-                if self.active is None and self._waiter is None:
-                    self._start_session(sock, number, creds)
-                elif self._waiter is None and peer_closed_or_gone(self._active_sock):
-                    # A VMM reconnecting (say, restarted) before its old session has read
-                    # the EOF, or even begun: that session ends at its next read, then this
-                    # client is served.
-                    self.log.info(
-                        "client waits for the departed client's session to end",
-                        connection=number,
-                        active_connection=self.active,
-                    )
-                    self._waiter = _Waiter(number, sock, trio.CancelScope())
-                    nursery.start_soon(self._run_when_free, self._waiter, creds)
-                else:
-                    self._refuse(sock, number, creds)
+            with self._accepting:
+                await self._accept_clients(nursery)
+        # Retired: the sessions and refusals the nursery held have ended.
+
+    async def retire(self, *, only_if_idle: bool = False) -> bool:
+        """Take no new client (a reload removed or changed the device): those that connect
+        are refused as while a client is attached; :meth:`serve` returns once the attached
+        client, if any, has left. With ``only_if_idle``, only when no client is attached or
+        waiting; whether it retired. (Async for the libvfio-user engine's sake, whose
+        device lives in another thread; here nothing is awaited between check and act.)"""
+        assert self._nursery is not None, "retire() a device that serves"
+        if only_if_idle and not self.idle:
+            return False
+        if not self.retiring:
+            self.retiring = True
+            self._nursery.start_soon(self._stop_accepting_once_idle)
+        return True
+
+    @property
+    def idle(self) -> bool:
+        """No client attached or waiting for its turn."""
+        return self.active is None and self._waiter is None
+
+    async def _stop_accepting_once_idle(self) -> None:
+        await self.wait_idle()
+        self._accepting.cancel()
+
+    async def _accept_clients(self, nursery: trio.Nursery) -> None:
+        while True:
+            sock = socket.socket(fileno=(await self._accept()).detach())
+            self.connections += 1
+            number = self.connections
+            creds = peer_credentials(sock)
+            if self.retiring:
+                self._refuse(sock, number, creds, retiring=True)
+                continue
+            if self._waiter is not None and peer_closed_or_gone(self._waiter.sock):
+                self._drop_waiter()  # it left while waiting: this client takes its turn
+            if self.active is None and self._waiter is None:
+                self._start_session(sock, number, creds)
+            elif self._waiter is None and peer_closed_or_gone(self._active_sock):
+                # A VMM reconnecting (say, restarted) before its old session has read
+                # the EOF, or even begun: that session ends at its next read, then this
+                # client is served.
+                self.log.info(
+                    "client waits for the departed client's session to end",
+                    connection=number,
+                    active_connection=self.active,
+                )
+                self._waiter = _Waiter(number, sock, trio.CancelScope())
+                nursery.start_soon(self._run_when_free, self._waiter, creds)
+            else:
+                self._refuse(sock, number, creds)
 
     def _start_session(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
         assert self._nursery is not None, "only serve() starts sessions"
@@ -246,10 +281,17 @@ class DeviceServer:
         self._waiter = None
         waiter.scope.cancel()  # its task sees it is no longer the waiter and closes it
 
-    def _refuse(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
+    def _refuse(
+        self, sock: socket.socket, number: int, creds: dict[str, int], *, retiring: bool = False
+    ) -> None:
         assert self._nursery is not None, "only serve() refuses clients"
         self._refusals.start(
-            self._nursery, sock, connection=number, active_connection=self.active, creds=creds
+            self._nursery,
+            sock,
+            connection=number,
+            active_connection=self.active,
+            creds=creds,
+            retiring=retiring,
         )
 
     async def _run_when_free(self, waiter: _Waiter, creds: dict[str, int]) -> None:

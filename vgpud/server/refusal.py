@@ -12,6 +12,10 @@ R3: error replies are header-only, errno positive).
 A refused client is given :data:`REFUSAL_TIMEOUT` to send its first message, and at most
 :data:`MAX_REFUSALS` refusals wait at once per device; past that a connection is just
 closed, so a flood of connections costs nothing but the accepts.
+
+A device a reload has removed (or is replacing), while its attached client is still served,
+turns every new client away the same way, with ENODEV ("No such device") instead: the
+device is going, not busy.
 """
 
 from __future__ import annotations
@@ -46,15 +50,19 @@ class Refusals:
         connection: int,
         active_connection: int | None,
         creds: dict[str, int],
+        retiring: bool = False,
     ) -> None:
-        """Log why ``sock`` is refused, answer its first request with EBUSY, then close it
-        (in ``nursery``); close it at once when :data:`MAX_REFUSALS` are already waiting.
-        Takes ``sock`` over. Both engines refuse through here, with one log line."""
+        """Log why ``sock`` is refused, answer its first request with EBUSY (ENODEV when
+        ``retiring``), then close it (in ``nursery``); close it at once when
+        :data:`MAX_REFUSALS` are already waiting. Takes ``sock`` over. Both engines refuse
+        through here, with one log line."""
         # Spec vfio-user.md §1: one connection = one device = one client.
         self.log_limit.log(
             self.log,
             "warning",
-            "refusing a second client: the device already has one",
+            "refusing a client: the device is leaving the configuration"
+            if retiring
+            else "refusing a second client: the device already has one",
             connection=connection,
             active_connection=active_connection,
             **creds,
@@ -63,9 +71,9 @@ class Refusals:
             sock.close()
             return
         self.waiting += 1
-        nursery.start_soon(self._turn_away, sock)
+        nursery.start_soon(self._turn_away, sock, errno.ENODEV if retiring else errno.EBUSY)
 
-    async def _turn_away(self, sock: socket.socket) -> None:
+    async def _turn_away(self, sock: socket.socket, error: int) -> None:
         stream = FdStream(sock)
         conn = p.ServerConnection(p.Capabilities())
         try:
@@ -73,7 +81,7 @@ class Refusals:
                 event = await _first_event(stream, conn)
                 if isinstance(event, p.Request | p.RejectedRequest):
                     close_fds(event.fds)
-                    reply = conn.send_error(event, errno.EBUSY)
+                    reply = conn.send_error(event, error)
                     if reply is not None:
                         await stream.send(reply.data)
         except (p.RemoteProtocolError, TransportError) as exc:
