@@ -301,7 +301,15 @@ class Fleet:
             )
         for config in difference.removed:
             live = serving[config.name]
-            if await self.retire(live, only_if_idle=True):
+            if live.endpoint.inherited:
+                # The socket is the service manager's (or the --fd caller's) to close.
+                outcome.kept.append(config.name)
+                self._log.warning(
+                    "device removed, but its socket was inherited (socket activation, "
+                    "--fd): restart to apply",
+                    device=config.name,
+                )
+            elif await self.retire(live, only_if_idle=True):
                 await live.done.wait()
                 outcome.removed.append(config.name)
                 self._log.info("device removed", device=config.name)

@@ -142,9 +142,10 @@ class Harness:
             )
         )
 
-    async def start_vgpud_config(self, config_file: Path) -> Vgpud:
-        """``vgpud serve --config config_file``: every device of the file."""
-        return await self._start_vgpud(VgpudConfig(config_file=config_file))
+    async def start_vgpud_config(self, config_file: Path, extra: Sequence[str] = ()) -> Vgpud:
+        """``vgpud serve --config config_file`` (plus ``extra`` flags, e.g. an engine's):
+        every device of the file."""
+        return await self._start_vgpud(VgpudConfig(config_file=config_file, extra=list(extra)))
 
     async def _start_vgpud(self, config: VgpudConfig) -> Vgpud:
         daemon = Vgpud(config, self.workdir, name=self._name("vgpud"))

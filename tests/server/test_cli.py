@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,14 +90,39 @@ async def test_probe_of_a_device_in_use_says_why_in_one_line(
 def test_sigint_and_sighup_stop_cleanly_too(
     tmp_path: Path, notify_socket: socket.socket, signum: signal.Signals
 ) -> None:
-    """SIGHUP (the terminal went away, or a ``kill -HUP`` expecting a reload there is none
-    to do) stops like SIGTERM, as for QEMU; its default action left the socket behind."""
+    """Without a config file, SIGHUP (the terminal went away, or a ``kill -HUP`` expecting
+    a reload there is none to do) stops like SIGTERM, as for QEMU; its default action left
+    the socket behind."""
     sock = tmp_path / "gpu0.sock"
     proc = start(serve_args(tmp_path), tmp_path)
     assert notify_socket.recv(64) == b"READY=1"
     stderr = stop(proc, signum)
     assert f'"signal": "{signum.name}"' in stderr
     assert not sock.exists()
+
+
+def test_sighup_reloads_a_config_file_and_tells_the_service_manager(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """``systemctl reload`` (ExecReload= sends SIGHUP): RELOADING=1 with the monotonic time,
+    then READY=1 once the devices are what the file says (sd_notify(3)); the daemon runs on."""
+    config = tray_config(tmp_path, devices=1)
+    proc = start(["serve", "--config", str(config), "--log-format", "json"], tmp_path)
+    try:
+        assert notify_socket.recv(64) == b"READY=1"
+        config = tray_config(tmp_path, devices=2)
+        before = time.monotonic_ns() // 1000
+        proc.send_signal(signal.SIGHUP)
+        reloading, _, stamp = notify_socket.recv(128).decode().partition("\n")
+        assert reloading == "RELOADING=1"
+        assert before <= int(stamp.removeprefix("MONOTONIC_USEC=")) <= time.monotonic_ns() // 1000
+        assert notify_socket.recv(64) == b"READY=1"
+        probe = run_vgpud("probe", str(tmp_path / "gpu1.sock"))
+        assert probe.returncode == 0, probe.stderr
+    finally:
+        stderr = stop(proc)
+    assert '"event": "reloaded"' in stderr and '"added": ["gpu1"]' in stderr
+    assert not (tmp_path / "gpu0.sock").exists() and not (tmp_path / "gpu1.sock").exists()
 
 
 @pytest.mark.parametrize("engine", ENGINES)
