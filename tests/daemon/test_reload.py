@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import os
 import signal
+import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -304,3 +305,30 @@ async def test_sighups_during_a_reload_fold_into_one_more(tmp_path: Path) -> Non
         reloads = [e for e in daemon_.logs if e["event"] == "reloaded"]
         assert [e.get("added") for e in reloads] == [["gpu1"], ["gpu2"]]
         assert not any(e["event"] == "stopping" for e in daemon_.logs)
+
+
+async def test_a_device_on_an_inherited_socket_is_left_alone(tmp_path: Path) -> None:
+    """Its socket is the service manager's (or the ``--fd`` caller's): a reload neither
+    closes it nor serves another device on it."""
+    config = tmp_path / "tray.toml"
+    write_tray(config, {"gpu0": ""})
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "gpu0.sock"))
+    listener.listen(1)
+    with structlog.testing.capture_logs() as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            load = functools.partial(load_file, config)
+            servers = await nursery.start(
+                functools.partial(
+                    daemon.run, load(), inherited_fd=listener.detach(), reload_config=load
+                )
+            )
+            daemon_ = Running(servers, logs, config)
+            reloaded = await daemon_.reload({"gpu1": ""})  # gpu0 renamed: removed, gpu1 added
+            assert reloaded["kept"] == ["gpu0"] and reloaded["added"] == ["gpu1"]
+            assert "removed" not in reloaded and "draining" not in reloaded
+            for name in ("gpu0", "gpu1"):
+                async with await daemon_.connect(name) as client:
+                    await client.region_read(CONFIG, 0, 4)
+            nursery.cancel_scope.cancel()
+    assert (tmp_path / "gpu0.sock").exists(), "an inherited socket is not ours to remove"
