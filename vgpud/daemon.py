@@ -343,7 +343,13 @@ async def _reload(fleet: Fleet, load: Callable[[], DaemonConfig], log: Any) -> N
         except ConfigError as exc:
             log.error("reload failed, nothing changed", error=str(exc))
             return
-        outcome = await fleet.reload(wanted)
+        try:
+            outcome = await fleet.reload(wanted)
+        except Exception:
+            # A bug in vgpud: the devices already served go on being served, as a session's
+            # bug leaves its device (vgpud.server.listener); stopping would take every VM's GPU.
+            log.exception("reload failed part-way; the devices served go on being served")
+            return
         log.info(
             "reloaded",
             devices=len(fleet.servers),

@@ -28,7 +28,7 @@ from tests.daemon.test_signals import ENGINES, wait_for_event
 from vgpud import daemon
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.config import DaemonConfig, load_file, single_device
-from vgpud.fleet import ServedDevice
+from vgpud.fleet import Fleet, ServedDevice
 from vgpud.reload import ReloadPlan, plan
 
 BAR4, CONFIG = 4, 7
@@ -332,3 +332,27 @@ async def test_a_device_on_an_inherited_socket_is_left_alone(tmp_path: Path) -> 
                     await client.region_read(CONFIG, 0, 4)
             nursery.cancel_scope.cancel()
     assert (tmp_path / "gpu0.sock").exists(), "an inherited socket is not ours to remove"
+
+
+async def test_a_bug_in_a_reload_leaves_the_devices_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping the daemon over it would take every VM's GPU (QEMU does not reconnect)."""
+    async with (
+        running(tmp_path, {"gpu0": ""}) as daemon_,
+        await daemon_.connect("gpu0") as gpu0,
+    ):
+        with monkeypatch.context() as patch:
+            patch.setattr(Fleet, "reload", _broken_reload)
+            signal.raise_signal(signal.SIGHUP)
+            await wait_for_event(daemon_.logs, FAILED_PART_WAY)
+        await gpu0.region_read(CONFIG, 0, 4)
+        reloaded = await daemon_.reload({"gpu0": "", "gpu1": ""})
+        assert reloaded["added"] == ["gpu1"]
+
+
+FAILED_PART_WAY = "reload failed part-way; the devices served go on being served"
+
+
+async def _broken_reload(self: Fleet, wanted: DaemonConfig) -> None:
+    raise RuntimeError("a bug")
