@@ -220,7 +220,11 @@ class Fleet:
             live.built.release()
             live.done.set()
             if live.retiring:
-                self._log.info("device released", device=live.config.name)
+                # Its share of the budget goes to the next clients of the devices left.
+                self._share_again([other.built.device for other in self.devices])
+                self._log.info(
+                    "device released", device=live.config.name, max_dma_maps=self.max_dma_maps
+                )
 
     async def _serve_python(
         self, live: LiveDevice, memory_files: MemoryFiles, task_status: _Then[ServedDevice]

@@ -181,6 +181,9 @@ async def test_a_removed_device_serves_its_vm_until_it_leaves(tmp_path: Path, en
     assert usemem_at(tmp_path, "gpu1", 0x200, 8) == b"draining", "memory outlives the device"
     [released] = [e for e in daemon_.logs if e["event"] == "device released"]
     assert released["device"] == "gpu1"
+    # Its share of the DMA-map budget went back to the devices left.
+    [ready] = [e for e in daemon_.logs if e["event"] == "ready"]
+    assert released["max_dma_maps"] > ready["max_dma_maps"] * 1.5
 
 
 async def test_an_idle_removed_device_is_gone_when_the_reload_is_done(tmp_path: Path) -> None:

@@ -63,3 +63,16 @@ def test_routine_info_lines_are_debug_lines_and_warnings_stay() -> None:
         ("warning", "a real failure"),
         ("info", "after"),
     ]
+
+
+def test_the_context_reset_at_each_disconnect_is_a_debug_line() -> None:
+    """Every client that leaves made the library log "vfu_reset_ctx: No message of desired
+    type" at info, next to the daemon's own "client disconnected"."""
+    library = LibraryLog(structlog.get_logger(), LogLimiter(clock=FakeClock()))
+    with structlog.testing.capture_logs() as logs:
+        library.emit(LOG_INFO, "vfu_reset_ctx: No message of desired type")
+        library.emit(LOG_INFO, "something else")
+    assert [(e["log_level"], e["message"]) for e in logs] == [
+        ("debug", "vfu_reset_ctx: No message of desired type"),
+        ("info", "something else"),
+    ]

@@ -21,6 +21,10 @@ from typing import Any
 from vgpud.libvfio_user.ffi import LOG_DEBUG
 from vgpud.log_limit import LogLimiter
 
+# The library's info line each time it resets the context: when a client leaves ("...: No
+# message of desired type", its strerror(ENOMSG)) and at every stop. The daemon's own
+# "client disconnected" and "stopped" lines say what happened, so it is a debug line.
+_CONTEXT_RESET = "vfu_reset_ctx:"
 # syslog levels libvfio-user uses (LOG_EMERG 0 .. LOG_DEBUG 7) -> structlog method.
 _METHODS = {0: "error", 1: "error", 2: "error", 3: "warning", 4: "warning", 5: "info", 6: "info"}
 
@@ -49,7 +53,7 @@ class LibraryLog:
     def emit(self, level: int, text: str) -> None:
         """Log one library line at the structlog level matching ``level``, within limits."""
         method = _METHODS.get(level, "info" if level < LOG_DEBUG else "debug")
-        if method == "info" and self._routine:
+        if method == "info" and (self._routine or text.startswith(_CONTEXT_RESET)):
             method = "debug"
         if method == "debug":
             self._log.debug("libvfio-user", message=text)
