@@ -306,13 +306,7 @@ class Fleet:
         for config in difference.removed:
             live = serving[config.name]
             if live.endpoint.inherited:
-                # The socket is the service manager's (or the --fd caller's) to close.
-                outcome.kept.append(config.name)
-                self._log.warning(
-                    "device removed, but its socket was inherited (socket activation, "
-                    "--fd): restart to apply",
-                    device=config.name,
-                )
+                self._leave_alone(live, "removed", outcome)
             elif await self.retire(live, only_if_idle=True):
                 await live.done.wait()
                 outcome.removed.append(config.name)
@@ -331,13 +325,7 @@ class Fleet:
             live = serving[old.name]
             changes = settings_changed(old, new)
             if live.endpoint.inherited:
-                outcome.kept.append(old.name)
-                self._log.warning(
-                    "device changed, but its socket was inherited (socket activation, --fd): "
-                    "restart to apply",
-                    device=old.name,
-                    settings=changes,
-                )
+                self._leave_alone(live, "changed", outcome, settings=changes)
             elif await self.retire(live, only_if_idle=True):
                 await live.done.wait()
                 starts.append((new, old))
@@ -354,6 +342,19 @@ class Fleet:
         else:
             self._share_again([live.built.device for live in self.devices])
         return outcome
+
+    def _leave_alone(
+        self, live: LiveDevice, what: str, outcome: ReloadOutcome, **context: Any
+    ) -> None:
+        # Its socket is the service manager's (or the --fd caller's) to close, and the
+        # listening socket of no other device.
+        outcome.kept.append(live.config.name)
+        self._log.warning(
+            f"device {what}, but its socket was inherited (socket activation, --fd): "
+            "restart to apply",
+            device=live.config.name,
+            **context,
+        )
 
     def _share_again(self, devices: list[VfioDevice]) -> bool:
         """Share the DMA-map budget out over ``devices`` (every device served, a draining

@@ -5,6 +5,7 @@ for what only vgpud knows (backing file names and offsets, the real BAR1 of Blac
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,15 @@ class Expected:
 class BackingFile:
     path: Path
     offset: int  # file offset of the region's byte 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at the region's ``offset`` from the host (a guest polling that
+        address through the mapped BAR sees it: a go-ahead)."""
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            os.pwrite(fd, data, self.offset + offset)
+        finally:
+            os.close(fd)
 
 
 def backing_files(layout: dict[str, Any], backing_dir: Path) -> dict[str, BackingFile]:

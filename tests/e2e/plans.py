@@ -207,6 +207,16 @@ def describe_script() -> GuestScript:
     return GuestScript().find_device().describe().enable().bar_base(2).bar_base(4)
 
 
+def assert_bars_assigned(results: GuestResults, sizes: dict[int, int], what: str = "") -> None:
+    """Each BAR in ``sizes`` (index -> size) got its size, 64-bit prefetchable, naturally
+    aligned: what a hot-added GPU's BARs only get with room in its root port's windows."""
+    for n, size in sizes.items():
+        bar = bar_facts(results, n)
+        assert bar["size"] == size, f"{what}BAR{n} not assigned: {bar}"
+        assert bar["mem64"] and bar["prefetch"], bar
+        assert bar["start"] % size == 0, f"{what}BAR{n} placed unaligned: {bar}"
+
+
 def bar_facts(results: GuestResults, bar: int) -> dict[str, Any]:
     start, size, flags = results.bar(bar)
     return {

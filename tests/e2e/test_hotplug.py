@@ -16,7 +16,7 @@ import trio
 from tests.e2e.engines import ENGINES
 from tests.e2e.harness import Device, Harness
 from tests.e2e.initramfs import GuestScript
-from tests.e2e.plans import bar_facts, memory_plan
+from tests.e2e.plans import assert_bars_assigned, bar_facts, memory_plan
 from tests.e2e.qemu import vgpud_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -56,11 +56,7 @@ async def hot_add_and_check(harness: Harness, device: Device, engine: Sequence[s
     assert results.values.get("device_found") == "yes", "the guest never saw the hot-added GPU"
     assert int(results.values["device"], 16) == expected.device_id
     assert bar_facts(results, 0)["size"] == 16 << 20
-    for n, size in ((2, expected.resmem_bar), (4, expected.usemem_bar)):
-        bar = bar_facts(results, n)
-        assert bar["size"] == size, f"BAR{n} not assigned: {bar}"
-        assert bar["mem64"] and bar["prefetch"], bar
-        assert bar["start"] % size == 0, f"BAR{n} placed unaligned: {bar}"
+    assert_bars_assigned(results, {2: expected.resmem_bar, 4: expected.usemem_bar})
     mismatches = plan.mismatches(results) + plan.host_mismatches(device.files)
     assert not mismatches, "\n".join(mismatches)
     assert results.done_rc == 0

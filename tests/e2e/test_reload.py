@@ -19,7 +19,6 @@ removes its socket, and gpu1 goes on serving.
 from __future__ import annotations
 
 import json
-import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from tests.e2e.engines import ENGINES
 from tests.e2e.expect import BackingFile, Expected, backing_files
 from tests.e2e.harness import Harness
 from tests.e2e.initramfs import GuestScript
-from tests.e2e.plans import Plan, bar_facts, memory_plan, persistence_plan
+from tests.e2e.plans import Plan, assert_bars_assigned, memory_plan, persistence_plan
 from tests.e2e.qemu import VGPUD, Vgpud, vgpud_json
 from vgpud.units import parse_size
 
@@ -248,23 +247,15 @@ async def test_a_reload_adds_a_gpu_the_running_vm_hot_plugs(
     assert status == 1, stderr
     assert len(stderr.splitlines()) == 1 and "No such device" in stderr, stderr
 
-    usemem0 = gpu0.files["usemem"]
-    fd = os.open(usemem0.path, os.O_RDWR)
-    try:
-        os.pwrite(fd, GO.to_bytes(4, "little"), usemem0.offset + GO_OFFSET)
-    finally:
-        os.close(fd)
+    gpu0.files["usemem"].write(GO_OFFSET, GO.to_bytes(4, "little"))
     results = await qemu.run_guest(240)
     values = results.values
 
     assert values.get("gpu1_found") == "yes", values
     assert values.get("gpus") == "2", values
     assert int(values["device"], 16) == gpu1.expected.device_id  # describe ran on gpu1
-    for n, size in ((2, gpu1.expected.bar1_size), (4, gpu1.expected.usemem_bar)):
-        bar = bar_facts(results, n)
-        assert bar["size"] == size, f"gpu1's BAR{n} not assigned: {bar}"
-        assert bar["mem64"] and bar["prefetch"], bar
-        assert bar["start"] % size == 0, f"gpu1's BAR{n} placed unaligned: {bar}"
+    bars = {2: gpu1.expected.bar1_size, 4: gpu1.expected.usemem_bar}
+    assert_bars_assigned(results, bars, "gpu1's ")
     bad = plan1.mismatches(results) + plan1.host_mismatches(gpu1.files)
     assert not bad, "\n".join(bad)
     assert int(values["gpu1_scratch"], 16) == SCRATCH_GPU1

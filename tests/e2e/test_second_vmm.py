@@ -7,8 +7,6 @@ the error it was given; the first guest goes on with the device and its memory a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.e2e.engines import ENGINES
@@ -52,12 +50,7 @@ async def test_second_qemu_is_refused_and_the_first_guest_goes_on(
     assert len(refusals) == 1, refusals
     assert refusals[0]["event"] == "refusing a second client: the device already has one"
 
-    usemem = device.files["usemem"]
-    fd = os.open(usemem.path, os.O_RDWR)
-    try:
-        os.pwrite(fd, GO.to_bytes(4, "little"), usemem.offset + GO_OFFSET)
-    finally:
-        os.close(fd)
+    device.files["usemem"].write(GO_OFFSET, GO.to_bytes(4, "little"))
     results = await first.run_guest(240)
     assert results.values.get("resumed") == "yes"
     bad = plan.mismatches(results) + plan.host_mismatches(device.files)
