@@ -43,6 +43,10 @@ from vgpud.server.listener import ListenerError, check_unix_stream, group_id
 from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS, EarlySignals, handle_signals
 from vgpud.variant import CxlReadinessWait, probe_wait
 
+# What building a device, waiting for it and preallocating its memory can fail with (a
+# ValueError: LayoutError, the kernel would fail probe for this memory size).
+_DEVICE_FAILURES = (OSError, ValueError, BackingFileError, DeviceError, PreallocError)
+
 
 class StartupError(Exception):
     """The daemon cannot start; the message is for the user."""
@@ -234,8 +238,7 @@ async def _start(
         # Before any client can attach (the libvfio-user engine serves from threads of its
         # own, and only those may ask the device anything then).
         memory_files = {device.name: MemoryFiles(device.device) for device in built}
-    except (OSError, ValueError, BackingFileError, DeviceError, PreallocError) as exc:
-        # ValueError covers LayoutError: the kernel would fail probe for this memory size.
+    except _DEVICE_FAILURES as exc:
         for device in built:
             device.release()
         raise StartupError(str(exc)) from exc
@@ -315,7 +318,7 @@ async def _prepare(
         )
     try:
         built = build_device(config)
-    except (OSError, ValueError, BackingFileError, DeviceError) as exc:
+    except _DEVICE_FAILURES as exc:
         raise DeviceStartError(str(exc)) from exc
     try:
         device_log = log.bind(device=built.name)
@@ -323,7 +326,7 @@ async def _prepare(
         if config.prealloc:
             await preallocate(built, device_log)
         return built, MemoryFiles(built.device)
-    except (StartupError, OSError, ValueError, DeviceError, PreallocError) as exc:
+    except (StartupError, *_DEVICE_FAILURES) as exc:  # StartupError: never became ready
         built.release()
         raise DeviceStartError(str(exc)) from exc
     except BaseException:

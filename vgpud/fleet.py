@@ -392,14 +392,8 @@ class Fleet:
             while prepared:
                 built, files, old = prepared.pop(0)
                 try:
-                    endpoint = self.open_endpoint(built.config, None)
-                except ListenerError as exc:
-                    built.release()
-                    self._failed(built.config, old, exc, outcome, restore)
-                    continue
-                try:
-                    await self.start(built, files, endpoint)
-                except (ListenerError, EngineUnavailable) as exc:  # the task released it
+                    await self._listen_and_start(built, files)
+                except (ListenerError, EngineUnavailable) as exc:
                     self._failed(built.config, old, exc, outcome, restore)
                     continue
                 (outcome.added if old is None else outcome.replaced).append(built.name)
@@ -446,15 +440,19 @@ class Fleet:
         )
         restore.append(old)
 
+    async def _listen_and_start(self, built: BuiltDevice, files: MemoryFiles) -> None:
+        """A socket of its own for a prepared device, then :meth:`start`; ``built`` is
+        released if either fails (ListenerError, EngineUnavailable)."""
+        try:
+            endpoint = self.open_endpoint(built.config, None)
+        except ListenerError:
+            built.release()
+            raise
+        await self.start(built, files, endpoint)
+
     async def _restore(self, config: DeviceConfig, outcome: ReloadOutcome) -> None:
         try:
-            built, files = await self._prepare(config)
-            try:
-                endpoint = self.open_endpoint(config, None)
-            except ListenerError:
-                built.release()
-                raise
-            await self.start(built, files, endpoint)
+            await self._listen_and_start(*await self._prepare(config))
         except DEVICE_ERRORS as exc:
             self._log.error(
                 "device is no longer served: it started neither with its new settings nor "

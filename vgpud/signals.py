@@ -96,14 +96,11 @@ async def handle_signals(
                     log.info("status", device=server.name, **server.status())
                 continue
             name = signal.Signals(signum).name
-            if signum == RELOAD_SIGNAL and reload is not None:
-                if scope.cancel_called:
-                    log.info("already stopping", signal=name)
-                else:
-                    reload()
-                continue
             if scope.cancel_called:
                 log.info("already stopping", signal=name)
+                continue
+            if signum == RELOAD_SIGNAL and reload is not None:
+                reload()
                 continue
             log.info("stopping", signal=name)
             scope.cancel()

@@ -399,5 +399,5 @@ class DeviceServer:
     async def wait_idle(self) -> None:
         """Wait until no client is attached or waiting to be (used by tests)."""
         async with self._session_finished:
-            while self.active is not None or self._waiter is not None:
+            while not self.idle:
                 await self._session_finished.wait()
