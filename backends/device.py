@@ -17,9 +17,9 @@ device refuses. Any other exception is a bug in vgpud.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # VFIO PCI region indexes (linux/vfio.h, spec vfio-user.md §4).
 BAR0_REGION_INDEX = 0
@@ -232,4 +232,28 @@ class WatchesFds(Protocol):
 
     def fd_readable(self, fd: int) -> None:
         """``fd`` became readable: consume the signal and act on it."""
+        ...
+
+
+@runtime_checkable
+class HandsOver(Protocol):
+    """Optional part of a device: its state can be carried into another process, for a live
+    upgrade of the daemon (vgpud/upgrade.py) that the VM attached to it must not notice.
+
+    :meth:`handover` describes the state as JSON-able data, with the fds it holds (the
+    client's eventfds) named by number: the daemon keeps them open across ``exec``, where
+    they keep their numbers. In the next process :meth:`take_over` is called on a device
+    built afresh from the same settings, before any client, and takes those fds over. What
+    the client mapped (DMA) is not part of it: the engine maps it again and tells the
+    device with ``dma_map``.
+    """
+
+    def handover(self) -> tuple[dict[str, Any], list[int]]:
+        """The device's state, and the fds it names (still the device's)."""
+        ...
+
+    def take_over(self, state: Mapping[str, Any]) -> None:
+        """Carry on from ``state`` (:meth:`handover`'s, in the previous process); raises
+        ValueError, KeyError or TypeError for a state it cannot take, having taken none of
+        its fds."""
         ...

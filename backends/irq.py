@@ -122,6 +122,10 @@ class EventfdTable:
         fds, self._fds = self._fds, [-1] * len(self._fds)
         close_fds(fds)
 
+    def fds(self) -> list[int]:
+        """Every vector's eventfd, -1 where none (still the table's)."""
+        return list(self._fds)
+
     def assigned(self) -> list[int]:
         """The vectors that have an eventfd."""
         return [v for v, fd in enumerate(self._fds) if fd >= 0]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from protocol.capabilities import Capabilities
 from protocol.connection import _Connection
@@ -10,7 +11,7 @@ from protocol.dma import DmaLayout
 from protocol.errors import LocalProtocolError
 from protocol.events import Outgoing, Request, RequestMessage
 from protocol.header import FLAG_NO_REPLY, HEADER_SIZE, HEADER_STRUCT, Command
-from protocol.state import Role
+from protocol.state import Role, State
 from protocol.trapped import (
     REGION_READ,
     REGION_WRITE,
@@ -32,6 +33,51 @@ class ServerConnection(_Connection):
         super().__init__(capabilities, dma_layout=DmaLayout.SPEC)
         # The fast-path access owed a reply (protocol.trapped: one at a time).
         self._pending_access: TrappedAccess | None = None
+
+    # -- handing the connection to another process -----------------------------------------
+
+    def handover(self) -> dict[str, Any]:
+        """What another process needs to carry this connection on, as JSON-able data: the
+        state, our capabilities and the client's. Only at a message boundary with no reply
+        owed either way (the stream then holds nothing of ours half-read or half-answered);
+        raises LocalProtocolError otherwise."""
+        state = self._state
+        if (
+            state not in (State.AWAITING_VERSION, State.READY)
+            or not self.at_message_boundary
+            or self._incoming
+            or self._outgoing
+            or self._pending_access is not None
+        ):
+            raise LocalProtocolError(
+                f"a connection is handed over only between messages ({state.value})"
+            )
+        negotiated = self.negotiated
+        return {
+            "state": state.value,
+            "capabilities": self.capabilities.to_json(explicit=True),
+            "negotiated": None if negotiated is None else negotiated.to_json(explicit=True),
+        }
+
+    @classmethod
+    def taken_over(cls, handed: Mapping[str, Any]) -> ServerConnection:
+        """The connection :meth:`handover` described, carried on here. Raises ValueError
+        for a description it cannot be (the caller closes the stream then)."""
+        try:
+            state = State(handed["state"])
+            capabilities = Capabilities.from_json(handed["capabilities"])
+            raw = handed["negotiated"]
+            negotiated = None if raw is None else Capabilities.from_json(raw)
+        except (KeyError, TypeError, ValueError, LocalProtocolError) as exc:
+            raise ValueError(f"connection state unusable: {exc}") from exc
+        if state not in (State.AWAITING_VERSION, State.READY) or (
+            (negotiated is None) != (state is State.AWAITING_VERSION)
+        ):
+            raise ValueError(f"connection state unusable: {state.value} with {raw!r}")
+        conn = cls(capabilities)
+        conn.negotiated = negotiated
+        conn._enter(state)
+        return conn
 
     # -- the trapped-access fast path (exact reads; see protocol.trapped) -------------------
 

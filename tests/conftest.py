@@ -12,7 +12,7 @@ import pytest
 from tests.serve_process import notify_socket_at
 from vgpud import daemon, log
 from vgpud.config import DaemonConfig
-from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS, EarlySignals
+from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS, UPGRADE_SIGNAL, EarlySignals
 
 Served = list[DaemonConfig]
 
@@ -22,7 +22,7 @@ def _signal_handlers_restored() -> Iterator[None]:
     """``vgpud serve`` run in-process (cli.main) takes the stop signals and leaves them
     ignored, as a process about to exit should (vgpud.signals.EarlySignals); the test
     process goes on, Ctrl-C included."""
-    taken = (*STOP_SIGNALS, STATUS_SIGNAL)
+    taken = (*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL)
     saved = {signum: signal.getsignal(signum) for signum in taken}
     yield
     for signum, handler in saved.items():
@@ -47,6 +47,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Served:
         inherited_fd: int | None = None,
         early: EarlySignals | None = None,
         reload_config: Callable[[], DaemonConfig] | None = None,
+        handover: object = None,
     ) -> None:
         configs.append(config)
 

@@ -1,7 +1,8 @@
 """How many DMA mappings one client may hold: an equal share of the process's limits.
 
-Every live fd-backed DMA mapping costs the daemon a file descriptor (Python's ``mmap`` keeps
-a duplicate, :mod:`vgpud.server.dma`) and a memory map (a VMA; libvfio-user's own mappings
+Every live fd-backed DMA mapping costs the daemon two file descriptors (the client's, kept for
+a live upgrade, and the duplicate Python's ``mmap`` keeps: :mod:`vgpud.server.dma`) and a
+memory map (a VMA; libvfio-user's own mappings
 too). Both are limits of the whole process, shared by every device it serves:
 ``RLIMIT_NOFILE`` (raised to the hard limit at start-up) and ``vm.max_map_count``. A client
 allowed the usual 65535 mappings (the kernel's type1 default) can use either up; then
@@ -27,6 +28,7 @@ MAX_DMA_MAPS = 65535  # never more than this, however high the limits
 MIN_DMA_MAPS = 128  # below this a guest may not boot: refuse to start instead
 RESERVED_FDS = 256  # the daemon's own: interpreter, logging, trio, listeners' spares
 FDS_PER_DEVICE = 64  # a device's own: listener, client, refusals, memory files, watchers
+FDS_PER_DMA_MAP = 2  # the client's fd and the mmap's duplicate (vgpud.server.dma)
 RESERVED_MAPS = 8192  # the interpreter, libraries, heap arenas, thread stacks
 MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
 DEFAULT_MAX_MAP_COUNT = 65530  # the kernel's default, when the sysctl cannot be read
@@ -45,11 +47,11 @@ def dma_map_limit(devices: Sequence[VfioDevice]) -> int:
     max_map_count = _max_map_count()
     irq_fds = max((_irq_fds(device) for device in devices), default=0)
     per_device_fds = FDS_PER_DEVICE + 2 * irq_fds
-    fd_share = (nofile - RESERVED_FDS) // count - per_device_fds
+    fd_share = ((nofile - RESERVED_FDS) // count - per_device_fds) // FDS_PER_DMA_MAP
     map_share = (max_map_count - RESERVED_MAPS) // count
     limit = min(MAX_DMA_MAPS, fd_share, map_share)
     if limit < MIN_DMA_MAPS:
-        need_fds = RESERVED_FDS + count * (per_device_fds + MIN_DMA_MAPS)
+        need_fds = RESERVED_FDS + count * (per_device_fds + FDS_PER_DMA_MAP * MIN_DMA_MAPS)
         need_maps = RESERVED_MAPS + count * MIN_DMA_MAPS
         raise BudgetError(
             f"{count} device(s) need at least {MIN_DMA_MAPS} DMA mappings each: that takes "

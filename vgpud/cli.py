@@ -11,15 +11,17 @@ import argparse
 import errno
 import functools
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import structlog
 import trio
 
 from protocol import ProtocolError
-from vgpud import __version__, daemon, devices, log, probe, qemu_args
+from vgpud import __version__, daemon, devices, log, probe, qemu_args, upgrade
 from vgpud.client import MisbehavingServerError, VfioUserError
 from vgpud.config import (
     DEFAULT_DEVICE_NAME,
@@ -263,7 +265,19 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _serve_config(args)
+    if os.environ.get(upgrade.CHECK_ENV):
+        # A daemon about to upgrade runs its command line through this code first: it
+        # parses, so say which handover formats it reads (vgpud/upgrade.py, step 2).
+        print(upgrade.check_reply())
+        return 0
     log.configure(config.log_level, config.log_format)
+    try:
+        handover = upgrade.read_handover()
+    except ValueError as exc:
+        structlog.get_logger("vgpud").error(
+            "upgrade failed: the handover cannot be read; starting afresh", error=str(exc)
+        )
+        handover = None
     try:
         with EarlySignals() as early:
             # SIGHUP reads the file again, with the same command-line overrides.
@@ -275,6 +289,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     inherited_fd=args.fd,
                     early=early,
                     reload_config=reload_config,
+                    handover=handover,
                 )
             )
     except daemon.RefusedConfigError as exc:

@@ -69,6 +69,9 @@ class ConfigError(Exception):
     """The configuration is invalid; the message says where and why."""
 
 
+_PATH_FIELDS = ("socket_path", "backing_dir")
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceConfig:
     """One served device."""
@@ -105,6 +108,25 @@ class DeviceConfig:
     # Serve this host PCI device through /dev/vfio (backends.vfio) instead of the synthetic
     # GPU; normalised to DDDD:BB:DD.F.
     vfio_device: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON-able data (a live upgrade carries them, vgpud/upgrade.py)."""
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in _PATH_FIELDS:
+            raw[key] = None if raw[key] is None else str(raw[key])
+        return raw
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> DeviceConfig:
+        """The settings :meth:`to_json` gave; ValueError for anything else."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, Mapping) or set(raw) - known or "name" not in raw:
+            raise ValueError(f"not a device's settings: {raw!r}")
+        values = dict(raw)
+        for key in _PATH_FIELDS:
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        return cls(**values)
 
     def resolved_backing_dir(self) -> Path:
         """Where the device's memory files live."""

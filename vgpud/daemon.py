@@ -9,7 +9,9 @@ description fails at once rather than after it.) Only when every device listens 
 the service manager hear READY=1 (STYLE.md "trio": ``started()`` only once listening).
 SIGTERM/SIGINT cancel everything; the sockets we created are removed and the backing
 files stay (device memory outlives the daemon). SIGHUP reloads the config file
-(vgpud/fleet.py), or stops the daemon when it was started without one.
+(vgpud/fleet.py), or stops the daemon when it was started without one. SIGUSR2 upgrades it
+in place (vgpud/upgrade.py); a daemon so started takes its devices over instead of building
+them (``handover``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import dataclasses
 import errno
 import functools
 import math
+import os
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -30,7 +33,7 @@ import trio
 
 from backends.device import DeviceError
 from backends.synthetic import BackingFileError
-from vgpud import systemd
+from vgpud import systemd, upgrade
 from vgpud.budget import BudgetError, dma_map_limit
 from vgpud.capacity import PreallocError, memory_shortfalls, preallocate
 from vgpud.config import ConfigError, DaemonConfig, DeviceConfig
@@ -40,7 +43,13 @@ from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.mappers import describe, find_mappers
 from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import ListenerError, check_unix_stream, group_id
-from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS, EarlySignals, handle_signals
+from vgpud.signals import (
+    STATUS_SIGNAL,
+    STOP_SIGNALS,
+    UPGRADE_SIGNAL,
+    EarlySignals,
+    handle_signals,
+)
 from vgpud.variant import CxlReadinessWait, probe_wait
 
 # What building a device, waiting for it and preallocating its memory can fail with (a
@@ -144,6 +153,7 @@ async def run(
     inherited_fd: int | None = None,
     early: EarlySignals | None = None,
     reload_config: Callable[[], DaemonConfig] | None = None,
+    handover: upgrade.Handover | None = None,
     task_status: trio.TaskStatus[list[Any]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until cancelled or signalled (``early``: see :class:`EarlySignals`).
@@ -160,14 +170,15 @@ async def run(
     line per device. SIGHUP reloads when there is a configuration to read again
     (``reload_config``: the config file, with the command line's overrides, as at
     start-up; vgpud/fleet.py); without one it stops, as for QEMU (a hang-up: there is
-    nothing to reload, and its default action would leave the sockets behind).
+    nothing to reload, and its default action would leave the sockets behind). SIGUSR2
+    upgrades the daemon in place (vgpud/upgrade.py); with ``handover`` (the document the
+    previous process left) the devices are taken over rather than built.
     """
     log = structlog.get_logger("vgpud")
     servers: list[ServedDevice] = []  # kept to the devices that listen by the fleet
-    # One reload waits at most: SIGHUPs that come during a reload are folded into one more.
-    reloads, reload_requests = trio.open_memory_channel[None](1)
-    request_reload = None if reload_config is None else functools.partial(_request, reloads)
-    with trio.open_signal_receiver(*STOP_SIGNALS, STATUS_SIGNAL) as signals:
+    requests = _Requests()
+    request_reload = None if reload_config is None else functools.partial(requests.add, "reload")
+    with trio.open_signal_receiver(*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL) as signals:
         async with _startup_errors_unwrapped(), trio.open_nursery() as nursery:
             watcher = await nursery.start(
                 functools.partial(
@@ -178,6 +189,7 @@ async def run(
                     log,
                     early.stop_requested() if early is not None else None,
                     reload=request_reload,
+                    upgrade=functools.partial(requests.add, "upgrade"),
                 )
             )
             ready = False
@@ -192,12 +204,16 @@ async def run(
                         daemon_scope=nursery.cancel_scope,
                         log=log,
                         servers=servers,
+                        handover=handover,
                     )
                     ready = True
                     task_status.started(servers)
-                    if reload_config is not None:
-                        async for _ in reload_requests:
+                    while True:
+                        what = await requests.next()
+                        if what == "reload" and reload_config is not None:
                             await _reload(fleet, reload_config, log)
+                        elif what == "upgrade":
+                            await upgrade.upgrade(fleet, log)
             finally:
                 systemd.notify("STOPPING=1")
                 if ready:  # a failed start says why in one line of its own (the CLI's)
@@ -205,9 +221,27 @@ async def run(
                 watcher.cancel()
 
 
-def _request(channel: trio.MemorySendChannel[None]) -> None:
-    with contextlib.suppress(trio.WouldBlock):
-        channel.send_nowait(None)  # a reload is already due: it reads the file afresh
+class _Requests:
+    """Reloads and upgrades asked for by signal, done one at a time. One of each waits at
+    most: signals that come while one is due are folded into it (a due reload reads the
+    file afresh anyway). A reload due goes before an upgrade due, so the upgraded daemon
+    serves what the file says."""
+
+    def __init__(self) -> None:
+        self._due: set[str] = set()
+        self._wake = trio.Event()
+
+    def add(self, what: str) -> None:
+        self._due.add(what)
+        self._wake.set()
+
+    async def next(self) -> str:
+        while not self._due:
+            self._wake = trio.Event()
+            await self._wake.wait()
+        what = "reload" if "reload" in self._due else "upgrade"
+        self._due.discard(what)
+        return what
 
 
 async def _start(
@@ -218,15 +252,70 @@ async def _start(
     daemon_scope: trio.CancelScope,
     log: Any,
     servers: list[ServedDevice],
+    handover: upgrade.Handover | None = None,
 ) -> Fleet:
-    """Build, ready and serve every configured device, their tasks in ``nursery``."""
+    """Build, ready and serve every configured device, their tasks in ``nursery``; or,
+    with ``handover``, take over the devices the previous process served."""
     _raise_fd_limit()
+    started = trio.current_time()
+    if handover is not None:
+        fleet = Fleet(
+            config,
+            nursery,
+            None,  # an upgrade came from the Python engine (vgpud/upgrade.py)
+            servers,
+            log,
+            prepare=functools.partial(_prepare, library=None, log=log),
+            stop_daemon=daemon_scope.cancel,
+        )
+        resumed = await upgrade.resume(handover, fleet, log)
+        # Devices taken over keep the settings they were served with (a reload applies
+        # an edited file); their config is what the fleet compares a reload with.
+        fleet.config = dataclasses.replace(
+            config, devices=tuple(live.config for live in fleet.devices)
+        )
+        await _warn_about_memory(fleet, log, resumed.client_pids)
+        log.info(
+            "upgraded",
+            devices=resumed.devices,
+            clients=resumed.clients,
+            pid=os.getpid(),
+            from_version=handover.version,
+            handover_ms=upgrade.handover_ms(handover),
+            max_dma_maps=fleet.max_dma_maps,
+        )
+        systemd.notify("READY=1")
+        return fleet
+    fleet = await _start_fresh(
+        config,
+        inherited_fd,
+        nursery=nursery,
+        daemon_scope=daemon_scope,
+        log=log,
+        servers=servers,
+    )
+    await _warn_about_memory(fleet, log, ())
+    elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
+    log.info("ready", devices=len(servers), max_dma_maps=fleet.max_dma_maps, startup_ms=elapsed_ms)
+    systemd.notify("READY=1")
+    return fleet
+
+
+async def _start_fresh(
+    config: DaemonConfig,
+    inherited_fd: int | None,
+    *,
+    nursery: trio.Nursery,
+    daemon_scope: trio.CancelScope,
+    log: Any,
+    servers: list[ServedDevice],
+) -> Fleet:
+    """Build, ready and serve every configured device."""
     if inherited_fd is not None and len(config.devices) != 1:
         raise StartupError("--fd serves exactly one device")
     library = _load_engine(config)
     _check_groups(config)
     built: list[BuiltDevice] = []  # those not yet handed to the fleet
-    started = trio.current_time()
     try:
         for device_config in config.devices:
             built.append(build_device(device_config))
@@ -269,33 +358,6 @@ async def _start(
                 await fleet.start(device, memory_files[device.name], endpoint)
         except (ListenerError, EngineUnavailable) as exc:
             raise StartupError(str(exc)) from exc
-        # Once serving, so that a start that fails says only why (the CLI's one line).
-        for shortfall in memory_shortfalls([live.built for live in fleet.devices]):
-            log.warning(
-                "device memory is larger than its filesystem has free; the VM is killed "
-                "(SIGBUS) if its guest writes past that",
-                devices=list(shortfall.devices),
-                backing_dirs=list(shortfall.backing_dirs),
-                unbacked=shortfall.unbacked,
-                free=shortfall.free,
-            )
-        # One pass over /proc for every device (it can take a while on a large host).
-        every_file = frozenset().union(*(files.ids for files in memory_files.values()))
-        found = await trio.to_thread.run_sync(find_mappers, every_file)
-        for name, files in memory_files.items():
-            mappers = [m for m in found if m.files & files.ids]
-            if mappers:
-                log.warning(
-                    "device memory is still mapped by another process (a VM attached "
-                    "before this start?): its GPU no longer answers, QEMU does not "
-                    "reconnect, but it still writes this memory, which the next VM "
-                    "would share; stop it first",
-                    device=name,
-                    **describe(mappers),
-                )
-        elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
-        log.info("ready", devices=len(servers), max_dma_maps=max_dma_maps, startup_ms=elapsed_ms)
-        systemd.notify("READY=1")
         return fleet
     finally:
         for endpoint in endpoints:
@@ -305,6 +367,38 @@ async def _start(
                 sock.close()
         for device in built:
             device.release()
+
+
+async def _warn_about_memory(fleet: Fleet, log: Any, attached_pids: Sequence[int]) -> None:
+    """Once serving, so that a start that fails says only why (the CLI's one line): memory
+    the filesystems cannot hold, and processes other than the attached VMMs
+    (``attached_pids``) that map a device's memory files."""
+    for shortfall in memory_shortfalls([live.built for live in fleet.devices]):
+        log.warning(
+            "device memory is larger than its filesystem has free; the VM is killed "
+            "(SIGBUS) if its guest writes past that",
+            devices=list(shortfall.devices),
+            backing_dirs=list(shortfall.backing_dirs),
+            unbacked=shortfall.unbacked,
+            free=shortfall.free,
+        )
+    # One pass over /proc for every device (it can take a while on a large host).
+    files_of = {live.config.name: live.memory_files for live in fleet.devices}
+    every_file = frozenset().union(*(files.ids for files in files_of.values()))
+    found = await trio.to_thread.run_sync(
+        functools.partial(find_mappers, every_file, exclude=attached_pids)
+    )
+    for name, files in files_of.items():
+        mappers = [m for m in found if m.files & files.ids]
+        if mappers:
+            log.warning(
+                "device memory is still mapped by another process (a VM attached "
+                "before this start?): its GPU no longer answers, QEMU does not "
+                "reconnect, but it still writes this memory, which the next VM "
+                "would share; stop it first",
+                device=name,
+                **describe(mappers),
+            )
 
 
 async def _prepare(

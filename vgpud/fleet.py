@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -118,6 +118,7 @@ class LiveDevice:
     config: DeviceConfig
     built: BuiltDevice
     endpoint: Endpoint
+    memory_files: MemoryFiles
     server: ServedDevice | None = None
     retiring: bool = False
     done: trio.Event = field(default_factory=trio.Event)
@@ -178,13 +179,25 @@ class Fleet:
         return Endpoint(path, sock, ours=True)
 
     async def start(
-        self, built: BuiltDevice, memory_files: MemoryFiles, endpoint: Endpoint
+        self,
+        built: BuiltDevice,
+        memory_files: MemoryFiles,
+        endpoint: Endpoint,
+        *,
+        handed: Mapping[str, Any] | None = None,
     ) -> ServedDevice:
         """Serve ``built`` at ``endpoint``, both taken over: released when the device's task
-        ends, or before this raises (ListenerError, EngineUnavailable) if it cannot listen."""
-        live = LiveDevice(built.config, built, endpoint)
+        ends, or before this raises (ListenerError, EngineUnavailable) if it cannot listen.
+        ``handed``: the server's state from the previous process (vgpud/upgrade.py)."""
+        live = LiveDevice(built.config, built, endpoint, memory_files)
+        if handed is not None:
+            live.retiring = bool(handed["retiring"])
         self.devices.append(live)
-        server: ServedDevice = await self._nursery.start(self._run_device, live, memory_files)
+        server: ServedDevice = await self._nursery.start(
+            self._run_device, live, memory_files, handed
+        )
+        if handed is not None:
+            return server  # vgpud/upgrade.py logs one line for the whole take-over
         self._log.info(
             "serving",
             device=built.name,
@@ -198,6 +211,7 @@ class Fleet:
         self,
         live: LiveDevice,
         memory_files: MemoryFiles,
+        handed: Mapping[str, Any] | None,
         *,
         task_status: trio.TaskStatus[ServedDevice],
     ) -> None:
@@ -209,7 +223,7 @@ class Fleet:
 
         try:
             if self._library is None:
-                await self._serve_python(live, memory_files, _Then(listening))
+                await self._serve_python(live, memory_files, handed, _Then(listening))
             else:
                 await self._serve_libvfio_user(live, memory_files, _Then(listening))
         finally:
@@ -227,7 +241,11 @@ class Fleet:
                 )
 
     async def _serve_python(
-        self, live: LiveDevice, memory_files: MemoryFiles, task_status: _Then[ServedDevice]
+        self,
+        live: LiveDevice,
+        memory_files: MemoryFiles,
+        handed: Mapping[str, Any] | None,
+        task_status: _Then[ServedDevice],
     ) -> None:
         endpoint = live.endpoint
         assert endpoint.sock is not None, "the Python engine serves a socket of the daemon's"
@@ -238,6 +256,7 @@ class Fleet:
             no_mmap=live.config.no_mmap,
             capabilities=dataclasses.replace(SERVER_CAPABILITIES, max_dma_maps=self.max_dma_maps),
             memory_files=memory_files,
+            handed=handed,
         )
         if endpoint.connected:
             task_status.started(server)

@@ -4,8 +4,9 @@ SIGTERM and SIGINT stop it cleanly; a repeat one while stopping is only logged. 
 reloads the config file (``systemctl reload``; vgpud/fleet.py) when the daemon was started
 with one, and otherwise stops it as SIGTERM does (as for QEMU: a hang-up, with nothing to
 reload; its default action would leave the sockets behind). SIGUSR1 logs one "status" line
-per device. Outside ``run`` -- before it has taken the signals over and after it has given them
-back -- :class:`EarlySignals` keeps them from killing the process half-way or at the end.
+per device. SIGUSR2 upgrades the daemon in place (vgpud/upgrade.py). Outside ``run`` --
+before it has taken the signals over and after it has given them back --
+:class:`EarlySignals` keeps them from killing the process half-way or at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ RELOAD_SIGNAL = signal.SIGHUP
 # Logs one "status" line per device (``kill -USR1``), instead of the default action, which
 # would kill the daemon and leave its sockets behind.
 STATUS_SIGNAL = signal.SIGUSR1
+# Re-executes the daemon, handing every device and client over (vgpud/upgrade.py); its
+# default action would kill the daemon and every VM's GPU with it.
+UPGRADE_SIGNAL = signal.SIGUSR2
 
 
 class EarlySignals:
@@ -45,12 +49,12 @@ class EarlySignals:
         self.received: list[int] = []
 
     def __enter__(self) -> EarlySignals:
-        for signum in (*STOP_SIGNALS, STATUS_SIGNAL):  # the main thread's job, as for any
-            signal.signal(signum, self._remember)  # Python handler
+        for signum in (*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL):  # the main thread's
+            signal.signal(signum, self._remember)  # job, as for any Python handler
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum in (*STOP_SIGNALS, STATUS_SIGNAL):
+        for signum in (*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL):
             signal.signal(signum, signal.SIG_IGN)  # not reset by the interpreter's shutdown
 
     def _remember(self, signum: int, _frame: object) -> None:
@@ -78,13 +82,15 @@ async def handle_signals(
     early_stop: int | None,
     *,
     reload: Callable[[], None] | None = None,
+    upgrade: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Cancel ``scope`` at the first stop signal, and keep taking signals until told to
     stop (the scope handed to ``task_status``): shielded, so it outlives the cancellation
     it caused and a repeat signal during clean-up is logged, not fatal. The status signal
     logs what ``servers`` (the devices listening now) say about themselves. With
-    ``reload``, SIGHUP calls it (it must not block) instead of stopping."""
+    ``reload``, SIGHUP calls it (it must not block) instead of stopping; SIGUSR2 calls
+    ``upgrade`` (likewise), and is only logged without one."""
     with trio.CancelScope(shield=True) as own:
         task_status.started(own)
         if early_stop is not None:  # before run() took the signals over
@@ -101,6 +107,12 @@ async def handle_signals(
                 continue
             if signum == RELOAD_SIGNAL and reload is not None:
                 reload()
+                continue
+            if signum == UPGRADE_SIGNAL:
+                if upgrade is None:
+                    log.warning("cannot upgrade before the daemon serves", signal=name)
+                else:
+                    upgrade()
                 continue
             log.info("stopping", signal=name)
             scope.cancel()

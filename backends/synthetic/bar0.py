@@ -57,7 +57,7 @@ DEFAULT_VALID_DELAY = 0.25
 class Readiness:
     """When the device reads ready: BAR0 registers :data:`STATUS_READY`, CXL VALID/ACTIVE."""
 
-    __slots__ = ("_armed_at", "_clock", "delay", "valid_delay")
+    __slots__ = ("_clock", "armed_at", "delay", "valid_delay")
 
     def __init__(self, clock: Clock, delay: float, valid_delay: float | None = None) -> None:
         if delay < 0 or math.isnan(delay):
@@ -69,21 +69,23 @@ class Readiness:
         self._clock = clock
         self.delay = delay
         self.valid_delay = valid_delay
-        self._armed_at = clock()
+        # When the current training period began, on ``clock`` (public: a live upgrade
+        # carries it into the next process).
+        self.armed_at = clock()
 
     def arm(self) -> None:
         """Start a new training period (creation, reset)."""
-        self._armed_at = self._clock()
+        self.armed_at = self._clock()
 
     @property
     def ready(self) -> bool:
         """Whether the training period is over (BAR0 registers 0xFF, CXL MEM_ACTIVE)."""
-        return self._clock() >= self._armed_at + self.delay
+        return self._clock() >= self.armed_at + self.delay
 
     @property
     def valid(self) -> bool:
         """Whether the CXL memory range info is valid yet (MEM_INFO_VALID, spec §7.3)."""
-        return self._clock() >= self._armed_at + self.valid_delay
+        return self._clock() >= self.armed_at + self.valid_delay
 
 
 class Bar0:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from backends.backend import DeviceMemory, MemoryWindow
 from backends.device import (
@@ -284,6 +285,42 @@ class SyntheticGpu:
         self.irqs.close()
         self._dma.clear()
         self._memory.restore_sizes()
+
+    # -- HandsOver (a live upgrade, vgpud/upgrade.py) ----------------------------------------
+
+    def handover(self) -> tuple[dict[str, Any], list[int]]:
+        """Config space, registers, readiness, interrupt state and the client's eventfds
+        (:class:`backends.device.HandsOver`). Memory is in the files, which the next process
+        opens by name; what the client mapped for DMA the engine hands over itself."""
+        irqs, fds = self.irqs.handover()
+        state = {
+            "profile": self.profile.name,
+            "config": bytes(self.config.data).hex(),
+            "scratch": bytes(self.bar0.scratch).hex(),
+            # The host's CLOCK_MONOTONIC (the default clock) reads the same in the next
+            # process, so a training period in progress ends when it would have.
+            "readiness_armed_at": self.readiness.armed_at,
+            "reset_count": self.reset_count,
+            "irqs": irqs,
+        }
+        return state, fds
+
+    def take_over(self, state: Mapping[str, Any]) -> None:
+        """Carry on from :meth:`handover`'s state, on a device built with the same profile
+        (ValueError otherwise, nothing taken)."""
+        if state["profile"] != self.profile.name:
+            raise ValueError(f"state of a {state['profile']} device, this is a {self.profile.name}")
+        config = bytes.fromhex(state["config"])
+        scratch = bytes.fromhex(state["scratch"])
+        if len(config) != len(self.config.data) or len(scratch) != len(self.bar0.scratch):
+            raise ValueError("device state of another shape")
+        armed_at, reset_count = float(state["readiness_armed_at"]), int(state["reset_count"])
+        self.irqs.take_over(state["irqs"])
+        self.config.data[:] = config
+        self.bar0.scratch[:] = scratch
+        self.readiness.armed_at = armed_at
+        self.reset_count = reset_count
+        self._update_memory_enabled()
 
     # -- internals -------------------------------------------------------------------------
 

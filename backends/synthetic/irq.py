@@ -20,7 +20,8 @@ could never fire under QEMU; region reads/writes of the table still behave like 
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from backends.device import (
     ERR_IRQ_INDEX,
@@ -262,6 +263,40 @@ class InterruptController:
             self._disable(index)
         self.intx_asserted = False
         self._update()
+
+    def handover(self) -> tuple[dict[str, Any], list[int]]:
+        """The interrupt state and the client's eventfds (backends.device.HandsOver)."""
+        eventfds = {str(index): table.fds() for index, table in self._tables.items()}
+        state = {
+            "eventfds": eventfds,
+            "intx_unmask_fd": self._intx_unmask_fd,
+            "msix_table": self.msix_table.hex(),
+            "msix_pending": self.msix_pending,
+            "intx_asserted": self.intx_asserted,
+            "intx_masked": self.intx_masked,
+        }
+        fds = [fd for table in self._tables.values() for fd in table.fds() if fd >= 0]
+        if self._intx_unmask_fd >= 0:
+            fds.append(self._intx_unmask_fd)
+        return state, fds
+
+    def take_over(self, state: Mapping[str, Any]) -> None:
+        """Carry on from :meth:`handover`'s state (another process's); checked whole before
+        anything is taken (ValueError, KeyError, TypeError)."""
+        eventfds = {int(index): [int(fd) for fd in fds] for index, fds in state["eventfds"].items()}
+        msix_table = bytes.fromhex(state["msix_table"])
+        if {i: len(fds) for i, fds in eventfds.items()} != self._counts or len(msix_table) != len(
+            self.msix_table
+        ):
+            raise ValueError("interrupt state of another device shape")
+        unmask_fd, pending = int(state["intx_unmask_fd"]), int(state["msix_pending"])
+        asserted, masked = bool(state["intx_asserted"]), bool(state["intx_masked"])
+        for index, fds in eventfds.items():
+            self._tables[index].assign(0, fds)
+        self._intx_unmask_fd = unmask_fd
+        self.msix_table[:] = msix_table
+        self.msix_pending = pending
+        self.intx_asserted, self.intx_masked = asserted, masked
 
     def eventfd(self, index: int, vector: int) -> int:
         """The trigger eventfd installed for ``vector`` of ``index`` (-1 if none)."""

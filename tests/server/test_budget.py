@@ -25,7 +25,7 @@ from vgpud import budget
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.devices import BuiltDevice, build_device
 
-FD_LIMIT = 1024
+FD_LIMIT = 1536
 PAGE = 4096
 MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER = 2, 0x4 | 0x20
 
@@ -50,7 +50,8 @@ def expected_limit() -> int:
     profile = get_profile("gh200")
     # INTx 1 + MSI + MSI-X + ERR 1 + REQ 1 vectors, and the INTx resample eventfd.
     irq_fds = 1 + profile.msi_vectors + profile.msix_vectors + 1 + 1 + 1
-    return (FD_LIMIT - budget.RESERVED_FDS) // 2 - budget.FDS_PER_DEVICE - 2 * irq_fds
+    per_device = (FD_LIMIT - budget.RESERVED_FDS) // 2 - budget.FDS_PER_DEVICE - 2 * irq_fds
+    return per_device // budget.FDS_PER_DMA_MAP  # the client's fd and the mmap's dup
 
 
 async def test_a_client_mapping_all_it_may_leaves_another_device_its_descriptors(

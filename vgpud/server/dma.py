@@ -15,9 +15,11 @@ offsets and in whole blocks, while QEMU's offsets are a section's place in its R
 (q35 low RAM: 0x0, 0xc0000, 0x100000). So a map covers whole blocks around the requested
 window and the device sees only the window (spec vfio-user.md §5.7, libvfio-user lib/dma.c).
 
-The received fd is closed as soon as it is mmapped. Python's ``mmap`` keeps a private dup of
-it for the mapping's lifetime, so each live fd-backed mapping costs one descriptor; the table
-is bounded by ``max_dma_maps`` and the daemon raises its soft RLIMIT_NOFILE at start-up.
+The received fd is kept with its mapping, so that a live upgrade can hand the mapping to the
+next process (vgpud/upgrade.py: a mapping does not survive exec, its fd does). Python's
+``mmap`` keeps a private dup of it as well, so each live fd-backed mapping costs two
+descriptors; the table is bounded by ``max_dma_maps`` (vgpud/budget.py counts both) and the
+daemon raises its soft RLIMIT_NOFILE at start-up.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import errno
 import mmap
 import os
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from backends.device import DmaRegion
 
@@ -54,6 +58,7 @@ class DmaMapping:
     # Where the requested window starts inside ``mapping``, which begins at ``file_offset``
     # rounded down to the file's block (see _mmap_guest_memory).
     window: int = 0
+    fd: int | None = None  # the client's fd, kept for a live upgrade (module docstring)
 
     @property
     def end(self) -> int:
@@ -67,6 +72,9 @@ class DmaMapping:
         return DmaRegion(self.iova, self.size, self.readable, self.writable, memory)
 
     def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.mapping is not None:
             try:
                 self.mapping.close()
@@ -102,15 +110,66 @@ class DmaTable:
         fd: int | None,
         file_offset: int,
     ) -> DmaMapping | None:
-        """Add a mapping. Takes ownership of ``fd`` (closed on every path).
+        """Add a mapping. Takes ownership of ``fd`` (kept by the new entry, closed on every
+        other path).
 
         Returns the new entry, or None for an identical re-map (already present).
         """
+        entry = None
         try:
-            return self._map(iova, size, readable, writable, fd, file_offset)
+            entry = self._map(iova, size, readable, writable, fd, file_offset)
+            return entry
         finally:
-            if fd is not None:
+            if fd is not None and (entry is None or entry.fd != fd):
                 os.close(fd)
+
+    def handover(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """The mappings as JSON-able data for a live upgrade, and the fds they name (still
+        ours: the next process takes them over with :meth:`adopt`)."""
+        entries: list[dict[str, Any]] = []
+        fds: list[int] = []
+        for entry in self.mappings():
+            entries.append(
+                {
+                    "iova": entry.iova,
+                    "size": entry.size,
+                    "readable": entry.readable,
+                    "writable": entry.writable,
+                    "file_offset": entry.file_offset,
+                    "fd": entry.fd,
+                }
+            )
+            if entry.fd is not None:
+                fds.append(entry.fd)
+        return entries, fds
+
+    def adopt(self, entries: Sequence[Mapping[str, Any]]) -> list[DmaMapping]:
+        """Map again what :meth:`handover` described (another process's table); the new
+        entries. Every fd the entries name is taken over as :meth:`map` takes it, whatever
+        happens. Raises DmaError, or KeyError/TypeError/ValueError for a description that is
+        not one; the entries adopted so far stay, to be released with the table."""
+        adopted: list[DmaMapping] = []
+        for index, raw in enumerate(entries):
+            fd = raw.get("fd") if isinstance(raw, Mapping) else None
+            try:
+                iova, size = int(raw["iova"]), int(raw["size"])
+                readable, writable = bool(raw["readable"]), bool(raw["writable"])
+                file_offset = int(raw["file_offset"])
+                if fd is not None and type(fd) is not int:
+                    raise TypeError(f"DMA fd {fd!r} is not a number")
+            except BaseException:
+                _close_named_fds([raw, *entries[index + 1 :]])
+                raise
+            try:  # map() owns fd from here
+                entry = self.map(
+                    iova, size, readable=readable, writable=writable, fd=fd, file_offset=file_offset
+                )
+            except BaseException:
+                _close_named_fds(entries[index + 1 :])
+                raise
+            if entry is not None:
+                adopted.append(entry)
+        return adopted
 
     def _map(  # noqa: PLR0917 (private; mirrors map()'s keywords)
         self,
@@ -148,6 +207,7 @@ class DmaTable:
         entry = DmaMapping(iova, size, readable, writable, file_offset, None, file_id)
         if fd is not None:
             entry.mapping, entry.window = _mmap_guest_memory(fd, file_offset, size, writable)
+            entry.fd = fd
         self._maps[iova] = entry
         return entry
 
@@ -200,6 +260,17 @@ class DmaTable:
             if entry.iova < end and iova < entry.end:
                 return entry
         return None
+
+
+def _close_named_fds(entries: Sequence[object]) -> None:
+    """Close the fd each of ``entries`` (handed-over mappings, maybe malformed) names."""
+    for raw in entries:
+        fd = raw.get("fd") if isinstance(raw, Mapping) else None
+        if type(fd) is int:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _file_identity(fd: int) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import select
 import socket
 import stat
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,11 @@ class DeviceServer:
         no_mmap: bool = False,
         capabilities: p.Capabilities = SERVER_CAPABILITIES,
         memory_files: MemoryFiles | None = None,
+        handed: Mapping[str, Any] | None = None,
     ) -> None:
+        """``handed``: carry on from what :meth:`handover` described in the previous
+        process (a live upgrade): the connection count, retiring, and the attached client,
+        whose session :meth:`serve` resumes first."""
         self.name = name
         self.device = device
         self.listener = trio.socket.from_stdlib_socket(listener) if listener else None
@@ -209,11 +214,24 @@ class DeviceServer:
         # attached one (and one already waiting for its turn) has been served.
         self.retiring = False
         self._accepting = trio.CancelScope()
+        # A live upgrade (vgpud/upgrade.py): see freeze().
+        self._freezing = False
+        self._thawed = trio.Event()
+        self._changed = trio.Event()  # a session started or ended
+        self._handed_client: Mapping[str, Any] | None = None
+        if handed is not None:
+            self.connections = int(handed["connections"])
+            self.retiring = bool(handed["retiring"])
+            self._handed_client = handed["client"]
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept clients, one at a time, until :meth:`retire` (or cancelled)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._handed_client is not None:
+                self._resume_client(self._handed_client)
+            if self.retiring:
+                nursery.start_soon(self._stop_accepting_once_idle)
             task_status.started()
             with self._accepting:
                 await self._accept_clients(nursery)
@@ -244,6 +262,10 @@ class DeviceServer:
 
     async def _accept_clients(self, nursery: trio.Nursery) -> None:
         while True:
+            if self._freezing:
+                # A client connecting now waits in the backlog for the next process.
+                await self._thawed.wait()
+                continue
             sock = socket.socket(fileno=(await self._accept()).detach())
             self.connections += 1
             number = self.connections
@@ -273,6 +295,74 @@ class DeviceServer:
         assert self._nursery is not None, "only serve() starts sessions"
         self.active, self._active_sock = number, sock
         self._nursery.start_soon(self._run_session, sock, number, creds)
+
+    def _resume_client(self, client: Mapping[str, Any] | None) -> None:
+        """Serve again the client a previous process handed over (a live upgrade)."""
+        if client is None:
+            return
+        sock = socket.socket(fileno=int(client["fd"]))
+        number = int(client["number"])
+        creds = peer_credentials(sock)
+        assert self._nursery is not None, "only serve() resumes sessions"
+        self.active, self._active_sock = number, sock
+        self._nursery.start_soon(self._run_session, sock, number, creds, client["session"])
+
+    # -- a live upgrade (vgpud/upgrade.py) --------------------------------------------------
+
+    def freeze(self) -> None:
+        """Accept no client and bring the attached one's session to rest (see
+        :meth:`Session.freeze`) until :meth:`thaw`; :meth:`wait_at_rest` waits for it."""
+        if self._freezing:
+            return
+        self._freezing = True
+        self._thawed = trio.Event()
+        if self.current_session is not None:
+            self.current_session.freeze()
+
+    def thaw(self) -> None:
+        """Serve on (the upgrade did not happen)."""
+        self._freezing = False
+        self._thawed.set()
+        if self.current_session is not None:
+            self.current_session.thaw()
+
+    @property
+    def at_rest(self) -> bool:
+        """Nothing half done: no client waiting for its turn, and the attached client's
+        session (if any) started and between two messages."""
+        if self._waiter is not None:
+            return False
+        if self.active is None:
+            return True
+        session = self.current_session
+        return session is not None and session.at_rest
+
+    async def wait_at_rest(self) -> None:
+        """Until :attr:`at_rest` (after :meth:`freeze`)."""
+        while not self.at_rest:
+            changed = self._changed  # set when a session starts, ends or comes to rest
+            await changed.wait()
+
+    def handover(self) -> tuple[dict[str, Any], list[int]]:
+        """What the next process needs to go on serving this device (``handed``), as
+        JSON-able data, and the fds it names: the client's socket and DMA fds. Only
+        :attr:`at_rest`. The listening socket and the device are the caller's."""
+        state: dict[str, Any] = {
+            "connections": self.connections,
+            "retiring": self.retiring,
+            "client": None,
+        }
+        fds: list[int] = []
+        session, sock = self.current_session, self._active_sock
+        if session is not None and sock is not None:
+            handed, fds = session.handover()
+            state["client"] = {"number": self.active, "fd": sock.fileno(), "session": handed}
+            fds.append(sock.fileno())
+        return state, fds
+
+    def _note_change(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
 
     def _drop_waiter(self) -> None:
         waiter = self._waiter
@@ -319,8 +409,15 @@ class DeviceServer:
         await self._run_session(waiter.sock, waiter.number, creds)
 
     async def serve_connected(self, sock: socket.socket) -> None:
-        """Serve a single already-connected client (``--fd`` with a connected socket)."""
+        """Serve a single already-connected client (``--fd`` with a connected socket), or
+        the one handed over with it (a live upgrade)."""
+        client = self._handed_client
+        if client is not None:
+            self.active, self._active_sock = int(client["number"]), sock
+            await self._run_session(sock, self.active, peer_credentials(sock), client["session"])
+            return
         self.connections += 1
+        self.active, self._active_sock = self.connections, sock
         await self._run_session(sock, self.connections, peer_credentials(sock))
 
     async def _accept(self) -> trio.socket.SocketType:
@@ -336,34 +433,60 @@ class DeviceServer:
                 raise
             return sock
 
-    async def _run_session(self, sock: socket.socket, number: int, creds: dict[str, int]) -> None:
+    async def _run_session(
+        self,
+        sock: socket.socket,
+        number: int,
+        creds: dict[str, int],
+        handed: Mapping[str, Any] | None = None,
+    ) -> None:
         # Lines logged below the session (the device model, its memory files) carry the
         # device and connection too; trio gives each task its own copy of the context.
         with structlog.contextvars.bound_contextvars(device=self.name, connection=number):
-            await self._run_session_in_context(sock, number, creds)
+            await self._run_session_in_context(sock, number, creds, handed)
 
     async def _run_session_in_context(
-        self, sock: socket.socket, number: int, creds: dict[str, int]
+        self,
+        sock: socket.socket,
+        number: int,
+        creds: dict[str, int],
+        handed: Mapping[str, Any] | None,
     ) -> None:
         stream = FdStream(sock)
         log = self.log.bind(connection=number)
-        self.log_limit.log(log, "info", "client connected", **creds)
+        if handed is None:
+            self.log_limit.log(log, "info", "client connected", **creds)
         reason = "error"
         session: Session | None = None
         try:
-            # Before the session: the client waits for the search once (bounded), and a
-            # session that ends finds no search of its own still reading /proc. Inside the
-            # try, so that a stop meanwhile still closes the connection below.
-            await self._shared_memory.at_attach(log, self.log_limit, creds)
-            session = Session(
-                stream,
-                self.device,
-                self.capabilities,
-                log,
-                no_mmap=self.no_mmap,
-                log_limit=self.log_limit,
-            )
+            if handed is None:
+                # Before the session: the client waits for the search once (bounded), and a
+                # session that ends finds no search of its own still reading /proc. Inside
+                # the try, so that a stop meanwhile still closes the connection below.
+                await self._shared_memory.at_attach(log, self.log_limit, creds)
+            try:
+                session = Session(
+                    stream,
+                    self.device,
+                    self.capabilities,
+                    log,
+                    no_mmap=self.no_mmap,
+                    log_limit=self.log_limit,
+                    handed=handed,
+                    on_rest=self._note_change,
+                )
+            except ValueError as exc:
+                # Only a resumed session's state can be refused: its client is closed (QEMU
+                # then reports the device gone), the device serves the next one.
+                log.error("client could not be taken over; closing it", error=str(exc))
+                self.device.close()  # the client's eventfds, which the device took over
+                return
+            if handed is not None:
+                log.info("client resumed", messages=session.messages, **creds)
             self.current_session = session
+            if self._freezing:
+                session.freeze()
+            self._note_change()
             reason = await session.run()
             self.log_limit.log(
                 log, "info", "client disconnected", reason=reason, messages=session.messages
@@ -379,6 +502,7 @@ class DeviceServer:
                 self.active = None
                 self._active_sock = None
                 self.current_session = None
+            self._note_change()
             async with self._session_finished:
                 self._session_finished.notify_all()
 

@@ -14,16 +14,22 @@ access to a trapped register is, go further: the connection's fast path
 (:mod:`protocol.trapped`) hands them over as a ``TrappedAccess`` with the checks done, and
 they are answered without a ``Request`` event, a dispatch or an ``Outgoing``.
 
-Ownership: every fd that arrives is closed on every path -- by the DMA table (right after it
-is mmapped), by the device (eventfds, per the VfioDevice contract), or here (rejected
+Ownership: every fd that arrives is closed on every path -- by the DMA table (with its
+mapping), by the device (eventfds, per the VfioDevice contract), or here (rejected
 messages, fds a command must not carry, a stream that dies mid-message).
+
+A live upgrade (vgpud/upgrade.py) *freezes* a session: it comes to rest between two messages
+(parked waiting for the next one, or holding still before reading it) and stays there, so
+its connection, DMA table and device can be handed to the next process, which resumes it
+from :meth:`Session.handover`'s description (``handed``). An upgrade that does not happen
+thaws it.
 """
 
 from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import CoroutineType
 from typing import Any
 
@@ -68,7 +74,13 @@ class Session:
         *,
         no_mmap: bool = False,
         log_limit: LogLimiter | None = None,
+        handed: Mapping[str, Any] | None = None,
+        on_rest: Callable[[], None] | None = None,
     ) -> None:
+        """``handed``: resume the session another process described with :meth:`handover`
+        (a live upgrade); ValueError if it cannot be, with every fd it names closed or
+        taken (the caller closes the stream). ``on_rest``: called each time the session
+        comes to rest while frozen (:meth:`freeze`)."""
         self.stream = stream
         self.device = device
         self.log = log
@@ -78,6 +90,16 @@ class Session:
         self.no_mmap = no_mmap
         self.conn = p.ServerConnection(capabilities)
         self.dma = DmaTable(capabilities.max_dma_maps)
+        self.resumed = handed is not None
+        # Freezing for a live upgrade: ``_freezing`` makes the loop hold still at the next
+        # message boundary until ``_thawed``; ``at_rest`` is true while it does so, or while
+        # it waits for a message with none of one read.
+        self._freezing = False
+        self._frozen = False
+        self._parked = False
+        self._thawed = trio.Event()
+        self._rest_changed = trio.Event()
+        self._on_rest = on_rest
         info = device.device_info()
         self.num_regions = info.num_regions
         self.num_irqs = info.num_irqs
@@ -106,14 +128,18 @@ class Session:
             p.MigDataRead: self._no_migration,
             p.MigDataWrite: self._no_migration,
         }
+        if handed is not None:
+            self._take_over(handed)
 
     async def run(self) -> str:
         """Serve until the client leaves; return why the session ended."""
-        self.device.open()
+        if not self.resumed:  # a resumed client attached long ago, in the last process
+            self.device.open()
         try:
             async with trio.open_nursery() as nursery:
                 self.watchers = FdWatchers(nursery, self.device, self.log)
-                with trio.move_on_after(NEGOTIATION_TIMEOUT) as self._negotiation:
+                deadline = NEGOTIATION_TIMEOUT if self.conn.negotiated is None else math.inf
+                with trio.move_on_after(deadline) as self._negotiation:
                     reason = await self._serve()
                 if self._negotiation.cancelled_caught:
                     self.log_limit.log(
@@ -136,6 +162,9 @@ class Session:
         conn, stream = self.conn, self.stream
         try:
             while True:
+                if self._freezing and conn.at_message_boundary:
+                    await self._hold_still()
+                    continue
                 try:
                     if conn.at_message_boundary:
                         read = self._read_message()
@@ -203,6 +232,14 @@ class Session:
         return self._on_header(*got)
 
     async def _read_message_slowly(self) -> p.Event | bytes | None:
+        # Wait first, read after: parked here, the session holds no part of a message.
+        self._parked = True
+        if self._freezing:
+            self._came_to_rest()
+        try:
+            await self.stream.wait_readable()
+        finally:
+            self._parked = False
         header, fds = await self.stream.receive(p.HEADER_SIZE, self.conn.max_fds)
         read = self._on_header(header, fds)
         return await read if isinstance(read, Coroutine) else read
@@ -269,6 +306,71 @@ class Session:
             close_fds(stray)
             raise
         return self.conn.receive_body(b"".join(parts), stray, eof=got < remaining)
+
+    # -- a live upgrade (vgpud/upgrade.py) ------------------------------------------------
+
+    def freeze(self) -> None:
+        """Come to rest at the next message boundary and stay there until :meth:`thaw`."""
+        if not self._freezing:
+            self._freezing = True
+            self._thawed = trio.Event()
+            if self._parked:
+                self._came_to_rest()
+
+    def thaw(self) -> None:
+        """Carry on serving (the upgrade did not happen)."""
+        self._freezing = False
+        self._thawed.set()
+
+    @property
+    def at_rest(self) -> bool:
+        """Between two messages, with nothing of the next one read and no reply owed: what
+        :meth:`handover` needs."""
+        return (self._frozen or self._parked) and self.conn.at_message_boundary
+
+    async def wait_at_rest(self) -> None:
+        """Until :attr:`at_rest` (after :meth:`freeze`)."""
+        while not self.at_rest:
+            changed = self._rest_changed
+            await changed.wait()
+
+    def handover(self) -> tuple[dict[str, Any], list[int]]:
+        """The session as JSON-able data for the next process (``handed``), and the fds it
+        names: the client's DMA fds. Only :attr:`at_rest` (LocalProtocolError otherwise).
+        The client's socket and the device are the caller's to hand over."""
+        connection = self.conn.handover()
+        dma, fds = self.dma.handover()
+        return {"connection": connection, "dma": dma, "messages": self.messages}, fds
+
+    def _take_over(self, handed: Mapping[str, Any]) -> None:
+        try:
+            self.conn = p.ServerConnection.taken_over(handed["connection"])
+            negotiated = self.conn.negotiated
+            max_maps = self.conn.capabilities.max_dma_maps
+            if negotiated is not None:
+                max_maps = min(max_maps, negotiated.max_dma_maps)
+            self.dma = DmaTable(max_maps)
+            self.messages = int(handed["messages"])
+            for entry in self.dma.adopt(handed["dma"]):
+                self.device.dma_map(entry.region())
+        except (KeyError, TypeError, ValueError, DmaError, DeviceError) as exc:
+            for mapping in self.dma.unmap_all():
+                self._notify_unmap(mapping.iova, mapping.size)
+            raise ValueError(f"session state unusable: {exc}") from exc
+
+    async def _hold_still(self) -> None:
+        self._frozen = True
+        self._came_to_rest()
+        try:
+            await self._thawed.wait()
+        finally:
+            self._frozen = False
+
+    def _came_to_rest(self) -> None:
+        changed, self._rest_changed = self._rest_changed, trio.Event()
+        changed.set()
+        if self._on_rest is not None:
+            self._on_rest()
 
     def _handle(self, event: object) -> p.Outgoing | None:
         """Turn one event into (at most) one reply."""

@@ -81,6 +81,12 @@ class FdStream:
             self._budget -= 1
         return got
 
+    async def wait_readable(self) -> None:
+        """Until the socket has something to read (bytes, or the peer's EOF); reads nothing,
+        so a task parked here holds no part of a message (a live upgrade relies on it)."""
+        await trio.lowlevel.wait_readable(self.socket)
+        self._budget = FAIRNESS_BUDGET
+
     async def receive(self, max_bytes: int, max_fds: int) -> tuple[bytes, list[int]]:
         """Read up to ``max_bytes`` and any fds sent with them; ``b""`` means EOF.
 

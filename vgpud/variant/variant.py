@@ -47,7 +47,8 @@ from __future__ import annotations
 import errno
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from backends.backend import Backend, MemoryWindow
 from backends.device import (
@@ -57,6 +58,7 @@ from backends.device import (
     DeviceError,
     DeviceInfo,
     DmaRegion,
+    HandsOver,
     IrqAction,
     IrqInfo,
     MmapTarget,
@@ -215,6 +217,40 @@ class NvgraceVariant:
             raise
         if retry_in is not None:
             raise DeviceError(errno.EAGAIN, "GPU not ready yet after reset; retry")
+
+    # -- HandsOver (a live upgrade, vgpud/upgrade.py) ------------------------------------------
+
+    def handover(self) -> tuple[dict[str, Any], list[int]]:
+        """The emulated BAR registers and the post-reset gate, with the backend's state
+        (:class:`backends.device.HandsOver`; the backend must be one). A readiness wait in
+        progress is not carried: the next access after the upgrade starts it again."""
+        if not isinstance(self.backend, HandsOver):
+            raise TypeError(f"{type(self.backend).__name__} cannot be handed over")
+        backend, fds = self.backend.handover()
+        resmem = self.overlay.resmem
+        state = {
+            "usemem_bar_val": self.overlay.usemem.bar_val,
+            "resmem_bar_val": None if resmem is None else resmem.bar_val,
+            "gate_armed": self.gate_armed,
+            "backend": backend,
+        }
+        return state, fds
+
+    def take_over(self, state: Mapping[str, Any]) -> None:
+        """Carry on from :meth:`handover`'s state (see there)."""
+        if not isinstance(self.backend, HandsOver):
+            raise TypeError(f"{type(self.backend).__name__} cannot be handed over")
+        resmem = self.overlay.resmem
+        if (state["resmem_bar_val"] is None) != (resmem is None):
+            raise ValueError("variant state of another memory layout")
+        usemem_bar_val, gate_armed = int(state["usemem_bar_val"]), bool(state["gate_armed"])
+        self.backend.take_over(state["backend"])
+        self.overlay.usemem.bar_val = usemem_bar_val
+        if resmem is not None:
+            resmem.bar_val = int(state["resmem_bar_val"])
+        self._resets_seen = self.backend.reset_count
+        self._gate_armed = gate_armed
+        self._wait = None
 
     # -- VfioDevice --------------------------------------------------------------------------
 

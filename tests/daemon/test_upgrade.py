@@ -1,0 +1,177 @@
+"""SIGUSR2 upgrades the daemon in place (vgpud/upgrade.py): the process execs itself, and an
+attached client goes on with the same connection as if nothing had happened.
+
+Each test runs ``vgpud serve`` as a process (an upgrade execs: it cannot run inside the test
+process) and talks to it with the project's own vfio-user client, which sees what a VMM
+would. The daemon's JSON log says when the upgrade is done ("upgraded") or refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import protocol as p
+from backends.synthetic.bar0 import DOORBELL, SCRATCH
+from tests.serve_process import VGPUD, read_log_until, serve_args, start, stop
+from vgpud.client import VfioUserClient, VfioUserError
+from vgpud.upgrade import FREEZE_TIMEOUT
+
+BAR0, BAR4_REGISTER, CONFIG = 0, 0x20, 7
+MSIX_CAP, MSIX_IRQ = 0xA0, 2
+SET_IRQS_EVENTFD_TRIGGER = 0x4 | 0x20
+PAGE = 4096
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, notify_socket: socket.socket) -> Iterator[subprocess.Popen[str]]:
+    proc = start([*serve_args(tmp_path, "--memory-size", "2GiB"), "--log-format", "json"], tmp_path)
+    read_log_until(proc, "ready")
+    yield proc
+    if proc.poll() is None:
+        stop(proc, check=False)
+
+
+async def log_until(proc: subprocess.Popen[str], event: str) -> dict[str, Any]:
+    record, _ = await trio.to_thread.run_sync(read_log_until, proc, event)
+    return record
+
+
+async def upgrade(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """SIGUSR2, and the "upgraded" line (an "upgrade refused" one fails the test)."""
+    proc.send_signal(signal.SIGUSR2)
+    record, lines = await trio.to_thread.run_sync(read_log_until, proc, "upgraded")
+    assert "upgrade refused" not in lines, lines
+    return record
+
+
+async def test_an_attached_client_keeps_its_connection_device_and_mappings(
+    daemon: subprocess.Popen[str], tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 4 * PAGE)
+    notify_socket.recv(64)  # READY=1 of the start
+    try:
+        async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+            # State in every part the upgrade carries: registers, config space and the
+            # emulated BAR4 register, MSI-X enabled with an eventfd, a DMA mapping.
+            await client.region_write(BAR0, SCRATCH, struct.pack("<I", 0x5EED_0001))
+            await client.region_write(CONFIG, BAR4_REGISTER, struct.pack("<I", 0xFFFF_FFFF))
+            sized = await client.region_read(CONFIG, BAR4_REGISTER, 4)
+            control = struct.unpack("<H", await client.region_read(CONFIG, MSIX_CAP + 2, 2))[0]
+            await client.region_write(CONFIG, MSIX_CAP + 2, struct.pack("<H", control | 0x8000))
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 3, 1, [efd])
+            await client.dma_map(0x10_0000, 4 * PAGE, fd=ram)
+
+            upgraded = await upgrade(daemon)
+            assert upgraded["pid"] == daemon.pid  # the same process, so no restart seen
+            assert (upgraded["devices"], upgraded["clients"]) == (1, 1)
+            assert notify_socket.recv(64).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+            assert notify_socket.recv(64) == b"READY=1"
+
+            assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 0x5EED_0001)
+            assert await client.region_read(CONFIG, BAR4_REGISTER, 4) == sized
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 3))
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(efd)
+            assert os.eventfd_read(efd) == 1
+            # The DMA table came along: the same range with other flags overlaps it.
+            with pytest.raises(VfioUserError) as overlapping:
+                await client.dma_map(0x10_0000, 4 * PAGE, flags=1, fd=ram)
+            assert overlapping.value.errno == errno.EEXIST
+            # ... and it is still the only client.
+            with pytest.raises(VfioUserError) as refused:
+                await VfioUserClient.connect(tmp_path / "gpu0.sock")
+            assert refused.value.errno == errno.EBUSY
+            await client.dma_unmap(0x10_0000, 4 * PAGE)
+        await log_until(daemon, "client disconnected")
+        async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+            assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 0x5EED_0001)
+    finally:
+        os.close(efd)
+        os.close(ram)
+    stop(daemon)
+    assert not (tmp_path / "gpu0.sock").exists()
+
+
+async def test_an_idle_daemon_upgrades_twice_and_takes_clients_after(
+    daemon: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    for _ in range(2):
+        upgraded = await upgrade(daemon)
+        assert (upgraded["devices"], upgraded["clients"], upgraded["pid"]) == (1, 0, daemon.pid)
+    async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+        info = await client.device_info()
+        assert info.num_regions == 9
+    stop(daemon)
+
+
+async def test_a_command_line_the_new_code_refuses_refuses_the_upgrade(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    config = tmp_path / "tray.toml"
+    socket_path = tmp_path / "gpu0.sock"
+    config.write_text(
+        f'[[device]]\nname = "gpu0"\nsocket_path = "{socket_path}"\n'
+        f'memory_size = "2GiB"\nbacking_dir = "{tmp_path / "mem"}"\n'
+    )
+    proc = start(["serve", "--config", str(config), "--log-format", "json"], tmp_path)
+    try:
+        read_log_until(proc, "ready")
+        async with await VfioUserClient.connect(socket_path) as client:
+            await client.region_write(BAR0, SCRATCH, struct.pack("<I", 7))
+            config.write_text("[[device]]\nname = 5\n")  # what the new code would read
+            proc.send_signal(signal.SIGUSR2)
+            refused = await log_until(proc, "upgrade refused")
+            assert "refuses this command line" in refused["reason"]
+            assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
+    finally:
+        stop(proc)
+
+
+async def test_a_client_stuck_half_way_through_a_message_refuses_the_upgrade(
+    daemon: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+        read = p.RegionReadRequest(region=BAR0, offset=SCRATCH, count=4)
+        wire = client.conn.send_request(read)[1].data  # the client owes no other reply
+        header, body = wire[: p.HEADER_SIZE], wire[p.HEADER_SIZE :]
+        # The header of a message whose body never comes (until the test says so).
+        sock = client.stream.socket
+        sock.send(header)
+        daemon.send_signal(signal.SIGUSR2)
+        refused = await log_until(daemon, "upgrade refused")
+        assert f"{FREEZE_TIMEOUT:.0f} s" in refused["reason"]
+        sock.send(body)  # thawed: the message is served
+        with trio.fail_after(10):
+            await trio.lowlevel.wait_readable(sock)
+        reply = sock.recv(4096)
+        assert len(reply) == p.HEADER_SIZE + 16 + 4  # the read's reply, not an error
+    stop(daemon)
+
+
+def test_the_upgrade_check_prints_the_formats_and_starts_nothing(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*VGPUD, *serve_args(tmp_path)],
+        env={**os.environ, "VGPUD_UPGRADE_CHECK": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["handover_formats"] == [1]
+    assert not (tmp_path / "gpu0.sock").exists()
+    assert not (tmp_path / "mem").exists()

@@ -1,0 +1,207 @@
+"""The pieces of a live upgrade (vgpud/upgrade.py), in-process: a session that freezes only
+between messages, and a connection, DMA table and device that another process could carry
+on from what they describe. (tests/daemon/test_upgrade.py runs the whole exec.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import trio
+import trio.testing
+
+import protocol as p
+from backends.device import MSIX_IRQ_INDEX, IrqAction
+from backends.synthetic.bar0 import DOORBELL, SCRATCH
+from tests.server.rawclient import HEADER, QEMU_VERSION
+from vgpud.config import single_device
+from vgpud.devices import BuiltDevice, build_device
+from vgpud.server.dma import DmaError, DmaTable
+from vgpud.server.listener import SERVER_CAPABILITIES
+from vgpud.server.session import Session
+from vgpud.server.transport import FdStream
+
+BAR0, CONFIG, BAR4_REGISTER, MSIX_FLAGS = 0, 7, 0x20, 0xA0 + 2
+PAGE = 4096
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Iterator[BuiltDevice]:
+    device = build_device(
+        single_device(socket_path=None, memory_size="2GiB", backing_dir=tmp_path / "a")
+    )
+    yield device
+    device.release()
+
+
+def scratch_read(msg_id: int) -> bytes:
+    body = struct.pack("<QII", SCRATCH, BAR0, 4)
+    return HEADER.pack(msg_id, p.Command.REGION_READ, p.HEADER_SIZE + len(body), 0, 0) + body
+
+
+@asynccontextmanager
+async def session_on(built: BuiltDevice) -> AsyncIterator[tuple[Session, socket.socket]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    session = Session(
+        FdStream(ours), built.device, SERVER_CAPABILITIES, structlog.get_logger("test")
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        theirs.setblocking(False)
+        theirs.send(QEMU_VERSION)
+        await receive(theirs)
+        yield session, theirs
+        theirs.close()
+    ours.close()
+
+
+async def receive(sock: socket.socket) -> bytes:
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(sock)
+    return sock.recv(65536)
+
+
+async def test_a_frozen_session_rests_only_between_messages(built: BuiltDevice) -> None:
+    async with session_on(built) as (session, client):
+        session.freeze()
+        await session.wait_at_rest()  # parked, waiting for the next message
+        request = scratch_read(7)
+        client.send(request[:20])  # the header and a bit of the body
+        await trio.testing.wait_all_tasks_blocked()
+        assert not session.at_rest
+        client.send(request[20:])
+        await session.wait_at_rest()  # that message is served first ...
+        assert HEADER.unpack((await receive(client))[: p.HEADER_SIZE])[0] == 7
+        client.send(scratch_read(8))  # ... the next waits for the thaw
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.at_rest
+        with pytest.raises(BlockingIOError):
+            client.recv(1)
+        session.thaw()
+        assert HEADER.unpack((await receive(client))[: p.HEADER_SIZE])[0] == 8
+
+
+async def test_a_session_at_rest_is_carried_on_by_another(
+    built: BuiltDevice, tmp_path: Path
+) -> None:
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 2 * PAGE)
+    async with session_on(built) as (session, client):
+        map_body = struct.pack("<IIQQQ", 32, 3, 0, 0x4000, 2 * PAGE)
+        header = HEADER.pack(2, p.Command.DMA_MAP, p.HEADER_SIZE + 32, 0, 0)
+        socket.send_fds(client, [header + map_body], [ram])
+        assert HEADER.unpack((await receive(client))[: p.HEADER_SIZE])[4] == 0  # no error
+        session.freeze()
+        await session.wait_at_rest()
+        handed, fds = session.handover()
+        # The DMA fd is the table's; the next session (as the next process would, finding
+        # it open after exec: here a copy, as this session closes its own) maps it again.
+        assert len(fds) == 1
+        handed["dma"][0]["fd"] = os.dup(fds[0])
+    json_safe: dict[str, Any] = handed
+    ours, theirs = socket.socketpair()
+    try:
+        resumed = Session(
+            FdStream(ours),
+            built.device,
+            SERVER_CAPABILITIES,
+            structlog.get_logger("test"),
+            handed=json_safe,
+        )
+        assert resumed.conn.state is p.State.READY
+        assert [m.iova for m in resumed.dma.mappings()] == [0x4000]
+        assert resumed.messages == session.messages
+        for mapping in resumed.dma.unmap_all():
+            assert mapping.fd is None  # released
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(ram)
+
+
+def test_a_connection_is_handed_over_only_between_messages() -> None:
+    conn = p.ServerConnection(SERVER_CAPABILITIES)
+    conn.receive_data(QEMU_VERSION[:10])
+    with pytest.raises(p.LocalProtocolError):
+        conn.handover()  # half a header read
+    conn.receive_data(QEMU_VERSION[10:])
+    event = conn.next_event()
+    assert isinstance(event, p.Request)
+    with pytest.raises(p.LocalProtocolError):
+        conn.handover()  # the VERSION reply is owed
+    conn.version_reply(event)
+    carried = p.ServerConnection.taken_over(conn.handover())
+    assert carried.state is p.State.READY
+    assert carried.negotiated == conn.negotiated
+    assert carried.capabilities == conn.capabilities
+
+
+@pytest.mark.parametrize(
+    "handed",
+    [
+        {},
+        {"state": "ready", "capabilities": {}, "negotiated": None},  # READY, yet no peer
+        {"state": "broken", "capabilities": {}, "negotiated": None},
+        {"state": "awaiting-version", "capabilities": {"max_msg_fds": "x"}, "negotiated": None},
+    ],
+)
+def test_a_connection_description_that_is_not_one_is_refused(handed: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="connection state unusable"):
+        p.ServerConnection.taken_over(handed)
+
+
+def test_adopting_dma_takes_every_named_fd_whatever_happens() -> None:
+    fds = []
+    for _ in range(3):
+        fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(fd, PAGE)
+        fds.append(fd)
+    entries: list[dict[str, Any]] = [
+        {"iova": 0, "size": PAGE, "readable": True, "writable": True, "file_offset": 0}
+    ] * 3
+    entries = [dict(entry, fd=fd) for entry, fd in zip(entries, fds, strict=True)]
+    table = DmaTable(10)
+    with pytest.raises(DmaError):  # the second overlaps the first
+        table.adopt(entries)
+    assert len(table) == 1
+    table.unmap_all()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed: by the table, by map() refusing it, by adopt()
+
+
+def test_a_device_carries_on_from_another_ones_state(built: BuiltDevice, tmp_path: Path) -> None:
+    device = built.device
+    device.region_write(BAR0, SCRATCH, struct.pack("<I", 0xC0FFEE))
+    device.region_write(CONFIG, BAR4_REGISTER, struct.pack("<I", 0xFFFF_FFFF))
+    sized = device.region_read(CONFIG, BAR4_REGISTER, 4)
+    flags = struct.unpack("<H", device.region_read(CONFIG, MSIX_FLAGS, 2))[0]
+    device.region_write(CONFIG, MSIX_FLAGS, struct.pack("<H", flags | 0x8000))
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    device.set_irqs(MSIX_IRQ_INDEX, IrqAction.TRIGGER, 3, 1, eventfds=[os.dup(efd)])
+    handover = getattr(device, "handover")  # noqa: B009 (HandsOver is optional)
+    state, fds = handover()
+    assert len(fds) == 1
+    # What exec would do: the next process finds the same fd open (here: a copy of it).
+    state["backend"]["irqs"]["eventfds"][str(MSIX_IRQ_INDEX)][3] = os.dup(fds[0])
+    other = build_device(
+        single_device(socket_path=None, memory_size="2GiB", backing_dir=tmp_path / "b")
+    )
+    try:
+        getattr(other.device, "take_over")(state)  # noqa: B009
+        assert other.device.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 0xC0FFEE)
+        assert other.device.region_read(CONFIG, BAR4_REGISTER, 4) == sized
+        other.device.region_write(BAR0, DOORBELL, struct.pack("<I", 3))
+        assert os.eventfd_read(efd) == 1
+        with pytest.raises(ValueError, match="another"):
+            getattr(other.device, "take_over")(dict(state, resmem_bar_val=None))  # noqa: B009
+    finally:
+        other.release()
+        os.close(efd)

@@ -1,0 +1,383 @@
+"""A live upgrade: on SIGUSR2 the daemon re-executes itself, and every VM keeps its GPU.
+
+Why: QEMU 11.1.3 never reconnects a vfio-user device (docs/operations.md, "The VM's life
+cycle"), so restarting vgpud -- to install a fix, say -- takes the GPU from every running VM.
+An upgrade instead hands everything a VM depends on to the next process, which is the same
+process (same pid, so the service manager sees no restart) running the code now on disk:
+
+1. *Refused* up front, with the daemon serving on, when something cannot be handed over: a
+   device served by the libvfio-user engine (its connection state lives inside the C
+   library) or a passthrough device (its state is the kernel's; not built).
+2. *The new code is checked*: the same command line runs once with ``VGPUD_UPGRADE_CHECK=1``
+   and must parse its options and configuration as a start would, then say which handover
+   formats it reads (vgpud.cli). A broken install or a configuration it rejects refuses the
+   upgrade while everything still serves.
+3. *Freeze*: no device accepts (a client connecting now waits in the socket's backlog for
+   the next process), and every attached client's session comes to rest between two
+   messages: nothing of a message read, no reply owed (vgpud.server.session). A session that
+   does not within :data:`FREEZE_TIMEOUT` (a client stuck half-way through a message) refuses
+   the upgrade, and everything thaws.
+4. *Describe and exec*: one JSON document -- per device its settings, its listening socket,
+   the attached client's socket, connection state and DMA mappings, and the device's state
+   with the client's eventfds -- goes into a memfd, every fd it names is made inheritable,
+   and the process execs its own command line with ``VGPUD_HANDOVER_FD`` naming the memfd.
+   Nothing runs between the last check and the exec (no await), so nothing changes under
+   the description. fds keep their numbers across exec, so the document names them by
+   number.
+5. *Take over* (:func:`read_handover`, :func:`resume`): the next process builds each device
+   from its carried settings (an upgrade changes the code, not the configuration: a reload
+   applies an edited file), lets it take its state over, listens on the same socket and
+   resumes each session where it stood. Then READY=1 and one "upgraded" line.
+
+A document the next process cannot read makes it start afresh from its configuration,
+closing every fd it names (the VMs then lose their GPUs, as with a restart); a device it
+cannot take over is dropped the same way, and the others are served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from backends.device import HandsOver
+from vgpud import __version__, systemd
+from vgpud.budget import MIN_DMA_MAPS, BudgetError, dma_map_limit
+from vgpud.config import DeviceConfig
+from vgpud.devices import BuiltDevice, build_device
+from vgpud.fleet import Endpoint, Fleet, LiveDevice
+from vgpud.memory_files import MemoryFiles
+from vgpud.server.listener import DeviceServer, peer_credentials
+
+HANDOVER_ENV = "VGPUD_HANDOVER_FD"
+CHECK_ENV = "VGPUD_UPGRADE_CHECK"
+FORMAT = 1  # of the handover document; the next process says which it reads
+FREEZE_TIMEOUT = 5.0  # seconds every session has to come to rest (QEMU waits 5 s per reply)
+CHECK_TIMEOUT = 60.0  # seconds the new code has to parse its command line
+
+
+class UpgradeRefusedError(Exception):
+    """The upgrade cannot be done now; the daemon serves on (message for the log)."""
+
+
+@dataclass
+class Handover:
+    """A handover document, read in the next process."""
+
+    devices: list[dict[str, Any]]
+    fds: list[int]
+    version: str
+    upgrading_ns: int  # CLOCK_MONOTONIC when the previous process began the exec
+
+
+def check_reply() -> str:
+    """What ``vgpud serve`` prints under ``VGPUD_UPGRADE_CHECK`` (step 2)."""
+    return json.dumps({"handover_formats": [FORMAT], "version": __version__})
+
+
+def command_line() -> list[str]:
+    """The command line this process was started with, to run again."""
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) -> None:
+    """Upgrade (module docstring); returns only when the upgrade did not happen, logged."""
+    argv = list(argv) if argv is not None else command_line()
+    log.info("upgrading", devices=len(fleet.devices))
+    servers: list[DeviceServer] = []
+    try:
+        servers = _servers(fleet)
+        await _check_new_code(argv)
+        for server in servers:
+            server.freeze()
+        with trio.move_on_after(FREEZE_TIMEOUT) as waited:
+            for server in servers:
+                await server.wait_at_rest()
+        if waited.cancelled_caught:
+            busy = [server.name for server in servers if not server.at_rest]
+            raise UpgradeRefusedError(
+                f"a client stayed in the middle of a message for {FREEZE_TIMEOUT:.0f} s "
+                f"(devices {', '.join(busy)})"
+            )
+        # From here to the exec, no await: nothing can change what is described.
+        document, fds = describe(fleet)
+        _exec(argv, document, fds)
+    except UpgradeRefusedError as exc:
+        log.warning("upgrade refused", reason=str(exc))
+    except Exception:
+        # A bug, or exec failed: the devices are still ours, frozen; thaw them.
+        log.exception("upgrade failed; serving on")
+    finally:
+        for server in servers:
+            server.thaw()
+
+
+def _servers(fleet: Fleet) -> list[DeviceServer]:
+    """Every device's server, when all can be handed over (UpgradeRefusedError otherwise)."""
+    servers: list[DeviceServer] = []
+    for live in fleet.devices:
+        if not isinstance(live.server, DeviceServer):
+            raise UpgradeRefusedError(
+                f"device {live.config.name} is served by the libvfio-user engine, whose "
+                "connection state cannot leave the library: restart instead"
+            )
+        if not isinstance(live.built.backend, HandsOver):
+            raise UpgradeRefusedError(
+                f"device {live.config.name} is a passthrough device, whose state cannot be "
+                "handed over yet: restart instead"
+            )
+        servers.append(live.server)
+    return servers
+
+
+async def _check_new_code(argv: Sequence[str]) -> None:
+    """Step 2 of the module docstring."""
+    env = {**os.environ, CHECK_ENV: "1"}
+    env.pop(HANDOVER_ENV, None)
+    try:
+        with trio.fail_after(CHECK_TIMEOUT):
+            done = await trio.run_process(
+                list(argv), env=env, capture_stdout=True, capture_stderr=True, check=False
+            )
+    except (OSError, trio.TooSlowError) as exc:
+        raise UpgradeRefusedError(f"the new code could not be checked: {exc}") from exc
+    if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        raise UpgradeRefusedError(
+            f"the new code refuses this command line (exit {done.returncode}): "
+            f"{said[-1] if said else 'no message'}"
+        )
+    try:
+        formats = json.loads(done.stdout)["handover_formats"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UpgradeRefusedError("the new code cannot take a handover (no upgrade check)") from exc
+    if FORMAT not in formats:
+        raise UpgradeRefusedError(f"the new code reads handover formats {formats}, not {FORMAT}")
+
+
+def describe(fleet: Fleet) -> tuple[dict[str, Any], list[int]]:
+    """The handover document for the devices of ``fleet`` (all :attr:`DeviceServer.at_rest`),
+    and every fd it names."""
+    devices: list[dict[str, Any]] = []
+    every_fd: list[int] = []
+    for live in fleet.devices:
+        entry, fds = _describe_device(live)
+        devices.append(entry)
+        every_fd += fds
+    document = {
+        "format": FORMAT,
+        "version": __version__,
+        "upgrading_ns": time.monotonic_ns(),
+        "devices": devices,
+    }
+    return document, sorted(set(every_fd))
+
+
+def _describe_device(live: LiveDevice) -> tuple[dict[str, Any], list[int]]:
+    server, endpoint, device = live.server, live.endpoint, live.built.device
+    assert isinstance(server, DeviceServer) and isinstance(device, HandsOver)
+    assert endpoint.sock is not None, "the Python engine serves a socket of the daemon's"
+    server_state, server_fds = server.handover()
+    device_state, device_fds = device.handover()
+    fds = sorted({endpoint.sock.fileno(), *server_fds, *device_fds})
+    entry = {
+        "config": live.config.to_json(),
+        "endpoint": {
+            "path": str(endpoint.path),
+            "fd": endpoint.sock.fileno(),
+            "ours": endpoint.ours,
+            "connected": endpoint.connected,
+        },
+        "server": server_state,
+        "device": device_state,
+        "fds": fds,
+    }
+    return entry, fds
+
+
+def _exec(argv: Sequence[str], document: Mapping[str, Any], fds: Iterable[int]) -> None:
+    """Step 4: hand ``document`` and ``fds`` to the process ``argv`` starts, by exec.
+    Returns only by raising, with the fds this process's again."""
+    memfd = os.memfd_create("vgpud-handover", 0)
+    inheritable: list[int] = []
+    try:
+        os.write(memfd, json.dumps(document).encode())
+        os.lseek(memfd, 0, os.SEEK_SET)
+        for fd in (memfd, *fds):
+            os.set_inheritable(fd, True)
+            inheritable.append(fd)
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(argv[0], list(argv), {**os.environ, HANDOVER_ENV: str(memfd)})
+    except BaseException:
+        for fd in inheritable:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+        os.close(memfd)
+        systemd.notify("READY=1")
+        raise
+
+
+# -- the next process ------------------------------------------------------------------------
+
+
+def read_handover() -> Handover | None:
+    """The handover document the previous process left (``VGPUD_HANDOVER_FD``), or None
+    when this is a plain start. The fds it names are made close-on-exec again. Raises
+    ValueError for a document that cannot be read, having closed every fd it named."""
+    raw = os.environ.pop(HANDOVER_ENV, None)
+    if raw is None:
+        return None
+    try:
+        memfd = int(raw)
+        with os.fdopen(memfd, "rb") as memory:
+            document = json.loads(memory.read())
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"handover document unreadable: {exc}") from exc
+    devices = document.get("devices") if isinstance(document, dict) else None
+    fds = _named_fds(devices)
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
+    if document.get("format") != FORMAT or not isinstance(devices, list):
+        close_fds(fds)
+        raise ValueError(f"handover document of format {document.get('format')!r}, not {FORMAT}")
+    return Handover(
+        devices=devices,
+        fds=fds,
+        version=str(document.get("version")),
+        upgrading_ns=int(document.get("upgrading_ns", 0)),
+    )
+
+
+def _named_fds(devices: object) -> list[int]:
+    if not isinstance(devices, list):
+        return []
+    named: set[int] = set()
+    for device in devices:
+        fds = device.get("fds") if isinstance(device, dict) else None
+        if isinstance(fds, list):
+            named.update(fd for fd in fds if type(fd) is int and fd >= 0)
+    return sorted(named)
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each of ``fds`` (handed-over fds nobody took)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@dataclass
+class Resumed:
+    """What :func:`resume` took over."""
+
+    devices: int = 0
+    clients: int = 0
+    client_pids: tuple[int, ...] = ()  # the VMMs attached: their mappings are expected
+
+
+async def resume(handover: Handover, fleet: Fleet, log: Any) -> Resumed:
+    """Serve the devices of ``handover`` in ``fleet`` (step 5). A device that cannot be taken
+    over is logged and dropped, every fd it names closed; the others are served."""
+    rebuilt: list[tuple[BuiltDevice, MemoryFiles, Endpoint, Mapping[str, Any]]] = []
+    for entry in handover.devices:
+        try:
+            built, files, endpoint = _rebuild(entry)
+        except Exception as exc:  # any failure drops this device only
+            log.error(
+                "device could not be taken over; its VM loses it",
+                device=_name(entry),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            close_fds(entry.get("fds", ()))
+            _remove_socket(entry)
+            continue
+        rebuilt.append((built, files, endpoint, entry["server"]))
+    try:
+        fleet.share(dma_map_limit([built.device for built, _, _, _ in rebuilt]))
+    except BudgetError as exc:
+        # The limits were enough before the exec; the attached clients keep theirs.
+        log.warning("DMA-map budget", error=str(exc))
+        fleet.share(MIN_DMA_MAPS)
+    resumed = Resumed()
+    pids: list[int] = []
+    while rebuilt:
+        built, files, endpoint, server_state = rebuilt.pop(0)
+        client = server_state.get("client")
+        if client is not None:
+            pid = _peer_pid(int(client["fd"]))
+            if pid:
+                pids.append(pid)
+            resumed.clients += 1
+        try:
+            await fleet.start(built, files, endpoint, handed=server_state)
+        except BaseException:
+            for later, _, later_endpoint, _ in rebuilt:  # cancelled: the daemon stops
+                later_endpoint.close()
+                later.release()
+            raise
+        resumed.devices += 1
+    resumed.client_pids = tuple(pids)
+    return resumed
+
+
+def _name(entry: Mapping[str, Any]) -> str:
+    config = entry.get("config")
+    return str(config.get("name", "?")) if isinstance(config, Mapping) else "?"
+
+
+def _peer_pid(fd: int) -> int | None:
+    """The pid of the process at the other end of the connected socket ``fd`` (left open)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            return peer_credentials(sock).get("peer_pid")
+    except OSError:
+        return None
+
+
+def _rebuild(entry: Mapping[str, Any]) -> tuple[BuiltDevice, MemoryFiles, Endpoint]:
+    """One device of the document, built afresh from its settings with its state taken
+    over, and its endpoint; raises for anything that does not fit."""
+    config = DeviceConfig.from_json(entry["config"])
+    raw_endpoint = entry["endpoint"]
+    built = build_device(config)
+    try:
+        device = built.device
+        if not isinstance(device, HandsOver):
+            raise TypeError(f"device {config.name} cannot take a handover over")
+        device.take_over(entry["device"])
+        files = MemoryFiles(device)
+        sock = socket.socket(fileno=int(raw_endpoint["fd"]))
+    except BaseException:
+        built.release()
+        raise
+    endpoint = Endpoint(
+        Path(raw_endpoint["path"]),
+        sock,
+        ours=bool(raw_endpoint["ours"]),
+        connected=bool(raw_endpoint["connected"]),
+    )
+    return built, files, endpoint
+
+
+def _remove_socket(entry: Mapping[str, Any]) -> None:
+    with contextlib.suppress(KeyError, TypeError, OSError):
+        endpoint = entry["endpoint"]
+        if endpoint["ours"]:
+            Path(endpoint["path"]).unlink(missing_ok=True)
+
+
+def handover_ms(handover: Handover) -> float:
+    """Milliseconds from the previous process's exec to now (CLOCK_MONOTONIC)."""
+    return round((time.monotonic_ns() - handover.upgrading_ns) / 1e6, 1)
