@@ -27,6 +27,8 @@ STATUS_SIGNAL = signal.SIGUSR1
 # Re-executes the daemon, handing every device and client over (vgpud/upgrade.py); its
 # default action would kill the daemon and every VM's GPU with it.
 UPGRADE_SIGNAL = signal.SIGUSR2
+# Every signal the daemon handles.
+TAKEN_SIGNALS = (*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL)
 
 
 class EarlySignals:
@@ -49,12 +51,16 @@ class EarlySignals:
         self.received: list[int] = []
 
     def __enter__(self) -> EarlySignals:
-        for signum in (*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL):  # the main thread's
-            signal.signal(signum, self._remember)  # job, as for any Python handler
+        for signum in TAKEN_SIGNALS:  # the main thread's job, as for any Python handler
+            signal.signal(signum, self._remember)
+        # An upgrade (vgpud/upgrade.py) execs with these blocked, so that one sent while the
+        # next process imports waits for its handler instead of killing it with every VM's
+        # GPU; a plain start has them unblocked already.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TAKEN_SIGNALS)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum in (*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL):
+        for signum in TAKEN_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)  # not reset by the interpreter's shutdown
 
     def _remember(self, signum: int, _frame: object) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -57,6 +58,7 @@ from vgpud.devices import BuiltDevice, build_device
 from vgpud.fleet import Endpoint, Fleet, LiveDevice
 from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import DeviceServer, peer_credentials
+from vgpud.signals import TAKEN_SIGNALS
 
 HANDOVER_ENV = "VGPUD_HANDOVER_FD"
 CHECK_ENV = "VGPUD_UPGRADE_CHECK"
@@ -218,8 +220,12 @@ def _exec(argv: Sequence[str], document: Mapping[str, Any], fds: Iterable[int]) 
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         sys.stdout.flush()
         sys.stderr.flush()
+        # Blocked across the exec (the mask is inherited): a stop or upgrade signal sent
+        # while the next process imports waits for its handlers (vgpud.signals).
+        signal.pthread_sigmask(signal.SIG_BLOCK, TAKEN_SIGNALS)
         os.execve(argv[0], list(argv), {**os.environ, HANDOVER_ENV: str(memfd)})
     except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TAKEN_SIGNALS)
         for fd in inheritable:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)

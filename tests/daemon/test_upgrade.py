@@ -175,3 +175,45 @@ def test_the_upgrade_check_prints_the_formats_and_starts_nothing(tmp_path: Path)
     assert json.loads(done.stdout)["handover_formats"] == [1]
     assert not (tmp_path / "gpu0.sock").exists()
     assert not (tmp_path / "mem").exists()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("VGPUD_LIBVFIO_USER"),
+    reason="VGPUD_LIBVFIO_USER is not set: the libvfio-user engine needs a local build",
+)
+async def test_the_libvfio_user_engine_refuses_and_serves_on(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    engine = ["--engine", "libvfio-user", "--log-format", "json"]
+    proc = start([*serve_args(tmp_path, "--memory-size", "2GiB"), *engine], tmp_path)
+    try:
+        read_log_until(proc, "ready")
+        async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+            proc.send_signal(signal.SIGUSR2)
+            refused = await log_until(proc, "upgrade refused")
+            assert "libvfio-user engine" in refused["reason"]
+            assert (await client.device_info()).num_regions == 9
+    finally:
+        stop(proc)
+
+
+async def test_a_stop_sent_as_the_daemon_execs_stops_it_cleanly(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """RELOADING=1 comes just before the exec, so SIGTERM sent on it reaches the next process
+    while it imports: it waits, blocked, for that process's handlers instead of killing it
+    half-way (and the socket with it)."""
+    proc = start([*serve_args(tmp_path), "--log-format", "json"], tmp_path)
+    try:
+        read_log_until(proc, "ready")
+        assert notify_socket.recv(64) == b"READY=1"
+        proc.send_signal(signal.SIGUSR2)
+        assert notify_socket.recv(64).startswith(b"RELOADING=1")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            stop(proc, check=False)
+    assert proc.returncode == 0, stderr
+    assert '"stopping"' in stderr
+    assert not (tmp_path / "gpu0.sock").exists()
