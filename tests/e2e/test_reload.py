@@ -18,22 +18,20 @@ removes its socket, and gpu1 goes on serving.
 
 from __future__ import annotations
 
-import json
 import signal
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from backends.synthetic.bar0 import SCRATCH
+from tests.e2e.daemon_log import events_since, probe, wait_event
 from tests.e2e.engines import ENGINES
 from tests.e2e.expect import BackingFile, Expected, backing_files
 from tests.e2e.harness import Harness
 from tests.e2e.initramfs import GuestScript
 from tests.e2e.plans import Plan, assert_bars_assigned, memory_plan, persistence_plan
-from tests.e2e.qemu import VGPUD, Vgpud, vgpud_json
+from tests.e2e.qemu import Vgpud, vgpud_json
 from vgpud.units import parse_size
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -105,63 +103,18 @@ def _config(*gpus: Gpu) -> str:
     return "\n".join(gpu.entry() for gpu in gpus)
 
 
-def _parsed(line: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _events_since(daemon: Vgpud, start: int) -> list[dict[str, Any]]:
-    """vgpud's JSON log lines from line ``start`` on, parsed."""
-    return [e for e in map(_parsed, daemon.log.lines[start:]) if e is not None]
-
-
-async def _wait_event(
-    daemon: Vgpud, name: str, start: int, *, device: str | None = None, within: float = 60
-) -> dict[str, Any]:
-    """The first JSON log line from line ``start`` on whose event is ``name`` (and, if
-    given, whose device is ``device``), parsed."""
-
-    def check(line: str) -> bool:
-        event = _parsed(line)
-        return (
-            event is not None
-            and event.get("event") == name
-            and (device is None or event.get("device") == device)
-        )
-
-    with trio.fail_after(within):
-        _, line = await daemon.log.wait_for(check, start=start, what=f"{name} {device or ''}")
-    event: dict[str, Any] = json.loads(line)
-    return event
-
-
 async def _reload(daemon: Vgpud) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """SIGHUP the daemon and wait for its "reloaded" line; that line and every event logged
     from the signal up to it."""
     start = len(daemon.log.lines)
     assert daemon.process is not None and daemon.running
     daemon.process.send_signal(signal.SIGHUP)
-    reloaded = await _wait_event(daemon, "reloaded", start)
-    return reloaded, _events_since(daemon, start)
+    _, reloaded = await wait_event(daemon, "reloaded", start)
+    return reloaded, events_since(daemon, start)
 
 
 def _outcome(reloaded: dict[str, Any]) -> dict[str, Any]:
     return {key: reloaded[key] for key in OUTCOME_KEYS if key in reloaded}
-
-
-async def _probe(socket_path: Path) -> tuple[int, str]:
-    """``vgpud probe SOCKET``: its exit status and stderr (a new client of that device)."""
-    with trio.fail_after(60):
-        done = await trio.run_process(
-            [VGPUD, "probe", str(socket_path)],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    return done.returncode, done.stderr.decode()
 
 
 def _guest_script(gpu0: Gpu, gpu1: Gpu, keep0: Plan, plan1: Plan) -> GuestScript:
@@ -243,7 +196,7 @@ async def test_a_reload_adds_a_gpu_the_running_vm_hot_plugs(
     config.write_text(_config(gpu1))
     reloaded, _ = await _reload(daemon)
     assert _outcome(reloaded) == {"draining": ["gpu0"]}, reloaded
-    status, stderr = await _probe(gpu0.socket_path)
+    status, stderr = await probe(gpu0.socket_path)
     assert status == 1, stderr
     assert len(stderr.splitlines()) == 1 and "No such device" in stderr, stderr
 
@@ -269,11 +222,11 @@ async def test_a_reload_adds_a_gpu_the_running_vm_hot_plugs(
     assert results.done_rc == 0
 
     # The VM has gone: gpu0 is released and its socket removed; gpu1 takes a new client.
-    released = await _wait_event(daemon, "device released", 0)
+    _, released = await wait_event(daemon, "device released", 0)
     assert released.get("device") == "gpu0", released
     assert not gpu0.socket_path.exists(), "gpu0's socket outlived its release"
     # Once the daemon has seen the VM leave gpu1 too (until then a new client is "second").
-    await _wait_event(daemon, "client disconnected", 0, device="gpu1")
-    status, stderr = await _probe(gpu1.socket_path)
+    await wait_event(daemon, "client disconnected", 0, device="gpu1")
+    status, stderr = await probe(gpu1.socket_path)
     assert status == 0, stderr
     assert daemon.running

@@ -30,7 +30,6 @@ Python engine only: the libvfio-user engine refuses upgrades. About 17 s.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import select
@@ -54,10 +53,11 @@ from backends.device import (
 from backends.synthetic.bar0 import DOORBELL, SCRATCH
 from backends.synthetic.config_space import PCI_COMMAND, PCI_COMMAND_MASTER
 from backends.vfio.device import VfioPciDevice
+from tests.e2e.daemon_log import events_since, probe, wait_event
 from tests.e2e.harness import Harness
 from tests.e2e.initramfs import GuestScript
 from tests.e2e.plans import Plan, describe_script, memory_plan
-from tests.e2e.qemu import VGPUD, Vgpud
+from tests.e2e.qemu import Vgpud
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -193,53 +193,13 @@ def _guest_script(plan: Plan) -> GuestScript:
 # The host half
 
 
-def _parsed(line: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-async def _wait_event(
-    daemon: Vgpud, names: tuple[str, ...], start: int, within: float = 60
-) -> tuple[int, dict[str, Any]]:
-    """The first JSON log line from line ``start`` on whose event is one of ``names``: its
-    index and the line, parsed. E2EError if the daemon's output ends first."""
-
-    def check(line: str) -> bool:
-        event = _parsed(line)
-        return event is not None and event.get("event") in names
-
-    with trio.fail_after(within):
-        index, line = await daemon.log.wait_for(check, start=start, what=" or ".join(names))
-    event: dict[str, Any] = json.loads(line)
-    return index, event
-
-
-def _events(daemon: Vgpud, start: int = 0) -> list[dict[str, Any]]:
-    return [e for e in map(_parsed, daemon.log.lines[start:]) if e is not None]
-
-
 async def _status(daemon: Vgpud) -> dict[str, Any]:
     """SIGUSR1: the daemon's "status" line for its one device."""
     assert daemon.process is not None and daemon.running
     start = len(daemon.log.lines)
     daemon.process.send_signal(signal.SIGUSR1)
-    _, status = await _wait_event(daemon, ("status",), start)
+    _, status = await wait_event(daemon, "status", start)
     return status
-
-
-async def _probe(socket_path: Path) -> tuple[int, str]:
-    """``vgpud probe SOCKET``: its exit status and stderr (a new client of the device)."""
-    with trio.fail_after(60):
-        done = await trio.run_process(
-            [VGPUD, "probe", str(socket_path)],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    return done.returncode, done.stderr.decode()
 
 
 async def test_sigusr2_upgrades_the_daemon_under_a_running_vm(harness: Harness) -> None:
@@ -260,7 +220,7 @@ async def test_sigusr2_upgrades_the_daemon_under_a_running_vm(harness: Harness) 
     start = len(daemon.log.lines)
     daemon.process.send_signal(signal.SIGUSR2)
     signalled = trio.current_time()
-    at, outcome = await _wait_event(daemon, ("upgraded", "upgrade refused"), start)
+    at, outcome = await wait_event(daemon, ("upgraded", "upgrade refused"), start)
     harness.notes.append(
         f"{outcome['event']} {trio.current_time() - signalled:.2f} s after SIGUSR2"
     )
@@ -269,7 +229,7 @@ async def test_sigusr2_upgrades_the_daemon_under_a_running_vm(harness: Harness) 
     assert outcome["pid"] == pid, outcome
     assert outcome["devices"] == 1, outcome
     assert outcome["clients"] == 1, outcome
-    names = [event.get("event") for event in _events(daemon, start)]
+    names = [event.get("event") for event in events_since(daemon, start)]
     assert "upgrading" in names[: names.index("upgraded")], names
     after = await _status(daemon)
     for key in ("client", "connections", "dma_maps"):
@@ -307,10 +267,10 @@ async def test_sigusr2_upgrades_the_daemon_under_a_running_vm(harness: Harness) 
 
     # After the upgrade the daemon goes on as usual: the VM leaving, a new client on the
     # inherited listening socket, a clean stop.
-    await _wait_event(daemon, ("client disconnected",), at + 1)
-    status, stderr = await _probe(device.socket_path)
+    await wait_event(daemon, "client disconnected", at + 1)
+    status, stderr = await probe(device.socket_path)
     assert status == 0, stderr
-    events = _events(daemon)
+    events = events_since(daemon)
     assert not [e for e in events if e.get("event") == "upgrade refused"], events
     failures = [e for e in events if e.get("level") in ("error", "critical")]
     assert not failures, failures
