@@ -250,20 +250,27 @@ def read_handover() -> Handover | None:
             document = json.loads(memory.read())
     except (ValueError, OSError) as exc:
         raise ValueError(f"handover document unreadable: {exc}") from exc
-    devices = document.get("devices") if isinstance(document, dict) else None
+    if not isinstance(document, dict):
+        raise ValueError("handover document is not a JSON object")
+    devices = document.get("devices")
     fds = _named_fds(devices)
     for fd in fds:
         with contextlib.suppress(OSError):
             os.set_inheritable(fd, False)
-    if document.get("format") != FORMAT or not isinstance(devices, list):
+    try:
+        if document.get("format") != FORMAT or not isinstance(devices, list):
+            raise ValueError(
+                f"handover document of format {document.get('format')!r}, not {FORMAT}"
+            )
+        return Handover(
+            devices=devices,
+            fds=fds,
+            version=str(document.get("version")),
+            upgrading_ns=int(document.get("upgrading_ns", 0)),
+        )
+    except (ValueError, TypeError) as exc:
         close_fds(fds)
-        raise ValueError(f"handover document of format {document.get('format')!r}, not {FORMAT}")
-    return Handover(
-        devices=devices,
-        fds=fds,
-        version=str(document.get("version")),
-        upgrading_ns=int(document.get("upgrading_ns", 0)),
-    )
+        raise ValueError(str(exc)) from exc
 
 
 def _named_fds(devices: object) -> list[int]:

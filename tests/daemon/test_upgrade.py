@@ -217,3 +217,64 @@ async def test_a_stop_sent_as_the_daemon_execs_stops_it_cleanly(
     assert proc.returncode == 0, stderr
     assert '"stopping"' in stderr
     assert not (tmp_path / "gpu0.sock").exists()
+
+
+def start_with_handover(
+    tmp_path: Path, document: bytes, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[str]:
+    """``vgpud serve`` as the next process of an upgrade whose document is ``document``
+    (``pass_fds``: the fds it names)."""
+    memfd = os.memfd_create("handover", 0)
+    os.write(memfd, document)
+    os.lseek(memfd, 0, os.SEEK_SET)
+    try:
+        return subprocess.Popen(
+            [*VGPUD, *serve_args(tmp_path), "--log-format", "json"],
+            env={**os.environ, "VGPUD_HANDOVER_FD": str(memfd)},
+            pass_fds=[memfd, *pass_fds],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(memfd)
+
+
+@pytest.mark.parametrize("document", [b"not json", b"[1]", b'{"format": 99, "devices": []}'])
+def test_a_handover_that_cannot_be_read_starts_afresh(tmp_path: Path, document: bytes) -> None:
+    proc = start_with_handover(tmp_path, document)
+    try:
+        _, lines = read_log_until(proc, "ready")
+        assert "the handover cannot be read; starting afresh" in lines
+    finally:
+        stop(proc)
+
+
+def test_a_device_that_cannot_be_taken_over_is_dropped_with_its_fds(tmp_path: Path) -> None:
+    path = tmp_path / "gone.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    handed = os.dup(listener.fileno())  # what the previous process would have left open
+    device = {
+        "config": {"name": "gone", "socket_path": str(path), "profile": "no-such-profile"},
+        "endpoint": {"path": str(path), "fd": handed, "ours": True, "connected": False},
+        "fds": [handed],
+    }
+    document = json.dumps({"format": 1, "devices": [device], "upgrading_ns": 0}).encode()
+    try:
+        proc = start_with_handover(tmp_path, document, (handed,))
+    finally:
+        os.close(handed)
+    try:
+        upgraded, lines = read_log_until(proc, "upgraded")
+        assert "device could not be taken over" in lines
+        assert (upgraded["devices"], upgraded["clients"]) == (0, 0)
+        assert not path.exists()  # ours, so removed
+        listening = os.readlink(f"/proc/self/fd/{listener.fileno()}")  # socket:[inode]
+        held = [
+            os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")
+        ]
+        assert listening not in held  # the daemon closed the listener it was handed
+    finally:
+        listener.close()
+        stop(proc)
