@@ -313,6 +313,8 @@ async def resume(handover: Handover, fleet: Fleet, log: Any) -> Resumed:
                 device=_name(entry),
                 error=f"{type(exc).__name__}: {exc}",
             )
+            # Those the device had taken over its release closed already: closing them
+            # again finds them closed, as nothing opens a file in between.
             close_fds(entry.get("fds", ()))
             _remove_socket(entry)
             continue
