@@ -259,6 +259,11 @@ async def _start(
     _raise_fd_limit()
     started = trio.current_time()
     if handover is not None:
+        if config.engine != "python":
+            # The handed-over sessions are the Python engine's; so stay the devices a
+            # reload adds. The next restart applies it.
+            log.warning("an upgrade cannot change the engine: restart to apply it")
+            config = dataclasses.replace(config, engine="python", libvfio_user=None)
         fleet = Fleet(
             config,
             nursery,

@@ -278,3 +278,35 @@ def test_a_device_that_cannot_be_taken_over_is_dropped_with_its_fds(tmp_path: Pa
     finally:
         listener.close()
         stop(proc)
+
+
+async def test_an_upgrade_reads_the_daemon_settings_afresh(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """The [daemon] table (here the log level) is read as at a start; the devices keep
+    theirs (a reload applies those)."""
+    config = tmp_path / "tray.toml"
+    socket_path = tmp_path / "gpu0.sock"
+    device = (
+        f'[[device]]\nname = "gpu0"\nsocket_path = "{socket_path}"\n'
+        f'memory_size = "2GiB"\nbacking_dir = "{tmp_path / "mem"}"\n'
+    )
+    config.write_text('[daemon]\nlog_level = "info"\n' + device)
+    proc = start(["serve", "--config", str(config), "--log-format", "json"], tmp_path)
+    try:
+        read_log_until(proc, "ready")
+        config.write_text('[daemon]\nlog_level = "debug"\n' + device.replace("2GiB", "4GiB"))
+        await upgrade(proc)
+        async with await VfioUserClient.connect(socket_path) as client:
+            with pytest.raises(VfioUserError):
+                await client.region_read(BAR0, 1 << 30, 4)  # outside BAR0: refused
+            refused = await log_until(proc, "request refused")  # a debug line
+            assert refused["errno"] == errno.EINVAL
+            bar4 = await client.region_info(4)
+            if bar4.fd is not None:
+                os.close(bar4.fd)
+            # BAR4 as served before the upgrade: 2 GiB of memory make a 1 GiB usemem BAR
+            # (4 GiB would make a 4 GiB one).
+            assert bar4.info.size == 1 << 30
+    finally:
+        stop(proc)
