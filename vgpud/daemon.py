@@ -49,6 +49,7 @@ from vgpud.signals import (
     UPGRADE_SIGNAL,
     EarlySignals,
     handle_signals,
+    quiet_thread,
 )
 from vgpud.variant import CxlReadinessWait, probe_wait
 
@@ -391,7 +392,7 @@ async def _warn_about_memory(fleet: Fleet, log: Any, attached_pids: Sequence[int
     files_of = {live.config.name: live.memory_files for live in fleet.devices}
     every_file = frozenset().union(*(files.ids for files in files_of.values()))
     found = await trio.to_thread.run_sync(
-        functools.partial(find_mappers, every_file, exclude=attached_pids)
+        quiet_thread(functools.partial(find_mappers, every_file, exclude=attached_pids))
     )
     for name, files in files_of.items():
         mappers = [m for m in found if m.files & files.ids]

@@ -27,6 +27,7 @@ import trio
 
 from vgpud.log_limit import LogLimiter
 from vgpud.memory_files import FileId, MemoryFiles
+from vgpud.signals import quiet_thread
 
 PROC = Path("/proc")
 # How long a client's attach waits for the search: it runs before the session is served,
@@ -124,7 +125,7 @@ class SharedMemoryCheck:
             exclude = [peer["peer_pid"]] if "peer_pid" in peer else []
             with trio.move_on_after(limit):
                 mappers = await trio.to_thread.run_sync(
-                    functools.partial(find_mappers, self._files, exclude=exclude),
+                    quiet_thread(functools.partial(find_mappers, self._files, exclude=exclude)),
                     abandon_on_cancel=True,
                 )
         except Exception:

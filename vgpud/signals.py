@@ -11,9 +11,10 @@ before it has taken the signals over and after it has given them back --
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -29,6 +30,10 @@ STATUS_SIGNAL = signal.SIGUSR1
 UPGRADE_SIGNAL = signal.SIGUSR2
 # Every signal the daemon handles.
 TAKEN_SIGNALS = (*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL)
+T = TypeVar("T")
+
+# Signals an upgrading process took and its next process must act on (HeldSignals).
+HELD_SIGNALS_ENV = "VGPUD_HELD_SIGNALS"
 
 
 class EarlySignals:
@@ -54,9 +59,12 @@ class EarlySignals:
         for signum in TAKEN_SIGNALS:  # the main thread's job, as for any Python handler
             signal.signal(signum, self._remember)
         # An upgrade (vgpud/upgrade.py) execs with these blocked, so that one sent while the
-        # next process imports waits for its handler instead of killing it with every VM's
-        # GPU; a plain start has them unblocked already.
+        # next process imports waits for its handlers instead of killing it with every VM's
+        # GPU, and names those its previous process took meanwhile (HeldSignals); a plain
+        # start has them unblocked, and none held.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, TAKEN_SIGNALS)
+        held = os.environ.pop(HELD_SIGNALS_ENV, "")
+        self.received += [int(signum) for signum in held.split(",") if signum.isdigit()]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -69,6 +77,56 @@ class EarlySignals:
     def stop_requested(self) -> int | None:
         """The first stop signal received, if any."""
         return next((s for s in self.received if s in STOP_SIGNALS), None)
+
+
+def quiet_thread(function: Callable[[], T]) -> Callable[[], T]:
+    """``function``, to run on a worker thread that takes none of the daemon's signals (the
+    main thread's job): from its first call on, the thread blocks them for good. A signal
+    the kernel hands a worker thread instead is seen only once the main thread runs Python
+    again, which an upgrade's exec never does (HeldSignals), so the daemon runs its worker
+    threads through this."""
+
+    def quietly() -> T:
+        signal.pthread_sigmask(signal.SIG_BLOCK, TAKEN_SIGNALS)
+        return function()
+
+    return quietly
+
+
+class HeldSignals:
+    """The daemon's signals taken aside while it upgrades (vgpud/upgrade.py), from the freeze
+    to the exec: blocked in the main thread (the mask survives the exec, so one sent while
+    the next process imports waits for it), and any that reaches another thread recorded
+    instead of going to the daemon's signal task, which the exec would end with them unseen.
+    If the upgrade does not happen, :meth:`release` gives them to the daemon's handlers;
+    if it does, :meth:`environment` names them to the next process (:class:`EarlySignals`).
+    Only one that arrives inside the exec call itself can be lost."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._saved: dict[int, Any] = {}
+
+    def hold(self) -> None:
+        """From now on (main thread)."""
+        for signum in TAKEN_SIGNALS:
+            self._saved[signum] = signal.signal(signum, self._remember)
+        signal.pthread_sigmask(signal.SIG_BLOCK, TAKEN_SIGNALS)
+
+    def release(self) -> None:
+        """The daemon's handlers back, and the signals held raised to them."""
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TAKEN_SIGNALS)
+        received, self.received = self.received, []
+        for signum in received:
+            signal.raise_signal(signum)
+
+    def environment(self) -> dict[str, str]:
+        """For the next process: the signals held so far."""
+        return {HELD_SIGNALS_ENV: ",".join(str(signum) for signum in self.received)}
+
+    def _remember(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
 
 
 class StatusReporter(Protocol):

@@ -39,8 +39,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,7 +58,7 @@ from vgpud.devices import BuiltDevice, build_device
 from vgpud.fleet import Endpoint, Fleet, LiveDevice
 from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import DeviceServer, peer_credentials
-from vgpud.signals import TAKEN_SIGNALS
+from vgpud.signals import HeldSignals, quiet_thread
 
 HANDOVER_ENV = "VGPUD_HANDOVER_FD"
 CHECK_ENV = "VGPUD_UPGRADE_CHECK"
@@ -96,14 +96,25 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
     argv = list(argv) if argv is not None else command_line()
     log.info("upgrading", devices=len(fleet.devices))
     servers: list[DeviceServer] = []
+    held: HeldSignals | None = None
     try:
         servers = _servers(fleet)
         await _check_new_code(argv)
+        # From here until the exec, or until the upgrade is refused, the daemon's signals
+        # are held aside (HeldSignals): a stop then waits at most FREEZE_TIMEOUT, for the
+        # thaw or for the next process, instead of being lost with this one (found by a
+        # test run under load: trio's signal task took a SIGTERM, then the exec came).
+        held = HeldSignals()
+        held.hold()
+        log.info("new code checked; bringing the clients to rest", clients=_clients(servers))
         for server in servers:
             server.freeze()
         with trio.move_on_after(FREEZE_TIMEOUT) as waited:
-            for server in servers:
-                await server.wait_at_rest()
+            while not all(server.at_rest for server in servers):
+                # One that rested may read on while another is awaited (a message that
+                # had arrived; it rests again once that is served): all at once, or again.
+                for server in servers:
+                    await server.wait_at_rest()
         if waited.cancelled_caught:
             busy = [server.name for server in servers if not server.at_rest]
             raise UpgradeRefusedError(
@@ -112,7 +123,7 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
             )
         # From here to the exec, no await: nothing can change what is described.
         document, fds = describe(fleet)
-        _exec(argv, document, fds)
+        _exec(argv, document, fds, held)
     except UpgradeRefusedError as exc:
         log.warning("upgrade refused", reason=str(exc))
     except Exception:
@@ -121,6 +132,12 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
     finally:
         for server in servers:
             server.thaw()
+        if held is not None:
+            held.release()  # a stop held meanwhile now stops the daemon
+
+
+def _clients(servers: Sequence[DeviceServer]) -> int:
+    return sum(server.active is not None for server in servers)
 
 
 def _servers(fleet: Fleet) -> list[DeviceServer]:
@@ -145,12 +162,17 @@ async def _check_new_code(argv: Sequence[str]) -> None:
     """Step 2 of the module docstring."""
     env = {**os.environ, CHECK_ENV: "1"}
     env.pop(HANDOVER_ENV, None)
+
+    # Not trio.run_process: its reaper thread would take signals (vgpud.signals.quiet_thread).
+    # Abandoned if the daemon stops meanwhile: the check only parses, and exits by itself.
+    def check() -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            list(argv), env=env, capture_output=True, timeout=CHECK_TIMEOUT, check=False
+        )
+
     try:
-        with trio.fail_after(CHECK_TIMEOUT):
-            done = await trio.run_process(
-                list(argv), env=env, capture_stdout=True, capture_stderr=True, check=False
-            )
-    except (OSError, trio.TooSlowError) as exc:
+        done = await trio.to_thread.run_sync(quiet_thread(check), abandon_on_cancel=True)
+    except (OSError, subprocess.TimeoutExpired) as exc:
         raise UpgradeRefusedError(f"the new code could not be checked: {exc}") from exc
     if done.returncode != 0:
         said = done.stderr.decode(errors="replace").strip().splitlines()
@@ -206,7 +228,9 @@ def _describe_device(live: LiveDevice) -> tuple[dict[str, Any], list[int]]:
     return entry, fds
 
 
-def _exec(argv: Sequence[str], document: Mapping[str, Any], fds: Iterable[int]) -> None:
+def _exec(
+    argv: Sequence[str], document: Mapping[str, Any], fds: Iterable[int], held: HeldSignals
+) -> None:
     """Step 4: hand ``document`` and ``fds`` to the process ``argv`` starts, by exec.
     Returns only by raising, with the fds this process's again."""
     memfd = os.memfd_create("vgpud-handover", 0)
@@ -220,12 +244,11 @@ def _exec(argv: Sequence[str], document: Mapping[str, Any], fds: Iterable[int]) 
         systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         sys.stdout.flush()
         sys.stderr.flush()
-        # Blocked across the exec (the mask is inherited): a stop or upgrade signal sent
-        # while the next process imports waits for its handlers (vgpud.signals).
-        signal.pthread_sigmask(signal.SIG_BLOCK, TAKEN_SIGNALS)
-        os.execve(argv[0], list(argv), {**os.environ, HANDOVER_ENV: str(memfd)})
+        # The signals stay blocked across the exec (the mask is inherited), and those held
+        # so far are named to the next process.
+        env = {**os.environ, HANDOVER_ENV: str(memfd), **held.environment()}
+        os.execve(argv[0], list(argv), env)
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, TAKEN_SIGNALS)
         for fd in inheritable:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)

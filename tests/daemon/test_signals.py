@@ -12,6 +12,7 @@ import importlib.abc
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,13 @@ from tests.serve_process import read_log_until, serve_args, start, stop
 from vgpud import daemon, entry
 from vgpud.client import VfioUserClient
 from vgpud.config import DaemonConfig, single_device
-from vgpud.signals import STATUS_SIGNAL, STOP_SIGNALS, EarlySignals
+from vgpud.signals import (
+    HELD_SIGNALS_ENV,
+    STATUS_SIGNAL,
+    STOP_SIGNALS,
+    EarlySignals,
+    HeldSignals,
+)
 
 ENGINES = [
     "python",
@@ -160,3 +167,42 @@ def test_stop_signals_outside_run_are_neither_lost_nor_fatal(tmp_path: Path, eng
     assert not any(e["event"] == "ready" for e in logs), "it served before stopping"
     assert not any(e["log_level"] == "error" for e in logs), logs
     assert not (tmp_path / "gpu0.sock").exists()
+
+
+def test_signals_held_for_an_upgrade_are_recorded_and_given_back() -> None:
+    """vgpud.signals.HeldSignals: one that reaches a thread that does not block it (its C
+    handler runs there, the Python one on the main thread) is recorded for the next
+    process, and given to the daemon's own handler if the upgrade does not happen."""
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, _frame: got.append(signum))
+    held = HeldSignals()
+    go = threading.Event()
+
+    def raise_when_told() -> None:
+        go.wait()
+        signal.raise_signal(signal.SIGUSR1)
+
+    # Started before the hold, so it does not block the signal (a thread inherits the mask
+    # of the thread that starts it): a thread that never ran through quiet_thread.
+    other = threading.Thread(target=raise_when_told)
+    other.start()
+    try:
+        held.hold()
+        go.set()
+        other.join()
+        assert held.received == [signal.SIGUSR1]
+        assert held.environment() == {HELD_SIGNALS_ENV: str(int(signal.SIGUSR1))}
+        assert got == []
+    finally:
+        held.release()
+        signal.signal(signal.SIGUSR1, previous)
+    assert got == [signal.SIGUSR1]
+
+
+def test_a_signal_the_previous_process_held_reaches_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(HELD_SIGNALS_ENV, f"{int(signal.SIGTERM)}")
+    with EarlySignals() as early:
+        assert early.stop_requested() == signal.SIGTERM
+    assert HELD_SIGNALS_ENV not in os.environ

@@ -9,6 +9,7 @@ would. The daemon's JSON log says when the upgrade is done ("upgraded") or refus
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import signal
@@ -310,3 +311,21 @@ async def test_an_upgrade_reads_the_daemon_settings_afresh(
             assert bar4.info.size == 1 << 30
     finally:
         stop(proc)
+
+
+async def test_a_stop_during_an_upgrade_that_is_refused_still_stops(
+    daemon: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    """The upgrade holds the daemon's signals back while it freezes; when it is refused (a
+    client stuck mid-message), a stop that came meanwhile is acted on, not lost."""
+    async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+        read = p.RegionReadRequest(region=BAR0, offset=SCRATCH, count=4)
+        client.stream.socket.send(client.conn.send_request(read)[1].data[: p.HEADER_SIZE])
+        daemon.send_signal(signal.SIGUSR2)
+        await log_until(daemon, "new code checked; bringing the clients to rest")
+        daemon.send_signal(signal.SIGTERM)  # held: the upgrade waits for the client
+        _, stderr = await trio.to_thread.run_sync(functools.partial(daemon.communicate, timeout=30))
+    assert daemon.returncode == 0, stderr
+    assert stderr.index('"upgrade refused"') < stderr.index('"stopping"')
+    assert '"stopped"' in stderr
+    assert not (tmp_path / "gpu0.sock").exists()
