@@ -259,21 +259,34 @@ async def _start(
     with ``handover``, take over the devices the previous process served."""
     _raise_fd_limit()
     started = trio.current_time()
-    if handover is not None:
-        if config.engine != "python":
-            # The handed-over sessions are the Python engine's; so stay the devices a
-            # reload adds. The next restart applies it.
-            log.warning("an upgrade cannot change the engine: restart to apply it")
-            config = dataclasses.replace(config, engine="python", libvfio_user=None)
-        fleet = Fleet(
-            config,
-            nursery,
-            None,  # an upgrade came from the Python engine (vgpud/upgrade.py)
-            servers,
-            log,
-            prepare=functools.partial(_prepare, library=None, log=log),
-            stop_daemon=daemon_scope.cancel,
+    library = None
+    if handover is None:
+        if inherited_fd is not None and len(config.devices) != 1:
+            raise StartupError("--fd serves exactly one device")
+        library = _load_engine(config)
+        _check_groups(config)
+    elif config.engine != "python":
+        # The handed-over sessions are the Python engine's; so stay the devices a reload
+        # adds. The next restart applies it.
+        log.warning("an upgrade cannot change the engine: restart to apply it")
+        config = dataclasses.replace(config, engine="python", libvfio_user=None)
+    fleet = Fleet(
+        config,
+        nursery,
+        library,
+        servers,
+        log,
+        prepare=functools.partial(_prepare, library=library, log=log),
+        stop_daemon=daemon_scope.cancel,
+    )
+    if handover is None:
+        await _start_fresh(config, inherited_fd, fleet, log)
+        await _warn_about_memory(fleet, log, ())
+        elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
+        log.info(
+            "ready", devices=len(servers), max_dma_maps=fleet.max_dma_maps, startup_ms=elapsed_ms
         )
+    else:
         resumed = await upgrade.resume(handover, fleet, log)
         # Devices taken over keep the settings they were served with (a reload applies
         # an edited file); their config is what the fleet compares a reload with.
@@ -290,37 +303,14 @@ async def _start(
             handover_ms=upgrade.handover_ms(handover),
             max_dma_maps=fleet.max_dma_maps,
         )
-        systemd.notify("READY=1")
-        return fleet
-    fleet = await _start_fresh(
-        config,
-        inherited_fd,
-        nursery=nursery,
-        daemon_scope=daemon_scope,
-        log=log,
-        servers=servers,
-    )
-    await _warn_about_memory(fleet, log, ())
-    elapsed_ms = math.ceil((trio.current_time() - started) * 1000)
-    log.info("ready", devices=len(servers), max_dma_maps=fleet.max_dma_maps, startup_ms=elapsed_ms)
     systemd.notify("READY=1")
     return fleet
 
 
 async def _start_fresh(
-    config: DaemonConfig,
-    inherited_fd: int | None,
-    *,
-    nursery: trio.Nursery,
-    daemon_scope: trio.CancelScope,
-    log: Any,
-    servers: list[ServedDevice],
-) -> Fleet:
-    """Build, ready and serve every configured device."""
-    if inherited_fd is not None and len(config.devices) != 1:
-        raise StartupError("--fd serves exactly one device")
-    library = _load_engine(config)
-    _check_groups(config)
+    config: DaemonConfig, inherited_fd: int | None, fleet: Fleet, log: Any
+) -> None:
+    """Build, ready and serve every configured device in ``fleet``."""
     built: list[BuiltDevice] = []  # those not yet handed to the fleet
     try:
         for device_config in config.devices:
@@ -345,15 +335,6 @@ async def _start_fresh(
         except BudgetError as exc:
             raise StartupError(str(exc)) from exc
         inherited = _inherited_sockets(config, inherited_fd)
-        fleet = Fleet(
-            config,
-            nursery,
-            library,
-            servers,
-            log,
-            prepare=functools.partial(_prepare, library=library, log=log),
-            stop_daemon=daemon_scope.cancel,
-        )
         fleet.share(max_dma_maps)
         try:
             for index, device_config in enumerate(config.devices):
@@ -364,7 +345,6 @@ async def _start_fresh(
                 await fleet.start(device, memory_files[device.name], endpoint)
         except (ListenerError, EngineUnavailable) as exc:
             raise StartupError(str(exc)) from exc
-        return fleet
     finally:
         for endpoint in endpoints:
             endpoint.close()

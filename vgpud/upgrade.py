@@ -58,6 +58,7 @@ from vgpud.devices import BuiltDevice, build_device
 from vgpud.fleet import Endpoint, Fleet, LiveDevice
 from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import DeviceServer, peer_credentials
+from vgpud.server.transport import close_fds
 from vgpud.signals import HeldSignals, quiet_thread
 
 HANDOVER_ENV = "VGPUD_HANDOVER_FD"
@@ -76,7 +77,6 @@ class Handover:
     """A handover document, read in the next process."""
 
     devices: list[dict[str, Any]]
-    fds: list[int]
     version: str
     upgrading_ns: int  # CLOCK_MONOTONIC when the previous process began the exec
 
@@ -287,7 +287,6 @@ def read_handover() -> Handover | None:
             )
         return Handover(
             devices=devices,
-            fds=fds,
             version=str(document.get("version")),
             upgrading_ns=int(document.get("upgrading_ns", 0)),
         )
@@ -305,13 +304,6 @@ def _named_fds(devices: object) -> list[int]:
         if isinstance(fds, list):
             named.update(fd for fd in fds if type(fd) is int and fd >= 0)
     return sorted(named)
-
-
-def close_fds(fds: Iterable[int]) -> None:
-    """Close each of ``fds`` (handed-over fds nobody took)."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 @dataclass
@@ -338,7 +330,7 @@ async def resume(handover: Handover, fleet: Fleet, log: Any) -> Resumed:
             )
             # Those the device had taken over its release closed already: closing them
             # again finds them closed, as nothing opens a file in between.
-            close_fds(entry.get("fds", ()))
+            close_fds(_named_fds([entry]))
             _remove_socket(entry)
             continue
         rebuilt.append((built, files, endpoint, entry["server"]))

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backends.device import DmaRegion
+from vgpud.server.transport import close_fds
 
 
 class DmaError(Exception):
@@ -264,13 +265,8 @@ class DmaTable:
 
 def _close_named_fds(entries: Sequence[object]) -> None:
     """Close the fd each of ``entries`` (handed-over mappings, maybe malformed) names."""
-    for raw in entries:
-        fd = raw.get("fd") if isinstance(raw, Mapping) else None
-        if type(fd) is int:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    named = [raw.get("fd") if isinstance(raw, Mapping) else None for raw in entries]
+    close_fds([fd for fd in named if type(fd) is int])
 
 
 def _file_identity(fd: int) -> tuple[int, int]:

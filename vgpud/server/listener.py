@@ -296,16 +296,15 @@ class DeviceServer:
         self.active, self._active_sock = number, sock
         self._nursery.start_soon(self._run_session, sock, number, creds)
 
-    def _resume_client(self, client: Mapping[str, Any] | None) -> None:
+    def _resume_client(self, client: Mapping[str, Any]) -> None:
         """Serve again the client a previous process handed over (a live upgrade)."""
-        if client is None:
-            return
         sock = socket.socket(fileno=int(client["fd"]))
         number = int(client["number"])
-        creds = peer_credentials(sock)
         assert self._nursery is not None, "only serve() resumes sessions"
         self.active, self._active_sock = number, sock
-        self._nursery.start_soon(self._run_session, sock, number, creds, client["session"])
+        self._nursery.start_soon(
+            self._run_session, sock, number, peer_credentials(sock), client["session"]
+        )
 
     # -- a live upgrade (vgpud/upgrade.py) --------------------------------------------------
 
@@ -412,13 +411,13 @@ class DeviceServer:
         """Serve a single already-connected client (``--fd`` with a connected socket), or
         the one handed over with it (a live upgrade)."""
         client = self._handed_client
-        if client is not None:
-            self.active, self._active_sock = int(client["number"]), sock
-            await self._run_session(sock, self.active, peer_credentials(sock), client["session"])
-            return
-        self.connections += 1
-        self.active, self._active_sock = self.connections, sock
-        await self._run_session(sock, self.connections, peer_credentials(sock))
+        if client is None:
+            self.connections += 1
+            number, handed = self.connections, None
+        else:
+            number, handed = int(client["number"]), client["session"]
+        self.active, self._active_sock = number, sock
+        await self._run_session(sock, number, peer_credentials(sock), handed)
 
     async def _accept(self) -> trio.socket.SocketType:
         assert self.listener is not None, "serve() needs a listening socket"
