@@ -20,13 +20,15 @@ Served = list[DaemonConfig]
 @pytest.fixture(autouse=True)
 def _signal_handlers_restored() -> Iterator[None]:
     """``vgpud serve`` run in-process (cli.main) takes the stop signals and leaves them
-    ignored, as a process about to exit should (vgpud.signals.EarlySignals); the test
-    process goes on, Ctrl-C included."""
+    ignored, as a process about to exit should (vgpud.signals.EarlySignals), and vgpud.entry
+    may leave some blocked; the test process goes on, Ctrl-C included."""
     taken = (*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL)
     saved = {signum: signal.getsignal(signum) for signum in taken}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # vgpud.entry blocks some
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @pytest.fixture

@@ -51,9 +51,16 @@ def run_vgpud(
     )
 
 
-def start(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen[str]:
+def start(
+    args: list[str], tmp_path: Path, *, blocked: Sequence[int] = (), **env: str
+) -> subprocess.Popen[str]:
     """``vgpud *args`` with NOTIFY_SOCKET pointing at ``notify_socket``; stdout and stderr
-    are pipes (the daemon writes its log to stderr)."""
+    are pipes (the daemon writes its log to stderr). ``blocked``: signals the process starts
+    with blocked, so that one sent before it unblocks them waits for it, wherever it is."""
+
+    def block() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+
     environment = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), **env)
     return subprocess.Popen(
         [*VGPUD, *args],
@@ -61,6 +68,7 @@ def start(args: list[str], tmp_path: Path, **env: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        preexec_fn=block if blocked else None,  # noqa: PLW1509 (no threads to deadlock: it only blocks)
     )
 
 

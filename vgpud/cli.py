@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,7 +36,7 @@ from vgpud.config import (
     single_device,
 )
 from vgpud.entry import INTERRUPTED
-from vgpud.signals import EarlySignals
+from vgpud.signals import DEFERRED_SIGNALS, EarlySignals
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -399,6 +400,9 @@ def _probe_hint(exc: Exception) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vgpud`` script."""
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        # Blocked by vgpud.entry for a daemon's start; any other command takes them as usual.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, DEFERRED_SIGNALS)
     handlers = {
         "serve": _cmd_serve,
         "layout": _cmd_layout,

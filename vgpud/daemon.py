@@ -188,7 +188,7 @@ async def run(
                     nursery.cancel_scope,
                     servers,
                     log,
-                    early.stop_requested() if early is not None else None,
+                    early.received if early is not None else (),
                     reload=request_reload,
                     upgrade=functools.partial(requests.add, "upgrade"),
                 )

@@ -6,7 +6,11 @@ with one, and otherwise stops it as SIGTERM does (as for QEMU: a hang-up, with n
 reload; its default action would leave the sockets behind). SIGUSR1 logs one "status" line
 per device. SIGUSR2 upgrades the daemon in place (vgpud/upgrade.py). Outside ``run`` --
 before it has taken the signals over and after it has given them back --
-:class:`EarlySignals` keeps them from killing the process half-way or at the end.
+:class:`EarlySignals` keeps them from killing the process half-way or at the end, and a
+signal taken before ``run`` is acted on by ``run`` as if it had come just then: a stop
+stops it before it serves, a reload or an upgrade is done once it serves. Before that,
+while the interpreter imports the daemon's code, vgpud.entry keeps SIGUSR1 and SIGUSR2
+blocked (:data:`DEFERRED_SIGNALS`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ STATUS_SIGNAL = signal.SIGUSR1
 UPGRADE_SIGNAL = signal.SIGUSR2
 # Every signal the daemon handles.
 TAKEN_SIGNALS = (*STOP_SIGNALS, STATUS_SIGNAL, UPGRADE_SIGNAL)
+# Blocked by vgpud.entry while the interpreter imports the CLI (about a quarter of a second),
+# and left pending for EarlySignals: their default action would kill a starting daemon (an
+# upgrade sent as the service (re)starts). The stop signals are not among them: nothing has
+# been made yet that a stop would leave behind, and Ctrl-C must end any vgpud command then.
+DEFERRED_SIGNALS = (STATUS_SIGNAL, UPGRADE_SIGNAL)
 T = TypeVar("T")
 
 # Signals an upgrading process took and its next process must act on (HeldSignals).
@@ -37,19 +46,21 @@ HELD_SIGNALS_ENV = "VGPUD_HELD_SIGNALS"
 
 
 class EarlySignals:
-    """The stop and status signals outside :func:`vgpud.daemon.run`, for a process that
-    runs it once::
+    """The daemon's signals outside :func:`vgpud.daemon.run`, for a process that runs it
+    once::
 
         with EarlySignals() as early:
             trio.run(functools.partial(daemon.run, config, early=early))
 
-    Entered, a stop signal that comes before ``run`` has taken the signals over is
-    remembered, and ``run`` then stops at once, the clean way, instead of the default action
-    killing a daemon that may be making its files. Left, the signals are ignored: the daemon
-    has stopped, and a repeat signal in the process's last milliseconds (trio gives the
-    handlers back, then the interpreter's shutdown resets Python handlers to the default
-    action) used to kill the process that had already stopped cleanly, exit status 143
-    instead of 0 (found by a thread audit: 17 of 25 double SIGTERMs).
+    Entered, a signal that comes before ``run`` has taken the signals over is remembered
+    (:attr:`received`), and ``run`` acts on each as it would have then: a stop signal stops
+    it at once, the clean way, instead of the default action killing a daemon that may be
+    making its files; a reload or an upgrade is done as soon as the daemon serves. Left, the
+    signals are ignored: the daemon has stopped, and a repeat signal in the process's last
+    milliseconds (trio gives the handlers back, then the interpreter's shutdown resets
+    Python handlers to the default action) used to kill the process that had already
+    stopped cleanly, exit status 143 instead of 0 (found by a thread audit: 17 of 25 double
+    SIGTERMs).
     """
 
     def __init__(self) -> None:
@@ -61,7 +72,8 @@ class EarlySignals:
         # An upgrade (vgpud/upgrade.py) execs with these blocked, so that one sent while the
         # next process imports waits for its handlers instead of killing it with every VM's
         # GPU, and names those its previous process took meanwhile (HeldSignals); a plain
-        # start has them unblocked, and none held.
+        # start has DEFERRED_SIGNALS blocked by vgpud.entry, and none held. Unblocked, any
+        # pending one is delivered to _remember before this returns.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, TAKEN_SIGNALS)
         held = os.environ.pop(HELD_SIGNALS_ENV, "")
         self.received += [int(signum) for signum in held.split(",") if signum.isdigit()]
@@ -73,10 +85,6 @@ class EarlySignals:
 
     def _remember(self, signum: int, _frame: object) -> None:
         self.received.append(signum)
-
-    def stop_requested(self) -> int | None:
-        """The first stop signal received, if any."""
-        return next((s for s in self.received if s in STOP_SIGNALS), None)
 
 
 def quiet_thread(function: Callable[[], T]) -> Callable[[], T]:
@@ -143,7 +151,7 @@ async def handle_signals(
     scope: trio.CancelScope,
     servers: Sequence[StatusReporter],
     log: Any,
-    early_stop: int | None,
+    early: Sequence[int] = (),
     *,
     reload: Callable[[], None] | None = None,
     upgrade: Callable[[], None] | None = None,
@@ -154,29 +162,31 @@ async def handle_signals(
     it caused and a repeat signal during clean-up is logged, not fatal. The status signal
     logs what ``servers`` (the devices listening now) say about themselves. With
     ``reload``, SIGHUP calls it (it must not block) instead of stopping; SIGUSR2 calls
-    ``upgrade`` (likewise), and is only logged without one."""
-    with trio.CancelScope(shield=True) as own:
-        task_status.started(own)
-        if early_stop is not None:  # before run() took the signals over
-            log.info("stopping", signal=signal.Signals(early_stop).name)
-            scope.cancel()
-        async for signum in signals:
-            if signum == STATUS_SIGNAL:
-                for server in servers:
-                    log.info("status", device=server.name, **server.status())
-                continue
-            name = signal.Signals(signum).name
-            if scope.cancel_called:
-                log.info("already stopping", signal=name)
-                continue
-            if signum == RELOAD_SIGNAL and reload is not None:
-                reload()
-                continue
-            if signum == UPGRADE_SIGNAL:
-                if upgrade is None:
-                    log.warning("cannot upgrade before the daemon serves", signal=name)
-                else:
-                    upgrade()
-                continue
+    ``upgrade`` (likewise), and is only logged without one. ``early``: the signals taken
+    before ``run`` took them over (EarlySignals), handled first, in the order they came."""
+
+    def handle(signum: int) -> None:
+        if signum == STATUS_SIGNAL:
+            for server in servers:
+                log.info("status", device=server.name, **server.status())
+            return
+        name = signal.Signals(signum).name
+        if scope.cancel_called:
+            log.info("already stopping", signal=name)
+        elif signum == RELOAD_SIGNAL and reload is not None:
+            reload()
+        elif signum == UPGRADE_SIGNAL:
+            if upgrade is None:
+                log.warning("cannot upgrade before the daemon serves", signal=name)
+            else:
+                upgrade()
+        else:
             log.info("stopping", signal=name)
             scope.cancel()
+
+    with trio.CancelScope(shield=True) as own:
+        task_status.started(own)
+        for signum in early:
+            handle(signum)
+        async for signum in signals:
+            handle(signum)

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ def write_tray(path: Path, devices: dict[str, str], daemon_table: str = "") -> N
 @dataclasses.dataclass
 class Running:
     servers: list[ServedDevice]
-    logs: list[dict[str, Any]]
+    logs: list[MutableMapping[str, Any]]
     config: Path
     reloads: int = 0
 
@@ -64,7 +64,7 @@ class Running:
     def names(self) -> list[str]:
         return [server.name for server in self.servers]
 
-    async def reload(self, devices: dict[str, str] | None = None) -> dict[str, Any]:
+    async def reload(self, devices: dict[str, str] | None = None) -> MutableMapping[str, Any]:
         """Rewrite the file (``devices`` as for :func:`write_tray`), SIGHUP, and the
         "reloaded" line."""
         if devices is not None:

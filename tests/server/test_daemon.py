@@ -10,7 +10,7 @@ import mmap
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -523,7 +523,9 @@ async def test_a_waiting_client_that_leaves_gives_up_its_turn(vgpud: Daemon) -> 
     assert open_fds() == before
 
 
-async def _close_later(client: VfioUserClient, logs: list[dict[str, Any]], waiter: int) -> None:
+async def _close_later(
+    client: VfioUserClient, logs: Sequence[Mapping[str, Any]], waiter: int
+) -> None:
     """Close ``client`` (ending its stuck session) once connection ``waiter`` waits."""
     await trio.testing.wait_all_tasks_blocked()  # the new client awaits its VERSION reply
     assert (logs[-1]["connection"], logs[-1]["event"]) == (
