@@ -8,7 +8,7 @@ import mmap
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -148,7 +148,7 @@ def test_shutdown_closes_files(tmp_path: Path) -> None:
 )
 def test_access_outside_the_window_is_refused(gpu: SyntheticGpu, start: int, count: int) -> None:
     window = gpu.memory_window(3 * GIB, GIB, False)
-    accesses = [lambda: window.read(start, count)]
+    accesses: list[Callable[[], object]] = [lambda: window.read(start, count)]
     if count >= 0:
         accesses.append(lambda: window.write(start, b"x" * count))
     for access in accesses:

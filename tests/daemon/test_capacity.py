@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -38,7 +40,7 @@ def device(
     )
 
 
-async def startup_lines(*devices: DeviceConfig) -> list[dict[str, object]]:
+async def startup_lines(*devices: DeviceConfig) -> list[MutableMapping[str, Any]]:
     with structlog.testing.capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(daemon.run, DaemonConfig(devices=devices)))

@@ -120,7 +120,9 @@ def test_maps_are_matched_by_device_and_inode(tmp_path: Path) -> None:
     (tmp_path / "500").mkdir()  # no maps: gone meanwhile
     (tmp_path / "self").mkdir()
     found = find_mappers({(dev, 4242), (dev, 7)}, proc=tmp_path)
-    assert [(m.pid, m.command, m.files) for m in found] == [(100, "proc100", {(dev, 4242)})]
+    assert [(m.pid, m.command, m.files) for m in found] == [
+        (100, "proc100", frozenset({(dev, 4242)}))
+    ]
 
 
 def test_no_proc_finds_nobody(tmp_path: Path) -> None:

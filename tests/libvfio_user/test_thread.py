@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -44,7 +45,7 @@ HANG_GUARD = 30.0  # seconds; waits that are over in milliseconds unless somethi
 
 
 @asynccontextmanager
-async def served(tmp_path: Path, name: str, **options: object) -> AsyncIterator[DeviceThread]:
+async def served(tmp_path: Path, name: str, **options: Any) -> AsyncIterator[DeviceThread]:
     socket_path = tmp_path / f"{name}.sock"
     config = single_device(
         socket_path=socket_path, memory_size="4GiB", backing_dir=tmp_path / f"mem-{name}"

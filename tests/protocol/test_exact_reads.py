@@ -117,9 +117,9 @@ def _exact(conn: ServerConnection, script: list[Any], fed: Counter[int]) -> list
             out.append(_summary(event))
             _answer(conn, event)
         conn.receive_data(b"")
-        while (event := conn.next_event()) is not NEED_DATA:
-            out.append(_summary(event))
-            if isinstance(event, ConnectionClosed):
+        while (closing := conn.next_event()) is not NEED_DATA:
+            out.append(_summary(closing))
+            if isinstance(closing, ConnectionClosed):
                 break
     except RemoteProtocolError as exc:
         out.append(("fatal", exc.message, tuple(sorted(exc.fds))))

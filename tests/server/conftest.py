@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +95,7 @@ async def vgpud(tmp_path: Path) -> AsyncIterator[Daemon]:
 
 async def reset_flood(
     connect: Callable[[], Awaitable[VfioUserClient]], idle: Callable[[], Awaitable[None]]
-) -> tuple[list[dict[str, Any]], float]:
+) -> tuple[list[MutableMapping[str, Any]], float]:
     """200 DEVICE_RESETs back to back over two connections; the lines logged meanwhile, and
     the most lines of one kind the device's rate limit (vgpud/log_limit.py) lets through in
     the time it took."""

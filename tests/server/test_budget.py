@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shlex
 import subprocess
 from collections.abc import Iterator
@@ -102,7 +103,7 @@ def test_the_map_count_limits_the_share_too(
     sysctl = tmp_path / "max_map_count"
     sysctl.write_text("12288\n")
     monkeypatch.setattr(budget, "MAX_MAP_COUNT", sysctl)
-    monkeypatch.setattr(budget.resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
     share = (12288 - budget.RESERVED_MAPS) // 4
     assert budget.dma_map_limit([d.device for d in devices]) == share
     assert budget.dma_map_limit([devices[0].device]) == 12288 - budget.RESERVED_MAPS
@@ -111,7 +112,7 @@ def test_the_map_count_limits_the_share_too(
 def test_too_few_descriptors_for_the_devices_is_a_clear_startup_error(
     devices: list[BuiltDevice], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(budget.resource, "getrlimit", lambda _: (1024, 1024))
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 1024))
     assert budget.dma_map_limit([devices[0].device]) >= budget.MIN_DMA_MAPS
     with pytest.raises(budget.BudgetError, match=r"4 device\(s\) need .*\(RLIMIT_NOFILE is 1024;"):
         budget.dma_map_limit([d.device for d in devices])

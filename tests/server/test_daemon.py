@@ -631,7 +631,7 @@ async def test_set_irqs_eventfd_without_fds_deassigns(vgpud: Daemon) -> None:
 
 
 class _RefusesDma(SyntheticGpu):
-    def dma_map(self, region: object) -> None:  # type: ignore[override]
+    def dma_map(self, region: object) -> None:
         raise DeviceError(errno.ENOMEM, "no room for this mapping")
 
 
@@ -692,7 +692,7 @@ def test_a_socket_that_cannot_get_its_group_is_not_left_behind(
     def refuse(*_: object) -> None:
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
 
-    monkeypatch.setattr(listener_module.os, "chown", refuse)
+    monkeypatch.setattr(os, "chown", refuse)
     with pytest.raises(ListenerError, match="Operation not permitted"):
         bind_unix_listener(tmp_path / "gpu0.sock", 0o660, "0")
     assert list(tmp_path.iterdir()) == []
