@@ -241,15 +241,29 @@ class HandsOver(Protocol):
     upgrade of the daemon (vgpud/upgrade.py) that the VM attached to it must not notice.
 
     :meth:`handover` describes the state as JSON-able data, with the fds it holds (the
-    client's eventfds) named by number: the daemon keeps them open across ``exec``, where
-    they keep their numbers. In the next process :meth:`take_over` is called on a device
-    built afresh from the same settings, before any client, and takes those fds over. What
-    the client mapped (DMA) is not part of it: the engine maps it again and tells the
-    device with ``dma_map``.
+    client's eventfds; a passthrough device's VFIO fds) named by number: the daemon keeps
+    them open across ``exec``, where they keep their numbers. In the next process
+    :meth:`take_over` is called on a device made afresh from the same settings, before any
+    client, and takes those fds over (a passthrough device is made *from* the state
+    instead: its VFIO group can be open only once). What the client mapped (DMA) is not part
+    of it: the engine maps it again and tells the device with ``dma_map``.
+
+    Between :meth:`handover` and the exec nothing else is asked of the device; if the exec
+    does not happen, :meth:`handover_abandoned` gives back what :meth:`handover` let go of.
     """
 
+    def handover_refusal(self) -> str | None:
+        """Why the device cannot be handed over now (for the log), or None."""
+        ...
+
     def handover(self) -> tuple[dict[str, Any], list[int]]:
-        """The device's state, and the fds it names (still the device's)."""
+        """The device's state, and the fds it names (still the device's). It may let go of
+        what the exec takes away (a passthrough device: its DMA mappings' addresses)."""
+        ...
+
+    def handover_abandoned(self) -> None:
+        """The exec did not happen: serve on as before :meth:`handover` (safe to call when
+        it did not run)."""
         ...
 
     def take_over(self, state: Mapping[str, Any]) -> None:

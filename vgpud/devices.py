@@ -7,12 +7,12 @@ This is the only place that knows how configuration maps onto backends, so the d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from backends.backend import Backend
-from backends.device import VfioDevice
+from backends.device import HandsOver, VfioDevice
 from backends.synthetic import PROFILES, Profile, SyntheticGpu, get_profile
 from backends.vfio import VfioPciDevice
 from backends.vfio.device import IORESOURCE_IO, IORESOURCE_PREFETCH, sysfs_bars
@@ -200,6 +200,25 @@ class BuiltDevice:
         # The variant's shutdown releases its windows and then shuts the backend down.
         shutdown = getattr(self.device, "shutdown", self.backend.shutdown)
         shutdown()
+
+
+def take_over_device(config: DeviceConfig, state: Mapping[str, Any]) -> BuiltDevice:
+    """The device of ``config`` carrying on from ``state`` (``handover()``'s, in the process
+    before a live upgrade: vgpud/upgrade.py). A passthrough device is made from it (its VFIO
+    fds are in it); a synthetic one is made afresh, then takes it over. Raises for a state
+    that does not fit, its fds closed or untaken."""
+    if config.vfio_device is not None:
+        backend = VfioPciDevice(config.vfio_device, handed=state)
+        return BuiltDevice(config.name, backend, make_device(backend), config)
+    built = build_device(config)
+    try:
+        if not isinstance(built.device, HandsOver):
+            raise TypeError(f"device {config.name} cannot take a handover over")
+        built.device.take_over(state)
+    except BaseException:
+        built.release()
+        raise
+    return built
 
 
 def build_device(config: DeviceConfig) -> BuiltDevice:

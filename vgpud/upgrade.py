@@ -7,7 +7,8 @@ process (same pid, so the service manager sees no restart) running the code now 
 
 1. *Refused* up front, with the daemon serving on, when something cannot be handed over: a
    device served by the libvfio-user engine (its connection state lives inside the C
-   library) or a passthrough device (its state is the kernel's; not built).
+   library), or a passthrough device on a kernel that cannot give DMA mappings a new
+   process's addresses (backends/vfio/device.py, ``handover_refusal``).
 2. *The new code is checked*: the same command line runs once with ``VGPUD_UPGRADE_CHECK=1``
    and must parse its options and configuration as a start would, then say which handover
    formats it reads (vgpud.cli). A broken install or a configuration it rejects refuses the
@@ -54,7 +55,7 @@ from backends.device import HandsOver
 from vgpud import __version__, systemd
 from vgpud.budget import MIN_DMA_MAPS, BudgetError, dma_map_limit
 from vgpud.config import DeviceConfig
-from vgpud.devices import BuiltDevice, build_device
+from vgpud.devices import BuiltDevice, take_over_device
 from vgpud.fleet import Endpoint, Fleet, LiveDevice
 from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import DeviceServer, peer_credentials
@@ -122,8 +123,12 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
                 f"(devices {', '.join(busy)})"
             )
         # From here to the exec, no await: nothing can change what is described.
-        document, fds = describe(fleet)
-        _exec(argv, document, fds, held)
+        try:
+            document, fds = describe(fleet)
+            _exec(argv, document, fds, held)
+        except BaseException:
+            _abandon(fleet)
+            raise
     except UpgradeRefusedError as exc:
         log.warning("upgrade refused", reason=str(exc))
     except Exception:
@@ -134,6 +139,14 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
             server.thaw()
         if held is not None:
             held.release()  # a stop held meanwhile now stops the daemon
+
+
+def _abandon(fleet: Fleet) -> None:
+    """The exec did not happen: every device serves on as before it was described."""
+    for live in fleet.devices:
+        device = live.built.device
+        if isinstance(device, HandsOver):
+            device.handover_abandoned()
 
 
 def _clients(servers: Sequence[DeviceServer]) -> int:
@@ -149,11 +162,15 @@ def _servers(fleet: Fleet) -> list[DeviceServer]:
                 f"device {live.config.name} is served by the libvfio-user engine, whose "
                 "connection state cannot leave the library: restart instead"
             )
-        if not isinstance(live.built.backend, HandsOver):
+        device = live.built.device
+        if not isinstance(device, HandsOver):
             raise UpgradeRefusedError(
-                f"device {live.config.name} is a passthrough device, whose state cannot be "
-                "handed over yet: restart instead"
+                f"device {live.config.name} ({type(device).__name__}) cannot be handed over: "
+                "restart instead"
             )
+        refusal = device.handover_refusal()
+        if refusal is not None:
+            raise UpgradeRefusedError(f"device {live.config.name}: {refusal}; restart instead")
         servers.append(live.server)
     return servers
 
@@ -381,13 +398,9 @@ def _rebuild(entry: Mapping[str, Any]) -> tuple[BuiltDevice, MemoryFiles, Endpoi
     over, and its endpoint; raises for anything that does not fit."""
     config = DeviceConfig.from_json(entry["config"])
     raw_endpoint = entry["endpoint"]
-    built = build_device(config)
+    built = take_over_device(config, entry["device"])
     try:
-        device = built.device
-        if not isinstance(device, HandsOver):
-            raise TypeError(f"device {config.name} cannot take a handover over")
-        device.take_over(entry["device"])
-        files = MemoryFiles(device)
+        files = MemoryFiles(built.device)
         sock = socket.socket(fileno=int(raw_endpoint["fd"]))
     except BaseException:
         built.release()

@@ -288,6 +288,13 @@ class SyntheticGpu:
 
     # -- HandsOver (a live upgrade, vgpud/upgrade.py) ----------------------------------------
 
+    def handover_refusal(self) -> str | None:
+        """None: all of a synthetic GPU's state can be described (backends.device.HandsOver)."""
+        return None
+
+    def handover_abandoned(self) -> None:
+        """Nothing to give back: :meth:`handover` only describes."""
+
     def handover(self) -> tuple[dict[str, Any], list[int]]:
         """Config space, registers, readiness, interrupt state and the client's eventfds
         (:class:`backends.device.HandsOver`). Memory is in the files, which the next process

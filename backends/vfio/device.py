@@ -30,8 +30,10 @@ import fcntl
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cffi  # type: ignore[import-untyped]
 
@@ -122,42 +124,65 @@ def bound_driver(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> str | None:
         return None
 
 
+@dataclass
+class _IommuMap:
+    """A client's mapping in the IOMMU. ``vaddr`` is where this process has its memory; None
+    while the kernel holds the mapping without one (invalidated for a live upgrade: the
+    address it had is ``released``, or, in the next process, not mapped here yet)."""
+
+    size: int
+    vaddr: int | None
+    released: int | None = None
+
+
 class VfioPciDevice:
     """A host PCI device behind VFIO, as a :class:`backends.backend.Backend`."""
 
     def __init__(
-        self, address: str, *, sysfs: Path = SYSFS_PCI_DEVICES, dev_vfio: Path = DEV_VFIO
+        self,
+        address: str,
+        *,
+        sysfs: Path = SYSFS_PCI_DEVICES,
+        dev_vfio: Path = DEV_VFIO,
+        handed: Mapping[str, Any] | None = None,
     ) -> None:
+        """Open the device through ``dev_vfio``; or, with ``handed`` (:meth:`handover`'s
+        state, from the process before a live upgrade), carry on with the VFIO fds it names:
+        a group is open only once, so the next process cannot open it again."""
         self.address = normalize_pci_address(address)
         self.group = iommu_group(self.address, sysfs)
         self.driver = bound_driver(self.address, sysfs)
         self._fds: list[int] = []  # container, group, device: closed in reverse
-        try:
-            self._container = self._open(dev_vfio / "vfio", "the VFIO container")
-            self._group = self._open(dev_vfio / str(self.group), f"IOMMU group {self.group}")
-            self._attach()
-            self._device = self._ioctl(
-                self._group,
-                uapi.VFIO_GROUP_GET_DEVICE_FD,
-                self.address.encode() + b"\0",
-                "get the device fd",
-            )
-            self._fds.append(self._device)
-            self._info = self._device_info()
-        except BaseException:
-            self._close_fds()
-            raise
         self._regions: dict[int, uapi.RawRegionInfo] = {}
         self._irq_counts: dict[int, int] = {}
         # (irq index, action) -> that index's eventfds for that action (trigger, or INTx
         # unmask); we keep our copies so an fd stays valid for the kernel's virqfd even if
         # the VMM closes its own (see set_irqs).
         self._eventfds: dict[tuple[int, IrqAction], EventfdTable] = {}
-        self._iommu_maps: dict[int, int] = {}  # iova -> size, in the IOMMU
+        self._iommu_maps: dict[int, _IommuMap] = {}  # by iova, in the IOMMU
         # The resets asked of the kernel. An FLR the guest writes to config space happens in
         # the kernel, whose own variant driver (if bound) gates on it; vgpud's variant never
         # runs over this backend (device_memory() is None).
         self.reset_count = 0
+        try:
+            if handed is None:
+                self._container = self._open(dev_vfio / "vfio", "the VFIO container")
+                self._group = self._open(dev_vfio / str(self.group), f"IOMMU group {self.group}")
+                self._attach()
+                self._device = self._ioctl(
+                    self._group,
+                    uapi.VFIO_GROUP_GET_DEVICE_FD,
+                    self.address.encode() + b"\0",
+                    "get the device fd",
+                )
+                self._fds.append(self._device)
+            else:
+                self.take_over(handed)
+            self._info = self._device_info()
+        except BaseException:
+            self._drop_all_eventfds()
+            self._close_fds()
+            raise
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -376,14 +401,20 @@ class VfioPciDevice:
             self._drop_eventfds(index)
 
     def dma_map(self, region: DmaRegion) -> None:
-        """Put the client's memory into the IOMMU at its IOVA (module docstring)."""
+        """Put the client's memory into the IOMMU at its IOVA (module docstring). A mapping
+        handed over by the previous process is in the IOMMU already, without an address:
+        it gets this process's (:meth:`handover`)."""
         if region.memory is None:
+            return
+        with _ffi.from_buffer(region.memory) as pointer:
+            vaddr = int(_ffi.cast("uintptr_t", pointer))
+        handed = self._iommu_maps.get(region.iova)
+        if handed is not None and handed.vaddr is None and handed.size == region.size:
+            self._update_vaddr(region.iova, handed, vaddr)
             return
         flags = (uapi.VFIO_DMA_MAP_FLAG_READ if region.readable else 0) | (
             uapi.VFIO_DMA_MAP_FLAG_WRITE if region.writable else 0
         )
-        with _ffi.from_buffer(region.memory) as pointer:
-            vaddr = int(_ffi.cast("uintptr_t", pointer))
         request = bytearray(
             uapi.DMA_MAP.pack(uapi.DMA_MAP.size, flags, vaddr, region.iova, region.size)
         )
@@ -393,11 +424,12 @@ class VfioPciDevice:
             request,
             f"IOMMU map [{region.iova:#x}, +{region.size:#x})",
         )
-        self._iommu_maps[region.iova] = region.size
+        self._iommu_maps[region.iova] = _IommuMap(region.size, vaddr)
 
     def dma_unmap(self, iova: int, size: int) -> None:
         """Remove a mapping from the IOMMU (a no-op for one that had no fd)."""
-        if self._iommu_maps.get(iova) != size:
+        mapped = self._iommu_maps.get(iova)
+        if mapped is None or mapped.size != size:
             return
         request = bytearray(uapi.DMA_UNMAP.pack(uapi.DMA_UNMAP.size, 0, iova, size))
         del self._iommu_maps[iova]
@@ -422,13 +454,113 @@ class VfioPciDevice:
             except DeviceError:
                 pass  # not enabled in the kernel (only masked or de-assigned): nothing to undo
             self._drop_eventfds(index)
-        for iova, size in list(self._iommu_maps.items()):
+        for iova, mapped in list(self._iommu_maps.items()):
             try:
-                self.dma_unmap(iova, size)
+                self.dma_unmap(iova, mapped.size)
             except DeviceError:
                 pass  # the container is gone with the group; the kernel unpins on close
 
+    # -- HandsOver (a live upgrade, vgpud/upgrade.py) -------------------------------------
+
+    def handover_refusal(self) -> str | None:
+        """Why the device cannot be handed over: only where the kernel can give its DMA
+        mappings the next process's addresses (VFIO_UPDATE_VADDR)."""
+        try:
+            updates = self._ioctl(
+                self._container,
+                uapi.VFIO_CHECK_EXTENSION,
+                uapi.VFIO_UPDATE_VADDR,
+                "check VFIO_UPDATE_VADDR",
+            )
+        except DeviceError as exc:
+            return exc.message
+        if not updates:
+            return (
+                f"{self.address}: the kernel's VFIO container cannot update DMA addresses "
+                "(no VFIO_UPDATE_VADDR: an iommufd container, or a mediated device)"
+            )
+        return None
+
+    def handover(self) -> tuple[dict[str, Any], list[int]]:
+        """The VFIO fds, the client's eventfds and the IOMMU mappings
+        (:class:`backends.device.HandsOver`). The device stays open and bound, its interrupts
+        wired and its mappings in the IOMMU: the kernel holds all that for the fds, which the
+        exec keeps. What the exec takes away is the process addresses of the mappings, so
+        they are invalidated here (DMA goes on meanwhile; include/uapi/linux/vfio.h,
+        VFIO_DMA_UNMAP_FLAG_VADDR), and the next process gives them its own as the engine
+        maps the client's memory again (:meth:`dma_map`)."""
+        for iova, mapped in self._iommu_maps.items():
+            if mapped.vaddr is not None:
+                request = bytearray(
+                    uapi.DMA_UNMAP.pack(
+                        uapi.DMA_UNMAP.size, uapi.VFIO_DMA_UNMAP_FLAG_VADDR, iova, mapped.size
+                    )
+                )
+                what = f"IOMMU invalidate the address of {iova:#x}"
+                self._ioctl(self._container, uapi.VFIO_IOMMU_UNMAP_DMA, request, what)
+                mapped.released = mapped.vaddr
+                mapped.vaddr = None
+        eventfds = [
+            [index, action.value, table.fds()] for (index, action), table in self._eventfds.items()
+        ]
+        state = {
+            "address": self.address,
+            "container": self._container,
+            "group": self._group,
+            "device": self._device,
+            "eventfds": eventfds,
+            "iommu_maps": [[iova, mapped.size] for iova, mapped in self._iommu_maps.items()],
+            "reset_count": self.reset_count,
+        }
+        fds = [*self._fds]
+        fds += [fd for table in self._eventfds.values() for fd in table.fds() if fd >= 0]
+        return state, fds
+
+    def handover_abandoned(self) -> None:
+        """Give the mappings :meth:`handover` invalidated their addresses back."""
+        for iova, mapped in self._iommu_maps.items():
+            if mapped.vaddr is None and mapped.released is not None:
+                self._update_vaddr(iova, mapped, mapped.released)
+
+    def take_over(self, state: Mapping[str, Any]) -> None:
+        """Carry on with what :meth:`handover` described; only as the device is made
+        (``VfioPciDevice(address, handed=state)``). Checked whole before any fd is taken."""
+        if self._fds:
+            raise ValueError("a passthrough device takes a handover over only as it is made")
+        if state["address"] != self.address:
+            raise ValueError(f"state of device {state['address']}, this is {self.address}")
+        container, group, device = (int(state[key]) for key in ("container", "group", "device"))
+        eventfds = [
+            ((int(index), IrqAction(action)), [int(fd) for fd in fds])
+            for index, action, fds in state["eventfds"]
+        ]
+        maps = {int(iova): int(size) for iova, size in state["iommu_maps"]}
+        reset_count = int(state["reset_count"])
+        self._container, self._group, self._device = container, group, device
+        self._fds = [container, group, device]
+        for key, fds in eventfds:
+            table = EventfdTable(len(fds))
+            table.assign(0, fds)
+            self._eventfds[key] = table
+        self._iommu_maps = {iova: _IommuMap(size, None) for iova, size in maps.items()}
+        self.reset_count = reset_count
+
     # -- internals -------------------------------------------------------------------------
+
+    def _update_vaddr(self, iova: int, mapped: _IommuMap, vaddr: int) -> None:
+        request = bytearray(
+            uapi.DMA_MAP.pack(
+                uapi.DMA_MAP.size, uapi.VFIO_DMA_MAP_FLAG_VADDR, vaddr, iova, mapped.size
+            )
+        )
+        what = f"IOMMU give {iova:#x} its address"
+        self._ioctl(self._container, uapi.VFIO_IOMMU_MAP_DMA, request, what)
+        mapped.vaddr, mapped.released = vaddr, None
+
+    def _drop_all_eventfds(self) -> None:
+        tables, self._eventfds = self._eventfds, {}
+        for table in tables.values():
+            table.clear()
 
     def _drop_eventfds(self, index: int) -> None:
         for key in [key for key in self._eventfds if key[0] == index]:

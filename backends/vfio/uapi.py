@@ -65,6 +65,14 @@ VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
 
 VFIO_DMA_MAP_FLAG_READ = 1 << 0
 VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
+# A live update's pair (include/uapi/linux/vfio.h): UNMAP with FLAG_VADDR invalidates the
+# process addresses of a mapping while the IOMMU keeps translating it (DMA goes on), and MAP
+# with FLAG_VADDR gives it the new process's address of the same memory, which also moves the
+# pinned pages' locked_vm charge to the new address space (Linux 6.2+). Only where
+# VFIO_CHECK_EXTENSION(VFIO_UPDATE_VADDR) says so (not iommufd's compat container).
+VFIO_DMA_MAP_FLAG_VADDR = 1 << 2
+VFIO_DMA_UNMAP_FLAG_VADDR = 1 << 2
+VFIO_UPDATE_VADDR = 10
 
 GROUP_STATUS = struct.Struct("<II")  # argsz, flags
 DEVICE_INFO = struct.Struct("<IIII")  # argsz, flags, num_regions, num_irqs (minsz)

@@ -7,9 +7,13 @@ Opening a real device is tests/e2e/test_vfio_backend.py's job; here each failure
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -257,3 +261,80 @@ def test_failed_opens_repeatedly_leak_nothing(host: Host) -> None:
         with pytest.raises(DeviceError):
             host.open()
     assert open_fds() == before
+
+
+# -- taking a handover over (a live upgrade: the fds come from the previous process) ----------
+
+
+@pytest.fixture
+def handed_fds(tmp_path: Path) -> Iterator[list[int]]:
+    """Container, group and device stand-ins (not VFIO: the first ioctl fails), and an
+    eventfd; whatever the device under test did not close is closed after."""
+    fds = [os.open(tmp_path / name, os.O_RDWR | os.O_CREAT) for name in ("c", "g", "d")]
+    fds.append(os.eventfd(0))
+    yield fds
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def handover_state(fds: list[int], address: str = ADDRESS) -> dict[str, Any]:
+    container, group, device, eventfd = fds
+    return {
+        "address": address,
+        "container": container,
+        "group": group,
+        "device": device,
+        "eventfds": [[2, "trigger", [eventfd, -1]]],
+        "iommu_maps": [[0x10_0000, 0x20_0000]],
+        "reset_count": 3,
+    }
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_handover_of_fds_that_are_not_vfio_fails_with_every_fd_closed(
+    host: Host, handed_fds: list[int]
+) -> None:
+    """Taken over, then VFIO_DEVICE_GET_INFO fails: the device, which owned the fds from the
+    take-over on, closes every one (the group's included: it is open only once)."""
+    host.add_device()
+    with pytest.raises(DeviceError) as caught:
+        VfioPciDevice(ADDRESS, sysfs=host.sysfs, handed=handover_state(handed_fds))
+    assert caught.value.errno == errno.ENOTTY
+    assert not any(is_open(fd) for fd in handed_fds)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"address": "0000:02:00.0"}, ValueError),
+        ({"eventfds": [[2, "no such action", [5]]]}, ValueError),
+        ({"iommu_maps": [[1]]}, ValueError),
+        ({"device": None}, TypeError),
+    ],
+)
+def test_a_handover_state_that_does_not_fit_takes_no_fd(
+    host: Host, handed_fds: list[int], change: dict[str, Any], error: type[Exception]
+) -> None:
+    """Refused before anything is taken: the caller (vgpud/upgrade.py) closes them."""
+    host.add_device()
+    state = {**handover_state(handed_fds), **change}
+    with pytest.raises(error):
+        VfioPciDevice(ADDRESS, sysfs=host.sysfs, handed=state)
+    assert all(is_open(fd) for fd in handed_fds)
+
+
+def test_a_missing_key_takes_no_fd(host: Host, handed_fds: list[int]) -> None:
+    host.add_device()
+    state = handover_state(handed_fds)
+    del state["iommu_maps"]
+    with pytest.raises(KeyError):
+        VfioPciDevice(ADDRESS, sysfs=host.sysfs, handed=state)
+    assert all(is_open(fd) for fd in handed_fds)

@@ -4,8 +4,9 @@ The guest's GPU is the host vgpud's vfio-user device, bound to vfio-pci behind Q
 emulated IOMMU (tests/e2e/test_vfio_backend.py). This program starts a second vgpud in the
 guest with ``--vfio-device`` on it and drives that daemon with the project's vfio-user
 client, so every request crosses: client -> guest vgpud -> guest kernel VFIO -> QEMU ->
-host vgpud -> synthetic GPU (and back; interrupts the other way). It prints one fact per
-line (``VGTEST key=value``) for the host test to assert on; it decides nothing itself.
+host vgpud -> synthetic GPU (and back; interrupts the other way). Last, it upgrades that
+daemon (SIGUSR2) under an attached client (:func:`upgrade`). It prints one fact per line
+(``VGTEST key=value``) for the host test to assert on; it decides nothing itself.
 
 ``python -m tests.e2e.guest_vfio BDF WORKDIR``
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -35,6 +37,7 @@ DMA_SIZE = 2 << 20
 READY_TIMEOUT = 300.0  # seconds: Python starting under TCG inside the guest is slow
 IRQ_TIMEOUT = 60.0
 _DATA_EVENTFD_TRIGGER = 4 | 32
+UPGRADE_SCRATCH = 0xC0FFEE  # written before the upgrade, read after it
 _MSIX = 2
 MSIX_PBA = 0x3000  # in BAR0 (backends/synthetic/bar0.py)
 PCI_COMMAND = 0x04
@@ -45,34 +48,68 @@ def report(key: str, value: object) -> None:
     print(f"VGTEST {key}={value}", flush=True)
 
 
-async def start_daemon(bdf: str, workdir: Path) -> tuple[trio.Process, Path]:
-    """Start the guest vgpud on ``bdf`` and wait for its READY=1 (sd_notify)."""
+async def start_daemon(bdf: str, workdir: Path) -> tuple[trio.Process, Path, Notify]:
+    """Start the guest vgpud on ``bdf`` and wait for its READY=1 (sd_notify). Its JSON log
+    goes to ``workdir/vgpud.log`` (:func:`log_events`)."""
     await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
     sock_path = workdir / "gpu.sock"
-    notify_path = workdir / "notify"
-    notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
-    await notify.bind(str(notify_path))
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+    notify = Notify(workdir / "notify")
+    await notify.bind()
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify.path))
     argv = [sys.executable, "-m", "vgpud", "serve", "--vfio-device", bdf]
     argv += ["--socket-path", str(sock_path), "--log-format", "json"]
-    daemon = await trio.lowlevel.open_process(argv, env=env)
+    with (workdir / "vgpud.log").open("wb") as log:
+        daemon = await trio.lowlevel.open_process(argv, env=env, stderr=log)
     ready = False
 
     async def wait_ready(cancel: trio.CancelScope) -> None:
         nonlocal ready
-        while not ready:
-            ready = b"READY=1" in (await notify.recv(4096)).split(b"\n")
+        await notify.wait_for(b"READY=1")
+        ready = True
         cancel.cancel()
 
     # READY=1, or the daemon's exit (a start-up error it printed), whichever comes first.
-    with notify, trio.fail_after(READY_TIMEOUT):
+    with trio.fail_after(READY_TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait_ready, nursery.cancel_scope)
             await daemon.wait()
             nursery.cancel_scope.cancel()
     if not ready:
         raise SystemExit(f"the guest vgpud exited with {daemon.returncode} before READY=1")
-    return daemon, sock_path
+    return daemon, sock_path, notify
+
+
+class Notify:
+    """The datagram socket the guest vgpud says READY=1 / RELOADING=1 on (sd_notify)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+
+    async def bind(self) -> None:
+        await self.sock.bind(str(self.path))
+
+    async def wait_for(self, word: bytes) -> None:
+        """Until a message holding ``word`` as one of its lines."""
+        while word not in (await self.sock.recv(4096)).split(b"\n"):
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def log_events(workdir: Path) -> list[dict[str, object]]:
+    """The guest vgpud's log so far, one dict per line."""
+    lines = (workdir / "vgpud.log").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def locked_kib(pid: int) -> int:
+    """The process's locked_vm (``VmLck``), which VFIO type1 charges pinned DMA pages to."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1])
+    return -1
 
 
 async def region_facts(client: VfioUserClient) -> dict[int, tuple[int, int]]:
@@ -132,8 +169,59 @@ async def dma(client: VfioUserClient) -> None:
         os.close(memfd)
 
 
+async def upgrade(
+    client: VfioUserClient, daemon: trio.Process, notify: Notify, workdir: Path
+) -> None:
+    """A live upgrade (SIGUSR2) of the guest vgpud with this client attached: MSI-X vector 0
+    wired to an eventfd and a memfd mapped for DMA (in the guest's IOMMU, pinned: charged to
+    the daemon's locked_vm) before it; after it the same connection must answer, the
+    doorbell must still signal the eventfd the kernel was given before the exec, and the
+    mapping must unmap, with the pinned pages charged to the new image (not underflowing
+    its locked_vm: Linux 6.2's vfio/type1 exec fixes, VFIO_DMA_MAP_FLAG_VADDR)."""
+    command = struct.unpack("<H", await client.region_read(7, PCI_COMMAND, 2))[0]
+    await client.region_write(7, PCI_COMMAND, struct.pack("<H", command | PCI_COMMAND_MASTER))
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    memfd = os.memfd_create("guest-dma", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(memfd, DMA_SIZE)
+        await client.set_irqs(_MSIX, _DATA_EVENTFD_TRIGGER, 0, 1, [efd])
+        await client.dma_map(DMA_IOVA, DMA_SIZE, 3, memfd, 0)
+        await client.region_write(0, SCRATCH, struct.pack("<I", UPGRADE_SCRATCH))
+        report("upgrade_locked_before_kib", locked_kib(daemon.pid))
+
+        daemon.send_signal(signal.SIGUSR2)
+        with trio.fail_after(READY_TIMEOUT):
+            await notify.wait_for(b"RELOADING=1")
+            await notify.wait_for(b"READY=1")
+        outcome = next(
+            e for e in reversed(log_events(workdir)) if str(e["event"]).startswith("upgrade")
+        )
+        report("upgrade_event", outcome["event"])
+        report("upgrade_reason", outcome.get("reason", ""))
+        report("upgrade_same_pid", outcome.get("pid") == daemon.pid)
+        report("upgrade_clients", outcome.get("clients"))
+        report("upgrade_locked_after_kib", locked_kib(daemon.pid))
+
+        scratch = struct.unpack("<I", await client.region_read(0, SCRATCH, 4))[0]
+        report("upgrade_scratch", hex(scratch))
+        await client.region_write(0, DOORBELL, struct.pack("<I", 0))
+        with trio.move_on_after(IRQ_TIMEOUT):
+            await trio.lowlevel.wait_readable(efd)
+        try:
+            report("upgrade_msix_count", os.eventfd_read(efd))
+        except BlockingIOError:
+            report("upgrade_msix_count", 0)
+        await client.dma_unmap(DMA_IOVA, DMA_SIZE)
+        report("upgrade_dma_unmap", "ok")
+        report("upgrade_locked_unmapped_kib", locked_kib(daemon.pid))
+        await client.set_irqs(_MSIX, 1 | 32, 0, 0)
+    finally:
+        os.close(efd)
+        os.close(memfd)
+
+
 async def main(bdf: str, workdir: Path) -> None:
-    daemon, sock_path = await start_daemon(bdf, workdir)
+    daemon, sock_path, notify = await start_daemon(bdf, workdir)
     report("daemon", "ready")
     try:
         # What a user runs first: `vgpud probe` on the socket.
@@ -169,9 +257,17 @@ async def main(bdf: str, workdir: Path) -> None:
         async with await VfioUserClient.connect(sock_path) as client:
             back = await client.region_read(4, WRITE_OFFSET, len(WRITE_PATTERN))
             report("reconnect_readback", back == WRITE_PATTERN)
+            await upgrade(client, daemon, notify, workdir)
+        # The upgraded daemon takes the next client on the socket it inherited.
+        async with await VfioUserClient.connect(sock_path) as client:
+            back = await client.region_read(4, WRITE_OFFSET, len(WRITE_PATTERN))
+            report("upgraded_reconnect_readback", back == WRITE_PATTERN)
     finally:
+        notify.close()
         daemon.terminate()
         report("daemon_exit", await daemon.wait())
+        for event in log_events(workdir):  # for a failing run's serial log
+            print("vgpud:", json.dumps(event), flush=True)
 
 
 if __name__ == "__main__":

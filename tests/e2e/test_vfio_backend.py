@@ -20,7 +20,14 @@ import pytest
 
 from tests.e2e.assets import Assets
 from tests.e2e.expect import NVIDIA, read_backing_bytes
-from tests.e2e.guest_vfio import MMAP_OFFSET, MMAP_PATTERN, WRITE_OFFSET, WRITE_PATTERN
+from tests.e2e.guest_vfio import (
+    DMA_SIZE,
+    MMAP_OFFSET,
+    MMAP_PATTERN,
+    UPGRADE_SCRATCH,
+    WRITE_OFFSET,
+    WRITE_PATTERN,
+)
 from tests.e2e.harness import Device, Harness, ScenarioRun, run_scenario
 from tests.e2e.initramfs import GuestResults, GuestScript
 
@@ -151,3 +158,31 @@ def test_device_state_survives_the_client(scenario: ScenarioRun) -> None:
     values = _values(scenario)
     assert values["reconnect_readback"] == "True"
     assert values["daemon_exit"] == "0", "the guest vgpud did not stop cleanly on SIGTERM"
+
+
+def test_a_live_upgrade_keeps_the_passthrough_device_and_its_client(scenario: ScenarioRun) -> None:
+    """SIGUSR2 to the guest vgpud with a client attached: the next image carries on with the
+    VFIO container, group and device fds, the eventfd the kernel signals and the mapping in
+    the IOMMU (backends/vfio/device.py ``handover``)."""
+    values = _values(scenario)
+    assert values["upgrade_event"] == "upgraded", values.get("upgrade_reason")
+    assert values["upgrade_same_pid"] == "True"
+    assert values["upgrade_clients"] == "1"
+    assert int(values["upgrade_scratch"], 16) == UPGRADE_SCRATCH
+    assert int(values["upgrade_msix_count"]) >= 1, "no interrupt through the handed eventfd"
+    assert values["upgrade_dma_unmap"] == "ok"
+    assert values["upgraded_reconnect_readback"] == "True"
+
+
+def test_the_pinned_dma_pages_stay_charged_to_the_daemon_across_the_upgrade(
+    scenario: ScenarioRun,
+) -> None:
+    """The 2 MiB the client mapped are pinned, charged to the daemon's locked_vm; after the
+    exec VFIO_DMA_MAP_FLAG_VADDR moves the charge to the new image, and the unmap takes it
+    off again (without the move, the new image's locked_vm would underflow)."""
+    values = _values(scenario)
+    dma_kib = DMA_SIZE // 1024
+    before = int(values["upgrade_locked_before_kib"])
+    assert before >= dma_kib
+    assert int(values["upgrade_locked_after_kib"]) == before
+    assert int(values["upgrade_locked_unmapped_kib"]) == before - dma_kib

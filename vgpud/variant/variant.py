@@ -220,6 +220,17 @@ class NvgraceVariant:
 
     # -- HandsOver (a live upgrade, vgpud/upgrade.py) ------------------------------------------
 
+    def handover_refusal(self) -> str | None:
+        """The backend's (:class:`backends.device.HandsOver`)."""
+        if not isinstance(self.backend, HandsOver):
+            return f"{type(self.backend).__name__} cannot be handed over"
+        return self.backend.handover_refusal()
+
+    def handover_abandoned(self) -> None:
+        """The backend's."""
+        if isinstance(self.backend, HandsOver):
+            self.backend.handover_abandoned()
+
     def handover(self) -> tuple[dict[str, Any], list[int]]:
         """The emulated BAR registers and the post-reset gate, with the backend's state
         (:class:`backends.device.HandsOver`; the backend must be one). A readiness wait in
