@@ -127,7 +127,7 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
             document, fds = describe(fleet)
             _exec(argv, document, fds, held)
         except BaseException:
-            _abandon(fleet)
+            _abandon(fleet, log)
             raise
     except UpgradeRefusedError as exc:
         log.warning("upgrade refused", reason=str(exc))
@@ -141,12 +141,18 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
             held.release()  # a stop held meanwhile now stops the daemon
 
 
-def _abandon(fleet: Fleet) -> None:
-    """The exec did not happen: every device serves on as before it was described."""
+def _abandon(fleet: Fleet, log: Any) -> None:
+    """The exec did not happen: every device serves on as before it was described (one that
+    cannot is logged; the others are still given back theirs)."""
     for live in fleet.devices:
         device = live.built.device
         if isinstance(device, HandsOver):
-            device.handover_abandoned()
+            try:
+                device.handover_abandoned()
+            except Exception:
+                log.exception(
+                    "device could not take back what it let go of", device=live.config.name
+                )
 
 
 def _clients(servers: Sequence[DeviceServer]) -> int:

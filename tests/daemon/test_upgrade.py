@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 
 import protocol as p
+from backends.synthetic import SyntheticGpu
 from backends.synthetic.bar0 import DOORBELL, SCRATCH
+from tests.daemon.test_signals import wait_for_event
 from tests.serve_process import VGPUD, read_log_until, serve_args, start, stop
+from vgpud import daemon as daemon_module
+from vgpud import upgrade as upgrade_module
 from vgpud.client import VfioUserClient, VfioUserError
+from vgpud.config import DaemonConfig, single_device
 from vgpud.upgrade import FREEZE_TIMEOUT
 
 BAR0, BAR4_REGISTER, CONFIG = 0, 0x20, 7
@@ -329,3 +335,42 @@ async def test_a_stop_during_an_upgrade_that_is_refused_still_stops(
     assert stderr.index('"upgrade refused"') < stderr.index('"stopping"')
     assert '"stopped"' in stderr
     assert not (tmp_path / "gpu0.sock").exists()
+
+
+async def test_an_exec_that_fails_gives_everything_back_and_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process, with ``os.execve`` failing: the new code is checked, the session frozen and
+    the device described (a passthrough device lets go of its DMA addresses there), then
+    every device is told the upgrade was abandoned, the session thaws, and the attached
+    client is served as before."""
+    command = [*VGPUD, *serve_args(tmp_path, "--memory-size", "2GiB")]
+    monkeypatch.setattr(upgrade_module, "command_line", lambda: command)
+
+    def exec_fails(*_: object) -> None:
+        raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC))
+
+    monkeypatch.setattr(os, "execve", exec_fails)
+    abandoned: list[SyntheticGpu] = []
+
+    def handover_abandoned(self: SyntheticGpu) -> None:
+        abandoned.append(self)
+
+    monkeypatch.setattr(SyntheticGpu, "handover_abandoned", handover_abandoned)
+    device = single_device(
+        socket_path=tmp_path / "gpu0.sock", memory_size="2GiB", backing_dir=tmp_path / "mem"
+    )
+    with structlog.testing.capture_logs() as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(daemon_module.run, DaemonConfig((device,))))
+            async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+                await client.region_write(BAR0, SCRATCH, struct.pack("<I", 7))
+                signal.raise_signal(signal.SIGUSR2)
+                await wait_for_event(logs, "upgrade failed; serving on")
+                assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
+            nursery.cancel_scope.cancel()
+    assert len(abandoned) == 1
+    assert [e["event"] for e in logs if "upgrad" in e["event"]] == [
+        "upgrading",
+        "upgrade failed; serving on",
+    ]
