@@ -415,15 +415,8 @@ class VfioPciDevice:
         flags = (uapi.VFIO_DMA_MAP_FLAG_READ if region.readable else 0) | (
             uapi.VFIO_DMA_MAP_FLAG_WRITE if region.writable else 0
         )
-        request = bytearray(
-            uapi.DMA_MAP.pack(uapi.DMA_MAP.size, flags, vaddr, region.iova, region.size)
-        )
-        self._ioctl(
-            self._container,
-            uapi.VFIO_IOMMU_MAP_DMA,
-            request,
-            f"IOMMU map [{region.iova:#x}, +{region.size:#x})",
-        )
+        what = f"IOMMU map [{region.iova:#x}, +{region.size:#x})"
+        self._iommu_map(flags, vaddr, region.iova, region.size, what)
         self._iommu_maps[region.iova] = _IommuMap(region.size, vaddr)
 
     def dma_unmap(self, iova: int, size: int) -> None:
@@ -431,9 +424,8 @@ class VfioPciDevice:
         mapped = self._iommu_maps.get(iova)
         if mapped is None or mapped.size != size:
             return
-        request = bytearray(uapi.DMA_UNMAP.pack(uapi.DMA_UNMAP.size, 0, iova, size))
         del self._iommu_maps[iova]
-        self._ioctl(self._container, uapi.VFIO_IOMMU_UNMAP_DMA, request, f"IOMMU unmap {iova:#x}")
+        self._iommu_unmap(0, iova, size, f"IOMMU unmap {iova:#x}")
 
     def reset(self) -> None:
         """``VFIO_DEVICE_RESET`` (EINVAL-ish from the kernel when the device has none)."""
@@ -491,13 +483,8 @@ class VfioPciDevice:
         maps the client's memory again (:meth:`dma_map`)."""
         for iova, mapped in self._iommu_maps.items():
             if mapped.vaddr is not None:
-                request = bytearray(
-                    uapi.DMA_UNMAP.pack(
-                        uapi.DMA_UNMAP.size, uapi.VFIO_DMA_UNMAP_FLAG_VADDR, iova, mapped.size
-                    )
-                )
                 what = f"IOMMU invalidate the address of {iova:#x}"
-                self._ioctl(self._container, uapi.VFIO_IOMMU_UNMAP_DMA, request, what)
+                self._iommu_unmap(uapi.VFIO_DMA_UNMAP_FLAG_VADDR, iova, mapped.size, what)
                 mapped.released = mapped.vaddr
                 mapped.vaddr = None
         eventfds = [
@@ -548,14 +535,17 @@ class VfioPciDevice:
     # -- internals -------------------------------------------------------------------------
 
     def _update_vaddr(self, iova: int, mapped: _IommuMap, vaddr: int) -> None:
-        request = bytearray(
-            uapi.DMA_MAP.pack(
-                uapi.DMA_MAP.size, uapi.VFIO_DMA_MAP_FLAG_VADDR, vaddr, iova, mapped.size
-            )
-        )
         what = f"IOMMU give {iova:#x} its address"
-        self._ioctl(self._container, uapi.VFIO_IOMMU_MAP_DMA, request, what)
+        self._iommu_map(uapi.VFIO_DMA_MAP_FLAG_VADDR, vaddr, iova, mapped.size, what)
         mapped.vaddr, mapped.released = vaddr, None
+
+    def _iommu_map(self, flags: int, vaddr: int, iova: int, size: int, what: str) -> None:
+        request = bytearray(uapi.DMA_MAP.pack(uapi.DMA_MAP.size, flags, vaddr, iova, size))
+        self._ioctl(self._container, uapi.VFIO_IOMMU_MAP_DMA, request, what)
+
+    def _iommu_unmap(self, flags: int, iova: int, size: int, what: str) -> None:
+        request = bytearray(uapi.DMA_UNMAP.pack(uapi.DMA_UNMAP.size, flags, iova, size))
+        self._ioctl(self._container, uapi.VFIO_IOMMU_UNMAP_DMA, request, what)
 
     def _drop_all_eventfds(self) -> None:
         tables, self._eventfds = self._eventfds, {}
