@@ -292,6 +292,8 @@ def handover_state(fds: list[int], address: str = ADDRESS) -> dict[str, Any]:
 
 
 def is_open(fd: int) -> bool:
+    # Not "fd in open_fds()": listing /proc/self/fd opens a directory fd, which takes the
+    # lowest free number -- one the device under test has just closed.
     try:
         os.fstat(fd)
     except OSError:
