@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from benchmarks import codec, guest_access, guest_bandwidth, neighbour, roundtrip
+from benchmarks import codec, guest_access, guest_bandwidth, neighbour, roundtrip, upgrade
 from tests.e2e.initramfs import GuestResults
 
 
@@ -59,6 +59,16 @@ def test_neighbour_benchmark_runs() -> None:
     assert set(results) == {f"python {scenario}" for scenario in neighbour.SCENARIOS}
     for row in results.values():
         assert 0 < row["p50_us"] <= row["p99_us"] <= row["max_us"]
+
+
+def test_upgrade_benchmark_runs() -> None:
+    # run() itself fails for a changed pid, a refused upgrade or a reply that differs.
+    rows = upgrade.run(upgrades=2, gap_ms=1.0)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["reads"] > 0
+        assert row["handover_ms"] > 0
+        assert 0 < row["stall_ms"] < row["upgrade_ms"]
 
 
 def _guest_run(**overrides: str) -> guest_bandwidth.GuestRun:

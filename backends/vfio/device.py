@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import re
 import struct
@@ -63,9 +64,15 @@ _ACTION_FLAGS = {
     IrqAction.UNMASK: uapi.VFIO_IRQ_SET_ACTION_UNMASK,
     IrqAction.TRIGGER: uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
 }
-# Only to learn the address of the client's guest RAM that the engine mmapped (MAP_DMA takes
-# a virtual address); cffi accepts read-only buffers too, which ctypes does not.
-_ffi = cffi.FFI()
+
+
+@functools.cache
+def _ffi() -> Any:
+    """Only to learn the address of the client's guest RAM that the engine mmapped (MAP_DMA
+    takes a virtual address); cffi accepts read-only buffers too, which ctypes does not.
+    Made on first use: an FFI loads cffi's C parser, about 15 ms of every start and every
+    live upgrade's stall (benchmarks.upgrade), and only a passthrough device needs it."""
+    return cffi.FFI()
 
 
 def normalize_pci_address(address: str) -> str:
@@ -406,8 +413,9 @@ class VfioPciDevice:
         it gets this process's (:meth:`handover`)."""
         if region.memory is None:
             return
-        with _ffi.from_buffer(region.memory) as pointer:
-            vaddr = int(_ffi.cast("uintptr_t", pointer))
+        ffi = _ffi()
+        with ffi.from_buffer(region.memory) as pointer:
+            vaddr = int(ffi.cast("uintptr_t", pointer))
         handed = self._iommu_maps.get(region.iova)
         if handed is not None and handed.vaddr is None and handed.size == region.size:
             self._update_vaddr(region.iova, handed, vaddr)

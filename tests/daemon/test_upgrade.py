@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,18 @@ def test_the_upgrade_check_prints_the_formats_and_starts_nothing(tmp_path: Path)
     assert json.loads(done.stdout)["handover_formats"] == [1]
     assert not (tmp_path / "gpu0.sock").exists()
     assert not (tmp_path / "mem").exists()
+
+
+def test_the_upgrade_check_runs_nicer_than_the_daemon() -> None:
+    # A whole interpreter start-up would otherwise compete with the sessions it checks for.
+    with subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    ) as child:
+        upgrade_module._lower_priority(child.pid)
+        niceness = os.getpriority(os.PRIO_PROCESS, child.pid)
+        child.communicate()
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness == min(own + upgrade_module.CHECK_NICENESS, 19) > own or own == 19
 
 
 @pytest.mark.skipif(
