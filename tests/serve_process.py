@@ -52,24 +52,46 @@ def run_vgpud(
 
 
 def start(
-    args: list[str], tmp_path: Path, *, blocked: Sequence[int] = (), **env: str
+    args: list[str],
+    tmp_path: Path,
+    *,
+    blocked: Sequence[int] = (),
+    interpreter: Path | None = None,
+    **env: str,
 ) -> subprocess.Popen[str]:
     """``vgpud *args`` with NOTIFY_SOCKET pointing at ``notify_socket``; stdout and stderr
     are pipes (the daemon writes its log to stderr). ``blocked``: signals the process starts
-    with blocked, so that one sent before it unblocks them waits for it, wherever it is."""
+    with blocked, so that one sent before it unblocks them waits for it, wherever it is.
+    ``interpreter``: the Python to run it with (:func:`interpreter_link`)."""
 
     def block() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
 
     environment = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), **env)
     return subprocess.Popen(
-        [*VGPUD, *args],
+        [str(interpreter or sys.executable), "-m", "vgpud", *args],
         env=environment,
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=block if blocked else None,  # noqa: PLW1509 (no threads to deadlock: it only blocks)
     )
+
+
+def interpreter_link(directory: Path) -> Path:
+    """``directory/bin/python``: this interpreter through a symlink a test can point
+    elsewhere, to fail a daemon's upgrade at its exec when the check before it passed (an
+    upgrade runs ``sys.executable``, the path the daemon was started by). ``directory`` is
+    made a venv of the same packages when this interpreter is a venv's."""
+    link = directory / "bin" / "python"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(sys.executable)
+    if sys.prefix != sys.base_prefix:  # pyvenv.cfg next to bin/ makes the directory the venv
+        (directory / "pyvenv.cfg").write_bytes((Path(sys.prefix) / "pyvenv.cfg").read_bytes())
+        if not (directory / "lib").is_symlink():
+            (directory / "lib").symlink_to(Path(sys.prefix) / "lib")
+    return link
 
 
 def stop(proc: subprocess.Popen[str], signum: int = signal.SIGTERM, *, check: bool = True) -> str:

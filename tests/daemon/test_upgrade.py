@@ -29,7 +29,14 @@ import protocol as p
 from backends.synthetic import SyntheticGpu
 from backends.synthetic.bar0 import DOORBELL, SCRATCH
 from tests.daemon.test_signals import wait_for_event
-from tests.serve_process import VGPUD, read_log_until, serve_args, start, stop
+from tests.serve_process import (
+    VGPUD,
+    interpreter_link,
+    read_log_until,
+    serve_args,
+    start,
+    stop,
+)
 from vgpud import daemon as daemon_module
 from vgpud import upgrade as upgrade_module
 from vgpud.client import VfioUserClient, VfioUserError
@@ -387,3 +394,45 @@ async def test_an_exec_that_fails_gives_everything_back_and_serves_on(
         "upgrading",
         "upgrade failed; serving on",
     ]
+
+
+async def test_an_exec_that_fails_for_real_serves_on_and_the_next_upgrade_goes_through(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """The daemon runs through an interpreter link that the test points at nothing once the
+    new code is checked (a client holds the freeze with half a message meanwhile), so the
+    exec itself fails: the same client is served on, and with the link back the next
+    upgrade goes through (the guest's passthrough device does the same in
+    tests/e2e/test_vfio_backend.py)."""
+    link = interpreter_link(tmp_path / "python")
+    args = [*serve_args(tmp_path, "--memory-size", "2GiB"), "--log-format", "json"]
+    proc = start(args, tmp_path, interpreter=link)
+    try:
+        read_log_until(proc, "ready")
+        async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+            await client.region_write(BAR0, SCRATCH, struct.pack("<I", 7))
+            read = p.RegionReadRequest(region=BAR0, offset=SCRATCH, count=4)
+            wire = client.conn.send_request(read)[1].data
+            client.stream.socket.send(wire[: p.HEADER_SIZE])
+            proc.send_signal(signal.SIGUSR2)
+            await log_until(proc, "new code checked; bringing the clients to rest")
+            link.unlink()
+            link.symlink_to(tmp_path / "no-such-python")
+            client.stream.socket.send(wire[p.HEADER_SIZE :])
+            with trio.fail_after(30):
+                reply = await client.receive()
+            assert isinstance(reply, p.Reply)
+            assert isinstance(reply.message, p.RegionReadReply)
+            assert reply.message.data == struct.pack("<I", 7)
+            failed = await log_until(proc, "upgrade failed; serving on")
+            assert "No such file or directory" in failed["exception"]
+            assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
+
+            interpreter_link(tmp_path / "python")
+            upgraded = await upgrade(proc)
+            assert upgraded["pid"] == proc.pid
+            assert upgraded["clients"] == 1
+            assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
+    finally:
+        stop(proc, check=False)
+    assert proc.returncode == 0

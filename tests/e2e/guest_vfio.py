@@ -5,7 +5,8 @@ emulated IOMMU (tests/e2e/test_vfio_backend.py). This program starts a second vg
 guest with ``--vfio-device`` on it and drives that daemon with the project's vfio-user
 client, so every request crosses: client -> guest vgpud -> guest kernel VFIO -> QEMU ->
 host vgpud -> synthetic GPU (and back; interrupts the other way). Last, it upgrades that
-daemon (SIGUSR2) under an attached client (:func:`upgrade`). It prints one fact per line
+daemon (SIGUSR2) under an attached client, once with the exec failing and once for real
+(:func:`upgrade`). It prints one fact per line
 (``VGTEST key=value``) for the host test to assert on; it decides nothing itself.
 
 ``python -m tests.e2e.guest_vfio BDF WORKDIR``
@@ -18,13 +19,16 @@ import mmap
 import os
 import signal
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
 import trio
 
+import protocol as p
 from backends.synthetic.bar0 import DOORBELL, SCRATCH
 from backends.synthetic.capabilities import MSIX_OFFSET
+from tests.serve_process import interpreter_link
 from vgpud.client import VfioUserClient
 
 # What the test writes, and where (the host test imports these to check the usemem file).
@@ -48,18 +52,25 @@ def report(key: str, value: object) -> None:
     print(f"VGTEST {key}={value}", flush=True)
 
 
-async def start_daemon(bdf: str, workdir: Path) -> tuple[trio.Process, Path, Notify]:
-    """Start the guest vgpud on ``bdf`` and wait for its READY=1 (sd_notify). Its JSON log
-    goes to ``workdir/vgpud.log`` (:func:`log_events`)."""
+async def start_daemon(
+    bdf: str, workdir: Path, nursery: trio.Nursery
+) -> tuple[trio.Process, Path, Notify, DaemonLog]:
+    """Start the guest vgpud on ``bdf`` and wait for its READY=1 (sd_notify). It runs through
+    an interpreter link (tests.serve_process), so that an upgrade's exec can be made to
+    fail. Its JSON log is kept in ``workdir/vgpud.log`` (:class:`DaemonLog`, pumped in
+    ``nursery``)."""
     await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
     sock_path = workdir / "gpu.sock"
     notify = Notify(workdir / "notify")
     await notify.bind()
     env = dict(os.environ, NOTIFY_SOCKET=str(notify.path))
-    argv = [sys.executable, "-m", "vgpud", "serve", "--vfio-device", bdf]
+    python = interpreter_link(workdir / "python")
+    argv = [str(python), "-m", "vgpud", "serve", "--vfio-device", bdf]
     argv += ["--socket-path", str(sock_path), "--log-format", "json"]
-    with (workdir / "vgpud.log").open("wb") as log:
-        daemon = await trio.lowlevel.open_process(argv, env=env, stderr=log)
+    daemon = await trio.lowlevel.open_process(argv, env=env, stderr=subprocess.PIPE)
+    assert daemon.stderr is not None
+    log = DaemonLog(workdir / "vgpud.log")
+    nursery.start_soon(log.pump, daemon.stderr)
     ready = False
 
     async def wait_ready(cancel: trio.CancelScope) -> None:
@@ -70,13 +81,45 @@ async def start_daemon(bdf: str, workdir: Path) -> tuple[trio.Process, Path, Not
 
     # READY=1, or the daemon's exit (a start-up error it printed), whichever comes first.
     with trio.fail_after(READY_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(wait_ready, nursery.cancel_scope)
+        async with trio.open_nursery() as waiting:
+            waiting.start_soon(wait_ready, waiting.cancel_scope)
             await daemon.wait()
-            nursery.cancel_scope.cancel()
+            waiting.cancel_scope.cancel()
     if not ready:
         raise SystemExit(f"the guest vgpud exited with {daemon.returncode} before READY=1")
-    return daemon, sock_path, notify
+    return daemon, sock_path, notify, log
+
+
+class DaemonLog:
+    """The guest vgpud's JSON log (its stderr), written to a file as it comes and waited on
+    event by event; the daemon's next image after an exec writes to the same pipe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.events: list[dict[str, object]] = []
+        self._grew = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        pending = b""
+        with self.path.open("wb") as file:
+            async for chunk in stream:
+                file.write(chunk)
+                file.flush()
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if line.startswith(b"{"):
+                        self.events.append(json.loads(line))
+                self._grew.set()
+                self._grew = trio.Event()
+
+    async def wait_for(self, since: int, *names: str) -> dict[str, object]:
+        """The first event called one of ``names`` from event number ``since`` on."""
+        while True:
+            for event in self.events[since:]:
+                if event.get("event") in names:
+                    return event
+            since = len(self.events)
+            await self._grew.wait()
 
 
 class Notify:
@@ -96,12 +139,6 @@ class Notify:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def log_events(workdir: Path) -> list[dict[str, object]]:
-    """The guest vgpud's log so far, one dict per line."""
-    lines = (workdir / "vgpud.log").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.startswith("{")]
 
 
 def locked_kib(pid: int) -> int:
@@ -170,11 +207,12 @@ async def dma(client: VfioUserClient) -> None:
 
 
 async def upgrade(
-    client: VfioUserClient, daemon: trio.Process, notify: Notify, workdir: Path
+    client: VfioUserClient, daemon: trio.Process, notify: Notify, log: DaemonLog, workdir: Path
 ) -> None:
     """A live upgrade (SIGUSR2) of the guest vgpud with this client attached: MSI-X vector 0
     wired to an eventfd and a memfd mapped for DMA (in the guest's IOMMU, pinned: charged to
-    the daemon's locked_vm) before it; after it the same connection must answer, the
+    the daemon's locked_vm) before it, and an upgrade whose exec failed
+    (:func:`abandoned_upgrade`) before that; after it the same connection must answer, the
     doorbell must still signal the eventfd the kernel was given before the exec, and the
     mapping must unmap, with the pinned pages charged to the new image (not underflowing
     its locked_vm: Linux 6.2's vfio/type1 exec fixes, VFIO_DMA_MAP_FLAG_VADDR)."""
@@ -188,14 +226,16 @@ async def upgrade(
         await client.dma_map(DMA_IOVA, DMA_SIZE, 3, memfd, 0)
         await client.region_write(0, SCRATCH, struct.pack("<I", UPGRADE_SCRATCH))
         report("upgrade_locked_before_kib", locked_kib(daemon.pid))
+        await abandoned_upgrade(client, daemon, notify, log, workdir)
 
+        since = len(log.events)
         daemon.send_signal(signal.SIGUSR2)
         with trio.fail_after(READY_TIMEOUT):
-            await notify.wait_for(b"RELOADING=1")
-            await notify.wait_for(b"READY=1")
-        outcome = next(
-            e for e in reversed(log_events(workdir)) if str(e["event"]).startswith("upgrade")
-        )
+            outcome = await log.wait_for(
+                since, "upgraded", "upgrade refused", "upgrade failed; serving on"
+            )
+            if outcome["event"] != "upgrade refused":  # refused before any RELOADING=1
+                await notify.wait_for(b"READY=1")
         report("upgrade_event", outcome["event"])
         report("upgrade_reason", outcome.get("reason", ""))
         report("upgrade_same_pid", outcome.get("pid") == daemon.pid)
@@ -220,8 +260,55 @@ async def upgrade(
         os.close(memfd)
 
 
+async def abandoned_upgrade(
+    client: VfioUserClient, daemon: trio.Process, notify: Notify, log: DaemonLog, workdir: Path
+) -> None:
+    """An upgrade whose exec fails after the DMA mappings' addresses were taken from the
+    kernel (VFIO_DMA_UNMAP_FLAG_VADDR): the daemon must give them back and serve on. The
+    client holds the freeze with half a message until the new code has been checked, then
+    points the interpreter's link at nothing and sends the rest."""
+    link = workdir / "python" / "bin" / "python"
+    since = len(log.events)
+    read = p.RegionReadRequest(region=0, offset=SCRATCH, count=4)
+    wire = client.conn.send_request(read)[1].data
+    await client.stream.send(wire[: p.HEADER_SIZE], [])
+    daemon.send_signal(signal.SIGUSR2)
+    with trio.fail_after(READY_TIMEOUT):
+        await log.wait_for(since, "new code checked; bringing the clients to rest")
+    link.unlink()
+    link.symlink_to(workdir / "no-such-python")
+    await client.stream.send(wire[p.HEADER_SIZE :], [])
+    reply = await client.receive()
+    served = isinstance(reply, p.Reply) and isinstance(reply.message, p.RegionReadReply)
+    report("abandoned_read", served)
+    with trio.fail_after(READY_TIMEOUT):
+        failed = await log.wait_for(since, "upgrade failed; serving on", "upgrade refused")
+        report("abandoned_event", failed["event"])
+        if failed["event"] != "upgrade refused":
+            # The exec's RELOADING=1, then READY=1 again once it failed.
+            await notify.wait_for(b"RELOADING=1")
+            await notify.wait_for(b"READY=1")
+    report("abandoned_exec_error", "No such file or directory" in str(failed.get("exception")))
+    report(
+        "abandoned_device_errors",
+        sum(
+            e.get("event") == "device could not take back what it let go of"
+            for e in log.events[since:]
+        ),
+    )
+    report("abandoned_locked_kib", locked_kib(daemon.pid))
+    scratch = struct.unpack("<I", await client.region_read(0, SCRATCH, 4))[0]
+    report("abandoned_scratch", hex(scratch))
+    interpreter_link(workdir / "python")  # back, for the upgrade that follows
+
+
 async def main(bdf: str, workdir: Path) -> None:
-    daemon, sock_path, notify = await start_daemon(bdf, workdir)
+    async with trio.open_nursery() as nursery:  # the log pump ends with the daemon
+        await scenario(bdf, workdir, nursery)
+
+
+async def scenario(bdf: str, workdir: Path, nursery: trio.Nursery) -> None:
+    daemon, sock_path, notify, log = await start_daemon(bdf, workdir, nursery)
     report("daemon", "ready")
     try:
         # What a user runs first: `vgpud probe` on the socket.
@@ -257,7 +344,7 @@ async def main(bdf: str, workdir: Path) -> None:
         async with await VfioUserClient.connect(sock_path) as client:
             back = await client.region_read(4, WRITE_OFFSET, len(WRITE_PATTERN))
             report("reconnect_readback", back == WRITE_PATTERN)
-            await upgrade(client, daemon, notify, workdir)
+            await upgrade(client, daemon, notify, log, workdir)
         # The upgraded daemon takes the next client on the socket it inherited.
         async with await VfioUserClient.connect(sock_path) as client:
             back = await client.region_read(4, WRITE_OFFSET, len(WRITE_PATTERN))
@@ -266,7 +353,7 @@ async def main(bdf: str, workdir: Path) -> None:
         notify.close()
         daemon.terminate()
         report("daemon_exit", await daemon.wait())
-        for event in log_events(workdir):  # for a failing run's serial log
+        for event in log.events:  # for a failing run's serial log
             print("vgpud:", json.dumps(event), flush=True)
 
 
