@@ -196,8 +196,9 @@ def test_an_upgrade_whose_exec_fails_gives_the_dma_addresses_back(scenario: Scen
     is given back, VFIO_DMA_MAP_FLAG_VADDR in ``handover_abandoned``, shows nowhere here:
     on a type1 container only mdev-style pinning waits for a valid address, and those
     devices are refused an upgrade; the device's own record keeps the next upgrade right
-    either way. Checked by making ``handover_abandoned`` do nothing: this test still
-    passes.)"""
+    either way, so a ``handover_abandoned`` that did nothing would pass here. What is
+    checked is that the kernel accepts the give-back: it refuses MAP_FLAG_VADDR for an
+    address that is not invalid, and a give-back made twice fails this scenario.)"""
     values = _values(scenario)
     assert values["abandoned_event"] == "upgrade failed; serving on"
     assert values["abandoned_exec_error"] == "True", "the exec failed for another reason"
