@@ -16,6 +16,8 @@ Layout (``<arch>`` is x86_64 or aarch64)::
     $VGPUD_CACHE/<arch>/qemu/               unpacked sid QEMU + its library closure + firmware
     $VGPUD_CACHE/<arch>/kernel/             vmlinuz (+ the kernel's config), modules/*.ko and
                                             modules/modules.order (their load order)
+    $VGPUD_CACHE/x86_64/kernel-trixie/      the same for trixie's kernel (the VFIO guest runs
+                                            on both: tests/e2e/test_vfio_backend.py)
     $VGPUD_CACHE/<arch>/busybox/busybox     static busybox for the initramfs
 
 Each asset directory is built under a temporary name and renamed into place only after it was
@@ -27,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import getpass
 import json
+import lzma
 import os
 import platform
 import re
@@ -55,7 +60,11 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 MANIFEST = "manifest.json"
 # Bumped (per asset, so that a change to one does not re-fetch the others) when the layout of
 # an asset directory changes: older directories are rebuilt.
-ASSET_FORMATS = {"qemu": 1, "kernel": 2, "busybox": 1}
+ASSET_FORMATS = {"qemu": 1, "kernel": 2, "kernel-trixie": 2, "busybox": 1}
+# Every guest boots bookworm's kernel (6.1); x86_64 also has trixie's (6.12, as Grace hosts
+# run), for the tests of the /dev/vfio backend, whose kernel interface changed between them
+# (vfio/type1's DMA owner moving on exec, 6.2).
+DEFAULT_KERNEL = "bookworm"
 MODULES_ORDER = "modules.order"
 # Guest kernel modules kept with the kernel (plus what they depend on), for the VFIO guest
 # (``Harness.boot(..., vfio=True)``): Debian builds virtio-pci, 9p and vfio-pci as modules, and the
@@ -110,7 +119,8 @@ class _ArchSpec:
     arch: str
     debarch: str
     qemu: _QemuSpec
-    kernel_meta: str  # bookworm metapackage whose first Depends is the real kernel package
+    kernel_meta: str  # metapackage whose first Depends is the real kernel package
+    other_kernels: tuple[str, ...] = ()  # suites whose kernel is fetched too (with_kernel)
 
 
 _SPECS: dict[str, _ArchSpec] = {
@@ -124,6 +134,7 @@ _SPECS: dict[str, _ArchSpec] = {
             bios=None,
         ),
         kernel_meta="linux-image-amd64",
+        other_kernels=("trixie",),
     ),
     "aarch64": _ArchSpec(
         arch="aarch64",
@@ -161,6 +172,23 @@ class Assets:
     versions: dict[str, str] = field(default_factory=dict)
     #: the guest kernel's modules (GUEST_MODULES and their dependencies) in load order.
     kernel_modules: list[Path] = field(default_factory=list)
+    #: the Debian suite the kernel comes from (:meth:`with_kernel`).
+    kernel_suite: str = DEFAULT_KERNEL
+    #: the other suites' kernels: suite -> (vmlinuz, modules in load order, version).
+    other_kernels: dict[str, tuple[Path, list[Path], str]] = field(default_factory=dict)
+
+    def with_kernel(self, suite: str) -> Assets:
+        """These assets with ``suite``'s kernel (one of :data:`KERNEL_SUITES` for the arch)."""
+        if suite == self.kernel_suite:
+            return self
+        kernel, modules, version = self.other_kernels[suite]
+        return dataclasses.replace(
+            self,
+            kernel=kernel,
+            kernel_modules=modules,
+            kernel_suite=suite,
+            versions={**self.versions, "kernel": version},
+        )
 
     @classmethod
     def load(cls, cache_dir: Path | None = None, arch: str = "x86_64") -> Assets:
@@ -168,7 +196,7 @@ class Assets:
         spec = _spec(arch)
         base = (cache_dir or default_cache_dir()) / arch
         manifests: dict[str, dict[str, Any]] = {}
-        for name in ("qemu", "kernel", "busybox"):
+        for name in ("qemu", "kernel", "busybox", *_kernel_dirs(spec)):
             manifest = _read_manifest(base / name)
             if manifest is None:
                 raise AssetsMissingError(
@@ -182,16 +210,15 @@ class Assets:
             "kernel": str(manifests["kernel"].get("version", "?")),
             "busybox": str(manifests["busybox"].get("version", "?")),
         }
-        kernel = base / "kernel" / "vmlinuz"
+        kernels = {
+            suite: _load_kernel(base / _kernel_dir(suite), arch)
+            for suite in (DEFAULT_KERNEL, *spec.other_kernels)
+        }
+        kernel, modules = kernels.pop(DEFAULT_KERNEL)
         busybox = base / "busybox" / "busybox"
-        order = base / "kernel" / "modules" / MODULES_ORDER
-        modules = _read_modules_order(order) if order.is_file() else []
-        for path in (kernel, busybox, order, root / "usr/bin" / spec.qemu.binary, *modules):
+        for path in (busybox, root / "usr/bin" / spec.qemu.binary):
             if not path.is_file():
-                raise AssetsMissingError(
-                    f"{path} is missing (run `python -m tests.e2e.assets fetch --arch {arch} "
-                    "--refresh`)"
-                )
+                raise AssetsMissingError(_missing(path, arch))
         return cls(
             arch=arch,
             qemu_root=root,
@@ -203,7 +230,38 @@ class Assets:
             busybox=busybox,
             versions=versions,
             kernel_modules=modules,
+            other_kernels={
+                suite: (*files, str(manifests[_kernel_dir(suite)].get("version", "?")))
+                for suite, files in kernels.items()
+            },
         )
+
+
+def _kernel_dir(suite: str) -> str:
+    return "kernel" if suite == DEFAULT_KERNEL else f"kernel-{suite}"
+
+
+def _kernel_dirs(spec: _ArchSpec) -> list[str]:
+    return [_kernel_dir(suite) for suite in spec.other_kernels]
+
+
+def _load_kernel(directory: Path, arch: str) -> tuple[Path, list[Path]]:
+    kernel = directory / "vmlinuz"
+    order = directory / "modules" / MODULES_ORDER
+    modules = _read_modules_order(order) if order.is_file() else []
+    for path in (kernel, order, *modules):
+        if not path.is_file():
+            raise AssetsMissingError(_missing(path, arch))
+    return kernel, modules
+
+
+def _missing(path: Path, arch: str) -> str:
+    return f"{path} is missing (run `python -m tests.e2e.assets fetch --arch {arch} --refresh`)"
+
+
+def kernel_suites(arch: str) -> tuple[str, ...]:
+    """The Debian suites whose kernel a guest of ``arch`` can boot (:meth:`Assets.with_kernel`)."""
+    return (DEFAULT_KERNEL, *_spec(arch).other_kernels)
 
 
 def qemu_cmd_prefix(root: Path, qemu: _QemuSpec) -> list[str]:
@@ -483,7 +541,10 @@ class Fetcher:
             base = self.cache_dir / arch
             base.mkdir(exist_ok=True)
             self._asset(base / "qemu", f"{arch}/qemu", lambda d: self._build_qemu(spec, d))
-            self._asset(base / "kernel", f"{arch}/kernel", lambda d: self._build_kernel(spec, d))
+            for suite in kernel_suites(arch):
+                name = _kernel_dir(suite)
+                build = functools.partial(self._build_kernel, spec, suite=suite)
+                self._asset(base / name, f"{arch}/{name}", build)
             self._asset(base / "busybox", f"{arch}/busybox", lambda d: self._build_busybox(spec, d))
         assets = Assets.load(self.cache_dir, arch)
         _verify_qemu(assets, f"{arch}/qemu")
@@ -547,9 +608,9 @@ class Fetcher:
             "download_bytes": sum(d.stat().st_size for d in debs),
         }
 
-    def _build_kernel(self, spec: _ArchSpec, out: Path) -> dict[str, Any]:
-        asset = f"{spec.arch}/kernel"
-        apt = self.apt("bookworm", spec.debarch)
+    def _build_kernel(self, spec: _ArchSpec, out: Path, suite: str) -> dict[str, Any]:
+        asset = f"{spec.arch}/{_kernel_dir(suite)}"
+        apt = self.apt(suite, spec.debarch)
         apt.update(asset)
         package, version = apt.depends_of(spec.kernel_meta, asset)
         deb = apt.download(package, asset)
@@ -559,7 +620,7 @@ class Fetcher:
         found: dict[str, _Module] = {}
         builtin: set[str] = set()
         release = ""
-        for member, data in _deb_files(deb, asset, lambda name: True):
+        for member, data in _module_files(deb, asset, lambda name: True):
             if member.startswith("./boot/vmlinuz-"):
                 release = member.removeprefix("./boot/vmlinuz-")
                 (out / "vmlinuz").write_bytes(data)
@@ -576,7 +637,7 @@ class Fetcher:
         modules = out / "modules"
         modules.mkdir()
         wanted = {found[name].member: found[name].filename for name in order}
-        for member, data in _deb_files(deb, asset, wanted.__contains__):
+        for member, data in _module_files(deb, asset, wanted.__contains__):
             (modules / wanted.pop(member)).write_bytes(data)
         if wanted:
             raise AssetError(asset, "unpack", f"second pass missed {sorted(wanted)}")
@@ -666,6 +727,26 @@ def _deb_files(deb: Path, asset: str, want: Callable[[str], bool]) -> Iterator[t
         stderr = proc.stderr.read().decode(errors="replace")
         if proc.wait() != 0:
             raise AssetError(asset, step, f"dpkg-deb exited {proc.returncode}: {stderr.strip()}")
+
+
+def _module_files(
+    deb: Path, asset: str, want: Callable[[str], bool]
+) -> Iterator[tuple[str, bytes]]:
+    """:func:`_deb_files` of a kernel package, its xz-compressed modules (trixie's) given
+    uncompressed under their ``.ko`` name: busybox's insmod loads only plain ELF files."""
+
+    def plain(name: str) -> str:
+        return name.removesuffix(".xz") if name.endswith(".ko.xz") else name
+
+    for member, data in _deb_files(deb, asset, lambda name: want(plain(name))):
+        if not member.endswith(".ko.xz"):
+            yield member, data
+            continue
+        try:
+            elf = lzma.decompress(data)
+        except lzma.LZMAError as exc:
+            raise AssetError(asset, "unpack", f"{member}: {exc}") from None
+        yield plain(member), elf
 
 
 def _module_name(stem: str) -> str:
@@ -792,9 +873,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"error: e2e assets ({arch}): {exc}", file=sys.stderr)
             return 2
+        others = "".join(
+            f" (and {suite}'s {version})" for suite, (*_, version) in assets.other_kernels.items()
+        )
         print(
             f"assets: {arch} ready in {cache}: QEMU {assets.versions['qemu']}, "
-            f"kernel {assets.versions['kernel']}, busybox {assets.versions['busybox']}",
+            f"kernel {assets.versions['kernel']}{others}, busybox {assets.versions['busybox']}",
             file=sys.stderr,
         )
     print(f"assets: done in {time.monotonic() - started:.1f} s", file=sys.stderr)

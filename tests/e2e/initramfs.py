@@ -145,6 +145,7 @@ for arg in $(cat /proc/cmdline); do
 done
 . /vglib.sh
 echo "VGTEST boot=$(cut -d" " -f1 /proc/uptime)"
+echo "VGTEST kernel=$(uname -r)"
 # -x: a failing run's serial log shows every command up to the one that failed
 ( set -ex; . /vgmodules.sh; . /vgtest.sh )
 rc=$?

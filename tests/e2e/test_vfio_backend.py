@@ -13,12 +13,13 @@ One guest boot (module-scoped scenario); each test asserts one fact of it.
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.assets import Assets
+from tests.e2e.assets import DEFAULT_KERNEL, Assets, default_cache_dir, kernel_suites
 from tests.e2e.expect import NVIDIA, read_backing_bytes
 from tests.e2e.guest_vfio import (
     DMA_SIZE,
@@ -44,10 +45,16 @@ class Run:
     results: GuestResults
     usemem: bytes  # the host's usemem file, the bytes the test wrote to
     qemu_stderr: str
+    kernel_suite: str  # the Debian suite whose kernel the guest was asked to boot
 
 
-@pytest.fixture(scope="module")
-def scenario(assets: Assets) -> ScenarioRun:
+@pytest.fixture(scope="module", params=kernel_suites("x86_64"))
+def scenario(assets: Assets, request: pytest.FixtureRequest) -> ScenarioRun:
+    """The scenario once per guest kernel: bookworm's 6.1 and trixie's 6.12, whose vfio/type1
+    moves pinned pages' accounting to the new owner on VFIO_DMA_MAP_FLAG_VADDR (6.2)."""
+    suite: str = request.param
+    assets = assets.with_kernel(suite)
+
     async def body(h: Harness) -> Run:
         device = h.device("gh200", memory_size="2GiB")
         await h.start_vgpud(device)
@@ -61,7 +68,7 @@ def scenario(assets: Assets) -> ScenarioRun:
         qemu = await h.start_qemu(device, script, vfio=True)
         results = await qemu.run_guest(240)
         data = read_backing_bytes(device.files["usemem"], 0, WRITE_OFFSET + len(WRITE_PATTERN))
-        return Run(device, results, data, qemu.stderr.text())
+        return Run(device, results, data, qemu.stderr.text(), suite)
 
     return run_scenario(assets, body)
 
@@ -73,6 +80,14 @@ def _run(scenario: ScenarioRun) -> Run:
 
 def _values(scenario: ScenarioRun) -> dict[str, str]:
     return _run(scenario).results.values
+
+
+def test_the_guest_runs_the_kernel_asked_for(scenario: ScenarioRun) -> None:
+    # Against the fetched kernel's own manifest, not what Assets.with_kernel made of it.
+    run = _run(scenario)
+    name = "kernel" if run.kernel_suite == DEFAULT_KERNEL else f"kernel-{run.kernel_suite}"
+    manifest = json.loads((default_cache_dir() / "x86_64" / name / "manifest.json").read_text())
+    assert manifest["version"].split()[0] == run.results.values["kernel"]
 
 
 def test_guest_program_finished(scenario: ScenarioRun) -> None:
