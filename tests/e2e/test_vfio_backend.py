@@ -8,7 +8,8 @@ request then crosses the real kernel VFIO uAPI (group/container, type1 IOMMU, re
 pread/pwrite and mmap of the device fd, SET_IRQS with eventfds, DEVICE_RESET), and the facts
 are checked against what the host's synthetic GPU holds -- its usemem file included.
 
-One guest boot (module-scoped scenario); each test asserts one fact of it.
+One guest boot per guest kernel (module-scoped scenario, bookworm 6.1 and trixie 6.12); each
+test asserts one fact of it.
 """
 
 from __future__ import annotations
