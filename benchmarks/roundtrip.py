@@ -76,12 +76,12 @@ class RawClient:
         conn = p.ClientConnection(caps)
         _, out = conn.send_request(p.Version(major=0, minor=0, capabilities=caps))
         self.sock.sendall(out.data)
-        head = self._recv_exact(16)
+        head = self.recv_exact(16)
         size = HEADER.unpack(head)[2]
-        self._recv_exact(size - 16)
+        self.recv_exact(size - 16)
         self.msg_id = 1
 
-    def _recv_exact(self, n: int) -> bytes:
+    def recv_exact(self, n: int) -> bytes:
         chunks = bytearray()
         while len(chunks) < n:
             got = self.sock.recv(n - len(chunks))

@@ -37,12 +37,12 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from benchmarks.roundtrip import CONFIG_REGION, HEADER, REGION_READ, RawClient
+import protocol as p
+from benchmarks.roundtrip import CONFIG_REGION, HEADER, REGION_READ, RawClient, summarize
 
 VGPUD = [sys.executable, "-m", "vgpud"]
 LOG_JSON = ("--log-format", "json")
 EVENT_TIMEOUT = 60.0  # seconds; a hang guard only
-ERROR_FLAG = 0x20  # vfio-user header flags: the reply is an error (spec vfio-user.md §1)
 
 
 @dataclass
@@ -94,10 +94,10 @@ def _read_config(client: RawClient, stop: threading.Event, gap_s: float, reads: 
             msg_id = (msg_id + 1) & 0xFFFF
             start = time.perf_counter_ns()
             sock.sendall(HEADER.pack(msg_id, REGION_READ, 16 + len(body), 0, 0) + body)
-            reply = _recv_exact(sock, 16 + 16 + 4)
+            reply = client.recv_exact(16 + 16 + 4)
             took = time.perf_counter_ns() - start
             reply_id, _, _, flags, error = HEADER.unpack_from(reply)
-            if reply_id != msg_id or flags & ERROR_FLAG:
+            if reply_id != msg_id or flags & p.FLAG_ERROR:
                 raise RuntimeError(f"read {msg_id}: reply {reply_id}, flags {flags:#x}, {error}")
             if first is None:
                 first = reply[32:]
@@ -108,16 +108,6 @@ def _read_config(client: RawClient, stop: threading.Event, gap_s: float, reads: 
             time.sleep(gap_s)
     except BaseException as exc:  # reported by the main thread
         reads.fail(exc)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError("the daemon closed the connection")
-        data += chunk
-    return bytes(data)
 
 
 def _log_events(stream: IO[str], events: queue.Queue[tuple[int, dict[str, Any]]]) -> None:
@@ -147,11 +137,6 @@ def _next_event(
 def _wait_ready(notify: socket.socket) -> None:
     while b"READY=1" not in notify.recv(4096).split(b"\n"):
         pass  # RELOADING=1 and the like
-
-
-def _percentile(values: list[int], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
 
 def run(upgrades: int, gap_ms: float) -> list[dict[str, float]]:
@@ -214,9 +199,10 @@ def _one_upgrade(
     # The read that waited through the exec is answered by now, or is the next to be.
     reads.wait_beyond(len(reads.took_ns))
     during = reads.between(sent, time.perf_counter_ns())
+    during_check = reads.between(sent, checked)
     return {
         "check_ms": (checked - sent) / 1e6,
-        "check_p99_us": _percentile(reads.between(sent, checked), 0.99) / 1e3,
+        "check_p99_us": summarize(during_check)["p99_us"] if during_check else 0.0,
         "stall_ms": max(during, default=0) / 1e6,
         "handover_ms": float(upgraded["handover_ms"]),
         "reads": float(len(during)),
