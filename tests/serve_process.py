@@ -78,15 +78,15 @@ def start(
     )
 
 
-def interpreter_link(directory: Path) -> Path:
-    """``directory/bin/python``: this interpreter through a symlink a test can point
-    elsewhere, to fail a daemon's upgrade at its exec when the check before it passed (an
-    upgrade runs ``sys.executable``, the path the daemon was started by). ``directory`` is
-    made a venv of the same packages when this interpreter is a venv's."""
+def interpreter_link(directory: Path, *, broken: bool = False) -> Path:
+    """``directory/bin/python``: this interpreter through a symlink a test can point at
+    nothing (``broken``) and back, to fail a daemon's upgrade at its exec when the check
+    before it passed (an upgrade runs ``sys.executable``, the path the daemon was started
+    by). ``directory`` is made a venv of the same packages when this interpreter is a venv's."""
     link = directory / "bin" / "python"
     link.parent.mkdir(parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
-    link.symlink_to(sys.executable)
+    link.symlink_to(directory / "no-such-python" if broken else Path(sys.executable))
     if sys.prefix != sys.base_prefix:  # pyvenv.cfg next to bin/ makes the directory the venv
         (directory / "pyvenv.cfg").write_bytes((Path(sys.prefix) / "pyvenv.cfg").read_bytes())
         if not (directory / "lib").is_symlink():

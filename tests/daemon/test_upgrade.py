@@ -416,8 +416,7 @@ async def test_an_exec_that_fails_for_real_serves_on_and_the_next_upgrade_goes_t
             client.stream.socket.send(wire[: p.HEADER_SIZE])
             proc.send_signal(signal.SIGUSR2)
             await log_until(proc, "new code checked; bringing the clients to rest")
-            link.unlink()
-            link.symlink_to(tmp_path / "no-such-python")
+            interpreter_link(tmp_path / "python", broken=True)
             client.stream.socket.send(wire[p.HEADER_SIZE :])
             with trio.fail_after(30):
                 reply = await client.receive()

@@ -267,7 +267,6 @@ async def abandoned_upgrade(
     kernel (VFIO_DMA_UNMAP_FLAG_VADDR): the daemon must give them back and serve on. The
     client holds the freeze with half a message until the new code has been checked, then
     points the interpreter's link at nothing and sends the rest."""
-    link = workdir / "python" / "bin" / "python"
     since = len(log.events)
     read = p.RegionReadRequest(region=0, offset=SCRATCH, count=4)
     wire = client.conn.send_request(read)[1].data
@@ -275,8 +274,7 @@ async def abandoned_upgrade(
     daemon.send_signal(signal.SIGUSR2)
     with trio.fail_after(READY_TIMEOUT):
         await log.wait_for(since, "new code checked; bringing the clients to rest")
-    link.unlink()
-    link.symlink_to(workdir / "no-such-python")
+    interpreter_link(workdir / "python", broken=True)
     await client.stream.send(wire[p.HEADER_SIZE :], [])
     reply = await client.receive()
     served = isinstance(reply, p.Reply) and isinstance(reply.message, p.RegionReadReply)
