@@ -22,7 +22,7 @@ import structlog
 import trio
 
 from protocol import ProtocolError
-from vgpud import __version__, daemon, devices, log, probe, qemu_args, upgrade
+from vgpud import __version__, daemon, devices, libvirt_domain, log, probe, qemu_args, upgrade
 from vgpud.client import MisbehavingServerError, VfioUserError
 from vgpud.config import (
     DEFAULT_DEVICE_NAME,
@@ -215,7 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the GPU out, with room reserved for its BARs on its root port, and print "
         "the QMP device_add that adds it to the running guest",
     )
-    qemu.add_argument("--json", action="store_true", help="print a JSON array")
+    output = qemu.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print a JSON array")
+    output.add_argument(
+        "--libvirt",
+        action="store_true",
+        help="print a libvirt domain (XML) instead: x86_64, the GPUs through "
+        "<qemu:commandline> (docs/operations.md)",
+    )
+    qemu.add_argument(
+        "--domain-name", default="vgpud", help="the libvirt domain's name (default vgpud)"
+    )
 
     probe = sub.add_parser("probe", help="show what a vfio-user server exposes")
     probe.add_argument("socket", type=Path)
@@ -344,7 +354,7 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         )
         for c in configs
     ]
-    built = qemu_args.build(
+    machine = qemu_args.plan(
         guests,
         arch=args.arch,
         ram=args.ram,
@@ -354,6 +364,10 @@ def _cmd_qemu_args(args: argparse.Namespace) -> int:
         hugepages=args.hugepages,
         hotplug=args.hotplug,
     )
+    if args.libvirt:
+        print(libvirt_domain.domain_xml(machine, name=args.domain_name), end="")
+        return 0
+    built = qemu_args.arguments(machine)
     if not args.hotplug:
         binary = f"qemu-system-{args.arch}"
         print(json.dumps(built) if args.json else qemu_args.render_shell(built, binary))

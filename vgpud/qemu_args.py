@@ -121,6 +121,91 @@ def device_add_commands(devices: Sequence[GuestDevice]) -> list[dict[str, Any]]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """A checked guest machine with its vgpud devices: what every rendering of it (QEMU
+    arguments, a libvirt domain) starts from. Made by :func:`plan`."""
+
+    devices: Sequence[GuestDevice]
+    arch: str
+    accel: str
+    smp: int
+    ram_size: int
+    hugepage_size: int | None
+    numa: bool
+    hotplug: bool
+    window: int  # bytes of 64-bit MMIO the BARs need (mmio_window)
+
+    @property
+    def ram(self) -> str:
+        return _qemu_size(self.ram_size)
+
+    def cpus(self) -> str:
+        """The guest's CPU list, as ``-numa`` and libvirt's ``<cell cpus=>`` spell it."""
+        return f"0-{self.smp - 1}" if self.smp > 1 else "0"
+
+    def initiator_nodes(self) -> list[tuple[GuestDevice, int]]:
+        """With ``numa``: each memory-less NUMA node (1, 2, ...) and the GPU it belongs to
+        (spec nvgrace-gpu.md §11.1: 8 per GPU)."""
+        if not self.numa:
+            return []
+        nodes = range(1, 1 + GI_NODES_PER_GPU * len(self.devices))
+        return [(self.devices[(node - 1) // GI_NODES_PER_GPU], node) for node in nodes]
+
+
+def plan(
+    devices: Sequence[GuestDevice],
+    *,
+    arch: str = "x86_64",
+    ram: str = "1G",
+    smp: int = 1,
+    accel: str = "tcg",
+    numa: bool = False,
+    hugepages: str | None = None,
+    hotplug: bool = False,
+) -> Machine:
+    """Check the machine options; bad values raise ValueError naming the ``vgpud qemu-args``
+    flag.
+
+    ``hotplug``: each device's root port reserves room for its BARs and the device itself is
+    left out, to be added with :func:`device_add_commands` once the guest runs.
+
+    ``hugepages`` (a QEMU size such as ``2M`` or ``1G``) backs guest RAM with a hugetlb memfd
+    of that page size; the host needs that many huge pages reserved.
+    """
+    if smp < 1:
+        raise ValueError(f"--smp {smp}: must be a positive number of CPUs")
+    ram_size = _ram_size(ram)
+    page_size = None
+    if hugepages is not None:
+        page_size = _hugepage_size(hugepages)
+        if ram_size % page_size:
+            # A hugetlb memfd only takes whole pages: QEMU's ftruncate of it would fail.
+            raise ValueError(
+                f"--ram {_qemu_size(ram_size)} is not a whole number of "
+                f"{_qemu_size(page_size)} huge pages"
+            )
+    if arch not in ("x86_64", "aarch64"):
+        raise ValueError(f"unknown arch {arch!r} (x86_64 or aarch64)")
+    if accel not in ("tcg", "kvm"):
+        raise ValueError(f"unknown accel {accel!r} (tcg or kvm)")
+    if hotplug and numa:
+        # The generic-initiator objects name the GPU, which must then exist at start-up, and
+        # the guest reads the NUMA affinity from ACPI tables built once, at boot.
+        raise ValueError("--numa needs the GPU present at start-up; it cannot be hot-plugged")
+    return Machine(
+        devices=tuple(devices),
+        arch=arch,
+        accel=accel,
+        smp=smp,
+        ram_size=ram_size,
+        hugepage_size=page_size,
+        numa=numa,
+        hotplug=hotplug,
+        window=mmio_window(devices, hotplug=hotplug),
+    )
+
+
 def build(
     devices: Sequence[GuestDevice],
     *,
@@ -132,87 +217,80 @@ def build(
     hugepages: str | None = None,
     hotplug: bool = False,
 ) -> list[str]:
-    """The argument list (without the binary, kernel or disks).
+    """The argument list (without the binary, kernel or disks) for :func:`plan`'s machine
+    (same options). ``ram`` and ``hugepages`` are written out in QEMU's own spelling
+    (``1536M``, ``1G``)."""
+    machine = plan(
+        devices,
+        arch=arch,
+        ram=ram,
+        smp=smp,
+        accel=accel,
+        numa=numa,
+        hugepages=hugepages,
+        hotplug=hotplug,
+    )
+    return arguments(machine)
 
-    ``hotplug``: each device's root port reserves room for its BARs and the device itself is
-    left out, to be added with :func:`device_add_commands` once the guest runs.
 
-    ``hugepages`` (a QEMU size such as ``2M`` or ``1G``) backs guest RAM with a hugetlb memfd
-    of that page size; the host needs that many huge pages reserved. ``ram`` and ``hugepages``
-    are written out in QEMU's own spelling (``1536M``, ``1G``). Bad values raise ValueError
-    naming the ``vgpud qemu-args`` flag.
-    """
-    if smp < 1:
-        raise ValueError(f"--smp {smp}: must be a positive number of CPUs")
-    ram_size = _ram_size(ram)
-    ram = _qemu_size(ram_size)
-    if hugepages is not None:
-        page_size = _hugepage_size(hugepages)
-        if ram_size % page_size:
-            # A hugetlb memfd only takes whole pages: QEMU's ftruncate of it would fail.
-            raise ValueError(
-                f"--ram {ram} is not a whole number of {_qemu_size(page_size)} huge pages"
-            )
-        hugepages = _qemu_size(page_size)
-    if arch not in ("x86_64", "aarch64"):
-        raise ValueError(f"unknown arch {arch!r} (x86_64 or aarch64)")
-    if accel not in ("tcg", "kvm"):
-        raise ValueError(f"unknown accel {accel!r} (tcg or kvm)")
-    if hotplug and numa:
-        # The generic-initiator objects name the GPU, which must then exist at start-up, and
-        # the guest reads the NUMA affinity from ACPI tables built once, at boot.
-        raise ValueError("--numa needs the GPU present at start-up; it cannot be hot-plugged")
-    window = mmio_window(devices, hotplug=hotplug)
+def arguments(machine: Machine) -> list[str]:
+    """QEMU's arguments for ``machine``."""
     args: list[str] = []
     # With -numa, guest RAM goes to node 0 (memdev=ram0) and -machine memory-backend= is
     # rejected (spec vfio-user.md §11, §14).
-    machine_ram = "" if numa else ",memory-backend=ram0"
-    if arch == "x86_64":
+    machine_ram = "" if machine.numa else ",memory-backend=ram0"
+    accel = machine.accel
+    if machine.arch == "x86_64":
         args += ["-machine", f"q35{machine_ram}", "-accel", accel]
         args += [
             "-cpu",
             "host,host-phys-bits=on" if accel == "kvm" else f"max,phys-bits={TCG_PHYS_BITS}",
         ]
-        if window > Q35_DEFAULT_HOLE64:
-            args += ["-global", f"q35-pcihost.pci-hole64-size={_qemu_size(window)}"]
+        if machine.window > Q35_DEFAULT_HOLE64:
+            args += ["-global", f"q35-pcihost.pci-hole64-size={_qemu_size(machine.window)}"]
     else:
-        highmem = max(window, VIRT_DEFAULT_HIGHMEM_MMIO)
-        machine = f"virt,gic-version=3{machine_ram}"
+        highmem = virt_highmem_mmio(machine)
+        virt = f"virt,gic-version=3{machine_ram}"
         if highmem > VIRT_DEFAULT_HIGHMEM_MMIO:
-            machine += f",highmem-mmio-size={_qemu_size(highmem)}"
-        args += ["-machine", machine, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max"]
-    args += ["-smp", str(smp), "-m", ram]
+            virt += f",highmem-mmio-size={_qemu_size(highmem)}"
+        args += ["-machine", virt, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max"]
+    ram = machine.ram
+    args += ["-smp", str(machine.smp), "-m", ram]
     # fd-backed and shared: vfio-user DMA hands the server the RAM's fd (spec vfio-user.md
     # §5.7). Huge pages work too: the daemon maps whole pages around QEMU's unaligned sections.
     backend = f"memory-backend-memfd,id=ram0,size={ram},share=on"
-    if hugepages is not None:
-        backend += f",hugetlb=on,hugetlbsize={hugepages}"
+    if machine.hugepage_size is not None:
+        backend += f",hugetlb=on,hugetlbsize={_qemu_size(machine.hugepage_size)}"
     args += ["-object", backend]
-    if numa:
-        cpus = f"0-{smp - 1}" if smp > 1 else "0"
-        args += ["-numa", f"node,nodeid=0,cpus={cpus},memdev=ram0"]
-    next_node = 1
-    for slot, device in enumerate(devices, start=1):
+    if machine.numa:
+        args += ["-numa", f"node,nodeid=0,cpus={machine.cpus()},memdev=ram0"]
+    initiators = machine.initiator_nodes()
+    for slot, device in enumerate(machine.devices, start=1):
         port = port_id(slot - 1)
         port_args = f"pcie-root-port,id={port},bus=pcie.0,chassis={slot}"
-        if arch == "x86_64":
+        if machine.arch == "x86_64":
             port_args += f",slot={slot}"
-        if hotplug:
+        if machine.hotplug:
             reserves = device.port_reserves()
             args += ["-device", f"{port_args},{reserves}" if reserves else port_args]
             continue
         args += ["-device", port_args]
         args += ["-device", json.dumps(device.device_spec(port), separators=(",", ":"))]
-        if numa:
-            for _ in range(GI_NODES_PER_GPU):
-                args += ["-numa", f"node,nodeid={next_node}"]
-                args += [
-                    "-object",
-                    f"acpi-generic-initiator,id=gi{next_node - 1},pci-dev={device.id},"
-                    f"node={next_node}",
-                ]
-                next_node += 1
+        for owner, node in initiators:
+            if owner is device:
+                args += ["-numa", f"node,nodeid={node}"]
+                args += ["-object", generic_initiator(device, node)]
     return args
+
+
+def generic_initiator(device: GuestDevice, node: int) -> str:
+    """The ``acpi-generic-initiator`` object that ties NUMA ``node`` to ``device``."""
+    return f"acpi-generic-initiator,id=gi{node - 1},pci-dev={device.id},node={node}"
+
+
+def virt_highmem_mmio(machine: Machine) -> int:
+    """aarch64 ``virt``'s high MMIO window: at least its default, more if the BARs need it."""
+    return max(machine.window, VIRT_DEFAULT_HIGHMEM_MMIO)
 
 
 def _ram_size(ram: str) -> int:

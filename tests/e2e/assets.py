@@ -19,6 +19,10 @@ Layout (``<arch>`` is x86_64 or aarch64)::
     $VGPUD_CACHE/x86_64/kernel-trixie/      the same for trixie's kernel (the VFIO guest runs
                                             on both: tests/e2e/test_vfio_backend.py)
     $VGPUD_CACHE/<arch>/busybox/busybox     static busybox for the initramfs
+    $VGPUD_CACHE/x86_64/libvirt/            sid's libvirtd + virsh + their library closure
+                                            (root/), and share/libvirt (its CPU map), which
+                                            libvirt reads from /usr/share only
+                                            (tests/e2e/libvirt.py)
 
 Each asset directory is built under a temporary name and renamed into place only after it was
 verified and its ``manifest.json`` written, so an interrupted fetch never looks complete and a
@@ -60,7 +64,7 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 MANIFEST = "manifest.json"
 # Bumped (per asset, so that a change to one does not re-fetch the others) when the layout of
 # an asset directory changes: older directories are rebuilt.
-ASSET_FORMATS = {"qemu": 1, "kernel": 2, "kernel-trixie": 2, "busybox": 1}
+ASSET_FORMATS = {"qemu": 1, "kernel": 2, "kernel-trixie": 2, "busybox": 1, "libvirt": 1}
 # Every guest boots bookworm's kernel (6.1); x86_64 also has trixie's (6.12, as Grace hosts
 # run), for the tests of the /dev/vfio backend, whose kernel interface changed between them
 # (vfio/type1's DMA owner moving on exec, 6.2).
@@ -78,6 +82,11 @@ GUEST_MODULES = (
 )
 HOST_MULTIARCH = "x86_64-linux-gnu"
 _PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/AAVMF")
+# libvirt's daemon, QEMU driver and virsh, from sid like QEMU (bookworm's 9.0 predates QEMU
+# 11.1 by three years); the closure brings a QEMU too, which is pruned: the tests point
+# libvirt at the qemu asset's.
+LIBVIRT_PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients")
+_LIBVIRT_PRUNE = ("usr/lib/ipxe", "usr/lib/x86_64-linux-gnu/qemu", "usr/share")
 
 
 class AssetError(Exception):
@@ -121,6 +130,7 @@ class _ArchSpec:
     qemu: _QemuSpec
     kernel_meta: str  # metapackage whose first Depends is the real kernel package
     other_kernels: tuple[str, ...] = ()  # suites whose kernel is fetched too (with_kernel)
+    libvirt: bool = False  # whether the libvirt asset is fetched too (tests/e2e/libvirt.py)
 
 
 _SPECS: dict[str, _ArchSpec] = {
@@ -135,6 +145,7 @@ _SPECS: dict[str, _ArchSpec] = {
         ),
         kernel_meta="linux-image-amd64",
         other_kernels=("trixie",),
+        libvirt=True,
     ),
     "aarch64": _ArchSpec(
         arch="aarch64",
@@ -176,6 +187,8 @@ class Assets:
     kernel_suite: str = DEFAULT_KERNEL
     #: the other suites' kernels: suite -> (vmlinuz, modules in load order, version).
     other_kernels: dict[str, tuple[Path, list[Path], str]] = field(default_factory=dict)
+    #: the libvirt asset's directory (x86_64 only): see :class:`Libvirt`.
+    libvirt: Libvirt | None = None
 
     def with_kernel(self, suite: str) -> Assets:
         """These assets with ``suite``'s kernel (one of :data:`KERNEL_SUITES` for the arch)."""
@@ -196,7 +209,7 @@ class Assets:
         spec = _spec(arch)
         base = (cache_dir or default_cache_dir()) / arch
         manifests: dict[str, dict[str, Any]] = {}
-        for name in ("qemu", "kernel", "busybox", *_kernel_dirs(spec)):
+        for name in ("qemu", "kernel", "busybox", *_kernel_dirs(spec), *_libvirt_dirs(spec)):
             manifest = _read_manifest(base / name)
             if manifest is None:
                 raise AssetsMissingError(
@@ -230,11 +243,55 @@ class Assets:
             busybox=busybox,
             versions=versions,
             kernel_modules=modules,
+            libvirt=Libvirt.load(base / "libvirt", manifests["libvirt"]) if spec.libvirt else None,
             other_kernels={
                 suite: (*files, str(manifests[_kernel_dir(suite)].get("version", "?")))
                 for suite, files in kernels.items()
             },
         )
+
+
+@dataclass(frozen=True)
+class Libvirt:
+    """The unpacked sid libvirt: ``root`` (binaries and libraries, run through their own
+    loader like QEMU) and ``share`` (what libvirt reads from /usr/share: its CPU map)."""
+
+    directory: Path
+    version: str
+
+    @property
+    def root(self) -> Path:
+        return self.directory / "root"
+
+    @property
+    def share(self) -> Path:
+        return self.directory / "share"
+
+    @property
+    def driver_dir(self) -> Path:
+        """libvirtd's QEMU driver module (it dlopens it; LIBVIRT_DRIVER_DIR)."""
+        return self.root / "usr/lib" / HOST_MULTIARCH / "libvirt/connection-driver"
+
+    def command(self, program: str) -> list[str]:
+        """argv prefix running ``program`` (``usr/sbin/libvirtd``, ``usr/bin/virsh``)."""
+        return _loader_prefix(self.root, program)
+
+    @classmethod
+    def load(cls, directory: Path, manifest: dict[str, Any]) -> Libvirt:
+        libvirt = cls(directory, str(manifest.get("version", "?")))
+        for path in (
+            libvirt.root / "usr/sbin/libvirtd",
+            libvirt.root / "usr/bin/virsh",
+            libvirt.driver_dir / "libvirt_driver_qemu.so",
+            libvirt.share / "libvirt/cpu_map/index.xml",
+        ):
+            if not path.is_file():
+                raise AssetsMissingError(_missing(path, "x86_64"))
+        return libvirt
+
+
+def _libvirt_dirs(spec: _ArchSpec) -> list[str]:
+    return ["libvirt"] if spec.libvirt else []
 
 
 def _kernel_dir(suite: str) -> str:
@@ -266,22 +323,27 @@ def kernel_suites(arch: str) -> tuple[str, ...]:
 
 def qemu_cmd_prefix(root: Path, qemu: _QemuSpec) -> list[str]:
     """argv prefix running the unpacked QEMU with its own loader and libraries."""
+    argv = _loader_prefix(root, f"usr/bin/{qemu.binary}")
+    for fw in qemu.firmware_dirs:
+        if (root / fw).is_dir():
+            argv += ["-L", str(root / fw)]
+    return argv
+
+
+def _loader_prefix(root: Path, program: str) -> list[str]:
+    """argv prefix running ``root/program`` through ``root``'s own dynamic loader and
+    libraries (sid's glibc, never bookworm's)."""
     libdirs = [
         root / "usr/lib" / HOST_MULTIARCH,
         root / "lib" / HOST_MULTIARCH,
         root / "usr/lib" / HOST_MULTIARCH / "systemd",
     ]
-    loader = root / "usr/lib" / HOST_MULTIARCH / "ld-linux-x86-64.so.2"
-    argv = [
-        str(loader),
+    return [
+        str(root / "usr/lib" / HOST_MULTIARCH / "ld-linux-x86-64.so.2"),
         "--library-path",
         ":".join(str(d) for d in libdirs if d.is_dir()),
-        str(root / "usr/bin" / qemu.binary),
+        str(root / program),
     ]
-    for fw in qemu.firmware_dirs:
-        if (root / fw).is_dir():
-            argv += ["-L", str(root / fw)]
-    return argv
 
 
 def _spec(arch: str) -> _ArchSpec:
@@ -546,6 +608,8 @@ class Fetcher:
                 build = functools.partial(self._build_kernel, spec, suite=suite)
                 self._asset(base / name, f"{arch}/{name}", build)
             self._asset(base / "busybox", f"{arch}/busybox", lambda d: self._build_busybox(spec, d))
+            if spec.libvirt:
+                self._asset(base / "libvirt", f"{arch}/libvirt", self._build_libvirt)
         assets = Assets.load(self.cache_dir, arch)
         _verify_qemu(assets, f"{arch}/qemu")
         return assets
@@ -650,6 +714,31 @@ class Fetcher:
             "modules": filenames,
         }
 
+    def _build_libvirt(self, out: Path) -> dict[str, Any]:
+        asset = "x86_64/libvirt"
+        apt = self.apt("sid", "amd64")
+        apt.update(asset)
+        debs = apt.closure(LIBVIRT_PACKAGES, asset)
+        root = out / "root"
+        root.mkdir()
+        for deb in debs:
+            _run(["dpkg-deb", "-x", str(deb), str(root)], asset, f"unpack {deb.name}")
+        (root / "usr/share/libvirt").rename(_mkdir(out / "share") / "libvirt")
+        for unneeded in _LIBVIRT_PRUNE:
+            shutil.rmtree(root / unneeded, ignore_errors=True)
+        for binary in (root / "usr/bin").glob("qemu-*"):
+            binary.unlink()
+        libvirt = Libvirt(out, "?")
+        out_text = _run([*libvirt.command("usr/sbin/libvirtd"), "--version"], asset, "verify")
+        match = re.search(r"\(libvirt\) (\S+)", out_text)
+        if not match:
+            raise AssetError(asset, "verify", f"unexpected libvirtd --version: {out_text!r}")
+        return {
+            "version": match.group(1),
+            "packages": sorted(d.name for d in debs),
+            "download_bytes": sum(d.stat().st_size for d in debs),
+        }
+
     def _build_busybox(self, spec: _ArchSpec, out: Path) -> dict[str, Any]:
         asset = f"{spec.arch}/busybox"
         apt = self.apt("bookworm", spec.debarch)
@@ -689,6 +778,11 @@ def _verify_qemu_prefix(
     if '"vfio-user-pci"' not in devices:
         raise AssetError(asset, "verify", f"QEMU {match.group(1)} has no vfio-user-pci device")
     return first.removeprefix("QEMU emulator version ").strip()
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
 
 
 def _run(cmd: list[str], asset: str, step: str, env: dict[str, str] | None = None) -> str:
@@ -876,9 +970,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         others = "".join(
             f" (and {suite}'s {version})" for suite, (*_, version) in assets.other_kernels.items()
         )
+        libvirt = f", libvirt {assets.libvirt.version}" if assets.libvirt else ""
         print(
             f"assets: {arch} ready in {cache}: QEMU {assets.versions['qemu']}, "
-            f"kernel {assets.versions['kernel']}{others}, busybox {assets.versions['busybox']}",
+            f"kernel {assets.versions['kernel']}{others}, busybox {assets.versions['busybox']}"
+            f"{libvirt}",
             file=sys.stderr,
         )
     print(f"assets: done in {time.monotonic() - started:.1f} s", file=sys.stderr)

@@ -18,6 +18,7 @@ import trio
 from tests.e2e.assets import Assets
 from tests.e2e.expect import BackingFile, Expected, backing_files
 from tests.e2e.initramfs import GuestResults, GuestScript, build_initramfs
+from tests.e2e.libvirt import LibvirtDaemon, with_kernel
 from tests.e2e.qemu import (
     REPO,
     E2EError,
@@ -87,6 +88,7 @@ class Harness:
         self.notes: list[str] = []
         self._qemus: list[Qemu] = []
         self._daemons: list[Vgpud] = []
+        self._libvirts: list[LibvirtDaemon] = []
         self._counter = 0
 
     # -- for the failure report ---------------------------------------------------------------
@@ -95,6 +97,8 @@ class Harness:
         sections = [(log.name, log.text() or "(empty)") for log in self.logs]
         for qemu in self._qemus:
             sections.append((f"{qemu.name} argv", shlex.join(qemu.argv)))
+        for libvirtd in self._libvirts:
+            sections += [(log.name, log.text() or "(empty)") for log in libvirtd.domain_logs]
         if self.notes:
             sections.append(("harness notes", "\n".join(self.notes)))
         return sections
@@ -253,12 +257,45 @@ class Harness:
             )
         return results
 
+    # -- libvirt ------------------------------------------------------------------------------
+
+    async def start_libvirt(self) -> LibvirtDaemon:
+        """A private session-mode libvirtd (tests/e2e/libvirt.py), x86_64 only."""
+        libvirtd = LibvirtDaemon(self.assets, self.workdir, name=self._name("libvirtd"))
+        self.logs.append(libvirtd.log)
+        self._libvirts.append(libvirtd)
+        await libvirtd.start(self.nursery, echo=self.echo)
+        return libvirtd
+
+    async def boot_libvirt(
+        self,
+        libvirtd: LibvirtDaemon,
+        domain_xml: str,
+        script: GuestScript | str,
+        *,
+        within: float = 240,
+    ) -> GuestResults:
+        """Boot ``domain_xml`` (as ``vgpud qemu-args --libvirt`` printed it) under
+        ``libvirtd``, with the test kernel and ``script``, to the guest's poweroff."""
+        domain = with_kernel(
+            domain_xml, self.assets.kernel, self.initrd(script), kernel_cmdline(self.assets.arch)
+        )
+        serial = OutputLog(f"{self._name('libvirt-guest')} serial")
+        self.logs.append(serial)
+        await libvirtd.run_domain(domain, serial, nursery=self.nursery, within=within)
+        results = GuestResults.parse(serial.text())
+        if results.done_rc is None:
+            raise E2EError("the libvirt guest never reached VGTEST-DONE")
+        return results
+
     # -- teardown -----------------------------------------------------------------------------
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             for qemu in self._qemus:
                 await qemu.aclose()
+            for libvirtd in self._libvirts:
+                await libvirtd.aclose()
             for daemon in self._daemons:
                 await daemon.stop()
 

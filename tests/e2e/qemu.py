@@ -110,7 +110,7 @@ def _matcher(regex: str) -> Callable[[str], bool]:
     return check
 
 
-async def _pump(stream: trio.abc.ReceiveStream | None, log: OutputLog, echo: bool) -> None:
+async def pump(stream: trio.abc.ReceiveStream | None, log: OutputLog, echo: bool) -> None:
     if stream is None:
         log.close()
         return
@@ -132,6 +132,37 @@ async def _pump(stream: trio.abc.ReceiveStream | None, log: OutputLog, echo: boo
         log.close()
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+async def wait_ready(
+    notify: trio.socket.SocketType,
+    process: trio.Process,
+    log: OutputLog,
+    what: str,
+    *,
+    within: float,
+) -> None:
+    """Until ``process`` sends READY=1 to ``notify`` (its NOTIFY_SOCKET); E2EError, with its
+    output so far, if it exits first or sends nothing within ``within`` seconds."""
+    with trio.move_on_after(within) as scope:
+        async with trio.open_nursery() as race:
+
+            async def exited() -> None:
+                await process.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(exited)
+            while True:
+                data = await notify.recv(4096)
+                if b"READY=1" in data.split(b"\n"):
+                    race.cancel_scope.cancel()
+                    break
+    if scope.cancelled_caught:
+        raise E2EError(f"{what} sent no READY=1 within {within:.0f} s")
+    if process.returncode is not None:
+        with trio.move_on_after(5):
+            await log.wait_closed()
+        raise E2EError(f"{what} exited with {process.returncode} before READY=1:\n" + log.text())
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,10 +339,10 @@ class Qemu:
             listener.close()
             if fw_write is not None:
                 os.close(fw_write)
-        nursery.start_soon(_pump, self.process.stdout, self.serial, echo)
-        nursery.start_soon(_pump, self.process.stderr, self.stderr, echo)
+        nursery.start_soon(pump, self.process.stdout, self.serial, echo)
+        nursery.start_soon(pump, self.process.stderr, self.stderr, echo)
         if fw_read is not None:
-            nursery.start_soon(_pump, trio.lowlevel.FdStream(fw_read), self.firmware, False)
+            nursery.start_soon(pump, trio.lowlevel.FdStream(fw_read), self.firmware, False)
         else:
             self.firmware.close()
         self.qmp = QMP(trio.SocketStream(client))
@@ -456,30 +487,8 @@ class Vgpud:
                 start_new_session=True,
                 pass_fds=() if self.config.inherited_fd is None else (self.config.inherited_fd,),
             )
-            nursery.start_soon(_pump, self.process.stdout, self.log, echo)
-            with trio.move_on_after(60) as scope:
-                async with trio.open_nursery() as race:
-
-                    async def exited() -> None:
-                        assert self.process is not None
-                        await self.process.wait()
-                        race.cancel_scope.cancel()
-
-                    race.start_soon(exited)
-                    while True:
-                        data = await notify.recv(4096)
-                        if b"READY=1" in data.split(b"\n"):
-                            race.cancel_scope.cancel()
-                            break
-            if scope.cancelled_caught:
-                raise E2EError("vgpud sent no READY=1 within 60 s")
-            if self.process.returncode is not None:
-                with trio.move_on_after(5):
-                    await self.log.wait_closed()
-                raise E2EError(
-                    f"vgpud exited with {self.process.returncode} before READY=1:\n"
-                    + self.log.text()
-                )
+            nursery.start_soon(pump, self.process.stdout, self.log, echo)
+            await wait_ready(notify, self.process, self.log, "vgpud", within=60)
         finally:
             notify.close()
             notify_path.unlink(missing_ok=True)
@@ -591,6 +600,8 @@ __all__ = [
     "Vgpud",
     "VgpudConfig",
     "kernel_cmdline",
+    "pump",
     "qemu_device_args",
     "vgpud_json",
+    "wait_ready",
 ]

@@ -1,0 +1,153 @@
+"""``vgpud qemu-args --libvirt``: the same machine as a libvirt domain (XML).
+
+libvirt (12.8, the newest checked) has no element for a vfio-user device nor for
+``acpi-generic-initiator``, so those go through its QEMU passthrough namespace
+(``<qemu:commandline>``), as libvfio-user's own libvirt notes do; everything libvirt does
+model is written the libvirt way, so that libvirt keeps managing it:
+
+- guest RAM: ``<memoryBacking>`` memfd + shared, which libvirt turns into the fd-backed
+  ``memory-backend-memfd,share=on`` vfio-user DMA needs (spec vfio-user.md §5.7);
+- the 64-bit MMIO window: ``<pcihole64>`` on ``pcie-root`` (q35 ``pci-hole64-size``) and the
+  guest's physical address width, ``<maxphysaddr>``, wide enough for it (§6, §11);
+- the memory-less NUMA nodes of ``--numa``: ``<cell memory='0'>`` (spec nvgrace-gpu.md §11.1).
+
+The GPU's root port goes through ``<qemu:commandline>`` too, at a fixed address libvirt does
+not hand out. A root port that libvirt manages is one it also fills: it puts its own
+auto-addressed devices (the USB controller, the balloon) on the first free root port, and
+the GPU then lands in slot 1 of its port, where a root port has no slot (seen with libvirt
+12.8 and QEMU 11.1.3: "slot 1 is not valid for vfio-user-pci", and the guest has no GPU).
+libvirt places root ports from slot 1 of ``pcie.0`` upwards, and its fixed q35 devices sit
+at 0x1d-0x1f, so slot 0x1c (up to 8 functions) is left alone.
+
+The domain is a starting point: no disk, no kernel, no console, no network; add those.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+from vgpud.qemu_args import (
+    Q35_DEFAULT_HOLE64,
+    TCG_PHYS_BITS,
+    Machine,
+    generic_initiator,
+    port_id,
+)
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# Where the GPUs' root ports go on pcie.0 (see the module docstring): one function each.
+ROOT_PORT_SLOT = 0x1C
+MAX_DEVICES = 8
+
+
+def domain_xml(machine: Machine, *, name: str = "vgpud") -> str:
+    """The libvirt domain for ``machine`` (from :func:`vgpud.qemu_args.plan`). ValueError
+    for what this form cannot express yet."""
+    if machine.hotplug:
+        raise ValueError(
+            "--libvirt with --hotplug is not supported: attach the GPU at start-up, or use "
+            "the QEMU arguments"
+        )
+    if machine.arch != "x86_64":
+        raise ValueError("--libvirt is x86_64 (q35) only for now; use the QEMU arguments")
+    if len(machine.devices) > MAX_DEVICES:
+        raise ValueError(f"--libvirt attaches at most {MAX_DEVICES} devices")
+    domain = ET.Element("domain", type="kvm" if machine.accel == "kvm" else "qemu")
+    domain.set("xmlns:qemu", QEMU_NS)
+    _text(domain, "name", name)
+    _text(domain, "memory", str(machine.ram_size >> 20), unit="MiB")
+    _text(domain, "vcpu", str(machine.smp))
+    domain.append(_memory_backing(machine))
+    os_element = ET.SubElement(domain, "os")
+    _text(os_element, "type", "hvm", arch="x86_64", machine="q35")
+    features = ET.SubElement(domain, "features")
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
+    domain.append(_cpu(machine))
+    devices = ET.SubElement(domain, "devices")
+    root = ET.SubElement(devices, "controller", type="pci", index="0", model="pcie-root")
+    if machine.window > Q35_DEFAULT_HOLE64:
+        _text(root, "pcihole64", str(machine.window >> 10), unit="KiB")
+    domain.append(_commandline(machine))
+    return _render(domain)
+
+
+def _memory_backing(machine: Machine) -> ET.Element:
+    backing = ET.Element("memoryBacking")
+    if machine.hugepage_size is not None:
+        pages = ET.SubElement(backing, "hugepages")
+        ET.SubElement(pages, "page", size=str(machine.hugepage_size >> 10), unit="KiB")
+    ET.SubElement(backing, "source", type="memfd")
+    ET.SubElement(backing, "access", mode="shared")
+    return backing
+
+
+def _cpu(machine: Machine) -> ET.Element:
+    if machine.accel == "kvm":
+        cpu = ET.Element("cpu", mode="host-passthrough", check="none")
+        ET.SubElement(cpu, "maxphysaddr", mode="passthrough")
+    else:
+        cpu = ET.Element("cpu", mode="maximum", match="exact", check="none")
+        ET.SubElement(cpu, "maxphysaddr", mode="emulate", bits=str(TCG_PHYS_BITS))
+    if machine.numa:
+        numa = ET.SubElement(cpu, "numa")
+        ram = str(machine.ram_size >> 20)
+        ET.SubElement(numa, "cell", id="0", cpus=machine.cpus(), memory=ram, unit="MiB")
+        for _, node in machine.initiator_nodes():
+            ET.SubElement(numa, "cell", id=str(node), memory="0", unit="KiB")
+    return cpu
+
+
+def _commandline(machine: Machine) -> ET.Element:
+    commandline = ET.Element("qemu:commandline")
+
+    def arg(option: str, value: str) -> None:
+        ET.SubElement(commandline, "qemu:arg", value=option)
+        ET.SubElement(commandline, "qemu:arg", value=value)
+
+    initiators = machine.initiator_nodes()
+    for index, device in enumerate(machine.devices):
+        port = port_id(index)
+        # chassis/slot as the QEMU form numbers them; libvirt's own root ports have slot 0,
+        # so the pairs cannot collide.
+        root_port = (
+            f"pcie-root-port,id={port},bus=pcie.0,addr={ROOT_PORT_SLOT:#x}.{index:#x},"
+            f"chassis={index + 1},slot={index + 1}"
+        )
+        if index == 0 and len(machine.devices) > 1:
+            root_port += ",multifunction=on"
+        arg("-device", root_port)
+        # JSON: the dotted form cannot build the socket object (spec vfio-user.md §5.1).
+        arg("-device", json.dumps(device.device_spec(port), separators=(",", ":")))
+        for owner, node in initiators:
+            if owner is device:
+                arg("-object", generic_initiator(device, node))
+    return commandline
+
+
+def _text(parent: ET.Element, tag: str, text: str, **attributes: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attributes)
+    element.text = text
+    return element
+
+
+def _render(element: ET.Element, depth: int = 0) -> str:
+    """XML as libvirt writes it: two-space indents and single-quoted attributes, so the
+    JSON device reads as itself rather than as a wall of ``&quot;``."""
+    attributes = "".join(f" {key}='{_escape(value)}'" for key, value in element.attrib.items())
+    pad = "  " * depth
+    children = list(element)
+    if not children and element.text is None:
+        return f"{pad}<{element.tag}{attributes}/>\n"
+    if not children:
+        return f"{pad}<{element.tag}{attributes}>{_escape(element.text or '')}</{element.tag}>\n"
+    inner = "".join(_render(child, depth + 1) for child in children)
+    return f"{pad}<{element.tag}{attributes}>\n{inner}{pad}</{element.tag}>\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace("'", "&apos;")
+
+
+__all__ = ["MAX_DEVICES", "QEMU_NS", "ROOT_PORT_SLOT", "domain_xml"]
