@@ -5,12 +5,14 @@ what it writes through each BAR4 must land in that device's memory file and no o
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.e2e.expect import Expected, backing_files, read_backing
 from tests.e2e.harness import Harness
 from tests.e2e.initramfs import GuestScript
-from tests.e2e.qemu import vgpud_json
+from tests.e2e.qemu import VGPUD, vgpud_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -62,17 +64,25 @@ done
 """
 
 
-@pytest.mark.parametrize("hotplug", [False, True], ids=["cold", "hot-plugged"])
-async def test_a_guest_with_a_two_gpu_tray(harness: Harness, hotplug: bool) -> None:
+@pytest.mark.parametrize("attach", ["cold", "hot-plugged", "libvirt"])
+async def test_a_guest_with_a_two_gpu_tray(harness: Harness, attach: str) -> None:
     """Hot-plugged: ``qemu-args --config --hotplug`` leaves both GPUs out, each root port
-    reserving room for its GPU's BARs, and the two QMP device_adds it prints bring them in."""
+    reserving room for its GPU's BARs, and the two QMP device_adds it prints bring them in.
+    libvirt: the domain of ``qemu-args --config --libvirt`` (two functions of one root-port
+    slot), booted by a real libvirt (tests/e2e/libvirt.py)."""
     config = harness.workdir / "tray.toml"
     config.write_text(_config(harness))
     await harness.start_vgpud_config(config)
     script = GuestScript().raw(f"MAGIC={MAGIC:#x}" + _EVERY_GPU)
-    if not hotplug:
+    if attach == "cold":
         qemu_args = vgpud_json("qemu-args", "--config", str(config))
         results = await harness.boot(None, script, qemu_args=qemu_args)
+    elif attach == "libvirt":
+        domain = subprocess.run(
+            [VGPUD, "qemu-args", "--config", str(config), "--libvirt"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+        results = await harness.boot_libvirt(await harness.start_libvirt(), domain, script)
     else:
         printed = vgpud_json("qemu-args", "--config", str(config), "--hotplug")
         script = GuestScript().raw(_WAIT_FOR_THE_TRAY).raw(f"MAGIC={MAGIC:#x}" + _EVERY_GPU)
