@@ -8,7 +8,9 @@ model is written the libvirt way, so that libvirt keeps managing it:
 - guest RAM: ``<memoryBacking>`` memfd + shared, which libvirt turns into the fd-backed
   ``memory-backend-memfd,share=on`` vfio-user DMA needs (spec vfio-user.md §5.7);
 - the 64-bit MMIO window: ``<pcihole64>`` on ``pcie-root`` (q35 ``pci-hole64-size``) and the
-  guest's physical address width, ``<maxphysaddr>``, wide enough for it (§6, §11);
+  guest's physical address width, ``<maxphysaddr>``, wide enough for it (§6, §11); on aarch64
+  ``virt`` its ``highmem-mmio-size`` has no element and goes through ``<qemu:commandline>``
+  as a second ``-machine``, which QEMU merges into libvirt's (seen with QEMU 11.1.3);
 - the memory-less NUMA nodes of ``--numa``: ``<cell memory='0'>`` (spec nvgrace-gpu.md §11.1).
 
 The GPU's root port goes through ``<qemu:commandline>`` too, at a fixed address libvirt does
@@ -17,7 +19,7 @@ auto-addressed devices (the USB controller, the balloon) on the first free root 
 the GPU then lands in slot 1 of its port, where a root port has no slot (seen with libvirt
 12.8 and QEMU 11.1.3: "slot 1 is not valid for vfio-user-pci", and the guest has no GPU).
 libvirt places root ports from slot 1 of ``pcie.0`` upwards, and its fixed q35 devices sit
-at 0x1d-0x1f, so slot 0x1c (up to 8 functions) is left alone.
+at 0x1d-0x1f, so slot 0x1c (up to 8 functions) is left alone (on ``virt`` too).
 
 The domain is a starting point: no disk, no kernel, no console, no network; add those.
 """
@@ -30,9 +32,12 @@ import xml.etree.ElementTree as ET
 from vgpud.qemu_args import (
     Q35_DEFAULT_HOLE64,
     TCG_PHYS_BITS,
+    VIRT_DEFAULT_HIGHMEM_MMIO,
     Machine,
     generic_initiator,
     port_id,
+    qemu_size,
+    virt_highmem_mmio,
 )
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -49,8 +54,6 @@ def domain_xml(machine: Machine, *, name: str = "vgpud") -> str:
             "--libvirt with --hotplug is not supported: attach the GPU at start-up, or use "
             "the QEMU arguments"
         )
-    if machine.arch != "x86_64":
-        raise ValueError("--libvirt is x86_64 (q35) only for now; use the QEMU arguments")
     if len(machine.devices) > MAX_DEVICES:
         raise ValueError(f"--libvirt attaches at most {MAX_DEVICES} devices")
     domain = ET.Element("domain", type="kvm" if machine.accel == "kvm" else "qemu")
@@ -59,15 +62,21 @@ def domain_xml(machine: Machine, *, name: str = "vgpud") -> str:
     _text(domain, "memory", str(machine.ram_size >> 20), unit="MiB")
     _text(domain, "vcpu", str(machine.smp))
     domain.append(_memory_backing(machine))
-    os_element = ET.SubElement(domain, "os")
-    _text(os_element, "type", "hvm", arch="x86_64", machine="q35")
+    x86 = machine.arch == "x86_64"
+    # aarch64: the guest must boot UEFI to get ACPI (libvirt refuses <acpi/> otherwise);
+    # libvirt picks the edk2 build from the host's firmware descriptors.
+    os_element = ET.SubElement(domain, "os", {} if x86 else {"firmware": "efi"})
+    _text(os_element, "type", "hvm", arch=machine.arch, machine="q35" if x86 else "virt")
     features = ET.SubElement(domain, "features")
     ET.SubElement(features, "acpi")
-    ET.SubElement(features, "apic")
+    if x86:
+        ET.SubElement(features, "apic")
+    else:
+        ET.SubElement(features, "gic", version="3")
     domain.append(_cpu(machine))
     devices = ET.SubElement(domain, "devices")
     root = ET.SubElement(devices, "controller", type="pci", index="0", model="pcie-root")
-    if machine.window > Q35_DEFAULT_HOLE64:
+    if x86 and machine.window > Q35_DEFAULT_HOLE64:
         _text(root, "pcihole64", str(machine.window >> 10), unit="KiB")
     domain.append(_commandline(machine))
     return _render(domain)
@@ -84,12 +93,15 @@ def _memory_backing(machine: Machine) -> ET.Element:
 
 
 def _cpu(machine: Machine) -> ET.Element:
+    x86 = machine.arch == "x86_64"
     if machine.accel == "kvm":
         cpu = ET.Element("cpu", mode="host-passthrough", check="none")
-        ET.SubElement(cpu, "maxphysaddr", mode="passthrough")
+        if x86:
+            ET.SubElement(cpu, "maxphysaddr", mode="passthrough")
     else:
         cpu = ET.Element("cpu", mode="maximum", match="exact", check="none")
-        ET.SubElement(cpu, "maxphysaddr", mode="emulate", bits=str(TCG_PHYS_BITS))
+        if x86:  # arm64's address width is the CPU model's own (libvirt: x86 only)
+            ET.SubElement(cpu, "maxphysaddr", mode="emulate", bits=str(TCG_PHYS_BITS))
     if machine.numa:
         numa = ET.SubElement(cpu, "numa")
         ram = str(machine.ram_size >> 20)
@@ -106,6 +118,10 @@ def _commandline(machine: Machine) -> ET.Element:
         ET.SubElement(commandline, "qemu:arg", value=option)
         ET.SubElement(commandline, "qemu:arg", value=value)
 
+    highmem = virt_highmem_mmio(machine)
+    if machine.arch == "aarch64" and highmem > VIRT_DEFAULT_HIGHMEM_MMIO:
+        # No libvirt element for it; QEMU merges a second -machine into libvirt's.
+        arg("-machine", f"highmem-mmio-size={qemu_size(highmem)}")
     initiators = machine.initiator_nodes()
     for index, device in enumerate(machine.devices):
         port = port_id(index)

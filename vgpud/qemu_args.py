@@ -69,8 +69,8 @@ class GuestDevice:
         """The root port's resource-reserve hints that leave room for this device's BARs."""
         mem = _reserve(sum(bar.size for bar in self.bars if not bar.prefetchable))
         pref = self.prefetchable_reserve()
-        hints = [f"mem-reserve={_qemu_size(mem)}"] if mem else []
-        hints += [f"pref64-reserve={_qemu_size(pref)}"] if pref else []
+        hints = [f"mem-reserve={qemu_size(mem)}"] if mem else []
+        hints += [f"pref64-reserve={qemu_size(pref)}"] if pref else []
         return ",".join(hints)
 
     def prefetchable_reserve(self) -> int:
@@ -138,7 +138,7 @@ class Machine:
 
     @property
     def ram(self) -> str:
-        return _qemu_size(self.ram_size)
+        return qemu_size(self.ram_size)
 
     def cpus(self) -> str:
         """The guest's CPU list, as ``-numa`` and libvirt's ``<cell cpus=>`` spell it."""
@@ -182,8 +182,8 @@ def plan(
         if ram_size % page_size:
             # A hugetlb memfd only takes whole pages: QEMU's ftruncate of it would fail.
             raise ValueError(
-                f"--ram {_qemu_size(ram_size)} is not a whole number of "
-                f"{_qemu_size(page_size)} huge pages"
+                f"--ram {qemu_size(ram_size)} is not a whole number of "
+                f"{qemu_size(page_size)} huge pages"
             )
     if arch not in ("x86_64", "aarch64"):
         raise ValueError(f"unknown arch {arch!r} (x86_64 or aarch64)")
@@ -247,12 +247,12 @@ def arguments(machine: Machine) -> list[str]:
             "host,host-phys-bits=on" if accel == "kvm" else f"max,phys-bits={TCG_PHYS_BITS}",
         ]
         if machine.window > Q35_DEFAULT_HOLE64:
-            args += ["-global", f"q35-pcihost.pci-hole64-size={_qemu_size(machine.window)}"]
+            args += ["-global", f"q35-pcihost.pci-hole64-size={qemu_size(machine.window)}"]
     else:
         highmem = virt_highmem_mmio(machine)
         virt = f"virt,gic-version=3{machine_ram}"
         if highmem > VIRT_DEFAULT_HIGHMEM_MMIO:
-            virt += f",highmem-mmio-size={_qemu_size(highmem)}"
+            virt += f",highmem-mmio-size={qemu_size(highmem)}"
         args += ["-machine", virt, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max"]
     ram = machine.ram
     args += ["-smp", str(machine.smp), "-m", ram]
@@ -260,7 +260,7 @@ def arguments(machine: Machine) -> list[str]:
     # §5.7). Huge pages work too: the daemon maps whole pages around QEMU's unaligned sections.
     backend = f"memory-backend-memfd,id=ram0,size={ram},share=on"
     if machine.hugepage_size is not None:
-        backend += f",hugetlb=on,hugetlbsize={_qemu_size(machine.hugepage_size)}"
+        backend += f",hugetlb=on,hugetlbsize={qemu_size(machine.hugepage_size)}"
     args += ["-object", backend]
     if machine.numa:
         args += ["-numa", f"node,nodeid=0,cpus={machine.cpus()},memdev=ram0"]
@@ -315,12 +315,13 @@ def _hugepage_size(hugepages: str) -> int:
     except ValueError:
         size = 0  # not a size at all: refused below like any unsupported one
     if size not in HUGEPAGE_SIZES:
-        choices = " or ".join(_qemu_size(s) for s in HUGEPAGE_SIZES)
+        choices = " or ".join(qemu_size(s) for s in HUGEPAGE_SIZES)
         raise ValueError(f"--hugepages {hugepages!r}: not a supported huge page size ({choices})")
     return size
 
 
-def _qemu_size(size: int) -> str:
+def qemu_size(size: int) -> str:
+    """``size`` in QEMU's own spelling: ``1G``, ``1536M``, bytes when neither fits."""
     for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20)):
         if size % unit == 0:
             return f"{size // unit}{suffix}"

@@ -43,6 +43,7 @@ def test_default_gh200_domain() -> None:
     assert backing.find("access").get("mode") == "shared"  # type: ignore[union-attr]
     os_type = domain.find("os/type")
     assert os_type is not None and os_type.get("machine") == "q35"
+    assert domain.find("os").attrib == {}  # type: ignore[union-attr]  # SeaBIOS is fine
     cpu = domain.find("cpu")
     assert cpu is not None and cpu.get("mode") == "maximum"
     assert cpu.find("maxphysaddr").attrib == {"mode": "emulate", "bits": "46"}  # type: ignore[union-attr]
@@ -114,18 +115,33 @@ def test_kvm_and_hugepages() -> None:
     assert page is not None and page.attrib == {"size": "1048576", "unit": "KiB"}
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"hotplug": True}, "--libvirt with --hotplug is not supported"),
-        ({"arch": "aarch64"}, r"--libvirt is x86_64 \(q35\) only"),
-    ],
-)
-def test_what_the_domain_cannot_express_is_refused(
-    options: dict[str, object], message: str
-) -> None:
-    with pytest.raises(ValueError, match=message):
-        domain_xml(plan([GuestDevice("/s", SMALL_BARS)], **options))  # type: ignore[arg-type]
+def test_aarch64_domain() -> None:
+    """``virt`` with GICv3; no pcihole64 and no maxphysaddr (x86 elements); a window larger
+    than virt's default 512 GiB as a second ``-machine`` (GB200 186 GiB: BAR4 256 GiB)."""
+    gb200 = [BAR0, GuestBar(64 << 20), GuestBar(256 << 30)]
+    domain = _domain([GuestDevice("/s", gb200)], arch="aarch64")
+    os_type = domain.find("os/type")
+    assert os_type is not None and os_type.attrib == {"arch": "aarch64", "machine": "virt"}
+    # UEFI, or libvirt refuses <acpi/> on arm64 (and the guest would have no ACPI tables).
+    assert domain.find("os").attrib == {"firmware": "efi"}  # type: ignore[union-attr]
+    assert domain.find("features/gic").attrib == {"version": "3"}  # type: ignore[union-attr]
+    assert domain.find("features/apic") is None
+    assert domain.find("cpu/maxphysaddr") is None
+    assert domain.find("devices/controller/pcihole64") is None
+    passthrough = _passthrough(domain)
+    assert passthrough[0] == ("-machine", "highmem-mmio-size=1T")
+    assert "virt,gic-version=3,memory-backend=ram0,highmem-mmio-size=1T" in build(
+        [GuestDevice("/s", gb200)], arch="aarch64"
+    )
+    # Within virt's default window: nothing to add.
+    small = _domain([GuestDevice("/s", SMALL_BARS)], arch="aarch64", accel="kvm")
+    assert [option for option, _ in _passthrough(small)] == ["-device", "-device"]
+    assert small.find("cpu").attrib == {"mode": "host-passthrough", "check": "none"}  # type: ignore[union-attr]
+
+
+def test_hotplug_is_refused() -> None:
+    with pytest.raises(ValueError, match="--libvirt with --hotplug is not supported"):
+        domain_xml(plan([GuestDevice("/s", SMALL_BARS)], hotplug=True))
 
 
 def test_too_many_devices_are_refused() -> None:

@@ -19,10 +19,11 @@ Layout (``<arch>`` is x86_64 or aarch64)::
     $VGPUD_CACHE/x86_64/kernel-trixie/      the same for trixie's kernel (the VFIO guest runs
                                             on both: tests/e2e/test_vfio_backend.py)
     $VGPUD_CACHE/<arch>/busybox/busybox     static busybox for the initramfs
-    $VGPUD_CACHE/x86_64/libvirt/            sid's libvirtd + virsh + their library closure
+    $VGPUD_CACHE/libvirt/                   sid's libvirtd + virsh + their library closure
                                             (root/), and share/libvirt (its CPU map), which
                                             libvirt reads from /usr/share only
-                                            (tests/e2e/libvirt.py)
+                                            (tests/e2e/libvirt.py); runs on this host, for
+                                            guests of either arch
 
 Each asset directory is built under a temporary name and renamed into place only after it was
 verified and its ``manifest.json`` written, so an interrupted fetch never looks complete and a
@@ -130,7 +131,6 @@ class _ArchSpec:
     qemu: _QemuSpec
     kernel_meta: str  # metapackage whose first Depends is the real kernel package
     other_kernels: tuple[str, ...] = ()  # suites whose kernel is fetched too (with_kernel)
-    libvirt: bool = False  # whether the libvirt asset is fetched too (tests/e2e/libvirt.py)
 
 
 _SPECS: dict[str, _ArchSpec] = {
@@ -145,7 +145,6 @@ _SPECS: dict[str, _ArchSpec] = {
         ),
         kernel_meta="linux-image-amd64",
         other_kernels=("trixie",),
-        libvirt=True,
     ),
     "aarch64": _ArchSpec(
         arch="aarch64",
@@ -187,7 +186,7 @@ class Assets:
     kernel_suite: str = DEFAULT_KERNEL
     #: the other suites' kernels: suite -> (vmlinuz, modules in load order, version).
     other_kernels: dict[str, tuple[Path, list[Path], str]] = field(default_factory=dict)
-    #: the libvirt asset's directory (x86_64 only): see :class:`Libvirt`.
+    #: libvirt, which runs on this host whatever the guest's arch: see :class:`Libvirt`.
     libvirt: Libvirt | None = None
 
     def with_kernel(self, suite: str) -> Assets:
@@ -209,7 +208,7 @@ class Assets:
         spec = _spec(arch)
         base = (cache_dir or default_cache_dir()) / arch
         manifests: dict[str, dict[str, Any]] = {}
-        for name in ("qemu", "kernel", "busybox", *_kernel_dirs(spec), *_libvirt_dirs(spec)):
+        for name in ("qemu", "kernel", "busybox", *_kernel_dirs(spec)):
             manifest = _read_manifest(base / name)
             if manifest is None:
                 raise AssetsMissingError(
@@ -217,6 +216,12 @@ class Assets:
                     f"(run `make assets` or `python -m tests.e2e.assets fetch --arch {arch}`)"
                 )
             manifests[name] = manifest
+        libvirt_manifest = _read_manifest(base.parent / "libvirt")
+        if libvirt_manifest is None:
+            raise AssetsMissingError(
+                f"e2e asset libvirt is not in {base.parent} "
+                f"(run `make assets` or `python -m tests.e2e.assets fetch --arch {arch}`)"
+            )
         root = base / "qemu" / "root"
         versions = {
             "qemu": str(manifests["qemu"].get("version", "?")),
@@ -243,7 +248,7 @@ class Assets:
             busybox=busybox,
             versions=versions,
             kernel_modules=modules,
-            libvirt=Libvirt.load(base / "libvirt", manifests["libvirt"]) if spec.libvirt else None,
+            libvirt=Libvirt.load(base.parent / "libvirt", libvirt_manifest),
             other_kernels={
                 suite: (*files, str(manifests[_kernel_dir(suite)].get("version", "?")))
                 for suite, files in kernels.items()
@@ -286,12 +291,10 @@ class Libvirt:
             libvirt.share / "libvirt/cpu_map/index.xml",
         ):
             if not path.is_file():
-                raise AssetsMissingError(_missing(path, "x86_64"))
+                raise AssetsMissingError(
+                    f"{path} is missing (run `python -m tests.e2e.assets fetch --refresh`)"
+                )
         return libvirt
-
-
-def _libvirt_dirs(spec: _ArchSpec) -> list[str]:
-    return ["libvirt"] if spec.libvirt else []
 
 
 def _kernel_dir(suite: str) -> str:
@@ -608,8 +611,7 @@ class Fetcher:
                 build = functools.partial(self._build_kernel, spec, suite=suite)
                 self._asset(base / name, f"{arch}/{name}", build)
             self._asset(base / "busybox", f"{arch}/busybox", lambda d: self._build_busybox(spec, d))
-            if spec.libvirt:
-                self._asset(base / "libvirt", f"{arch}/libvirt", self._build_libvirt)
+            self._asset(self.cache_dir / "libvirt", "libvirt", self._build_libvirt)
         assets = Assets.load(self.cache_dir, arch)
         _verify_qemu(assets, f"{arch}/qemu")
         return assets
@@ -715,8 +717,8 @@ class Fetcher:
         }
 
     def _build_libvirt(self, out: Path) -> dict[str, Any]:
-        asset = "x86_64/libvirt"
-        apt = self.apt("sid", "amd64")
+        asset = "libvirt"
+        apt = self.apt("sid", "amd64")  # the host's arch, as for QEMU
         apt.update(asset)
         debs = apt.closure(LIBVIRT_PACKAGES, asset)
         root = out / "root"

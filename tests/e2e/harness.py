@@ -260,7 +260,7 @@ class Harness:
     # -- libvirt ------------------------------------------------------------------------------
 
     async def start_libvirt(self) -> LibvirtDaemon:
-        """A private session-mode libvirtd (tests/e2e/libvirt.py), x86_64 only."""
+        """A private session-mode libvirtd (tests/e2e/libvirt.py) running this arch's QEMU."""
         libvirtd = LibvirtDaemon(self.assets, self.workdir, name=self._name("libvirtd"))
         self.logs.append(libvirtd.log)
         self._libvirts.append(libvirtd)
@@ -278,7 +278,10 @@ class Harness:
         """Boot ``domain_xml`` (as ``vgpud qemu-args --libvirt`` printed it) under
         ``libvirtd``, with the test kernel and ``script``, to the guest's poweroff."""
         domain = with_kernel(
-            domain_xml, self.assets.kernel, self.initrd(script), kernel_cmdline(self.assets.arch)
+            domain_xml,
+            self.assets.kernel,
+            self.initrd(script),
+            kernel_cmdline(self.assets.arch),
         )
         serial = OutputLog(f"{self._name('libvirt-guest')} serial")
         self.logs.append(serial)

@@ -22,6 +22,7 @@ socket QEMU connects to (EOF when QEMU exits), and virsh calls return when libvi
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -49,7 +50,7 @@ class LibvirtDaemon:
 
     def __init__(self, assets: Assets, workdir: Path, name: str = "libvirtd") -> None:
         if assets.libvirt is None:
-            raise E2EError(f"no libvirt asset for {assets.arch} (x86_64 only)")
+            raise E2EError("no libvirt asset (run `make assets`)")
         self.assets = assets
         self.libvirt = assets.libvirt
         self.name = name
@@ -65,7 +66,7 @@ class LibvirtDaemon:
 
     @property
     def emulator(self) -> Path:
-        return self.base / "qemu-system-x86_64"
+        return self.base / f"qemu-system-{self.assets.arch}"
 
     def _environment(self) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("LIBVIRT")}
@@ -87,6 +88,22 @@ class LibvirtDaemon:
         self.emulator.write_text(f'#!/bin/sh\nexport {env}\nexec {command} "$@"\n')
         self.emulator.chmod(0o755)
 
+    def _write_firmware_descriptor(self, bios: Path) -> None:
+        """The qemu asset's edk2 as a firmware libvirt can pick for ``<os firmware='efi'>``
+        (aarch64). libvirt reads descriptors from /usr/share/qemu/firmware and, in session
+        mode, from $XDG_CONFIG_HOME/qemu/firmware; the asset's own point at files it prunes."""
+        descriptor = {
+            "description": "edk2 from the qemu asset (tests/e2e/assets.py)",
+            "interface-types": ["uefi"],
+            "mapping": {"device": "memory", "filename": str(bios)},  # loaded as -bios
+            "targets": [{"architecture": self.assets.arch, "machines": ["virt-*"]}],
+            "features": ["acpi"],
+            "tags": [],
+        }
+        firmware = self.base / "config/qemu/firmware"
+        firmware.mkdir(parents=True, exist_ok=True)
+        (firmware / "50-vgpud-e2e.json").write_text(json.dumps(descriptor, indent=2))
+
     async def start(self, nursery: trio.Nursery, *, echo: bool = False) -> None:
         """Start libvirtd; returns once it sent READY=1."""
         self.base.mkdir(mode=0o700)
@@ -94,6 +111,8 @@ class LibvirtDaemon:
         conf = self.base / "config/libvirt"
         conf.mkdir(parents=True, exist_ok=True)
         (conf / "qemu.conf").write_text(QEMU_CONF)
+        if self.assets.bios is not None:
+            self._write_firmware_descriptor(self.assets.bios)
         self._write_emulator()
         notify_path = self.base / "notify"
         notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

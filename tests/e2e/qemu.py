@@ -522,14 +522,17 @@ class Vgpud:
         return self.process is not None and self.process.returncode is None
 
 
+def vgpud_output(*args: str) -> str:
+    """Run ``vgpud <args>`` (a command that prints and exits) and return what it printed."""
+    proc = subprocess.run([VGPUD, *args], capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode != 0:
+        raise E2EError(f"`vgpud {' '.join(args)}` failed ({proc.returncode}): {proc.stderr}")
+    return proc.stdout
+
+
 def vgpud_json(*args: str) -> Any:
     """Run ``vgpud <args> --json`` and parse its output."""
-    proc = subprocess.run(
-        [VGPUD, *args, "--json"], capture_output=True, text=True, timeout=60, check=False
-    )
-    if proc.returncode != 0:
-        raise E2EError(f"`vgpud {' '.join(args)} --json` failed ({proc.returncode}): {proc.stderr}")
-    return json.loads(proc.stdout)
+    return json.loads(vgpud_output(*args, "--json"))
 
 
 def qemu_device_args(
@@ -603,5 +606,6 @@ __all__ = [
     "pump",
     "qemu_device_args",
     "vgpud_json",
+    "vgpud_output",
     "wait_ready",
 ]

@@ -9,7 +9,6 @@ libvirt made of the domain (the QEMU command line in its domain log), and what v
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ from tests.e2e.harness import Device, Harness, ScenarioRun, run_scenario
 from tests.e2e.initramfs import GuestResults
 from tests.e2e.numa import NUMA_SCRIPT, numa_mismatches
 from tests.e2e.plans import Plan, bar_facts, describe_script, memory_plan
-from tests.e2e.qemu import VGPUD
+from tests.e2e.qemu import vgpud_output
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -44,11 +43,11 @@ class LibvirtRun:
 
 def _qemu_args_libvirt(device: Device) -> str:
     """What a user runs: ``vgpud qemu-args --libvirt`` for the device."""
-    argv = [VGPUD, "qemu-args", "--libvirt", "--numa", "--domain-name", DOMAIN]
+    argv = ["qemu-args", "--libvirt", "--numa", "--domain-name", DOMAIN]
     argv += ["--socket-path", str(device.socket_path), "--profile", device.profile]
     if device.memory_size:
         argv += ["--memory-size", device.memory_size]
-    return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
+    return vgpud_output(*argv)
 
 
 @pytest.fixture(scope="module")

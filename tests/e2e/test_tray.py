@@ -5,14 +5,12 @@ what it writes through each BAR4 must land in that device's memory file and no o
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from tests.e2e.expect import Expected, backing_files, read_backing
 from tests.e2e.harness import Harness
 from tests.e2e.initramfs import GuestScript
-from tests.e2e.qemu import VGPUD, vgpud_json
+from tests.e2e.qemu import vgpud_json, vgpud_output
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -78,10 +76,7 @@ async def test_a_guest_with_a_two_gpu_tray(harness: Harness, attach: str) -> Non
         qemu_args = vgpud_json("qemu-args", "--config", str(config))
         results = await harness.boot(None, script, qemu_args=qemu_args)
     elif attach == "libvirt":
-        domain = subprocess.run(
-            [VGPUD, "qemu-args", "--config", str(config), "--libvirt"],
-            capture_output=True, text=True, check=True, timeout=60,
-        ).stdout  # fmt: skip
+        domain = vgpud_output("qemu-args", "--config", str(config), "--libvirt")
         results = await harness.boot_libvirt(await harness.start_libvirt(), domain, script)
     else:
         printed = vgpud_json("qemu-args", "--config", str(config), "--hotplug")
