@@ -2,8 +2,8 @@
 
 libvirt (12.8, the newest checked) has no element for a vfio-user device nor for
 ``acpi-generic-initiator``, so those go through its QEMU passthrough namespace
-(``<qemu:commandline>``), as libvfio-user's own libvirt notes do; everything libvirt does
-model is written the libvirt way, so that libvirt keeps managing it:
+(``<qemu:commandline>``); everything libvirt does model is written the libvirt way, so that
+libvirt keeps managing it:
 
 - guest RAM: ``<memoryBacking>`` memfd + shared, which libvirt turns into the fd-backed
   ``memory-backend-memfd,share=on`` vfio-user DMA needs (spec vfio-user.md §5.7);
@@ -18,8 +18,9 @@ not hand out. A root port that libvirt manages is one it also fills: it puts its
 auto-addressed devices (the USB controller, the balloon) on the first free root port, and
 the GPU then lands in slot 1 of its port, where a root port has no slot (seen with libvirt
 12.8 and QEMU 11.1.3: "slot 1 is not valid for vfio-user-pci", and the guest has no GPU).
-libvirt places root ports from slot 1 of ``pcie.0`` upwards, and its fixed q35 devices sit
-at 0x1d-0x1f, so slot 0x1c (up to 8 functions) is left alone (on ``virt`` too).
+libvirt places its root ports from slot 1 of ``pcie.0`` upwards (seen: 00:01.0-00:01.2) and
+keeps 0x1d-0x1f for q35's fixed devices, so slot 0x1c (up to 8 functions) is left alone (on
+``virt`` too).
 
 The domain is a starting point: no disk, no kernel, no console, no network; add those.
 """
@@ -163,7 +164,11 @@ def _render(element: ET.Element, depth: int = 0) -> str:
 
 
 def _escape(value: str) -> str:
-    return value.replace("&", "&amp;").replace("<", "&lt;").replace("'", "&apos;")
+    # Whitespace other than spaces is kept as character references: a parser normalises a
+    # literal newline or tab in an attribute to a space.
+    for char, reference in (("&", "&amp;"), ("<", "&lt;"), ("'", "&apos;")):
+        value = value.replace(char, reference)
+    return value.replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")
 
 
 __all__ = ["MAX_DEVICES", "QEMU_NS", "ROOT_PORT_SLOT", "domain_xml"]

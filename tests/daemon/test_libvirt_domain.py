@@ -13,7 +13,7 @@ import pytest
 
 from tests.daemon.test_cli_flags import _usage_error
 from vgpud import cli
-from vgpud.libvirt_domain import MAX_DEVICES, QEMU_NS, domain_xml
+from vgpud.libvirt_domain import MAX_DEVICES, QEMU_NS, _render, domain_xml
 from vgpud.qemu_args import GuestBar, GuestDevice, build, plan
 
 BAR0 = GuestBar(16 << 20, prefetchable=False)
@@ -73,6 +73,12 @@ def test_socket_path_survives_xml_quoting() -> None:
     path = '/tmp/it\'s <a> & "b"'
     domain = _domain([GuestDevice(path, SMALL_BARS)])
     assert json.loads(_passthrough(domain)[1][1])["socket"]["path"] == path
+
+
+def test_rendered_attributes_keep_their_whitespace() -> None:
+    # A parser turns a literal newline or tab in an attribute into a space.
+    element = ET.Element("arg", value="a\nb\tc\rd 'e' & <f>")
+    assert ET.fromstring(_render(element)).get("value") == "a\nb\tc\rd 'e' & <f>"
 
 
 def test_tray_ports_are_functions_of_one_slot() -> None:
