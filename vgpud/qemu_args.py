@@ -206,33 +206,6 @@ def plan(
     )
 
 
-def build(
-    devices: Sequence[GuestDevice],
-    *,
-    arch: str = "x86_64",
-    ram: str = "1G",
-    smp: int = 1,
-    accel: str = "tcg",
-    numa: bool = False,
-    hugepages: str | None = None,
-    hotplug: bool = False,
-) -> list[str]:
-    """The argument list (without the binary, kernel or disks) for :func:`plan`'s machine
-    (same options). ``ram`` and ``hugepages`` are written out in QEMU's own spelling
-    (``1536M``, ``1G``)."""
-    machine = plan(
-        devices,
-        arch=arch,
-        ram=ram,
-        smp=smp,
-        accel=accel,
-        numa=numa,
-        hugepages=hugepages,
-        hotplug=hotplug,
-    )
-    return arguments(machine)
-
-
 def arguments(machine: Machine) -> list[str]:
     """QEMU's arguments for ``machine``."""
     args: list[str] = []

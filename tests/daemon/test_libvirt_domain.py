@@ -12,9 +12,10 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests.daemon.test_cli_flags import _usage_error
+from tests.daemon.test_qemu_args import build
 from vgpud import cli
 from vgpud.libvirt_domain import MAX_DEVICES, QEMU_NS, _render, domain_xml
-from vgpud.qemu_args import GuestBar, GuestDevice, build, plan
+from vgpud.qemu_args import GuestBar, GuestDevice, plan
 
 BAR0 = GuestBar(16 << 20, prefetchable=False)
 GH200_BARS = [BAR0, GuestBar(2 << 30), GuestBar(128 << 30)]

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from vgpud.qemu_args import (
     GuestBar,
     GuestDevice,
-    build,
+    arguments,
     device_add_commands,
     mmio_window,
+    plan,
     render_shell,
 )
 
 BAR0 = GuestBar(16 << 20, prefetchable=False)
+
+
+def build(devices: list[GuestDevice], **options: Any) -> list[str]:
+    """The QEMU arguments for the machine :func:`plan` checks (as ``vgpud qemu-args``)."""
+    return arguments(plan(devices, **options))
+
+
 GH200_BARS = [BAR0, GuestBar(2 << 30), GuestBar(128 << 30)]
 
 

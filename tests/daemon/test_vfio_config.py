@@ -20,6 +20,7 @@ import trio
 from backends.device import DeviceError
 from backends.vfio import VfioPciDevice
 from backends.vfio.device import SYSFS_PCI_DEVICES, sysfs_bars
+from tests.daemon.test_qemu_args import build
 from tests.serve_process import VGPUD
 from vgpud import cli, daemon, devices, qemu_args
 from vgpud.config import ConfigError, DaemonConfig, DeviceConfig, parse, single_device
@@ -230,7 +231,7 @@ def test_qemu_args_for_a_vfio_device_size_the_window_from_sysfs(
     argv = ["qemu-args", "--vfio-device", "01:00.0", "--socket-path", str(sock), "--json"]
     assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == qemu_args.build(
+    assert printed == build(
         [
             qemu_args.GuestDevice(
                 socket_path=str(sock),

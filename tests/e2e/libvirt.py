@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -216,28 +217,35 @@ class LibvirtDaemon:
 def with_serial(domain_xml: str, console: Path, emulator: Path) -> str:
     """The domain with the test's own ``<emulator>`` and a serial console that connects to
     ``console`` (the test listens there). Kernel and initrd are the caller's business."""
-    ET.register_namespace("qemu", QEMU_NS)
-    domain = ET.fromstring(domain_xml)
-    devices = domain.find("devices")
-    if devices is None:
-        raise E2EError("the domain has no <devices>")
-    ET.SubElement(devices, "emulator").text = str(emulator)
-    serial = ET.SubElement(devices, "serial", type="unix")
-    ET.SubElement(serial, "source", mode="connect", path=str(console))
-    ET.SubElement(serial, "target", port="0")
-    return ET.tostring(domain, encoding="unicode")
+
+    def add(devices: ET.Element) -> None:
+        ET.SubElement(devices, "emulator").text = str(emulator)
+        serial = ET.SubElement(devices, "serial", type="unix")
+        ET.SubElement(serial, "source", mode="connect", path=str(console))
+        ET.SubElement(serial, "target", port="0")
+
+    return _amended(domain_xml, "devices", add)
 
 
 def with_kernel(domain_xml: str, kernel: Path, initrd: Path, cmdline: str) -> str:
     """The domain booting ``kernel`` with ``initrd`` directly (no disk, no bootloader)."""
+
+    def add(os_element: ET.Element) -> None:
+        ET.SubElement(os_element, "kernel").text = str(kernel)
+        ET.SubElement(os_element, "initrd").text = str(initrd)
+        ET.SubElement(os_element, "cmdline").text = cmdline
+
+    return _amended(domain_xml, "os", add)
+
+
+def _amended(domain_xml: str, tag: str, add: Callable[[ET.Element], None]) -> str:
+    """``domain_xml`` with ``add`` applied to its ``<tag>`` element."""
     ET.register_namespace("qemu", QEMU_NS)
     domain = ET.fromstring(domain_xml)
-    os_element = domain.find("os")
-    if os_element is None:
-        raise E2EError("the domain has no <os>")
-    ET.SubElement(os_element, "kernel").text = str(kernel)
-    ET.SubElement(os_element, "initrd").text = str(initrd)
-    ET.SubElement(os_element, "cmdline").text = cmdline
+    element = domain.find(tag)
+    if element is None:
+        raise E2EError(f"the domain has no <{tag}>")
+    add(element)
     return ET.tostring(domain, encoding="unicode")
 
 
