@@ -106,7 +106,7 @@ def test_hugepages_back_guest_ram() -> None:
 )
 def test_bad_guest_sizes_never_reach_qemu(options: dict[str, object], flag: str) -> None:
     with pytest.raises(ValueError, match=f"^{flag} "):
-        build([GuestDevice("/s", GH200_BARS)], **options)  # type: ignore[arg-type]
+        build([GuestDevice("/s", GH200_BARS)], **options)
 
 
 def test_guest_sizes_in_qemu_spelling() -> None:
