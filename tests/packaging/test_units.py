@@ -110,3 +110,13 @@ def test_container_keeps_sockets_and_memory_in_volumes() -> None:
     assert in_a_volume(socket), f"{socket} is not under a VOLUME"
     assert in_a_volume(backing), f"default backing dir {backing} is not under a VOLUME"
     assert _containerfile_instruction("ENTRYPOINT") == ["vgpud"]
+
+
+def test_multi_device_service_serves_before_libvirt_starts_domains() -> None:
+    """Autostarted libvirt domains (domain from ``qemu-args --libvirt``) connect to the GPU
+    sockets as libvirt's daemon starts; the monolithic and the modular daemon both."""
+    unit = (SYSTEMD / "vgpud.service").read_text()
+    before = [line for line in unit.splitlines() if line.startswith("Before=")]
+    assert before and {"libvirtd.service", "virtqemud.service", "libvirt-guests.service"} <= set(
+        before[0].removeprefix("Before=").split()
+    )
