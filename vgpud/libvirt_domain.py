@@ -18,6 +18,7 @@ not hand out. A root port that libvirt manages is one it also fills: it puts its
 auto-addressed devices (the USB controller, the balloon) on the first free root port, and
 the GPU then lands in slot 1 of its port, where a root port has no slot (seen with libvirt
 12.8 and QEMU 11.1.3: "slot 1 is not valid for vfio-user-pci", and the guest has no GPU).
+Being ours, the port also takes the resource-reserve hints a hot-plugged GPU needs.
 libvirt places its root ports from slot 1 of ``pcie.0`` upwards (seen: 00:01.0-00:01.2) and
 keeps 0x1d-0x1f for q35's fixed devices, so slot 0x1c (up to 8 functions) is left alone (on
 ``virt`` too).
@@ -28,6 +29,7 @@ The domain is a starting point: no disk, no kernel, no console, no network; add 
 from __future__ import annotations
 
 import json
+import shlex
 import xml.etree.ElementTree as ET
 
 from vgpud.qemu_args import (
@@ -35,6 +37,7 @@ from vgpud.qemu_args import (
     TCG_PHYS_BITS,
     VIRT_DEFAULT_HIGHMEM_MMIO,
     Machine,
+    device_add_commands,
     generic_initiator,
     port_id,
     qemu_size,
@@ -49,12 +52,11 @@ MAX_DEVICES = 8
 
 def domain_xml(machine: Machine, *, name: str = "vgpud") -> str:
     """The libvirt domain for ``machine`` (from :func:`vgpud.qemu_args.plan`). ValueError
-    for what this form cannot express yet."""
-    if machine.hotplug:
-        raise ValueError(
-            "--libvirt with --hotplug is not supported: attach the GPU at start-up, or use "
-            "the QEMU arguments"
-        )
+    for what this form cannot express.
+
+    ``machine.hotplug``: the GPUs' root ports reserve room for their BARs and the GPUs are
+    left out; a comment at the end gives the ``virsh qemu-monitor-command`` that adds each
+    (QMP ``device_add``: libvirt's own attach-device has no vfio-user device)."""
     if len(machine.devices) > MAX_DEVICES:
         raise ValueError(f"--libvirt attaches at most {MAX_DEVICES} devices")
     domain = ET.Element("domain", type="kvm" if machine.accel == "kvm" else "qemu")
@@ -80,7 +82,37 @@ def domain_xml(machine: Machine, *, name: str = "vgpud") -> str:
     if x86 and machine.window > Q35_DEFAULT_HOLE64:
         _text(root, "pcihole64", str(machine.window >> 10), unit="KiB")
     domain.append(_commandline(machine))
-    return _render(domain)
+    rendered = _render(domain)
+    if machine.hotplug:  # the last thing in the domain, before its closing tag
+        closing = "</domain>\n"
+        assert rendered.endswith(closing)
+        comment = f"  <!--{_hotplug_comment(machine, name)}-->\n"
+        rendered = rendered.removesuffix(closing) + comment + closing
+    return rendered
+
+
+def hotplug_commands(machine: Machine, name: str) -> list[str]:
+    """The shell commands that hot-add each GPU of a ``hotplug`` machine to the running
+    domain ``name``, one per GPU, in port order."""
+    return [
+        shlex.join(
+            ["virsh", "qemu-monitor-command", name, json.dumps(command, separators=(",", ":"))]
+        )
+        for command in device_add_commands(machine.devices)
+    ]
+
+
+def _hotplug_comment(machine: Machine, name: str) -> str:
+    lines = [
+        " The GPUs are hot-plugged: once the domain runs, add each with",
+        *(f"   {command}" for command in hotplug_commands(machine, name)),
+        # Seen with QEMU 11.1.3 (captures README), as the QEMU form says too.
+        " Removing one (device_del) aborts QEMU 11.1.3 unless vgpud serves that GPU",
+        " without MSI-X (its no-msix flag). ",
+    ]
+    # A comment may not hold "--" (nor end in "-"); in a JSON string "-\u002d" is the same
+    # two characters, so the commands still paste as they are meant.
+    return "\n".join(lines).replace("--", "-\\u002d")
 
 
 def _memory_backing(machine: Machine) -> ET.Element:
@@ -134,6 +166,12 @@ def _commandline(machine: Machine) -> ET.Element:
         )
         if index == 0 and len(machine.devices) > 1:
             root_port += ",multifunction=on"
+        if machine.hotplug:
+            # Room for BARs that are not there when the firmware sizes the bridge windows
+            # (the QEMU form's reasons, vgpud/qemu_args.py).
+            reserves = device.port_reserves()
+            arg("-device", f"{root_port},{reserves}" if reserves else root_port)
+            continue
         arg("-device", root_port)
         # JSON: the dotted form cannot build the socket object (spec vfio-user.md §5.1).
         arg("-device", json.dumps(device.device_spec(port), separators=(",", ":")))
@@ -152,8 +190,8 @@ def _text(parent: ET.Element, tag: str, text: str, **attributes: str) -> ET.Elem
 def _render(element: ET.Element, depth: int = 0) -> str:
     """XML as libvirt writes it: two-space indents and single-quoted attributes, so the
     JSON device reads as itself rather than as a wall of ``&quot;``."""
-    attributes = "".join(f" {key}='{_escape(value)}'" for key, value in element.attrib.items())
     pad = "  " * depth
+    attributes = "".join(f" {key}='{_escape(value)}'" for key, value in element.attrib.items())
     children = list(element)
     if not children and element.text is None:
         return f"{pad}<{element.tag}{attributes}/>\n"
@@ -171,4 +209,4 @@ def _escape(value: str) -> str:
     return value.replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;")
 
 
-__all__ = ["MAX_DEVICES", "QEMU_NS", "ROOT_PORT_SLOT", "domain_xml"]
+__all__ = ["MAX_DEVICES", "QEMU_NS", "ROOT_PORT_SLOT", "domain_xml", "hotplug_commands"]

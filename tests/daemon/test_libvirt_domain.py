@@ -7,6 +7,7 @@ tests/e2e/test_libvirt.py's business (a real libvirt 12.8 boots it).
 from __future__ import annotations
 
 import json
+import shlex
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -14,8 +15,8 @@ import pytest
 from tests.daemon.test_cli_flags import _usage_error
 from tests.daemon.test_qemu_args import build
 from vgpud import cli
-from vgpud.libvirt_domain import MAX_DEVICES, QEMU_NS, _render, domain_xml
-from vgpud.qemu_args import GuestBar, GuestDevice, plan
+from vgpud.libvirt_domain import MAX_DEVICES, QEMU_NS, _render, domain_xml, hotplug_commands
+from vgpud.qemu_args import GuestBar, GuestDevice, device_add_commands, plan
 
 BAR0 = GuestBar(16 << 20, prefetchable=False)
 GH200_BARS = [BAR0, GuestBar(2 << 30), GuestBar(128 << 30)]
@@ -146,9 +147,32 @@ def test_aarch64_domain() -> None:
     assert small.find("cpu").attrib == {"mode": "host-passthrough", "check": "none"}  # type: ignore[union-attr]
 
 
-def test_hotplug_is_refused() -> None:
-    with pytest.raises(ValueError, match="--libvirt with --hotplug is not supported"):
-        domain_xml(plan([GuestDevice("/s", SMALL_BARS)], hotplug=True))
+def test_hotplug_leaves_the_gpu_out_and_says_how_to_add_it() -> None:
+    """The port carries the QEMU form's reserve hints; the GPU is not in the domain; the
+    closing comment's command is the QEMU form's device_add, through virsh."""
+    path = "/run/vgpud--a/gpu0.sock"  # "--" cannot stand in an XML comment
+    machine = plan([GuestDevice(path, GH200_BARS)], hotplug=True)
+    rendered = domain_xml(machine, name="vm1")
+    domain = ET.fromstring(rendered)  # the comment keeps the XML well-formed
+    passthrough = _passthrough(domain)
+    assert passthrough == [
+        (
+            "-device",
+            "pcie-root-port,id=rp0,bus=pcie.0,addr=0x1c.0x0,chassis=1,slot=1,"
+            "mem-reserve=32M,pref64-reserve=512G",
+        )
+    ]
+    qemu = build([GuestDevice(path, GH200_BARS)], hotplug=True)
+    assert qemu[-1].endswith("mem-reserve=32M,pref64-reserve=512G")
+    printed = [line.strip() for line in rendered.splitlines() if "qemu-monitor-command" in line]
+    assert len(printed) == 1
+    argv = shlex.split(printed[0])
+    assert argv[:3] == ["virsh", "qemu-monitor-command", "vm1"]
+    assert json.loads(argv[3]) == device_add_commands(machine.devices)[0]
+    assert "--" not in rendered.split("<!--", 1)[1].split("-->", 1)[0]
+    assert hotplug_commands(machine, "vm1") == [
+        shlex.join([*argv[:3], argv[3].replace("-\\u002d", "--")])
+    ]
 
 
 def test_too_many_devices_are_refused() -> None:
@@ -166,9 +190,11 @@ def test_cli_prints_the_domain(capsys: pytest.CaptureFixture[str]) -> None:
     assert device["socket"]["path"] == "/s"
 
 
-def test_cli_refusals_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    err = _usage_error(capsys, ["qemu-args", "--socket-path", "/s", "--libvirt", "--hotplug"])
-    assert err.startswith("vgpud: --libvirt with --hotplug is not supported")
+def test_cli_refusals(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _usage_error(
+        capsys, ["qemu-args", "--socket-path", "/s", "--libvirt", "--numa", "--hotplug"]
+    )
+    assert err.startswith("vgpud: --numa needs the GPU present at start-up")
     with pytest.raises(SystemExit):  # argparse: the two outputs are exclusive
         cli.main(["qemu-args", "--libvirt", "--json"])
     assert "not allowed with argument" in capsys.readouterr().err

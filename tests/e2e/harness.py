@@ -267,16 +267,11 @@ class Harness:
         await libvirtd.start(self.nursery, echo=self.echo)
         return libvirtd
 
-    async def boot_libvirt(
-        self,
-        libvirtd: LibvirtDaemon,
-        domain_xml: str,
-        script: GuestScript | str,
-        *,
-        within: float = 240,
-    ) -> GuestResults:
-        """Boot ``domain_xml`` (as ``vgpud qemu-args --libvirt`` printed it) under
-        ``libvirtd``, with the test kernel and ``script``, to the guest's poweroff."""
+    async def start_libvirt_guest(
+        self, libvirtd: LibvirtDaemon, domain_xml: str, script: GuestScript | str
+    ) -> LibvirtGuest:
+        """Start ``domain_xml`` (as ``vgpud qemu-args --libvirt`` printed it) under
+        ``libvirtd``, with the test kernel and ``script``; returns once it runs."""
         domain = with_kernel(
             domain_xml,
             self.assets.kernel,
@@ -285,11 +280,20 @@ class Harness:
         )
         serial = OutputLog(f"{self._name('libvirt-guest')} serial")
         self.logs.append(serial)
-        await libvirtd.run_domain(domain, serial, nursery=self.nursery, within=within)
-        results = GuestResults.parse(serial.text())
-        if results.done_rc is None:
-            raise E2EError("the libvirt guest never reached VGTEST-DONE")
-        return results
+        name = await libvirtd.start_domain(domain, serial, nursery=self.nursery)
+        return LibvirtGuest(libvirtd, name, serial)
+
+    async def boot_libvirt(
+        self,
+        libvirtd: LibvirtDaemon,
+        domain_xml: str,
+        script: GuestScript | str,
+        *,
+        within: float = 240,
+    ) -> GuestResults:
+        """:meth:`start_libvirt_guest`, then :meth:`LibvirtGuest.run` to its poweroff."""
+        guest = await self.start_libvirt_guest(libvirtd, domain_xml, script)
+        return await guest.run(within)
 
     # -- teardown -----------------------------------------------------------------------------
 
@@ -304,6 +308,23 @@ class Harness:
 
     def cleanup(self) -> None:
         remove_workdir(self.workdir)
+
+
+@dataclass
+class LibvirtGuest:
+    """A domain running under a test's libvirtd, and its serial console."""
+
+    libvirtd: LibvirtDaemon
+    name: str
+    serial: OutputLog
+
+    async def run(self, within: float) -> GuestResults:
+        """Until the guest powered off; what it printed. E2EError without VGTEST-DONE."""
+        await self.libvirtd.wait_domain(self.name, self.serial, within=within)
+        results = GuestResults.parse(self.serial.text())
+        if results.done_rc is None:
+            raise E2EError(f"libvirt domain {self.name}: the guest never reached VGTEST-DONE")
+        return results
 
 
 @dataclass

@@ -151,11 +151,11 @@ class LibvirtDaemon:
             raise E2EError(f"virsh {' '.join(args)} failed: {proc.stderr.decode().strip()}")
         return str(proc.stdout.decode())
 
-    async def run_domain(
-        self, domain_xml: str, serial: OutputLog, *, nursery: trio.Nursery, within: float
-    ) -> None:
-        """``virsh create`` the domain with its serial console wired to ``serial``, and wait
-        until QEMU closes the console (the guest powered off: libvirt then ends the domain)."""
+    async def start_domain(
+        self, domain_xml: str, serial: OutputLog, *, nursery: trio.Nursery
+    ) -> str:
+        """``virsh create`` the domain with its serial console wired to ``serial``; returns
+        the domain's name once QEMU runs and the console is connected."""
         name = _domain_name(domain_xml)
         console = self.base / f"{name}.serial"
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -171,8 +171,12 @@ class LibvirtDaemon:
                 connection, _ = await listener.accept()
         finally:
             listener.close()
-        stream = trio.SocketStream(connection)
-        nursery.start_soon(pump, stream, serial, False)
+        nursery.start_soon(pump, trio.SocketStream(connection), serial, False)
+        return name
+
+    async def wait_domain(self, name: str, serial: OutputLog, *, within: float) -> None:
+        """Until QEMU closes the console (the guest powered off: libvirt then ends the
+        domain); the domain's log is collected either way."""
         with trio.move_on_after(within) as scope:
             await serial.wait_closed()
         self._collect_domain_log(name)

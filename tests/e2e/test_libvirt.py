@@ -1,5 +1,6 @@
 """The domain ``vgpud qemu-args --libvirt`` prints, booted by a real libvirt (sid's 12.8, in
-session mode: tests/e2e/libvirt.py) on the QEMU 11.1 asset.
+session mode: tests/e2e/libvirt.py) on the QEMU 11.1 asset. Last, a GPU hot-added to a
+running domain with the command ``--libvirt --hotplug`` prints.
 
 One guest (module-scoped scenario), attached with ``--numa``: the test adds only what the
 domain leaves to its user (kernel, initrd, console, emulator path), then checks what the guest
@@ -9,6 +10,7 @@ libvirt made of the domain (the QEMU command line in its domain log), and what v
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +20,9 @@ import trio
 from tests.e2e.assets import Assets
 from tests.e2e.expect import NVIDIA
 from tests.e2e.harness import Device, Harness, ScenarioRun, run_scenario
-from tests.e2e.initramfs import GuestResults
+from tests.e2e.initramfs import GuestResults, GuestScript
 from tests.e2e.numa import NUMA_SCRIPT, numa_mismatches
-from tests.e2e.plans import Plan, bar_facts, describe_script, memory_plan
+from tests.e2e.plans import Plan, assert_bars_assigned, bar_facts, describe_script, memory_plan
 from tests.e2e.qemu import vgpud_output
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -133,3 +135,39 @@ def test_vgpud_served_the_libvirt_guest(libvirt_guest: ScenarioRun) -> None:
     events = [e.get("event") for e in _run(libvirt_guest).events]
     assert events.count("client connected") == 1, events
     assert "negotiated" in events and "client disconnected" in events, events
+
+
+async def test_libvirt_hot_added_gpu_gets_its_bars(harness: Harness) -> None:
+    """``qemu-args --libvirt --hotplug``: the domain boots with the GPU's root port only (its
+    reserve hints on it), and the ``virsh qemu-monitor-command`` its closing comment gives
+    adds the GPU to the running guest, which finds it with its BARs assigned and uses them."""
+    device = harness.device("gh200")
+    expected = device.expected
+    plan = memory_plan(expected)
+    daemon = await harness.start_vgpud(device)
+    domain = vgpud_output(
+        "qemu-args", "--libvirt", "--hotplug", "--domain-name", "vgpud-hotplug",
+        "--socket-path", str(device.socket_path),
+    )  # fmt: skip
+    commands = [
+        shlex.split(line.strip())
+        for line in domain.splitlines()
+        if line.strip().startswith("virsh qemu-monitor-command")
+    ]
+    assert len(commands) == 1, domain
+    script = GuestScript().kv("booted", "yes").wait_for_device(within_s=60)
+    script.describe().enable().bar_base(2).bar_base(4)
+    libvirtd = await harness.start_libvirt()
+    guest = await harness.start_libvirt_guest(libvirtd, domain, plan.script(script))
+    with trio.fail_after(240):
+        await guest.serial.wait_for(r"^VGTEST booted=yes")
+    assert "client connected" not in [e.get("event") for e in daemon.events()]
+    await libvirtd.virsh(*commands[0][1:])  # as printed, with the test's virsh
+    results = await guest.run(240)
+    assert results.values.get("device_found") == "yes", "the guest never saw the hot-added GPU"
+    assert int(results.values["device"], 16) == expected.device_id
+    assert_bars_assigned(results, {2: expected.resmem_bar, 4: expected.usemem_bar})
+    bad = plan.mismatches(results) + plan.host_mismatches(device.files)
+    assert not bad, "\n".join(bad)
+    log = libvirtd.domain_log("vgpud-hotplug")
+    assert "pref64-reserve=512G" in log and '"vfio-user-pci"' not in log, log
