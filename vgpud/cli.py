@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--libvirt",
         action="store_true",
-        help="print a libvirt domain (XML) instead: x86_64, the GPUs through "
-        "<qemu:commandline> (docs/operations.md)",
+        help="print the machine as a libvirt domain (XML) instead, the GPUs through "
+        '<qemu:commandline> (docs/operations.md, "Under libvirt")',
     )
     qemu.add_argument(
         "--domain-name", default="vgpud", help="the libvirt domain's name (default vgpud)"

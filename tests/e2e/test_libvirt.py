@@ -171,3 +171,5 @@ async def test_libvirt_hot_added_gpu_gets_its_bars(harness: Harness) -> None:
     assert not bad, "\n".join(bad)
     log = libvirtd.domain_log("vgpud-hotplug")
     assert "pref64-reserve=512G" in log and '"vfio-user-pci"' not in log, log
+    # libvirt notes that the domain was changed behind its back (docs/operations.md).
+    assert "tainted: custom-monitor" in log, log
