@@ -256,6 +256,12 @@ class HandsOver(Protocol):
         """Why the device cannot be handed over now (for the log), or None."""
         ...
 
+    def stand_in_refusal(self) -> str | None:
+        """Why a fork of the daemon cannot serve the device while the next process starts
+        (the upgrade's stand-in), or None: then the fork's copy of the device state, as it
+        stands when the next process asks for it, is what gets handed over."""
+        ...
+
     def handover(self) -> tuple[dict[str, Any], list[int]]:
         """The device's state, and the fds it names (still the device's). It may let go of
         what the exec takes away (a passthrough device: its DMA mappings' addresses)."""

@@ -301,6 +301,7 @@ async def _start(
             pid=os.getpid(),
             from_version=handover.version,
             handover_ms=upgrade.handover_ms(handover),
+            **({} if handover.stand_in_ms is None else {"stand_in_ms": handover.stand_in_ms}),
             max_dma_maps=fleet.max_dma_maps,
         )
     systemd.notify("READY=1")

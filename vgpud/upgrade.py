@@ -38,6 +38,7 @@ cannot take over is dropped the same way, and the others are served.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -47,12 +48,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
 from backends.device import HandsOver
-from vgpud import __version__, systemd
+from vgpud import __version__, stand_in, systemd
 from vgpud.budget import MIN_DMA_MAPS, BudgetError, dma_map_limit
 from vgpud.config import DeviceConfig
 from vgpud.devices import BuiltDevice, take_over_device
@@ -80,12 +81,15 @@ class Handover:
 
     devices: list[dict[str, Any]]
     version: str
-    upgrading_ns: int  # CLOCK_MONOTONIC when the previous process began the exec
+    # CLOCK_MONOTONIC when the devices were frozen for the handover: by the stand-in, or
+    # by the previous process just before its exec
+    upgrading_ns: int
+    stand_in_ms: float | None = None  # how long a stand-in served (None: there was none)
 
 
 def check_reply() -> str:
     """What ``vgpud serve`` prints under ``VGPUD_UPGRADE_CHECK`` (step 2)."""
-    return json.dumps({"handover_formats": [FORMAT], "version": __version__})
+    return json.dumps({"handover_formats": [FORMAT], "stand_in": True, "version": __version__})
 
 
 def command_line() -> list[str]:
@@ -101,29 +105,34 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
     held: HeldSignals | None = None
     try:
         servers = _servers(fleet)
-        await _check_new_code(argv)
+        takes_stand_in = await _check_new_code(argv)
         # From here until the exec, or until the upgrade is refused, the daemon's signals
         # are held aside (HeldSignals): a stop then waits at most FREEZE_TIMEOUT, for the
         # thaw or for the next process, instead of being lost with this one (found by a
         # test run under load: trio's signal task took a SIGTERM, then the exec came).
         held = HeldSignals()
         held.hold()
-        log.info("new code checked; bringing the clients to rest", clients=_clients(servers))
+        reason = stand_in_refusal(fleet) if takes_stand_in else "the new code cannot take it"
+        log.info(
+            "new code checked; bringing the clients to rest",
+            clients=_clients(servers),
+            stand_in=reason is None,
+            **({} if reason is None else {"no_stand_in": reason}),
+        )
         for server in servers:
             server.freeze()
-        with trio.move_on_after(FREEZE_TIMEOUT) as waited:
-            while not all(server.at_rest for server in servers):
-                # One that rested may read on while another is awaited (a message that
-                # had arrived; it rests again once that is served): all at once, or again.
-                for server in servers:
-                    await server.wait_at_rest()
-        if waited.cancelled_caught:
+        if not await come_to_rest(servers):
             busy = [server.name for server in servers if not server.at_rest]
             raise UpgradeRefusedError(
                 f"a client stayed in the middle of a message for {FREEZE_TIMEOUT:.0f} s "
                 f"(devices {', '.join(busy)})"
             )
         # From here to the exec, no await: nothing can change what is described.
+        if reason is None:
+            forked_ns = time.monotonic_ns()
+            exec_next = functools.partial(_exec_next, argv, held=held)
+            control = stand_in.fork(exec_next)  # returns only in the stand-in
+            await _stand_in(control, fleet, servers, log, forked_ns)
         try:
             document, fds = describe(fleet)
             _exec(argv, document, fds, held)
@@ -140,6 +149,87 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
             server.thaw()
         if held is not None:
             held.release()  # a stop held meanwhile now stops the daemon
+
+
+async def come_to_rest(servers: Sequence[DeviceServer]) -> bool:
+    """Whether every frozen server came to rest within :data:`FREEZE_TIMEOUT`."""
+    with trio.move_on_after(FREEZE_TIMEOUT):
+        while not all(server.at_rest for server in servers):
+            # One that rested may read on while another is awaited (a message that had
+            # arrived; it rests again once that is served): all at once, or again.
+            for server in servers:
+                await server.wait_at_rest()
+    return all(server.at_rest for server in servers)
+
+
+def stand_in_refusal(fleet: Fleet) -> str | None:
+    """Why a fork cannot serve every device while the next process starts, or None."""
+    for live in fleet.devices:
+        device = live.built.device
+        assert isinstance(device, HandsOver), "_servers() checked"
+        refusal = device.stand_in_refusal()
+        if refusal is not None:
+            return f"device {live.config.name}: {refusal}"
+    return None
+
+
+async def _stand_in(
+    control: socket.socket,
+    fleet: Fleet,
+    servers: Sequence[DeviceServer],
+    log: Any,
+    forked_ns: int,
+) -> NoReturn:
+    """The stand-in (vgpud/stand_in.py): serve every device until the next process asks,
+    then hand everything over and exit. Never returns: nothing of the daemon's own ending
+    (the stop's clean-up, the held signals, which the next process has) may run here."""
+    os.environ.pop("NOTIFY_SOCKET", None)  # the service manager hears the daemon's pid only
+    handed = False
+    try:
+        handed = await _serve_until_asked(control, fleet, servers, log, forked_ns)
+    except BaseException:
+        log.exception("the stand-in failed; its VMs lose their GPUs")
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(0 if handed else 1)
+
+
+async def _serve_until_asked(
+    control: socket.socket,
+    fleet: Fleet,
+    servers: Sequence[DeviceServer],
+    log: Any,
+    forked_ns: int,
+) -> bool:
+    """The stand-in's work; whether it handed over."""
+    for server in servers:
+        server.thaw()
+    log.info("stand-in serving while the new code starts", pid=os.getpid())
+    await trio.lowlevel.wait_readable(control)
+    if control.recv(len(stand_in.TAKE_OVER)) != stand_in.TAKE_OVER:
+        log.error("the new code did not take over; the stand-in stops, its VMs lose their GPUs")
+        return False
+    asked_ns = time.monotonic_ns()
+    for server in servers:
+        server.freeze()
+    if not await come_to_rest(servers):
+        # The exec is done: the upgrade cannot be refused any more.
+        for server in servers:
+            for connection in server.cut_unrested():
+                log.error(
+                    "client stayed in the middle of a message; cut off for the upgrade",
+                    device=server.name,
+                    connection=connection,
+                    seconds=FREEZE_TIMEOUT,
+                )
+        if not await come_to_rest(servers):
+            raise RuntimeError("the devices did not come to rest")
+    document, fds = describe(fleet, upgrading_ns=asked_ns)
+    document["stand_in_ms"] = round((asked_ns - forked_ns) / 1e6, 1)
+    stand_in.hand_over(control, json.dumps(document).encode(), fds)
+    return True
 
 
 def _abandon(fleet: Fleet, log: Any) -> None:
@@ -182,8 +272,8 @@ def _servers(fleet: Fleet) -> list[DeviceServer]:
     return servers
 
 
-async def _check_new_code(argv: Sequence[str]) -> None:
-    """Step 2 of the module docstring."""
+async def _check_new_code(argv: Sequence[str]) -> bool:
+    """Step 2 of the module docstring; whether the new code takes over from a stand-in."""
     env = {**os.environ, CHECK_ENV: "1"}
     env.pop(HANDOVER_ENV, None)
 
@@ -217,11 +307,13 @@ async def _check_new_code(argv: Sequence[str]) -> None:
             f"{said[-1] if said else 'no message'}"
         )
     try:
-        formats = json.loads(done.stdout)["handover_formats"]
+        reply = json.loads(done.stdout)
+        formats = reply["handover_formats"]
     except (ValueError, KeyError, TypeError) as exc:
         raise UpgradeRefusedError("the new code cannot take a handover (no upgrade check)") from exc
     if FORMAT not in formats:
         raise UpgradeRefusedError(f"the new code reads handover formats {formats}, not {FORMAT}")
+    return reply.get("stand_in") is True
 
 
 def _lower_priority(pid: int) -> None:
@@ -239,9 +331,9 @@ def _lower_priority(pid: int) -> None:
         pass  # the check already gone (ESRCH), or a sandbox forbids it
 
 
-def describe(fleet: Fleet) -> tuple[dict[str, Any], list[int]]:
+def describe(fleet: Fleet, *, upgrading_ns: int | None = None) -> tuple[dict[str, Any], list[int]]:
     """The handover document for the devices of ``fleet`` (all :attr:`DeviceServer.at_rest`),
-    and every fd it names."""
+    and every fd it names. ``upgrading_ns``: when the devices were frozen for it (now)."""
     devices: list[dict[str, Any]] = []
     every_fd: list[int] = []
     for live in fleet.devices:
@@ -251,7 +343,7 @@ def describe(fleet: Fleet) -> tuple[dict[str, Any], list[int]]:
     document = {
         "format": FORMAT,
         "version": __version__,
-        "upgrading_ns": time.monotonic_ns(),
+        "upgrading_ns": time.monotonic_ns() if upgrading_ns is None else upgrading_ns,
         "devices": devices,
     }
     return document, sorted(set(every_fd))
@@ -282,8 +374,8 @@ def _describe_device(live: LiveDevice) -> tuple[dict[str, Any], list[int]]:
 def _exec(
     argv: Sequence[str], document: Mapping[str, Any], fds: Iterable[int], held: HeldSignals
 ) -> None:
-    """Step 4: hand ``document`` and ``fds`` to the process ``argv`` starts, by exec.
-    Returns only by raising, with the fds this process's again."""
+    """Step 4 without a stand-in: hand ``document`` and ``fds`` to the process ``argv``
+    starts, by exec. Returns only by raising, with the fds this process's again."""
     memfd = os.memfd_create("vgpud-handover", 0)
     inheritable: list[int] = []
     try:
@@ -292,18 +384,27 @@ def _exec(
         for fd in (memfd, *fds):
             os.set_inheritable(fd, True)
             inheritable.append(fd)
-        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # The signals stay blocked across the exec (the mask is inherited), and those held
-        # so far are named to the next process.
-        env = {**os.environ, HANDOVER_ENV: str(memfd), **held.environment()}
-        os.execve(argv[0], list(argv), env)
+        _exec_next(argv, {HANDOVER_ENV: str(memfd)}, held=held)
     except BaseException:
         for fd in inheritable:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
         os.close(memfd)
+        raise
+
+
+def _exec_next(argv: Sequence[str], handover_env: Mapping[str, str], *, held: HeldSignals) -> None:
+    """Exec ``argv``, telling it where its handover is (``handover_env``). Returns only by
+    raising."""
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The signals stay blocked across the exec (the mask is inherited), and those held so
+    # far are named to the next process.
+    env = {**os.environ, **handover_env, **held.environment()}
+    try:
+        os.execve(argv[0], list(argv), env)
+    except BaseException:
         systemd.notify("READY=1")
         raise
 
@@ -315,13 +416,20 @@ def read_handover() -> Handover | None:
     """The handover document the previous process left (``VGPUD_HANDOVER_FD``), or None
     when this is a plain start. The fds it names are made close-on-exec again. Raises
     ValueError for a document that cannot be read, having closed every fd it named."""
+    from_stand_in = os.environ.pop(stand_in.STANDIN_ENV, None)
     raw = os.environ.pop(HANDOVER_ENV, None)
-    if raw is None:
+    if from_stand_in is None and raw is None:
         return None
     try:
-        memfd = int(raw)
+        if from_stand_in is not None:
+            memfd = stand_in.take_over(from_stand_in)
+        else:
+            assert raw is not None
+            memfd = int(raw)
         with os.fdopen(memfd, "rb") as memory:
             document = json.loads(memory.read())
+    except stand_in.StandInError as exc:
+        raise ValueError(str(exc)) from exc
     except (ValueError, OSError) as exc:
         raise ValueError(f"handover document unreadable: {exc}") from exc
     if not isinstance(document, dict):
@@ -340,10 +448,15 @@ def read_handover() -> Handover | None:
             devices=devices,
             version=str(document.get("version")),
             upgrading_ns=int(document.get("upgrading_ns", 0)),
+            stand_in_ms=_optional_float(document.get("stand_in_ms")),
         )
     except (ValueError, TypeError) as exc:
         close_fds(fds)
         raise ValueError(str(exc)) from exc
+
+
+def _optional_float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _named_fds(devices: object) -> list[int]:
@@ -456,5 +569,6 @@ def _remove_socket(entry: Mapping[str, Any]) -> None:
 
 
 def handover_ms(handover: Handover) -> float:
-    """Milliseconds from the previous process's exec to now (CLOCK_MONOTONIC)."""
+    """Milliseconds from the freeze for the handover to now (CLOCK_MONOTONIC): the longest
+    a VM's access made meanwhile waited."""
     return round((time.monotonic_ns() - handover.upgrading_ns) / 1e6, 1)

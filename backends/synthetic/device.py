@@ -292,6 +292,11 @@ class SyntheticGpu:
         """None: all of a synthetic GPU's state can be described (backends.device.HandsOver)."""
         return None
 
+    def stand_in_refusal(self) -> str | None:
+        """None: the memory is in shared files and the eventfds are the kernel's, so a fork
+        serves the same device; the rest is this object's, which the fork then owns."""
+        return None
+
     def handover_abandoned(self) -> None:
         """Nothing to give back: :meth:`handover` only describes."""
 

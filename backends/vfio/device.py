@@ -481,6 +481,15 @@ class VfioPciDevice:
             )
         return None
 
+    def stand_in_refusal(self) -> str | None:
+        """Always a reason: the kernel ties each DMA mapping's address to the process that
+        made it, the daemon's pid, which the exec gives new memory while a fork would still
+        be serving from the old; so the device waits frozen across the exec instead."""
+        return (
+            f"{self.address} is a passthrough device, whose DMA mappings the kernel ties to "
+            "the daemon's own process"
+        )
+
     def handover(self) -> tuple[dict[str, Any], list[int]]:
         """The VFIO fds, the client's eventfds and the IOMMU mappings
         (:class:`backends.device.HandsOver`). The device stays open and bound, its interrupts

@@ -357,15 +357,20 @@ async def test_a_stop_during_an_upgrade_that_is_refused_still_stops(
     assert not (tmp_path / "gpu0.sock").exists()
 
 
+@pytest.mark.parametrize("stand_in", [True, False], ids=["stand-in", "no-stand-in"])
 async def test_an_exec_that_fails_gives_everything_back_and_serves_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stand_in: bool
 ) -> None:
-    """In-process, with ``os.execve`` failing: the new code is checked, the session frozen and
-    the device described (a passthrough device lets go of its DMA addresses there), then
-    every device is told the upgrade was abandoned, the session thaws, and the attached
-    client is served as before."""
+    """In-process, with ``os.execve`` failing: the new code is checked and the session
+    frozen. With a stand-in, it is forked and exits at once (nothing was described, so
+    there is nothing to give back); without one (a passthrough device), the device is
+    described (a passthrough device lets go of its DMA addresses there), then told the
+    upgrade was abandoned. Either way the session thaws, and the attached client is served
+    as before."""
     command = [*VGPUD, *serve_args(tmp_path, "--memory-size", "2GiB")]
     monkeypatch.setattr(upgrade_module, "command_line", lambda: command)
+    if not stand_in:
+        monkeypatch.setattr(SyntheticGpu, "stand_in_refusal", lambda _: "as a passthrough device")
 
     def exec_fails(*_: object) -> None:
         raise OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC))
@@ -389,7 +394,11 @@ async def test_an_exec_that_fails_gives_everything_back_and_serves_on(
                 await wait_for_event(logs, "upgrade failed; serving on")
                 assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
             nursery.cancel_scope.cancel()
-    assert len(abandoned) == 1
+    assert len(abandoned) == (0 if stand_in else 1)
+    checked = next(e for e in logs if e["event"].startswith("new code checked"))
+    assert checked["stand_in"] is stand_in
+    with pytest.raises(ChildProcessError):  # the stand-in, if any, was reaped
+        os.waitpid(-1, os.WNOHANG)
     assert [e["event"] for e in logs if "upgrad" in e["event"]] == [
         "upgrading",
         "upgrade failed; serving on",

@@ -11,6 +11,7 @@ being refused.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import os
@@ -341,6 +342,24 @@ class DeviceServer:
         while not self.at_rest:
             changed = self._changed  # set when a session starts, ends or comes to rest
             await changed.wait()
+
+    def cut_unrested(self) -> list[int]:
+        """Shut the connection of each client that keeps the device from rest (half-way
+        through a message, or waiting for its turn): its session then ends as at any
+        disconnect, and releases what the client had. Only for an upgrade that can no
+        longer be refused (vgpud/upgrade.py, the stand-in). The connections cut."""
+        cut: list[int] = []
+        session, sock = self.current_session, self._active_sock
+        resting = session is not None and session.at_rest
+        if self.active is not None and sock is not None and not resting:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            cut.append(self.active)
+        if self._waiter is not None:
+            cut.append(self._waiter.number)
+            with contextlib.suppress(OSError):
+                self._waiter.sock.shutdown(socket.SHUT_RDWR)
+        return cut
 
     def handover(self) -> tuple[dict[str, Any], list[int]]:
         """What the next process needs to go on serving this device (``handed``), as

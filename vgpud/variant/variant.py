@@ -226,6 +226,12 @@ class NvgraceVariant:
             return f"{type(self.backend).__name__} cannot be handed over"
         return self.backend.handover_refusal()
 
+    def stand_in_refusal(self) -> str | None:
+        """The backend's."""
+        if not isinstance(self.backend, HandsOver):
+            return f"{type(self.backend).__name__} cannot be handed over"
+        return self.backend.stand_in_refusal()
+
     def handover_abandoned(self) -> None:
         """The backend's."""
         if isinstance(self.backend, HandsOver):
