@@ -398,7 +398,7 @@ async def test_an_exec_that_fails_gives_everything_back_and_serves_on(
     checked = next(e for e in logs if e["event"].startswith("new code checked"))
     assert checked["stand_in"] is stand_in
     with pytest.raises(ChildProcessError):  # the stand-in, if any, was reaped
-        os.waitpid(-1, os.WNOHANG)
+        os.waitpid(-1, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: does not wait)
     assert [e["event"] for e in logs if "upgrad" in e["event"]] == [
         "upgrading",
         "upgrade failed; serving on",

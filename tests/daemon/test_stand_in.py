@@ -1,0 +1,261 @@
+"""The stand-in of a live upgrade (vgpud/stand_in.py): a fork of the daemon serves the VMs
+while the next process starts, then hands everything over a socket.
+
+The daemon tests hold the next process at its interpreter's start-up with a gate: a
+``sitecustomize`` module on PYTHONPATH that, in a process started with ``VGPUD_STANDIN`` (only
+the next process is), opens a FIFO and reads it to its end, which comes when the test opens
+it for writing and closes it. So what the client sees between the stand-in's first line and
+the gate's opening was served by the stand-in, and nothing else. The wire tests run the
+stand-in's half in a forked child of the test process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import protocol as p
+from backends.synthetic.bar0 import SCRATCH
+from tests.serve_process import read_log_until, serve_args, start, stop
+from vgpud import stand_in
+from vgpud.client import VfioUserClient, VfioUserError
+from vgpud.upgrade import FREEZE_TIMEOUT
+
+BAR0 = 0
+GATE_MODULE = """\
+import os
+
+if os.environ.get("VGPUD_STANDIN") and os.environ.get("GATE"):
+    with open(os.environ["GATE"]) as gate:
+        gate.read()
+"""
+
+
+@pytest.fixture
+def gated(tmp_path: Path, notify_socket: socket.socket) -> Iterator[subprocess.Popen[str]]:
+    """A daemon whose upgraded process waits at start-up until :func:`open_gate`."""
+    (tmp_path / "gate-module").mkdir()
+    (tmp_path / "gate-module" / "sitecustomize.py").write_text(GATE_MODULE)
+    os.mkfifo(tmp_path / "gate")
+    proc = start(
+        [*serve_args(tmp_path, "--memory-size", "2GiB"), "--log-format", "json"],
+        tmp_path,
+        PYTHONPATH=str(tmp_path / "gate-module"),
+        GATE=str(tmp_path / "gate"),
+    )
+    read_log_until(proc, "ready")
+    yield proc
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):  # a test that failed before opening the gate
+            os.close(os.open(tmp_path / "gate", os.O_WRONLY | os.O_NONBLOCK))
+        try:
+            stop(proc, check=False)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+async def open_gate(tmp_path: Path) -> None:
+    def write_end() -> None:
+        with open(tmp_path / "gate", "w"):  # blocks until the next process opens it
+            pass
+
+    await trio.to_thread.run_sync(write_end)
+
+
+async def log_until(proc: subprocess.Popen[str], event: str) -> tuple[dict[str, Any], str]:
+    return await trio.to_thread.run_sync(read_log_until, proc, event)
+
+
+async def test_the_stand_in_serves_while_the_next_process_starts_and_hands_its_state_on(
+    tmp_path: Path, gated: subprocess.Popen[str]
+) -> None:
+    """What the client writes while the stand-in serves is what the next process serves."""
+    async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+        await client.region_write(BAR0, SCRATCH, struct.pack("<I", 7))
+        gated.send_signal(signal.SIGUSR2)
+        serving, _ = await log_until(gated, "stand-in serving while the new code starts")
+        stand_in_pid = serving["pid"]
+        assert stand_in_pid != gated.pid
+        # The daemon's own process is held at its start-up: the stand-in answers these.
+        assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
+        await client.region_write(BAR0, SCRATCH, struct.pack("<I", 9))
+        with pytest.raises(VfioUserError, match="busy"):  # one client per device, here too
+            await VfioUserClient.connect(tmp_path / "gpu0.sock")
+        await open_gate(tmp_path)
+        upgraded, lines = await log_until(gated, "upgraded")
+        assert upgraded["pid"] == gated.pid
+        assert upgraded["clients"] == 1
+        assert upgraded["stand_in_ms"] > 0
+        assert "refusing a second client" in lines
+        assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 9)
+    with pytest.raises(ProcessLookupError):  # exited, and reaped by the daemon
+        os.kill(stand_in_pid, 0)
+
+
+async def test_a_stand_in_that_dies_leaves_the_next_process_to_start_afresh(
+    tmp_path: Path, gated: subprocess.Popen[str]
+) -> None:
+    """The VM loses its GPU, as at a restart; the daemon serves the next client."""
+    async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+        gated.send_signal(signal.SIGUSR2)
+        serving, _ = await log_until(gated, "stand-in serving while the new code starts")
+        os.kill(serving["pid"], signal.SIGKILL)
+        with pytest.raises((p.ProtocolError, OSError, trio.BrokenResourceError, EOFError)):
+            await client.region_read(BAR0, SCRATCH, 4)
+    await open_gate(tmp_path)
+    afresh = "upgrade failed: the handover cannot be read; starting afresh"
+    failed, _ = await log_until(gated, afresh)
+    assert "the stand-in did not hand over" in failed["error"]
+    await log_until(gated, "ready")
+    async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+        assert len(await client.region_read(BAR0, SCRATCH, 4)) == 4
+    with pytest.raises(ProcessLookupError):
+        os.kill(serving["pid"], 0)
+
+
+async def test_a_client_half_way_through_a_message_is_cut_off_once_the_exec_is_done(
+    tmp_path: Path, gated: subprocess.Popen[str]
+) -> None:
+    """After the exec the upgrade cannot be refused: the stand-in waits FREEZE_TIMEOUT for
+    the client, cuts it off, and hands the device over; the next client is served."""
+    async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+        await client.region_write(BAR0, SCRATCH, struct.pack("<I", 7))
+        gated.send_signal(signal.SIGUSR2)
+        await log_until(gated, "stand-in serving while the new code starts")
+        read = p.RegionReadRequest(region=BAR0, offset=SCRATCH, count=4)
+        wire = client.conn.send_request(read)[1].data
+        client.stream.socket.send(wire[: p.HEADER_SIZE])
+        await open_gate(tmp_path)
+        cut, _ = await log_until(
+            gated, "client stayed in the middle of a message; cut off for the upgrade"
+        )
+        assert cut["seconds"] == FREEZE_TIMEOUT
+        upgraded, _ = await log_until(gated, "upgraded")
+        assert upgraded["clients"] == 0
+        client.stream.socket.settimeout(10)  # shut already: the cut came before "upgraded"
+        assert client.stream.socket.recv(1) == b""
+    async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+        assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
+
+
+# -- the wire, in-process ----------------------------------------------------------------------
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def fork_stand_in(send: Any) -> str:
+    """A child that waits for TAKE_OVER and then runs ``send(control)``; the value
+    :func:`stand_in.take_over` is given."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        status = 1
+        try:
+            ours.close()
+            if theirs.recv(64) == stand_in.TAKE_OVER:
+                send(theirs)
+                status = 0
+        finally:
+            os._exit(status)
+    theirs.close()
+    return f"{ours.detach()}:{pid}"
+
+
+def free_numbers(count: int) -> list[int]:
+    """``count`` consecutive fd numbers free here, well above those in use."""
+    start = max(open_fds()) + 16
+    return list(range(start, start + count))
+
+
+@pytest.mark.parametrize("count", [2, stand_in.FDS_PER_RECORD + 50])
+def test_each_fd_arrives_at_the_number_it_had_and_the_document_with_them(count: int) -> None:
+    read_end, write_end = os.pipe()
+    numbers = free_numbers(count)
+    document = json.dumps({"devices": [], "numbers": numbers}).encode()
+    before = open_fds()
+
+    def send(control: socket.socket) -> None:
+        for number in numbers:
+            os.dup2(write_end, number)
+        stand_in.hand_over(control, document, numbers)
+
+    memfd = stand_in.take_over(fork_stand_in(send))
+    try:
+        with os.fdopen(os.dup(memfd), "rb") as memory:
+            assert memory.read() == document
+        assert open_fds() - before == {memfd, *numbers}
+        for number in numbers:
+            assert os.fstat(number).st_ino == os.fstat(write_end).st_ino
+            assert not os.get_inheritable(number)
+        os.write(numbers[-1], b"!")
+        assert os.read(read_end, 1) == b"!"
+    finally:
+        for fd in (memfd, *numbers, read_end, write_end):
+            os.close(fd)
+
+
+def hostile(records: list[tuple[bytes, int]]) -> Any:
+    """A stand-in that sends each (payload, how many fds) record: the fds are pipes."""
+
+    def send(control: socket.socket) -> None:
+        for payload, fds in records:
+            pipes = [os.pipe()[0] for _ in range(fds)]
+            socket.send_fds(control, [payload], pipes)
+
+    return send
+
+
+@pytest.mark.parametrize(
+    ("records", "says"),
+    [
+        ([], "closed the socket before the document"),
+        ([(b'{"fds": [1]}', 1), (b'{"document": 2}', 1)], "cannot be kept"),
+        ([(b'{"fds": [500, 500]}', 2), (b'{"document": 2}', 1)], "cannot be kept"),
+        ([(b'{"fds": [500, 501]}', 1)], "1 fds came named 2 numbers"),
+        ([(b'{"document": 2}', 2)], "came with 2 fds"),
+        ([(b"not json", 3)], "did not hand over"),
+        ([(b'{"fds": "x"}', 1)], "did not hand over"),
+    ],
+)
+def test_a_stand_in_sending_nonsense_is_refused_with_nothing_left_open(
+    records: list[tuple[bytes, int]], says: str
+) -> None:
+    before = open_fds()
+    raw = fork_stand_in(hostile(records))
+    with pytest.raises(stand_in.StandInError, match=says):
+        stand_in.take_over(raw)
+    assert open_fds() == before
+    with pytest.raises(ChildProcessError):  # reaped
+        os.waitpid(int(raw.split(":")[1]), 0)
+
+
+def test_a_number_taken_here_is_refused_and_left_alone() -> None:
+    taken = os.open("/dev/null", os.O_RDONLY)
+    free = free_numbers(1)[0]
+    before = open_fds()
+    record = json.dumps({"fds": [free, taken]}).encode()
+    raw = fork_stand_in(hostile([(record, 2), (b'{"document": 2}', 1)]))
+    with pytest.raises(stand_in.StandInError, match=f"fd {taken} is taken"):
+        stand_in.take_over(raw)
+    assert open_fds() == before
+    assert os.fstat(taken).st_ino == os.stat("/dev/null").st_ino
+    os.close(taken)
+
+
+def test_a_value_that_is_not_fd_and_pid_is_refused() -> None:
+    with pytest.raises(stand_in.StandInError, match="not fd:pid"):
+        stand_in.take_over("7")
