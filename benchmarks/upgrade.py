@@ -8,10 +8,11 @@ said READY=1. Per upgrade:
 - ``check_ms``: SIGUSR2 to the daemon's "new code checked" line. The new code runs once to
   check it (vgpud.upgrade, step 2) while the device is served on;
 - ``check_p99_us``: the client's p99 while that check ran (what the check costs the VM);
-- ``stall_ms``: the longest one read waited for its reply: the read that finds the daemon
-  frozen, or already gone to exec, is answered by the next image;
-- ``handover_ms``: the daemon's own figure from its "upgraded" line, the previous image's exec
-  to the next image serving.
+- ``stall_ms``: the longest one read waited for its reply: a read that finds the devices
+  frozen for the fork, or for the stand-in's handover to the next image (vgpud/stand_in.py);
+- ``stand_in_ms``: from the daemon's "upgraded" line, how long the stand-in served, the exec
+  and the next image's start-up included;
+- ``handover_ms``: likewise, the freeze for the last handover to the next image serving.
 
 Every reply must carry the bytes of the first, the daemon's pid must stay the same and every
 upgrade must end "upgraded"; anything else stops the run with an error.
@@ -204,6 +205,7 @@ def _one_upgrade(
         "check_ms": (checked - sent) / 1e6,
         "check_p99_us": summarize(during_check)["p99_us"] if during_check else 0.0,
         "stall_ms": max(during, default=0) / 1e6,
+        "stand_in_ms": float(upgraded.get("stand_in_ms", 0.0)),
         "handover_ms": float(upgraded["handover_ms"]),
         "reads": float(len(during)),
         "upgrade_ms": (done - sent) / 1e6,
@@ -220,7 +222,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    columns = ("check_ms", "check_p99_us", "stall_ms", "handover_ms", "upgrade_ms")
+    columns = ("check_ms", "check_p99_us", "stall_ms", "stand_in_ms", "handover_ms", "upgrade_ms")
     print(f"{'upgrade':>7} " + " ".join(f"{name:>13}" for name in columns))
     for number, row in enumerate(rows, 1):
         print(f"{number:>7} " + " ".join(f"{row[name]:>13.1f}" for name in columns))

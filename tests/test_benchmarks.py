@@ -68,6 +68,7 @@ def test_upgrade_benchmark_runs() -> None:
     for row in rows:
         assert row["reads"] > 0
         assert row["handover_ms"] > 0
+        assert 0 < row["stand_in_ms"] < row["upgrade_ms"]  # a synthetic device: a stand-in
         assert 0 < row["stall_ms"] < row["upgrade_ms"]
 
 

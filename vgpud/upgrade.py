@@ -18,13 +18,18 @@ process (same pid, so the service manager sees no restart) running the code now 
    messages: nothing of a message read, no reply owed (vgpud.server.session). A session that
    does not within :data:`FREEZE_TIMEOUT` (a client stuck half-way through a message) refuses
    the upgrade, and everything thaws.
-4. *Describe and exec*: one JSON document -- per device its settings, its listening socket,
-   the attached client's socket, connection state and DMA mappings, and the device's state
-   with the client's eventfds -- goes into a memfd, every fd it names is made inheritable,
-   and the process execs its own command line with ``VGPUD_HANDOVER_FD`` naming the memfd.
-   Nothing runs between the last check and the exec (no await), so nothing changes under
-   the description. fds keep their numbers across exec, so the document names them by
-   number.
+4. *Fork a stand-in, and exec* (vgpud/stand_in.py): a fork of the daemon serves every device
+   while the next process starts, and describes them when it asks -- one JSON document: per
+   device its settings, its listening socket, the attached client's socket, connection state
+   and DMA mappings, and the device's state with the client's eventfds -- then sends the
+   document and every fd it names over a socket and exits. The next process puts each fd at
+   the number it had, so the document names fds by number. A VM's access waits only for
+   that handover, not for the next process's start-up (docs/operations.md, "Upgrade").
+   Without a stand-in (a passthrough device: the kernel ties its DMA mappings to the
+   daemon's own process) the daemon describes the devices itself, puts the document in a
+   memfd, makes every fd it names inheritable and execs with ``VGPUD_HANDOVER_FD`` naming
+   the memfd; fds keep their numbers across exec. Either way nothing runs between the last
+   check and the describing (no await), so nothing changes under the description.
 5. *Take over* (:func:`read_handover`, :func:`resume`): the next process builds each device
    from its carried settings (an upgrade changes the code, not the configuration: a reload
    applies an edited file), lets it take its state over, listens on the same socket and

@@ -13,7 +13,8 @@ trip to the daemon), rings the doorbell once and counts the interrupt, and says 
 
 The host reads the daemon's "status" (SIGUSR1: client, connections, DMA mappings), records
 its pid and sends SIGUSR2. The ``upgraded`` line must come from the same pid, with one device
-and one client handed over and no ``upgrade refused``, and the status afterwards must name
+and one client handed over, by way of a stand-in (vgpud/stand_in.py), and no ``upgrade
+refused``, and the status afterwards must name
 the same client with the same DMA mappings. Meanwhile the guest keeps reading SCRATCH (each
 read a request the daemon must answer across the exec, within QEMU's 5 s reply timeout)
 while it polls a go-ahead word in BAR4 that the host writes into the usemem file only once
@@ -231,6 +232,12 @@ async def test_sigusr2_upgrades_the_daemon_under_a_running_vm(harness: Harness) 
     assert outcome["clients"] == 1, outcome
     names = [event.get("event") for event in events_since(daemon, start)]
     assert "upgrading" in names[: names.index("upgraded")], names
+    # A fork of the daemon served the VM while the new code started (vgpud/stand_in.py).
+    assert "stand-in serving while the new code starts" in names, names
+    assert outcome["stand_in_ms"] > 0, outcome
+    harness.notes.append(
+        f"stand-in served {outcome['stand_in_ms']} ms, handover {outcome['handover_ms']} ms"
+    )
     after = await _status(daemon)
     for key in ("client", "connections", "dma_maps"):
         assert after[key] == before[key], f"{key}: {before[key]!r} before, {after} after"
