@@ -98,13 +98,24 @@ def hand_over(control: socket.socket, document: bytes, fds: Sequence[int]) -> No
     for start in range(0, len(fds), FDS_PER_RECORD):
         chunk = list(fds[start : start + FDS_PER_RECORD])
         socket.send_fds(control, [json.dumps({"fds": chunk}).encode()], chunk)
+    memfd = memfd_holding(document)
+    try:
+        socket.send_fds(control, [json.dumps({"document": len(document)}).encode()], [memfd])
+    finally:
+        os.close(memfd)
+
+
+def memfd_holding(document: bytes) -> int:
+    """A memfd (close-on-exec) holding ``document``, read from its start: how a handover
+    document travels, with a stand-in or across a plain exec."""
     memfd = os.memfd_create("vgpud-handover", os.MFD_CLOEXEC)
     try:
         os.write(memfd, document)
         os.lseek(memfd, 0, os.SEEK_SET)
-        socket.send_fds(control, [json.dumps({"document": len(document)}).encode()], [memfd])
-    finally:
+    except BaseException:
         os.close(memfd)
+        raise
+    return memfd
 
 
 def take_over(raw: str) -> int:

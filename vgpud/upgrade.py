@@ -381,11 +381,9 @@ def _exec(
 ) -> None:
     """Step 4 without a stand-in: hand ``document`` and ``fds`` to the process ``argv``
     starts, by exec. Returns only by raising, with the fds this process's again."""
-    memfd = os.memfd_create("vgpud-handover", 0)
+    memfd = stand_in.memfd_holding(json.dumps(document).encode())
     inheritable: list[int] = []
     try:
-        os.write(memfd, json.dumps(document).encode())
-        os.lseek(memfd, 0, os.SEEK_SET)
         for fd in (memfd, *fds):
             os.set_inheritable(fd, True)
             inheritable.append(fd)
