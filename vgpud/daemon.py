@@ -33,7 +33,7 @@ import trio
 
 from backends.device import DeviceError
 from backends.synthetic import BackingFileError
-from vgpud import systemd, upgrade
+from vgpud import stand_in, systemd, upgrade
 from vgpud.budget import BudgetError, dma_map_limit
 from vgpud.capacity import PreallocError, memory_shortfalls, preallocate
 from vgpud.config import ConfigError, DaemonConfig, DeviceConfig
@@ -287,7 +287,19 @@ async def _start(
             "ready", devices=len(servers), max_dma_maps=fleet.max_dma_maps, startup_ms=elapsed_ms
         )
     else:
-        resumed = await upgrade.resume(handover, fleet, log)
+        try:
+            resumed = await upgrade.resume(handover, fleet, log)
+            handover_ms = upgrade.handover_ms(handover)  # the VMs are served again
+            # The stand-in is gone before the memory's mappers are looked for.
+            if handover.exiting is not None and not await handover.exiting.reaped():
+                log.warning(
+                    "the stand-in did not exit after handing over; killed",
+                    pid=handover.exiting.pid,
+                    seconds=stand_in.EXIT_TIMEOUT,
+                )
+        finally:
+            if handover.exiting is not None:
+                handover.exiting.stop()  # a start that failed or was cancelled meanwhile
         # Devices taken over keep the settings they were served with (a reload applies
         # an edited file); their config is what the fleet compares a reload with.
         fleet.config = dataclasses.replace(
@@ -300,7 +312,7 @@ async def _start(
             clients=resumed.clients,
             pid=os.getpid(),
             from_version=handover.version,
-            handover_ms=upgrade.handover_ms(handover),
+            handover_ms=handover_ms,
             **({} if handover.stand_in_ms is None else {"stand_in_ms": handover.stand_in_ms}),
             max_dma_maps=fleet.max_dma_maps,
         )

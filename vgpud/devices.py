@@ -210,7 +210,7 @@ def take_over_device(config: DeviceConfig, state: Mapping[str, Any]) -> BuiltDev
     if config.vfio_device is not None:
         backend = VfioPciDevice(config.vfio_device, handed=state)
         return BuiltDevice(config.name, backend, make_device(backend), config)
-    built = build_device(config)
+    built = build_device(config, directory_lock=_directory_lock(state))
     try:
         if not isinstance(built.device, HandsOver):
             raise TypeError(f"device {config.name} cannot take a handover over")
@@ -221,13 +221,27 @@ def take_over_device(config: DeviceConfig, state: Mapping[str, Any]) -> BuiltDev
     return built
 
 
-def build_device(config: DeviceConfig) -> BuiltDevice:
-    """Create the backend and the variant over it."""
+def _directory_lock(state: Mapping[str, Any]) -> int | None:
+    """The locked backing directory's fd in a synthetic device's state: the variant's
+    handover carries the backend's under "backend" (none from an older process)."""
+    backend = state.get("backend")
+    lock = backend.get("directory_lock") if isinstance(backend, Mapping) else None
+    if lock is not None and (type(lock) is not int or lock < 0):
+        raise ValueError(f"directory_lock {lock!r} is not an fd")
+    return lock
+
+
+def build_device(config: DeviceConfig, *, directory_lock: int | None = None) -> BuiltDevice:
+    """Create the backend and the variant over it; ``directory_lock`` is the locked
+    backing directory handed over by a live upgrade (:class:`SyntheticGpu`)."""
     backend: Backend
     if config.vfio_device is not None:
         backend = VfioPciDevice(config.vfio_device)
     else:
         backend = SyntheticGpu(
-            profile_for(config), config.resolved_backing_dir(), ready_delay=config.ready_delay
+            profile_for(config),
+            config.resolved_backing_dir(),
+            ready_delay=config.ready_delay,
+            directory_lock=directory_lock,
         )
     return BuiltDevice(config.name, backend, make_device(backend), config)

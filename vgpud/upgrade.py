@@ -90,6 +90,8 @@ class Handover:
     # by the previous process just before its exec
     upgrading_ns: int
     stand_in_ms: float | None = None  # how long a stand-in served (None: there was none)
+    # The stand-in that handed over, still to be reaped once the devices are served
+    exiting: stand_in.Exiting | None = None
 
 
 def check_reply() -> str:
@@ -423,9 +425,10 @@ def read_handover() -> Handover | None:
     raw = os.environ.pop(HANDOVER_ENV, None)
     if from_stand_in is None and raw is None:
         return None
+    exiting: stand_in.Exiting | None = None
     try:
         if from_stand_in is not None:
-            memfd = stand_in.take_over(from_stand_in)
+            memfd, exiting = stand_in.take_over(from_stand_in)
         else:
             assert raw is not None
             memfd = int(raw)
@@ -434,7 +437,19 @@ def read_handover() -> Handover | None:
     except stand_in.StandInError as exc:
         raise ValueError(str(exc)) from exc
     except (ValueError, OSError) as exc:
+        if exiting is not None:
+            exiting.stop()
         raise ValueError(f"handover document unreadable: {exc}") from exc
+    try:
+        return _handover(document, exiting)
+    except BaseException:
+        if exiting is not None:
+            exiting.stop()
+        raise
+
+
+def _handover(document: object, exiting: stand_in.Exiting | None) -> Handover:
+    """The :class:`Handover` ``document`` describes (ValueError, its fds closed, if none)."""
     if not isinstance(document, dict):
         raise ValueError("handover document is not a JSON object")
     devices = document.get("devices")
@@ -452,6 +467,7 @@ def read_handover() -> Handover | None:
             version=str(document.get("version")),
             upgrading_ns=int(document.get("upgrading_ns", 0)),
             stand_in_ms=_optional_float(document.get("stand_in_ms")),
+            exiting=exiting,
         )
     except (ValueError, TypeError) as exc:
         close_fds(fds)

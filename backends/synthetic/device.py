@@ -122,7 +122,10 @@ class SyntheticGpu:
         clock: Clock = time.monotonic,
         serial_number: int | None = None,
         valid_delay: float | None = None,
+        directory_lock: int | None = None,
     ) -> None:
+        """``directory_lock``: the locked backing directory's fd, from :meth:`handover`
+        in the process before a live upgrade (see :class:`MemoryBacking`)."""
         self.profile = profile
         self.backing_dir = Path(backing_dir)
         self._region_sizes = {
@@ -134,7 +137,9 @@ class SyntheticGpu:
         self.irqs = InterruptController(self.config, profile.msi_vectors, profile.msix_vectors)
         self.readiness = Readiness(clock, ready_delay, valid_delay)
         self.bar0 = Bar0(profile.boot0, self.readiness, self.irqs, profile.msix_vectors)
-        self._memory = MemoryBacking(self.backing_dir, profile.memory_size)
+        self._memory = MemoryBacking(
+            self.backing_dir, profile.memory_size, directory_lock=directory_lock
+        )
         # BAR1's file is made when first used; one left by a device of another size is
         # refused now, while the daemon starts, not at the first client's REGION_INFO.
         self._memory.check_existing(BAR1_FILE, profile.bar1_size)
@@ -303,8 +308,11 @@ class SyntheticGpu:
     def handover(self) -> tuple[dict[str, Any], list[int]]:
         """Config space, registers, readiness, interrupt state and the client's eventfds
         (:class:`backends.device.HandsOver`). Memory is in the files, which the next process
-        opens by name; what the client mapped for DMA the engine hands over itself."""
+        opens by name, under the directory lock handed over with them (``directory_lock``,
+        to build the next device with); what the client mapped for DMA the engine hands
+        over itself."""
         irqs, fds = self.irqs.handover()
+        lock = self._memory.directory_lock
         state = {
             "profile": self.profile.name,
             "config": bytes(self.config.data).hex(),
@@ -314,8 +322,9 @@ class SyntheticGpu:
             "readiness_armed_at": self.readiness.armed_at,
             "reset_count": self.reset_count,
             "irqs": irqs,
+            "directory_lock": lock,
         }
-        return state, fds
+        return state, fds if lock is None else [*fds, lock]
 
     def take_over(self, state: Mapping[str, Any]) -> None:
         """Carry on from :meth:`handover`'s state, on a device built with the same profile

@@ -20,7 +20,9 @@ is restored when an access finds it short and whenever a client attaches or leav
 
 A device holds an exclusive lock (``flock``) on its backing directory while its files are
 open, so two devices can never share memory: not through two spellings of one path
-(``a/../m``, a symlink) in one config file, nor from two daemons.
+(``a/../m``, a symlink) in one config file, nor from two daemons. A live upgrade hands the
+locked fd itself to the next process (``directory_lock``), so the directory stays locked
+throughout: the lock belongs to the open file description, which the fd carries.
 """
 
 from __future__ import annotations
@@ -172,12 +174,23 @@ class MemoryBacking:
 
     __slots__ = ("_files", "_lock_fd", "_windows", "directory", "memlength")
 
-    def __init__(self, directory: Path, memlength: int) -> None:
+    def __init__(
+        self, directory: Path, memlength: int, *, directory_lock: int | None = None
+    ) -> None:
+        """``directory_lock``: an fd of ``directory`` that holds its lock already (handed
+        over by the previous process), owned from now on, closed if refused."""
         self.directory = directory
         self.memlength = memlength
         self._files: dict[str, BackingFile] = {}
         self._windows: dict[bool, tuple[int, MemoryWindow]] = {}
         self._lock_fd = -1
+        if directory_lock is not None:
+            self._adopt_lock(directory_lock)
+
+    @property
+    def directory_lock(self) -> int | None:
+        """The fd holding the directory's lock (None while no file is open)."""
+        return self._lock_fd if self._lock_fd >= 0 else None
 
     def file(self, name: str, size: int) -> BackingFile:
         """The backing file ``name`` (created on first request)."""
@@ -270,6 +283,32 @@ class MemoryBacking:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = -1
+
+    def _adopt_lock(self, fd: int) -> None:
+        try:
+            held = os.fstat(fd)
+            try:
+                here = os.stat(self.directory)
+            except OSError as exc:
+                raise BackingFileError(
+                    f"the lock handed over is not on backing directory {self.directory} "
+                    f"({exc.strerror})"
+                ) from None
+            if (held.st_dev, held.st_ino) != (here.st_dev, here.st_ino):
+                raise BackingFileError(
+                    f"the lock handed over is not on backing directory {self.directory}"
+                )
+            # The open file description holds the lock already: this only confirms it.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BackingFileError(
+                f"backing directory {self.directory} is locked by another process"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
 
     def _lock_directory(self) -> None:
         if self._lock_fd >= 0:

@@ -249,6 +249,56 @@ def test_two_devices_never_share_a_backing_directory(tmp_path: Path, alias: str)
     second.shutdown()
 
 
+def test_the_locked_directory_is_handed_to_the_next_device_while_the_first_holds_it(
+    tmp_path: Path,
+) -> None:
+    """A live upgrade's stand-in still holds the lock when the next process builds the
+    device (it exits after handing over): the lock travels as the fd itself, so the next
+    device carries on under it, and the directory is never free meanwhile."""
+    before = open_fds()
+    first = SyntheticGpu(get_profile("gh200"), tmp_path)
+    first.memory_window(0, GIB, True).write(0, b"kept")
+    state, fds = first.handover()
+    lock = state["directory_lock"]
+    assert lock in fds
+    handed = os.dup(lock)  # what SCM_RIGHTS gives the next process: the same lock
+    second = SyntheticGpu(get_profile("gh200"), tmp_path, directory_lock=handed)
+    assert second.memory_window(0, GIB, True).read(0, 4) == b"kept"
+    first.shutdown()  # the stand-in exits
+    other = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    with pytest.raises(BlockingIOError):  # still locked
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(other)
+    assert second.handover()[0]["directory_lock"] == handed
+    second.shutdown()
+    assert open_fds() == before
+
+
+def test_a_handed_lock_on_another_directory_is_refused_and_closed(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    before = open_fds()
+    wrong = os.open(tmp_path / "a", os.O_RDONLY | os.O_DIRECTORY)
+    also_wrong = os.dup(wrong)
+    with pytest.raises(BackingFileError, match="not on backing directory"):
+        SyntheticGpu(get_profile("gh200"), tmp_path / "b", directory_lock=wrong)
+    with pytest.raises(BackingFileError, match=r"not on backing directory .*No such file"):
+        SyntheticGpu(get_profile("gh200"), tmp_path / "c", directory_lock=also_wrong)
+    assert open_fds() == before
+
+
+def test_a_handed_fd_whose_directory_another_device_locked_is_refused(tmp_path: Path) -> None:
+    """An fd of the right directory that does not hold the lock: the holder keeps it."""
+    holder = SyntheticGpu(get_profile("gh200"), tmp_path)
+    holder.memory_window(0, GIB, True)
+    unlocked = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    with pytest.raises(BackingFileError, match="locked by another process"):
+        SyntheticGpu(get_profile("gh200"), tmp_path, directory_lock=unlocked)
+    with pytest.raises(OSError):  # closed
+        os.fstat(unlocked)
+    holder.shutdown()
+
+
 def test_a_bar1_file_of_another_size_is_refused_when_the_device_is_made(tmp_path: Path) -> None:
     (tmp_path / "bar1").write_bytes(b"x" * 4096)
     with pytest.raises(BackingFileError, match="bar1 holds 4096 bytes"):

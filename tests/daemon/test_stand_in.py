@@ -12,18 +12,20 @@ stand-in's half in a forked child of the test process.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import protocol as p
 from backends.synthetic.bar0 import SCRATCH
@@ -36,14 +38,18 @@ BAR0 = 0
 GATE_MODULE = """\
 import os
 
-if os.environ.get("VGPUD_STANDIN") and os.environ.get("GATE"):
+if os.environ.get("NO_STAND_IN"):  # upgrade as a fleet with a passthrough device does
+    from backends.synthetic.device import SyntheticGpu
+
+    SyntheticGpu.stand_in_refusal = lambda self: "refused by the test"
+upgraded = os.environ.get("VGPUD_STANDIN") or os.environ.get("VGPUD_HANDOVER_FD")
+if upgraded and os.environ.get("GATE"):
     with open(os.environ["GATE"]) as gate:
         gate.read()
 """
 
 
-@pytest.fixture
-def gated(tmp_path: Path, notify_socket: socket.socket) -> Iterator[subprocess.Popen[str]]:
+def start_gated(tmp_path: Path, *, no_stand_in: bool = False) -> subprocess.Popen[str]:
     """A daemon whose upgraded process waits at start-up until :func:`open_gate`."""
     (tmp_path / "gate-module").mkdir()
     (tmp_path / "gate-module" / "sitecustomize.py").write_text(GATE_MODULE)
@@ -53,9 +59,29 @@ def gated(tmp_path: Path, notify_socket: socket.socket) -> Iterator[subprocess.P
         tmp_path,
         PYTHONPATH=str(tmp_path / "gate-module"),
         GATE=str(tmp_path / "gate"),
+        NO_STAND_IN="1" if no_stand_in else "",
     )
     read_log_until(proc, "ready")
+    return proc
+
+
+@pytest.fixture
+def gated(tmp_path: Path, notify_socket: socket.socket) -> Iterator[subprocess.Popen[str]]:
+    """A gated daemon (:func:`start_gated`) that upgrades with a stand-in."""
+    proc = start_gated(tmp_path)
     yield proc
+    stop_gated(tmp_path, proc)
+
+
+@pytest.fixture
+def gated_plain(tmp_path: Path, notify_socket: socket.socket) -> Iterator[subprocess.Popen[str]]:
+    """A gated daemon that upgrades without a stand-in (its devices frozen across the exec)."""
+    proc = start_gated(tmp_path, no_stand_in=True)
+    yield proc
+    stop_gated(tmp_path, proc)
+
+
+def stop_gated(tmp_path: Path, proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         with contextlib.suppress(OSError):  # a test that failed before opening the gate
             os.close(os.open(tmp_path / "gate", os.O_WRONLY | os.O_NONBLOCK))
@@ -67,11 +93,19 @@ def gated(tmp_path: Path, notify_socket: socket.socket) -> Iterator[subprocess.P
 
 
 async def open_gate(tmp_path: Path) -> None:
-    def write_end() -> None:
-        with open(tmp_path / "gate", "w"):  # blocks until the next process opens it
-            pass
+    async with held_at_gate(tmp_path):
+        pass
 
-    await trio.to_thread.run_sync(write_end)
+
+@contextlib.asynccontextmanager
+async def held_at_gate(tmp_path: Path) -> AsyncIterator[None]:
+    """Inside, the next process is past its exec, held at its start-up; it goes on after."""
+    # Opening the FIFO's write end returns once the next process has opened its read end.
+    gate = await trio.to_thread.run_sync(os.open, tmp_path / "gate", os.O_WRONLY)
+    try:
+        yield
+    finally:
+        os.close(gate)
 
 
 async def log_until(proc: subprocess.Popen[str], event: str) -> tuple[dict[str, Any], str]:
@@ -150,6 +184,40 @@ async def test_a_client_half_way_through_a_message_is_cut_off_once_the_exec_is_d
         assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
 
 
+def locked_by_someone(directory: Path) -> bool:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@pytest.mark.parametrize("how", ["stand-in", "no-stand-in"])
+async def test_the_backing_directory_stays_locked_while_the_next_process_starts(
+    tmp_path: Path, how: str, request: pytest.FixtureRequest
+) -> None:
+    """The lock that keeps a second device or daemon off the memory files is handed over
+    as the locked fd itself. Before, it was the process's own: across a plain exec the
+    directory was free for the whole start-up of the next process."""
+    daemon = request.getfixturevalue("gated" if how == "stand-in" else "gated_plain")
+    async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+        await client.region_write(BAR0, SCRATCH, struct.pack("<I", 7))
+        daemon.send_signal(signal.SIGUSR2)
+        checked, _ = await log_until(daemon, "new code checked; bringing the clients to rest")
+        assert checked["stand_in"] is (how == "stand-in")
+        async with held_at_gate(tmp_path):
+            assert locked_by_someone(tmp_path / "mem")
+        upgraded, _ = await log_until(daemon, "upgraded")
+        assert upgraded["devices"] == upgraded["clients"] == 1
+        assert locked_by_someone(tmp_path / "mem")
+        assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
+    stop(daemon)
+    assert not locked_by_someone(tmp_path / "mem")
+
+
 # -- the wire, in-process ----------------------------------------------------------------------
 
 
@@ -193,7 +261,8 @@ def test_each_fd_arrives_at_the_number_it_had_and_the_document_with_them(count: 
             os.dup2(write_end, number)
         stand_in.hand_over(control, document, numbers)
 
-    memfd = stand_in.take_over(fork_stand_in(send))
+    memfd, exiting = stand_in.take_over(fork_stand_in(send))
+    exiting.stop(kill=False)  # it exits by itself once it has sent
     try:
         with os.fdopen(os.dup(memfd), "rb") as memory:
             assert memory.read() == document
@@ -206,6 +275,77 @@ def test_each_fd_arrives_at_the_number_it_had_and_the_document_with_them(count: 
     finally:
         for fd in (memfd, *numbers, read_end, write_end):
             os.close(fd)
+
+
+def still_running(pid: int) -> bool:
+    """Whether our child ``pid`` has not exited."""
+    return os.waitpid(pid, os.WNOHANG) == (0, 0)
+
+
+def reaped(pid: int) -> bool:
+    """Whether our child ``pid`` was reaped already (the test reaps it if not)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def lingering(release: int) -> Any:
+    """A stand-in that hands over a document and then stays until ``release`` is readable
+    (a pipe's read end): the next process must not wait for it."""
+
+    def send(control: socket.socket) -> None:
+        stand_in.hand_over(control, b'{"devices": []}', [])
+        os.read(release, 1)
+
+    return send
+
+
+async def test_the_next_process_goes_on_while_the_stand_in_exits_and_reaps_it_after() -> None:
+    release_read, release_write = os.pipe()
+    before = open_fds()
+    raw = fork_stand_in(lingering(release_read))
+    pid = int(raw.split(":")[1])
+    memfd, exiting = stand_in.take_over(raw)  # returns with the stand-in still there
+    os.close(memfd)
+    assert still_running(pid)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exiting.reaped)
+        await trio.testing.wait_all_tasks_blocked()
+        assert still_running(pid)  # waited for, not killed
+        os.write(release_write, b"x")
+    assert reaped(pid)
+    assert open_fds() == before  # the control socket, the memfd and the pidfd closed
+    for fd in (release_read, release_write):
+        os.close(fd)
+
+
+async def test_a_stand_in_that_does_not_exit_after_handing_over_is_killed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stand_in, "EXIT_TIMEOUT", 0.2)
+    release_read, release_write = os.pipe()
+    raw = fork_stand_in(lingering(release_read))
+    memfd, exiting = stand_in.take_over(raw)
+    os.close(memfd)
+    assert not await exiting.reaped()
+    assert reaped(exiting.pid)
+    for fd in (release_read, release_write):
+        os.close(fd)
+
+
+async def test_a_stand_in_is_killed_when_the_next_process_stops_before_reaping_it() -> None:
+    release_read, release_write = os.pipe()
+    raw = fork_stand_in(lingering(release_read))
+    memfd, exiting = stand_in.take_over(raw)
+    os.close(memfd)
+    with trio.move_on_after(0):  # cancelled at once, as a stop signal would
+        await exiting.reaped()
+    assert reaped(exiting.pid)
+    exiting.stop()  # once only: nothing more to do
+    for fd in (release_read, release_write):
+        os.close(fd)
 
 
 def hostile(records: list[tuple[bytes, int]]) -> Any:
