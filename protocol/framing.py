@@ -108,14 +108,15 @@ class FrameReader:
         head = self._exact
         assert head is not None, "feed_body() without feed_header()"
         size = head[2]
+        # In next_frame's order: fds inside the message first (whether or not the body is
+        # all there: a reader stops reading a body as soon as fds come with it), then a
+        # short message.
         if stray_fds:
             self._marks.append((self._base + HEADER_SIZE, list(stray_fds)))
-        # In next_frame's order: a short message first, then fds inside it.
+            raise self.fatal("fds arrived after the first byte of a message")
         if eof or len(body) != size - HEADER_SIZE:
             self.eof = True
             raise self.fatal(f"EOF inside a {size}-byte message")
-        if stray_fds:
-            raise self.fatal("fds arrived after the first byte of a message")
         fds = tuple(self._marks.pop()[1]) if self._marks else ()
         self._exact = None
         self._base += size
@@ -176,19 +177,21 @@ class FrameReader:
             # so the reads that complete the body do not parse it again.
             head = self._head = self._check(_unpack_header(buf))
         size = head[2]
-        if len(buf) < size:
-            if self.eof:
-                raise self.fatal(f"EOF inside a {size}-byte message")
-            return None
         fds: tuple[int, ...] = ()
         marks = self._marks
         if marks:
+            # Fatal as soon as they are here, not once the body is complete: a peer could
+            # otherwise trickle a large body with fds on every byte and have us hold them all.
             start, end = self._base, self._base + size
             inside = [at for at, _ in marks if at < end]
             if any(at != start for at in inside):
                 raise self.fatal("fds arrived after the first byte of a message")
-            if inside:
-                fds = tuple(marks.pop(0)[1])
+        if len(buf) < size:
+            if self.eof:
+                raise self.fatal(f"EOF inside a {size}-byte message")
+            return None
+        if marks and marks[0][0] == self._base:
+            fds = tuple(marks.pop(0)[1])
         payload = bytes(buf[HEADER_SIZE:size])
         del buf[:size]
         self._base += size

@@ -71,3 +71,24 @@ def test_size_limit_is_inclusive_and_oversize_is_fatal_e2big() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         reader.next_frame()
     assert info.value.fatal and info.value.errno == errno.E2BIG
+
+
+def test_fds_inside_a_message_are_fatal_before_its_body_is_complete() -> None:
+    """A peer must not make us hold fds for a message that is already broken while it takes
+    its time sending the rest: fds inside a body are fatal the moment they are fed, on the
+    buffered path and the exact one alike."""
+    data = frame(1, 10, bytes(16 + 4096))
+    own = new_fds(1)
+    stray = new_fds(16)
+    server = negotiated_server()
+    server.receive_data(data[:16], own)
+    server.receive_data(data[16:17], stray)
+    with pytest.raises(RemoteProtocolError) as buffered:
+        server.next_event()  # 4095 bytes of the body still to come
+    exact = negotiated_server()
+    assert exact.receive_header(data[:16], own) == 16 + 4096
+    with pytest.raises(RemoteProtocolError) as exact_info:
+        exact.receive_body(data[16:17], stray)  # read so far: the rest is not read
+    for info in (buffered, exact_info):
+        assert info.value.fatal and info.value.message.startswith("fds arrived after")
+        assert sorted(info.value.fds) == sorted(own + stray)

@@ -7,6 +7,7 @@ it received stays open, and a new client is then served normally.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import socket
@@ -16,9 +17,12 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+import trio.testing
 
 from tests.server.conftest import Daemon, open_fds
 from tests.server.rawclient import HEADER, QEMU_VERSION, RawConn
+from vgpud.server import session as session_module
+from vgpud.server.transport import close_fds
 
 CLOSE = -1  # the expected outcome is a closed connection
 
@@ -303,3 +307,67 @@ async def test_client_vanishing_mid_reply_leaves_daemon_serving(vgpud: Daemon) -
     with trio.fail_after(5):
         async with await vgpud.connect() as client:
             assert (await client.device_info()).num_irqs == 5
+
+
+async def test_fds_inside_a_body_cut_off_by_the_negotiation_timeout_are_closed(
+    vgpud: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fds that arrive with body bytes (a protocol error) while the session gathers a body
+    the client never finishes: the negotiation timeout ends the session mid-body, and those
+    fds are the daemon's to close like any others."""
+    monkeypatch.setattr(session_module, "NEGOTIATION_TIMEOUT", 0.3)
+    before = open_fds()
+    conn = await RawConn.open(vgpud.socket_path, negotiate=False)
+    try:
+        sock = conn.stream.socket
+        sock.send(HEADER.pack(1, 4, 16 + 64, 0, 0))  # a 64-byte body, of which ...
+        stray = [eventfd(), eventfd()]
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", stray).tobytes())]
+        sock.sendmsg([bytes(8)], ancillary)  # ... 8 bytes come, with fds, and no more
+        for fd in stray:
+            os.close(fd)
+        with trio.fail_after(10):
+            assert await conn.receive() is None  # cut off at NEGOTIATION_TIMEOUT
+    finally:
+        conn.close()
+    await vgpud.idle()
+    assert open_fds() == before, "an fd leaked"
+
+
+@pytest.mark.parametrize("split_header", [False, True], ids=["whole header", "split header"])
+async def test_fds_inside_a_body_end_the_connection_at_once(
+    vgpud: Daemon, split_header: bool
+) -> None:
+    """fds that come with body bytes break the stream (spec vfio-user.md §1: fds travel with
+    a message's first byte). The daemon closes them, and the connection, as they arrive:
+    gathering the rest of the body first let a client trickle a 1 MiB body a byte at a time,
+    16 fds per byte, and so hold every descriptor of the daemon (all its devices') for as
+    long as it liked. Each stray fd here is a pipe's write end: the read end sees EOF once
+    the daemon has closed every copy."""
+    before = open_fds()
+    conn = await RawConn.open(vgpud.socket_path)
+    read_end, write_end = os.pipe()
+    try:
+        sock = conn.stream.socket
+        header = HEADER.pack(1, 10, 16 + 16 + 4096, 0, 0)  # a REGION_WRITE of 4 KiB ...
+        if split_header:
+            sock.send(header[:8])
+            await trio.testing.wait_all_tasks_blocked()
+            sock.send(header[8:])
+        else:
+            sock.send(header)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [write_end] * 16))]
+        with contextlib.suppress(OSError):  # the daemon may have closed us already
+            for _ in range(3):  # ... whose first bytes bring 48 fds
+                sock.sendmsg([b"x"], ancillary)
+        os.close(write_end)
+        write_end = -1
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(read_end)
+            assert os.read(read_end, 1) == b""  # every copy closed
+            assert await conn.receive() is None
+    finally:
+        conn.close()
+        close_fds([read_end, write_end])
+    await vgpud.idle()
+    assert open_fds() == before, "an fd leaked"

@@ -292,19 +292,17 @@ class Session:
         body, stray = first if first is not None else await receive(remaining, max_fds)
         if len(body) == remaining or not body:
             return self.conn.receive_body(body, stray, eof=not body)
-        # A body the peer's send split (large REGION_WRITEs): gather the rest.
-        parts, got, stray = [body], len(body), list(stray)
-        try:
-            while got < remaining:
-                chunk, chunk_fds = await receive(remaining - got, max_fds)
-                stray += chunk_fds
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-        except TransportError:
-            close_fds(stray)
-            raise
+        # A body the peer's send split (large REGION_WRITEs): gather the rest -- unless fds
+        # came with it, which is fatal now: reading on would let a client trickle a body
+        # with fds on every byte and have the daemon hold them all (or, cut off by the
+        # negotiation timeout, lose them), however many the whole daemon may have.
+        parts, got = [body], len(body)
+        while got < remaining and not stray:
+            chunk, stray = await receive(remaining - got, max_fds)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
         return self.conn.receive_body(b"".join(parts), stray, eof=got < remaining)
 
     # -- a live upgrade (vgpud/upgrade.py) ------------------------------------------------
