@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 import protocol as p
-from backends.device import MSIX_IRQ_INDEX, IrqAction
+from backends.device import INTX_IRQ_INDEX, MSIX_IRQ_INDEX, IrqAction
 from backends.synthetic.bar0 import DOORBELL, SCRATCH
 from tests.server.rawclient import HEADER, QEMU_VERSION
 from vgpud.config import single_device
@@ -205,3 +205,42 @@ def test_a_device_carries_on_from_another_ones_state(built: BuiltDevice, tmp_pat
     finally:
         other.release()
         os.close(efd)
+
+
+async def test_a_resumed_session_watches_the_intx_resample_eventfd(built: BuiltDevice) -> None:
+    """The device carries the client's eventfds across an upgrade, the INTx resampler among
+    them (KVM signals it at the guest's EOI), and the session that carries the client on
+    must wait on it as the one before did: else the line stays masked after the first EOI
+    and the guest never gets another INTx."""
+    conn = p.ServerConnection(SERVER_CAPABILITIES)
+    conn.receive_data(QEMU_VERSION)
+    event = conn.next_event()
+    assert isinstance(event, p.Request)
+    conn.version_reply(event)
+    handed = {"connection": conn.handover(), "dma": [], "messages": 1}
+    device = built.device
+    trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    resample = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    # What the device took over from the last process: the client's INTx wiring.
+    device.set_irqs(INTX_IRQ_INDEX, IrqAction.TRIGGER, 0, 1, eventfds=[os.dup(trigger)])
+    device.set_irqs(INTX_IRQ_INDEX, IrqAction.UNMASK, 0, 1, eventfds=[os.dup(resample)])
+    device.region_write(BAR0, DOORBELL, struct.pack("<I", 0))  # asserts INTx: signal, mask
+    assert os.eventfd_read(trigger) == 1
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        resumed = Session(
+            FdStream(ours), device, SERVER_CAPABILITIES, structlog.get_logger("test"), handed=handed
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(resumed.run)
+            await trio.testing.wait_all_tasks_blocked()
+            os.eventfd_write(resample, 1)  # the guest's EOI, the line still asserted
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(trigger)  # unmasked, so signalled again
+            assert os.eventfd_read(trigger) == 1
+            theirs.close()  # the client leaves; the session ends
+    finally:
+        theirs.close()
+        ours.close()
+        os.close(trigger)
+        os.close(resample)

@@ -138,6 +138,10 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self.watchers = FdWatchers(nursery, self.device, self.log)
+                # A resumed session's device already holds the client's eventfds (the INTx
+                # resampler among them): watch them from the start, not from the next
+                # SET_IRQS or reset.
+                self.watchers.start()
                 deadline = NEGOTIATION_TIMEOUT if self.conn.negotiated is None else math.inf
                 with trio.move_on_after(deadline) as self._negotiation:
                     reason = await self._serve()
