@@ -166,9 +166,8 @@ class _Connection:
     def receive_body(
         self, body: bytes, stray_fds: Sequence[int] = (), *, eof: bool = False
     ) -> Request | RejectedRequest | Reply | ErrorReply:
-        """The body :meth:`receive_header` announced, and the message's event. fds that
-        came with body bytes (``stray_fds``; the body may then be the part read so far) or
-        ``eof`` before the whole body are fatal."""
+        """The body :meth:`receive_header` announced (or the part read when fds came with
+        it: ``stray_fds``), and the message's event; stray fds or ``eof`` are fatal."""
         if self._state is _BROKEN:
             raise RemoteProtocolError(
                 f"connection is broken: {self._broken_reason}", fatal=True, fds=stray_fds
