@@ -113,6 +113,9 @@ def _inherited_sockets(
             given = socket.socket(fileno=inherited_fd)
             opened.append(given)
             _check_inherited(given)
+            # Close-on-exec, as socket activation's are (systemd.listen_fds): an upgrade's
+            # next process must not find it open at the number its stand-in hands it to.
+            given.set_inheritable(False)
             return opened
         activated = systemd.listen_fds()
         for index, device_config in enumerate(config.devices):

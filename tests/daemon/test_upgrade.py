@@ -444,3 +444,50 @@ async def test_an_exec_that_fails_for_real_serves_on_and_the_next_upgrade_goes_t
     finally:
         stop(proc, check=False)
     assert proc.returncode == 0
+
+
+async def test_a_daemon_serving_an_inherited_fd_upgrades_through_its_stand_in(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """``--fd``: the socket the daemon was handed is inheritable (nothing made it
+    close-on-exec), so the next process found it open at its number, where the stand-in's
+    copy had to go ("fd N is taken in this process"), and started afresh: the VM lost its
+    GPU."""
+    path = tmp_path / "inherited.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    args = ["serve", "--fd", str(listener.fileno()), "--backing-dir", str(tmp_path / "mem")]
+    proc = subprocess.Popen(
+        [*VGPUD, *args, "--memory-size", "2GiB", "--log-format", "json"],
+        pass_fds=(listener.fileno(),),
+        env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify")),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listener.close()
+    try:
+        read_log_until(proc, "ready")
+        async with await VfioUserClient.connect(path) as client:
+            await client.region_write(BAR0, SCRATCH, struct.pack("<I", 7))
+            proc.send_signal(signal.SIGUSR2)
+            checked = await log_until(proc, "new code checked; bringing the clients to rest")
+            assert checked["stand_in"] is True
+            # "ready" is what a next process that started afresh says instead.
+            done = await trio.to_thread.run_sync(read_log_until_one_of, proc, "upgraded", "ready")
+            assert done["event"] == "upgraded", done
+            assert done["clients"] == 1
+            assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
+    finally:
+        stop(proc, check=False)
+
+
+def read_log_until_one_of(proc: subprocess.Popen[str], *events: str) -> dict[str, Any]:
+    """The first record of the daemon's JSON log that is one of ``events``."""
+    assert proc.stderr is not None
+    while True:
+        line = proc.stderr.readline()
+        assert line, "the daemon's log ended"
+        record: dict[str, Any] = json.loads(line)
+        if record.get("event") in events:
+            return record
