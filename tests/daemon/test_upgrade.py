@@ -457,14 +457,7 @@ async def test_a_daemon_serving_an_inherited_fd_upgrades_through_its_stand_in(
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(1)
-    args = ["serve", "--fd", str(listener.fileno()), "--backing-dir", str(tmp_path / "mem")]
-    proc = subprocess.Popen(
-        [*VGPUD, *args, "--memory-size", "2GiB", "--log-format", "json"],
-        pass_fds=(listener.fileno(),),
-        env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify")),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_on_fd(tmp_path, listener.fileno())
     listener.close()
     try:
         read_log_until(proc, "ready")
@@ -491,3 +484,15 @@ def read_log_until_one_of(proc: subprocess.Popen[str], *events: str) -> dict[str
         record: dict[str, Any] = json.loads(line)
         if record.get("event") in events:
             return record
+
+
+def start_on_fd(tmp_path: Path, fd: int) -> subprocess.Popen[str]:
+    """``vgpud serve --fd FD``, its log JSON on stderr."""
+    args = ["serve", "--fd", str(fd), "--backing-dir", str(tmp_path / "mem")]
+    return subprocess.Popen(
+        [*VGPUD, *args, "--memory-size", "2GiB", "--log-format", "json"],
+        pass_fds=(fd,),
+        env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify")),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
