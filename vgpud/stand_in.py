@@ -200,7 +200,9 @@ def _receive(control: socket.socket) -> tuple[list[tuple[int, int]], int]:
     received: list[tuple[int, int]] = []
     try:
         while True:
-            data, fds, flags, _ = socket.recv_fds(control, RECORD_SIZE, FDS_PER_RECORD)
+            data, fds, flags, _ = socket.recv_fds(
+                control, RECORD_SIZE, FDS_PER_RECORD, socket.MSG_CMSG_CLOEXEC
+            )
             if not data:
                 close_fds(fds)
                 raise StandInError("it closed the socket before the document")
@@ -230,34 +232,35 @@ def _place(received: Sequence[tuple[int, int]], memfd: int) -> int:
     where ``memfd`` is now. Refuses (StandInError, everything closed) a number below 3 or
     taken by anything else of this process."""
     numbers = [number for _, number in received]
-    owned = [fd for fd, _ in received] + [memfd]
+    # Where each fd of the handover is now (the memfd last), and which one each number holds.
+    at = [fd for fd, _ in received] + [memfd]
+    holder = {fd: index for index, fd in enumerate(at)}
     try:
         if len(set(numbers)) != len(numbers) or min(numbers, default=3) < 3:
             raise StandInError("the stand-in named its fds with numbers that cannot be kept")
-        # Above every number involved first, so that no placement lands on another fd of
-        # the handover: then each goes down to its own number.
-        above = max([*numbers, *owned]) + 1
-        lifted: list[tuple[int, int]] = []
-        for fd, number in received:
-            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above)
-            owned.remove(fd)
-            os.close(fd)
-            owned.append(high)
-            lifted.append((high, number))
-        high_memfd = fcntl.fcntl(memfd, fcntl.F_DUPFD_CLOEXEC, above)
-        owned.remove(memfd)
-        os.close(memfd)
-        owned.append(high_memfd)
-        for high, number in lifted:
-            if _is_open(number):
+        for number in numbers:
+            if number not in holder and _is_open(number):
                 raise StandInError(f"fd {number} is taken in this process")
-            os.dup2(high, number, inheritable=False)
-            owned.append(number)
-            owned.remove(high)
-            os.close(high)
-        return high_memfd
+        # Each goes straight to its number, once whichever fd of the handover is there has
+        # moved to the lowest free one: one fd more than were received at most, however
+        # near RLIMIT_NOFILE the stand-in's numbers are (a client may hold DMA mappings up
+        # to its share of it: vgpud/budget.py).
+        for index, number in enumerate(numbers):
+            fd = at[index]
+            if fd == number:
+                continue
+            other = holder.pop(number, None)
+            if other is not None:
+                moved = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, 3)
+                at[other], holder[moved] = moved, other
+                os.close(number)
+            os.dup2(fd, number, inheritable=False)
+            at[index], holder[number] = number, index
+            del holder[fd]
+            os.close(fd)
+        return at[-1]
     except BaseException:
-        close_fds(owned)
+        close_fds(at)
         raise
 
 

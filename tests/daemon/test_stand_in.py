@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import signal
 import socket
 import struct
@@ -32,6 +33,7 @@ from backends.synthetic.bar0 import SCRATCH
 from tests.serve_process import read_log_until, serve_args, start, stop
 from vgpud import stand_in
 from vgpud.client import VfioUserClient, VfioUserError
+from vgpud.server.transport import close_fds
 from vgpud.upgrade import FREEZE_TIMEOUT
 
 BAR0 = 0
@@ -399,3 +401,57 @@ def test_a_number_taken_here_is_refused_and_left_alone() -> None:
 def test_a_value_that_is_not_fd_and_pid_is_refused() -> None:
     with pytest.raises(stand_in.StandInError, match="not fd:pid"):
         stand_in.take_over("7")
+
+
+def test_fds_numbered_up_to_the_limit_arrive_at_their_numbers() -> None:
+    """A client may hold DMA mappings up to its share of RLIMIT_NOFILE (vgpud/budget.py), so
+    the stand-in's fds can be numbered up to the limit, which the next process has too (the
+    daemon raised it, and limits survive fork and exec). Lifting every fd above the highest
+    number before putting it at its own failed there (EINVAL), and the VMs lost their GPUs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(open_fds()) + 256
+    read_end, write_end = os.pipe()
+    numbers = list(range(limit - 64, limit))
+    before = open_fds()
+
+    def send(control: socket.socket) -> None:
+        for number in numbers:
+            os.dup2(write_end, number)
+        stand_in.hand_over(control, b"{}", numbers)
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        memfd = stand_in.take_over(fork_stand_in(send))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert open_fds() - before == {memfd, *numbers}
+        for number in numbers:
+            assert os.fstat(number).st_ino == os.fstat(write_end).st_ino
+            assert not os.get_inheritable(number)
+    finally:
+        close_fds([memfd, *numbers, read_end, write_end])
+
+
+def test_fds_that_arrive_at_each_others_numbers_are_put_in_their_places() -> None:
+    """The kernel hands received fds the lowest free numbers, which may be those others of
+    the handover (or the memfd) are to have: each such one moves aside first."""
+    pipes = [os.pipe() for _ in range(4)]
+    fds = [read_end for read_end, _ in pipes]
+    inodes = [os.fstat(fd).st_ino for fd in fds]
+    memfd = stand_in.memfd_holding(b"{}")
+    # A cycle, the last to where the memfd is.
+    targets = [*fds[1:], memfd]
+
+    def open_here() -> set[int]:  # not open_fds(): listdir's own fd takes a freed number
+        return {fd for fd in range(max(open_fds()) + 8) if stand_in._is_open(fd)}
+
+    before = open_here()
+    moved = stand_in._place(list(zip(fds, targets, strict=True)), memfd)
+    try:
+        assert open_here() == (before - {fds[0]}) | {moved}
+        assert [os.fstat(number).st_ino for number in targets] == inodes
+        assert os.read(moved, 2) == b"{}"
+        assert not any(os.get_inheritable(fd) for fd in (*targets, moved))
+    finally:
+        close_fds([moved, *targets, *(write_end for _, write_end in pipes)])
