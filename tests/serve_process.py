@@ -116,3 +116,14 @@ def read_log_until(proc: subprocess.Popen[str], event: str) -> tuple[dict[str, A
         record = json.loads(line)
         if record.get("event") == event:
             return record, "".join(lines)
+
+
+def read_log_until_one_of(proc: subprocess.Popen[str], *events: str) -> dict[str, Any]:
+    """The first record of the daemon's JSON log that is one of ``events``."""
+    assert proc.stderr is not None
+    while True:
+        line = proc.stderr.readline()
+        assert line, "the daemon's log ended"
+        record: dict[str, Any] = json.loads(line)
+        if record.get("event") in events:
+            return record

@@ -30,13 +30,21 @@ import trio.testing
 
 import protocol as p
 from backends.synthetic.bar0 import SCRATCH
-from tests.serve_process import read_log_until, serve_args, start, stop
+from tests.serve_process import (
+    VGPUD,
+    read_log_until,
+    read_log_until_one_of,
+    serve_args,
+    start,
+    stop,
+)
 from vgpud import stand_in
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.server.transport import close_fds
 from vgpud.upgrade import FREEZE_TIMEOUT
 
 BAR0 = 0
+PAGE = 4096
 GATE_MODULE = """\
 import os
 
@@ -455,3 +463,46 @@ def test_fds_that_arrive_at_each_others_numbers_are_put_in_their_places() -> Non
         assert not any(os.get_inheritable(fd) for fd in (*targets, moved))
     finally:
         close_fds([moved, *targets, *(write_end for _, write_end in pipes)])
+
+
+def start_with_fd_limit(tmp_path: Path, limit: int) -> subprocess.Popen[str]:
+    """A daemon whose RLIMIT_NOFILE is ``limit``, soft and hard."""
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return subprocess.Popen(
+        [*VGPUD, *serve_args(tmp_path, "--memory-size", "2GiB"), "--log-format", "json"],
+        env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify")),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lower,  # noqa: PLW1509 (no threads to deadlock: it only sets a limit)
+    )
+
+
+async def test_a_client_with_many_dma_mappings_keeps_them_through_the_stand_in(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """Each mapping holds two of the daemon's fds (vgpud/budget.py), so a client using much of
+    its share numbers fds up to near RLIMIT_NOFILE; the next process then failed to put the
+    stand-in's fds at their numbers (EINVAL) and started afresh: the VM lost its GPU."""
+    limit, maps = 2048, 800
+    proc = start_with_fd_limit(tmp_path, limit)
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, PAGE)
+    try:
+        ready, _ = await log_until(proc, "ready")
+        assert ready["max_dma_maps"] >= maps
+        async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
+            for index in range(maps):
+                await client.dma_map(index * PAGE, PAGE, fd=ram)
+            proc.send_signal(signal.SIGUSR2)
+            await log_until(proc, "stand-in serving while the new code starts")
+            # "ready" is what a next process that started afresh says instead.
+            done = await trio.to_thread.run_sync(read_log_until_one_of, proc, "upgraded", "ready")
+            assert done["event"] == "upgraded", done
+            assert done["clients"] == 1
+            await client.dma_unmap(0, PAGE)  # the mappings came along
+    finally:
+        os.close(ram)
+        stop(proc, check=False)

@@ -33,6 +33,7 @@ from tests.serve_process import (
     VGPUD,
     interpreter_link,
     read_log_until,
+    read_log_until_one_of,
     serve_args,
     start,
     stop,
@@ -473,17 +474,6 @@ async def test_a_daemon_serving_an_inherited_fd_upgrades_through_its_stand_in(
             assert await client.region_read(BAR0, SCRATCH, 4) == struct.pack("<I", 7)
     finally:
         stop(proc, check=False)
-
-
-def read_log_until_one_of(proc: subprocess.Popen[str], *events: str) -> dict[str, Any]:
-    """The first record of the daemon's JSON log that is one of ``events``."""
-    assert proc.stderr is not None
-    while True:
-        line = proc.stderr.readline()
-        assert line, "the daemon's log ended"
-        record: dict[str, Any] = json.loads(line)
-        if record.get("event") in events:
-            return record
 
 
 def start_on_fd(tmp_path: Path, fd: int) -> subprocess.Popen[str]:
