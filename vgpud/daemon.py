@@ -44,6 +44,7 @@ from vgpud.mappers import describe, find_mappers
 from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import ListenerError, check_unix_stream, group_id
 from vgpud.signals import (
+    RELOAD_SIGNAL,
     STATUS_SIGNAL,
     STOP_SIGNALS,
     UPGRADE_SIGNAL,
@@ -217,7 +218,7 @@ async def run(
                         if what == "reload" and reload_config is not None:
                             await _reload(fleet, reload_config, log)
                         elif what == "upgrade":
-                            await upgrade.upgrade(fleet, log)
+                            await upgrade.upgrade(fleet, log, due=requests.due_signals)
             finally:
                 systemd.notify("STOPPING=1")
                 if ready:  # a failed start says why in one line of its own (the CLI's)
@@ -238,6 +239,12 @@ class _Requests:
     def add(self, what: str) -> None:
         self._due.add(what)
         self._wake.set()
+
+    def due_signals(self) -> list[int]:
+        """The signals that asked for what is due: an upgrade's exec hands them to the next
+        process (vgpud.signals.HeldSignals), which would otherwise never do it."""
+        signals = {"reload": RELOAD_SIGNAL, "upgrade": UPGRADE_SIGNAL}
+        return [signals[what] for what in sorted(self._due)]
 
     async def next(self) -> str:
         while not self._due:

@@ -50,7 +50,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -104,8 +104,16 @@ def command_line() -> list[str]:
     return [sys.executable, *sys.orig_argv[1:]]
 
 
-async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) -> None:
-    """Upgrade (module docstring); returns only when the upgrade did not happen, logged."""
+async def upgrade(
+    fleet: Fleet,
+    log: Any,
+    *,
+    argv: Sequence[str] | None = None,
+    due: Callable[[], Sequence[int]] = tuple,
+) -> None:
+    """Upgrade (module docstring); returns only when the upgrade did not happen, logged.
+    ``due``: the signals of requests (a reload, another upgrade) the daemon took and has yet
+    to act on, for the next process to act on instead."""
     argv = list(argv) if argv is not None else command_line()
     log.info("upgrading", devices=len(fleet.devices))
     servers: list[DeviceServer] = []
@@ -134,7 +142,9 @@ async def upgrade(fleet: Fleet, log: Any, *, argv: Sequence[str] | None = None) 
                 f"a client stayed in the middle of a message for {FREEZE_TIMEOUT:.0f} s "
                 f"(devices {', '.join(busy)})"
             )
-        # From here to the exec, no await: nothing can change what is described.
+        # From here to the exec, no await: nothing can change what is described, nor what
+        # is due (a reload asked for while the new code was checked, say).
+        held.received += due()
         if reason is None:
             forked_ns = time.monotonic_ns()
             exec_next = functools.partial(_exec_next, argv, held=held)

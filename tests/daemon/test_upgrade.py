@@ -8,6 +8,7 @@ would. The daemon's JSON log says when the upgrade is done ("upgraded") or refus
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -486,3 +487,66 @@ def start_on_fd(tmp_path: Path, fd: int) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+CHECK_GATE_MODULE = """\
+import os
+
+if os.environ.get("VGPUD_UPGRADE_CHECK") and os.environ.get("GATE"):
+    with open(os.environ["GATE"]) as gate:
+        gate.read()
+"""
+
+
+async def test_a_reload_asked_for_while_the_new_code_is_checked_is_done_after_the_upgrade(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """Before the freeze the daemon's signal task takes a SIGHUP and makes the reload due; the
+    exec used to drop it with the process, so the edited file was never applied (and systemd,
+    told RELOADING=1 then READY=1 by the upgrade, took the reload for done). The check is held
+    at its start-up by a gate (as in test_stand_in.py) while the reload is asked for."""
+    (tmp_path / "gate-module").mkdir()
+    (tmp_path / "gate-module" / "sitecustomize.py").write_text(CHECK_GATE_MODULE)
+    os.mkfifo(tmp_path / "gate")
+    config = tmp_path / "tray.toml"
+    device = (
+        '[[device]]\nname = "{name}"\nsocket_path = "{path}"\nmemory_size = "2GiB"\n'
+        'backing_dir = "{memory}"\n'
+    )
+
+    def entry(name: str) -> str:
+        return device.format(name=name, path=tmp_path / f"{name}.sock", memory=tmp_path / name)
+
+    config.write_text(entry("gpu0"))
+    proc = start(
+        ["serve", "--config", str(config), "--log-format", "json"],
+        tmp_path,
+        PYTHONPATH=str(tmp_path / "gate-module"),
+        GATE=str(tmp_path / "gate"),
+    )
+    try:
+        read_log_until(proc, "ready")
+        proc.send_signal(signal.SIGUSR2)
+        await log_until(proc, "upgrading")  # the check is at the gate
+        config.write_text(entry("gpu0") + entry("gpu1"))
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGUSR1)  # taken after the SIGHUP: "status" says it was
+        await log_until(proc, "status")
+
+        def open_gate() -> None:
+            with open(tmp_path / "gate", "w"):  # blocks until the check opens it
+                pass
+
+        await trio.to_thread.run_sync(open_gate)
+        await log_until(proc, "upgraded")
+        # A reload carried over is begun at once, before anything else is logged.
+        proc.send_signal(signal.SIGUSR1)
+        after = await trio.to_thread.run_sync(read_log_until_one_of, proc, "reloading", "status")
+        assert after["event"] == "reloading", after
+        reloaded = await log_until(proc, "reloaded")
+        assert reloaded["added"] == ["gpu1"]
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):  # a test that failed before opening the gate
+                os.close(os.open(tmp_path / "gate", os.O_WRONLY | os.O_NONBLOCK))
+        stop(proc, check=False)
