@@ -210,7 +210,10 @@ def _receive(control: socket.socket) -> tuple[list[tuple[int, int]], int]:
                 close_fds(fds)
                 raise StandInError("a record was cut short")
             try:
-                record = json.loads(data)
+                try:
+                    record = json.loads(data)
+                except RecursionError:
+                    raise StandInError("a record nests too deep") from None
                 if "document" in record:
                     if len(fds) != 1:
                         raise StandInError(f"the document came with {len(fds)} fds, not 1")

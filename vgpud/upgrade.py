@@ -446,7 +446,7 @@ def read_handover() -> Handover | None:
             document = json.loads(memory.read())
     except stand_in.StandInError as exc:
         raise ValueError(str(exc)) from exc
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RecursionError) as exc:  # RecursionError: nested too deep
         if exiting is not None:
             exiting.stop()
         raise ValueError(f"handover document unreadable: {exc}") from exc

@@ -379,6 +379,7 @@ def hostile(records: list[tuple[bytes, int]]) -> Any:
         ([(b'{"document": 2}', 2)], "came with 2 fds"),
         ([(b"not json", 3)], "did not hand over"),
         ([(b'{"fds": "x"}', 1)], "did not hand over"),
+        ([(b"[" * 60000, 1)], "nests too deep"),  # RecursionError: it escaped all handling
     ],
 )
 def test_a_stand_in_sending_nonsense_is_refused_with_nothing_left_open(

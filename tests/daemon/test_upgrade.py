@@ -268,7 +268,10 @@ def start_with_handover(
         os.close(memfd)
 
 
-@pytest.mark.parametrize("document", [b"not json", b"[1]", b'{"format": 99, "devices": []}'])
+@pytest.mark.parametrize(
+    "document",
+    [b"not json", b"[1]", b'{"format": 99, "devices": []}', b"[" * 100_000],  # too deep
+)
 def test_a_handover_that_cannot_be_read_starts_afresh(tmp_path: Path, document: bytes) -> None:
     proc = start_with_handover(tmp_path, document)
     try:
