@@ -430,9 +430,10 @@ def test_fds_numbered_up_to_the_limit_arrive_at_their_numbers() -> None:
 
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
     try:
-        memfd = stand_in.take_over(fork_stand_in(send))
+        memfd, exiting = stand_in.take_over(fork_stand_in(send))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    exiting.stop(kill=False)
     try:
         assert open_fds() - before == {memfd, *numbers}
         for number in numbers:
