@@ -133,17 +133,22 @@ class Exiting:
         self.pid = pid
         # Opened once every fd of the handover is placed, so that it takes none of their
         # numbers; the pid cannot be reused meanwhile, as the stand-in is our child.
-        self._pidfd: int | None = os.pidfd_open(pid)
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:  # none to wait on (EMFILE, say): wait for the stand-in here
+            _reap(pid)
 
     async def reaped(self) -> bool:
         """Wait for the stand-in to exit, and reap it; whether it did so by itself within
         :data:`EXIT_TIMEOUT` (if not, or if cancelled, it is killed)."""
+        if self._pidfd is None:
+            return True  # reaped already
         exited = False
         try:
-            if self._pidfd is not None:
-                with trio.move_on_after(EXIT_TIMEOUT):
-                    await trio.lowlevel.wait_readable(self._pidfd)
-                    exited = True
+            with trio.move_on_after(EXIT_TIMEOUT):
+                await trio.lowlevel.wait_readable(self._pidfd)
+                exited = True
         finally:
             self.stop(kill=not exited)
         return exited
@@ -187,12 +192,7 @@ def take_over(raw: str) -> tuple[int, Exiting]:
     except BaseException:
         _stop(pid)
         raise
-    try:
-        return memfd, Exiting(pid)
-    except BaseException:
-        os.close(memfd)
-        _stop(pid)
-        raise
+    return memfd, Exiting(pid)
 
 
 def _receive(control: socket.socket) -> tuple[list[tuple[int, int]], int]:

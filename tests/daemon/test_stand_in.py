@@ -12,6 +12,7 @@ stand-in's half in a forked child of the test process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -301,6 +302,15 @@ def reaped(pid: int) -> bool:
     return False
 
 
+def handing_over() -> Any:
+    """A stand-in that hands over a document and exits."""
+
+    def send(control: socket.socket) -> None:
+        stand_in.hand_over(control, b'{"devices": []}', [])
+
+    return send
+
+
 def lingering(release: int) -> Any:
     """A stand-in that hands over a document and then stays until ``release`` is readable
     (a pipe's read end): the next process must not wait for it."""
@@ -329,6 +339,22 @@ async def test_the_next_process_goes_on_while_the_stand_in_exits_and_reaps_it_af
     assert open_fds() == before  # the control socket, the memfd and the pidfd closed
     for fd in (release_read, release_write):
         os.close(fd)
+
+
+async def test_without_a_pidfd_the_stand_in_is_waited_for_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No fd to spare for a pidfd: the next process waits for the stand-in as it did
+    before it learnt to serve first, and goes on."""
+
+    def no_pidfd(_: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    memfd, exiting = stand_in.take_over(fork_stand_in(handing_over()))
+    os.close(memfd)
+    assert reaped(exiting.pid)
+    assert await exiting.reaped()
 
 
 async def test_a_stand_in_that_does_not_exit_after_handing_over_is_killed(
