@@ -20,6 +20,7 @@ import trio.testing
 import protocol as p
 from backends.device import INTX_IRQ_INDEX, MSIX_IRQ_INDEX, IrqAction
 from backends.synthetic.bar0 import DOORBELL, SCRATCH
+from tests.server.conftest import Daemon
 from tests.server.rawclient import HEADER, QEMU_VERSION
 from vgpud.config import single_device
 from vgpud.devices import BuiltDevice, build_device
@@ -246,3 +247,29 @@ async def test_a_resumed_session_watches_the_intx_resample_eventfd(built: BuiltD
         ours.close()
         os.close(trigger)
         os.close(resample)
+
+
+async def test_a_frozen_device_accepts_no_client(vgpud: Daemon) -> None:
+    """A VMM that reconnects while the device is frozen waits in the backlog, for the thaw
+    or the next process. The accept already waiting used to take it: a waiter for the
+    departed client's session, then a session half-started when the device was to rest."""
+    server = vgpud.server
+    departed = await vgpud.connect()
+    await server.wait_at_rest()  # its session parked between messages
+    server.freeze()
+    await server.wait_at_rest()
+    departed.close()
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            # Connecting completes in the kernel; negotiating waits for the thaw.
+            nursery.start_soon(_connect_and_read_info, vgpud)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.at_rest
+            assert [entry["event"] for entry in logs] == ["client disconnected"]  # the EOF
+            server.thaw()
+    assert [entry["event"] for entry in logs][:2] == ["client disconnected", "client connected"]
+
+
+async def _connect_and_read_info(vgpud: Daemon) -> None:
+    async with await vgpud.connect() as client:
+        assert (await client.device_info()).num_regions == 9

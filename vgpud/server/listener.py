@@ -215,6 +215,7 @@ class DeviceServer:
         # attached one (and one already waiting for its turn) has been served.
         self.retiring = False
         self._accepting = trio.CancelScope()
+        self._accept_waiting = trio.CancelScope()  # the accept under way, for freeze()
         # A live upgrade (vgpud/upgrade.py): see freeze().
         self._freezing = False
         self._thawed = trio.Event()
@@ -267,7 +268,13 @@ class DeviceServer:
                 # A client connecting now waits in the backlog for the next process.
                 await self._thawed.wait()
                 continue
-            sock = socket.socket(fileno=(await self._accept()).detach())
+            # freeze() cancels an accept already waiting: a client that connects after the
+            # freeze stays in the backlog rather than start a session as the device rests.
+            with trio.CancelScope() as self._accept_waiting:
+                accepted = await self._accept()
+            if self._accept_waiting.cancelled_caught:
+                continue  # trio's accept takes nothing from the backlog when cancelled
+            sock = socket.socket(fileno=accepted.detach())
             self.connections += 1
             number = self.connections
             creds = peer_credentials(sock)
@@ -316,6 +323,7 @@ class DeviceServer:
             return
         self._freezing = True
         self._thawed = trio.Event()
+        self._accept_waiting.cancel()
         if self.current_session is not None:
             self.current_session.freeze()
 
