@@ -167,11 +167,12 @@ class Exiting:
             _reap(self.pid)
 
 
-def take_over(raw: str) -> tuple[int, Exiting]:
+def take_over(raw: str) -> tuple[int, Exiting, list[int]]:
     """In the next process, ``raw`` being :data:`STANDIN_ENV`'s value: ask the stand-in for
     everything and put each fd it sends at the number it had there. Returns a memfd
-    holding the document, and the stand-in, exiting, for the caller to reap once it
-    serves. Raises :class:`StandInError` having closed what it received and stopped the
+    holding the document, the stand-in, exiting, for the caller to reap once it serves,
+    and the numbers the fds were put at (for the caller to close should the document be
+    unusable). Raises :class:`StandInError` having closed what it received and stopped the
     stand-in."""
     try:
         fd_text, pid_text = raw.split(":")
@@ -192,7 +193,7 @@ def take_over(raw: str) -> tuple[int, Exiting]:
     except BaseException:
         _stop(pid)
         raise
-    return memfd, Exiting(pid)
+    return memfd, Exiting(pid), [number for _, number in received]
 
 
 def _receive(control: socket.socket) -> tuple[list[tuple[int, int]], int]:

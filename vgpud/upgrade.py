@@ -436,9 +436,12 @@ def read_handover() -> Handover | None:
     if from_stand_in is None and raw is None:
         return None
     exiting: stand_in.Exiting | None = None
+    # The fds a stand-in sent: closed should the document be unusable, even where it does
+    # not name them. (Across a plain exec, only the document tells which are the handover's.)
+    placed: list[int] = []
     try:
         if from_stand_in is not None:
-            memfd, exiting = stand_in.take_over(from_stand_in)
+            memfd, exiting, placed = stand_in.take_over(from_stand_in)
         else:
             assert raw is not None
             memfd = int(raw)
@@ -447,15 +450,21 @@ def read_handover() -> Handover | None:
     except stand_in.StandInError as exc:
         raise ValueError(str(exc)) from exc
     except (ValueError, OSError, RecursionError) as exc:  # RecursionError: nested too deep
-        if exiting is not None:
-            exiting.stop()
+        _give_up(placed, exiting)
         raise ValueError(f"handover document unreadable: {exc}") from exc
     try:
         return _handover(document, exiting)
     except BaseException:
-        if exiting is not None:
-            exiting.stop()
+        # Those it named are closed already: closing them again finds them closed, as
+        # nothing has opened a file since.
+        _give_up(placed, exiting)
         raise
+
+
+def _give_up(placed: list[int], exiting: stand_in.Exiting | None) -> None:
+    close_fds(placed)
+    if exiting is not None:
+        exiting.stop()
 
 
 def _handover(document: object, exiting: stand_in.Exiting | None) -> Handover:

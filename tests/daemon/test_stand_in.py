@@ -42,7 +42,7 @@ from tests.serve_process import (
 from vgpud import stand_in
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.server.transport import close_fds
-from vgpud.upgrade import FREEZE_TIMEOUT
+from vgpud.upgrade import FREEZE_TIMEOUT, read_handover
 
 BAR0 = 0
 PAGE = 4096
@@ -272,7 +272,7 @@ def test_each_fd_arrives_at_the_number_it_had_and_the_document_with_them(count: 
             os.dup2(write_end, number)
         stand_in.hand_over(control, document, numbers)
 
-    memfd, exiting = stand_in.take_over(fork_stand_in(send))
+    memfd, exiting, _ = stand_in.take_over(fork_stand_in(send))
     exiting.stop(kill=False)  # it exits by itself once it has sent
     try:
         with os.fdopen(os.dup(memfd), "rb") as memory:
@@ -286,6 +286,34 @@ def test_each_fd_arrives_at_the_number_it_had_and_the_document_with_them(count: 
     finally:
         for fd in (memfd, *numbers, read_end, write_end):
             os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [b"not json", b"[]", b'{"format": 0, "devices": []}'],
+    ids=["not json", "not an object", "naming none of them"],
+)
+def test_a_stand_in_document_unusable_closes_every_fd_it_came_with(
+    document: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next process then starts afresh: the fds the stand-in sent (a VM's socket, its
+    DMA memory) are closed, so the VMM sees its device go instead of a socket nobody reads."""
+    read_end, write_end = os.pipe()
+    numbers = free_numbers(3)
+    before = open_fds()
+
+    def send(control: socket.socket) -> None:
+        for number in numbers:
+            os.dup2(write_end, number)
+        stand_in.hand_over(control, document, numbers)
+
+    monkeypatch.setenv(stand_in.STANDIN_ENV, fork_stand_in(send))
+    with pytest.raises(ValueError, match="handover document"):
+        read_handover()
+    assert open_fds() == before
+    os.close(write_end)
+    assert os.read(read_end, 1) == b""  # no copy of the write end left anywhere
+    os.close(read_end)
 
 
 def still_running(pid: int) -> bool:
@@ -327,7 +355,7 @@ async def test_the_next_process_goes_on_while_the_stand_in_exits_and_reaps_it_af
     before = open_fds()
     raw = fork_stand_in(lingering(release_read))
     pid = int(raw.split(":")[1])
-    memfd, exiting = stand_in.take_over(raw)  # returns with the stand-in still there
+    memfd, exiting, _ = stand_in.take_over(raw)  # returns with the stand-in still there
     os.close(memfd)
     assert still_running(pid)
     async with trio.open_nursery() as nursery:
@@ -351,7 +379,7 @@ async def test_without_a_pidfd_the_stand_in_is_waited_for_at_once(
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
     monkeypatch.setattr(os, "pidfd_open", no_pidfd)
-    memfd, exiting = stand_in.take_over(fork_stand_in(handing_over()))
+    memfd, exiting, _ = stand_in.take_over(fork_stand_in(handing_over()))
     os.close(memfd)
     assert reaped(exiting.pid)
     assert await exiting.reaped()
@@ -363,7 +391,7 @@ async def test_a_stand_in_that_does_not_exit_after_handing_over_is_killed(
     monkeypatch.setattr(stand_in, "EXIT_TIMEOUT", 0.2)
     release_read, release_write = os.pipe()
     raw = fork_stand_in(lingering(release_read))
-    memfd, exiting = stand_in.take_over(raw)
+    memfd, exiting, _ = stand_in.take_over(raw)
     os.close(memfd)
     assert not await exiting.reaped()
     assert reaped(exiting.pid)
@@ -374,7 +402,7 @@ async def test_a_stand_in_that_does_not_exit_after_handing_over_is_killed(
 async def test_a_stand_in_is_killed_when_the_next_process_stops_before_reaping_it() -> None:
     release_read, release_write = os.pipe()
     raw = fork_stand_in(lingering(release_read))
-    memfd, exiting = stand_in.take_over(raw)
+    memfd, exiting, _ = stand_in.take_over(raw)
     os.close(memfd)
     with trio.move_on_after(0):  # cancelled at once, as a stop signal would
         await exiting.reaped()
@@ -456,7 +484,7 @@ def test_fds_numbered_up_to_the_limit_arrive_at_their_numbers() -> None:
 
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
     try:
-        memfd, exiting = stand_in.take_over(fork_stand_in(send))
+        memfd, exiting, _ = stand_in.take_over(fork_stand_in(send))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     exiting.stop(kill=False)
