@@ -98,6 +98,7 @@ COMMAND_WMASK = 0x0546
 CXL_READY_REGISTER = CXL_DVSEC_OFFSET + CXL_DVSEC_RANGE_SIZE_LOW1
 PMCSR = PM_OFFSET + PM_CTRL
 PM_STATE_MASK, PM_STATE_D3HOT = 0x3, 0x3
+PM_STATES_UNSUPPORTED = (0x1, 0x2)  # D1, D2: the PMC built here supports neither
 # What vfio-pci-core's save/restore around a function reset does not bring back: status
 # bits (the RW1C error bits the restore's write clears; INTx status and MSI pending bits,
 # which the reset cleared with the interrupt state) and the power state (the reset ioctl
@@ -379,7 +380,14 @@ class SyntheticGpu:
         self.config.set_bits(CXL_READY_REGISTER, 4, CXL_MEM_ACTIVE, readiness.ready)
 
     def _config_write(self, offset: int, data: bytes) -> None:
+        state = self.config.u16(PMCSR) & PM_STATE_MASK
         self.config.write(offset, data)
+        if self.config.u16(PMCSR) & PM_STATE_MASK in PM_STATES_UNSUPPORTED:
+            # PMC advertises neither D1 nor D2: the request is discarded and the function
+            # stays where it was (PCI PM 1.2, PMCSR PowerState; the kernel's
+            # pci_set_low_power_state refuses it), so a D3hot function keeps refusing BARs.
+            self.config.set_bits(PMCSR, 2, PM_STATE_MASK, False)
+            self.config.set_bits(PMCSR, 2, state, True)
         flr_byte = PCIE_OFFSET + PCI_EXP_DEVCTL + 1
         if offset <= flr_byte < offset + len(data) and (
             data[flr_byte - offset] & (PCI_EXP_DEVCTL_BCR_FLR >> 8)

@@ -225,3 +225,25 @@ def test_bar_sizing_above_4gib(tmp_path: Path) -> None:
         assert cfg_read(gpu, 0x18, 8) == ((1 << 64) - 16 * GIB) | 0xC
     finally:
         gpu.shutdown()
+
+
+@pytest.mark.parametrize("start", [0, 3])
+@pytest.mark.parametrize("requested", [1, 2])
+def test_unsupported_power_states_are_refused(
+    gpu: SyntheticGpu, start: int, requested: int
+) -> None:
+    """PMC advertises neither D1 nor D2: a write asking for one leaves the power state as
+    it was (PCI PM 1.2, PMCSR PowerState: data discarded, no state change; the kernel's
+    pci_set_low_power_state answers EIO for it, EINVAL for D3hot -> D1/D2). In particular
+    a function in D3hot stays there and keeps refusing BAR accesses."""
+    cfg_write(gpu, 0x44, 2, 0x0008 | start)
+    cfg_write(gpu, 0x44, 2, 0x0008 | requested)
+    assert cfg_read(gpu, 0x44, 2) & 0x3 == start
+    if start == 3:
+        with pytest.raises(DeviceError) as err:
+            gpu.region_read(0, 0, 4)
+        assert err.value.errno == errno.EIO
+    else:
+        assert len(gpu.region_read(0, 0, 4)) == 4
+    cfg_write(gpu, 0x44, 2, 0x0108)  # other PMCSR bits still take the write (PME_En)
+    assert cfg_read(gpu, 0x44, 2) == 0x0108
