@@ -184,7 +184,15 @@ def drain_eventfd(fd: int) -> bool:
     readiness is checked first rather than switching it to non-blocking.
     """
     try:
-        readable, _, _ = select.select([fd], [], [], 0)
-        return bool(readable) and os.eventfd_read(fd) > 0
+        return _ready(fd, select.POLLIN) and os.eventfd_read(fd) > 0
     except (BlockingIOError, OSError):
         return False
+
+
+def _ready(fd: int, event: int) -> bool:
+    """Whether ``fd`` is ready for ``event`` now. poll(2), not select(2): the daemon raises
+    RLIMIT_NOFILE and holds two fds per DMA mapping, so a VMM's eventfd can be numbered
+    past select's 1023 (Python raises ValueError there)."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(0))

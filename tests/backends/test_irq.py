@@ -336,3 +336,25 @@ def test_without_msix_the_irq_index_is_empty(gpu_without_msix: SyntheticGpu) -> 
     assert caught.value.errno == errno.EINVAL
     os.close(observer)
     assert gpu_without_msix.irq_info(MSI_IRQ_INDEX).count == 16  # MSI stays
+
+
+def test_intx_resampler_above_fd_1024_unmasks(gpu: SyntheticGpu) -> None:
+    """The daemon raises RLIMIT_NOFILE and holds two fds per DMA mapping, so with a few
+    VMs attached the resample eventfd a VMM sends gets a number past 1023, where
+    select(2) cannot go (Python raises ValueError). Draining it must still work: the
+    watcher gave up on the fd, and INTx stayed masked for good."""
+    fd, observer = new_eventfd()
+    trigger, trigger_observer = new_eventfd()
+    high = os.dup2(fd, 1500)
+    os.close(fd)
+    gpu.set_irqs(INTX_IRQ_INDEX, IrqAction.TRIGGER, 0, 1, eventfds=[trigger])
+    gpu.set_irqs(INTX_IRQ_INDEX, IrqAction.UNMASK, 0, 1, eventfds=[high])
+    doorbell(gpu, 0)
+    assert eventfd_count(trigger_observer) == 1  # asserted, now automasked
+    os.eventfd_write(observer, 1)  # KVM: the guest EOI'd the line
+    gpu.fd_readable(high)  # unmasked; still asserted, so it fires (and automasks) again
+    assert eventfd_count(trigger_observer) == 1
+    assert eventfd_count(observer) == 0  # the resampler was drained
+    gpu.set_irqs(INTX_IRQ_INDEX, IrqAction.TRIGGER, 0, 0)
+    os.close(observer)
+    os.close(trigger_observer)
