@@ -81,9 +81,19 @@ def _eventfd_id(fd: int) -> int | None:
 def signal_eventfd(fd: int) -> bool:
     """Signal ``fd`` the way vfio-user wants (write an 8-byte 1, spec vfio-user.md §5.6).
 
-    Returns False when the eventfd's counter is full (EAGAIN on a non-blocking fd): the
-    interrupt is already pending there, so nothing is lost.
+    Returns False when the eventfd's counter is full: the interrupt is already pending
+    there, so nothing is lost.
+
+    :func:`adopt_eventfds` made the fd non-blocking, but the VMM shares its open file
+    description and can make it blocking again, then fill the counter: a plain write would
+    block the event loop, every device of the daemon, for as long as the VMM likes. So the
+    fd is made non-blocking again and the counter checked (POLLOUT: a write of 1 would not
+    block) before each write. (A VMM racing both between these calls and the write is not
+    stopped by this; only a write off the event loop's thread would be.)
     """
+    os.set_blocking(fd, False)
+    if not _ready(fd, select.POLLOUT):
+        return False
     try:
         os.eventfd_write(fd, 1)
     except BlockingIOError:

@@ -10,6 +10,7 @@ import mmap
 import os
 import socket
 import struct
+import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ import trio.testing
 
 import protocol as p
 from backends.device import DeviceError, MmapTarget, RegionInfo
+from backends.irq import same_eventfd
 from backends.synthetic import SyntheticGpu, get_profile
 from tests.hugepages import HUGE, Q35_WINDOWS, fake_huge_blocks, hugetlb_memfd, position_pattern
 from tests.server.conftest import (
@@ -228,6 +230,65 @@ async def test_a_blocking_eventfd_at_its_limit_cannot_block_the_daemon(vgpud: Da
             assert os.eventfd_read(efd) == 1
     finally:
         os.close(efd)
+
+
+# write(2)'s number, to see the daemon's thread blocked in it (/proc/<tid>/syscall).
+_WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}
+
+
+def _blocked_writing(tid: int, efd: int) -> bool:
+    """Whether thread ``tid`` of this process sits in write(2) on (a copy of) eventfd ``efd``."""
+    try:
+        fields = Path(f"/proc/self/task/{tid}/syscall").read_text().split()
+    except OSError:
+        return False
+    if not fields or fields[0] != str(_WRITE_SYSCALL.get(os.uname().machine)):
+        return False
+    fd = int(fields[1], 16)
+    return fd != efd and same_eventfd(fd, efd)
+
+
+async def test_an_eventfd_made_blocking_again_cannot_block_the_daemon(vgpud: Daemon) -> None:
+    """The open file description of an eventfd is the VMM's too: after SET_IRQS made it
+    non-blocking, a hostile VMM clears O_NONBLOCK again and fills the counter. A plain write
+    would then block the event loop, and with it every device of the daemon, for as long as
+    the VMM likes. A watchdog thread rescues the daemon (drains the counter) once it sees it
+    blocked in that write, so the test fails instead of hanging."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    main = threading.get_native_id()
+    done = threading.Event()
+    rescued: list[bool] = []
+
+    def watchdog() -> None:
+        while not done.wait(0.01):  # polls the daemon's state: not a timing assumption
+            if _blocked_writing(main, efd):
+                rescued.append(True)
+                os.eventfd_read(efd)
+
+    thread = threading.Thread(target=watchdog, daemon=True)
+    thread.start()
+    try:
+        async with await vgpud.connect() as client:
+            control = struct.unpack("<H", await client.region_read(CONFIG, MSIX_CAP + 2, 2))[0]
+            await client.region_write(CONFIG, MSIX_CAP + 2, struct.pack("<H", control | 0x8000))
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 3, 1, [efd])
+            os.set_blocking(efd, True)  # the daemon's copy shares the file description
+            os.eventfd_write(efd, 0xFFFF_FFFF_FFFF_FFFE)
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 3))  # answered
+            # The counter was full, so that interrupt was pending anyway; once the VMM
+            # drains it, the next one arrives.
+            if not rescued:
+                assert os.eventfd_read(efd) == 0xFFFF_FFFF_FFFF_FFFE
+            os.set_blocking(efd, False)
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 3))
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(efd)
+            assert os.eventfd_read(efd) >= 1
+    finally:
+        done.set()
+        thread.join()
+        os.close(efd)
+    assert not rescued, "the daemon blocked writing the VMM's eventfd"
 
 
 async def test_a_refused_request_is_logged_with_the_errno_the_vmm_got(vgpud: Daemon) -> None:
