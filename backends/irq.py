@@ -9,6 +9,7 @@ brought it fails. :class:`EventfdTable` is the one place that enforces this.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 from collections.abc import Iterable, Sequence
@@ -87,13 +88,15 @@ def signal_eventfd(fd: int) -> bool:
     :func:`adopt_eventfds` made the fd non-blocking, but the VMM shares its open file
     description and can make it blocking again, then fill the counter: a plain write would
     block the event loop, every device of the daemon, for as long as the VMM likes. So the
-    fd is made non-blocking again and the counter checked (POLLOUT: a write of 1 would not
-    block) before each write. (A VMM racing both between these calls and the write is not
+    flag is checked right before each write and set again if cleared. Measured per signal
+    (timeit, 200 000, one CPU): 1.0-1.2 µs so, 0.5 µs unchecked, 1.6 µs setting it each
+    time (F_SETFL is the dear call), 2.1-2.5 µs with a poll for room as well. (A VMM that
+    clears the flag between the check and the write, with its counter full, is not
     stopped by this; only a write off the event loop's thread would be.)
     """
-    os.set_blocking(fd, False)
-    if not _ready(fd, select.POLLOUT):
-        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_NONBLOCK:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
     try:
         os.eventfd_write(fd, 1)
     except BlockingIOError:
