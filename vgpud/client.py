@@ -134,6 +134,8 @@ class VfioUserClient:
             close_fds(reply.fds)
             raise MisbehavingServerError(f"reply {reply.msg_id} does not answer request {msg_id}")
         if isinstance(reply, p.ErrorReply):
+            # The server's error, or a reply refused (EPROTO), with fds it could not carry
+            close_fds(reply.fds)
             raise VfioUserError(reply.command, reply.errno)
         return reply
 

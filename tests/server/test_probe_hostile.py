@@ -7,7 +7,9 @@ regions, an argsz that keeps growing); each case here is a small fake server.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
 import struct
 import threading
@@ -15,8 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from vgpud import cli, probe
+from vgpud.client import VfioUserClient, VfioUserError
 
 HEADER = struct.Struct("<HHIII")  # msg_id, command, size, flags, error
 REPLY, ERROR = 0x1, 0x20
@@ -140,3 +144,53 @@ def test_a_broken_server_gets_one_line_and_exit_1(
     assert cli.main(["probe", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def device_info_with_an_fd(error: int, closed: threading.Event) -> Script:
+    """DEVICE_GET_INFO answered (with ``error``, or a well-formed reply) and an eventfd that
+    belongs to neither; ``closed`` is set once the server's own copy is closed."""
+
+    def script(conn: socket.socket) -> None:
+        msg_id, command = read_message(conn)
+        body = b"" if error else struct.pack("<IIII", 16, 3, 9, 5)
+        flags = REPLY | (ERROR if error else 0)
+        header = HEADER.pack(msg_id, command, HEADER.size + len(body), flags, error)
+        stray = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            socket.send_fds(conn, [header + body], [stray])
+        finally:
+            os.close(stray)
+            closed.set()
+        conn.recv(1)  # until the client leaves
+
+    return script
+
+
+def eventfds() -> int:
+    """How many eventfds this process holds (the fake server's thread is in it too)."""
+    held = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            held += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventfd]"
+        except OSError:
+            pass  # the listing's own fd, closed already
+    return held
+
+
+@pytest.mark.parametrize(
+    ("error", "got"), [(errno.EIO, errno.EIO), (0, errno.EPROTO)], ids=["error", "reply"]
+)
+async def test_fds_a_server_sends_with_a_reply_that_takes_none_are_closed(
+    fake_server: Callable[[Script], Path], error: int, got: int
+) -> None:
+    """The client (and so ``vgpud probe``) keeps no fd a server pushes on it with an error
+    reply, or with a reply that carries none (refused as EPROTO)."""
+    closed = threading.Event()
+    path = fake_server(negotiated(device_info_with_an_fd(error, closed)))
+    before = eventfds()
+    async with await VfioUserClient.connect(path) as client:
+        with pytest.raises(VfioUserError) as failed:
+            await client.device_info()
+        assert failed.value.errno == got
+        await trio.to_thread.run_sync(closed.wait)
+        assert eventfds() == before
