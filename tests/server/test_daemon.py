@@ -25,6 +25,7 @@ import protocol as p
 from backends.device import DeviceError, MmapTarget, RegionInfo
 from backends.irq import same_eventfd
 from backends.synthetic import SyntheticGpu, get_profile
+from backends.synthetic.bar0 import SCRATCH
 from tests.hugepages import HUGE, Q35_WINDOWS, fake_huge_blocks, hugetlb_memfd, position_pattern
 from tests.server.conftest import (
     RESMEM_LENGTH,
@@ -757,3 +758,24 @@ def test_a_socket_that_cannot_get_its_group_is_not_left_behind(
     with pytest.raises(ListenerError, match="Operation not permitted"):
         bind_unix_listener(tmp_path / "gpu0.sock", 0o660, "0")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("reply", [False, True], ids=["posted", "reply asked for"])
+async def test_write_multi_entries_apply_like_posted_writes(vgpud: Daemon, reply: bool) -> None:
+    """Spec vfio-user.md §3.11: each entry as an individual posted write, in order. QEMU
+    coalesces small posted writes into one when its queue is long (even unadvertised, with
+    x-send-queued, §9): an entry the device refuses must cost that write only, as it would
+    have uncoalesced, not every write queued after it. A reply, if asked for, says it failed."""
+    scratch = p.WriteMultiEntry(SCRATCH, BAR0, 4, struct.pack("<I", 1))
+    outside = p.WriteMultiEntry(1 << 40, BAR0, 4, bytes(4))  # past BAR0's end
+    last = p.WriteMultiEntry(SCRATCH + 4, BAR0, 4, struct.pack("<I", 3))
+    message = p.RegionWriteMulti((scratch, outside, last))
+    async with await vgpud.connect() as client:
+        await client.region_write(BAR0, SCRATCH + 4, bytes(4))
+        if reply:
+            with pytest.raises(VfioUserError) as refused:
+                await client.request(message)
+            assert refused.value.errno == errno.EINVAL
+        else:
+            await client.send(message, no_reply=True)
+        assert await client.region_read(BAR0, SCRATCH, 8) == struct.pack("<II", 1, 3)

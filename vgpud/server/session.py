@@ -616,11 +616,19 @@ class Session:
         return b""
 
     def _region_write_multi(self, request: p.Request, msg: p.RegionWriteMulti) -> p.Outgoing | None:
-        # Spec vfio-user.md §3.11: entries apply in order, each like a posted write.
+        # Spec vfio-user.md §3.11: entries apply in order, each like a posted write. So one
+        # the device refuses costs that write only, as it would have had QEMU not coalesced
+        # them; the first refusal is then the message's (a reply, if one is asked for).
+        refused: DeviceError | None = None
         for entry in msg.entries:
-            self._check_access(entry.region, entry.offset, entry.count)
-            if entry.count:
-                self.device.region_write(entry.region, entry.offset, entry.data[: entry.count])
+            try:
+                self._check_access(entry.region, entry.offset, entry.count)
+                if entry.count:
+                    self.device.region_write(entry.region, entry.offset, entry.data[: entry.count])
+            except DeviceError as exc:
+                refused = refused or exc
+        if refused is not None:
+            raise refused
         return self.conn.send_reply(request, p.RegionWriteMultiReply(len(msg.entries)))
 
     # -- reset and the rest ------------------------------------------------------------------
