@@ -41,6 +41,7 @@ CONFIG = 7
 BAR0, BAR2, BAR4 = 0, 2, 4
 COMMAND_MEMORY = 0x0002
 MSIX_CAP = 0xA0
+DEVCTL, DEVCTL_FLR = 0x60 + 0x8, 0x8000  # PCIe capability at 0x60: Device Control, BCR_FLR
 DOORBELL = 0xFF0000
 SET_IRQS_EVENTFD_TRIGGER = 0x4 | 0x20
 SET_IRQS_NONE_TRIGGER = 0x1 | 0x20
@@ -309,6 +310,29 @@ async def test_an_interrupt_raised_before_a_reset_is_not_delivered_after_it(
             with pytest.raises(BlockingIOError):
                 os.eventfd_read(efd)
             # The vector works: a doorbell after the reset arrives.
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 5))
+            assert await interrupts(efd) == 1
+    finally:
+        os.close(efd)
+
+
+async def test_an_interrupt_raised_before_a_guest_flr_is_not_delivered_after_it(
+    engine: Engine,
+) -> None:
+    """As for DEVICE_RESET, with the reset a guest starts itself: DEVCTL bit 15 (spec
+    vfio-user.md §5.3), a config write the device acts on inside the access callback."""
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        async with await engine.connect() as client:
+            await enable_msix(client)
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 5))  # not wired yet
+            devctl = struct.unpack("<H", await client.region_read(CONFIG, DEVCTL, 2))[0]
+            await client.region_write(CONFIG, DEVCTL, struct.pack("<H", devctl | DEVCTL_FLR))
+            await enable_msix(client)
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 5, 1, [efd])
+            await client.region_read(CONFIG, 0, 4)  # a request: pending vectors are retried
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(efd)
             await client.region_write(BAR0, DOORBELL, struct.pack("<I", 5))
             assert await interrupts(efd) == 1
     finally:

@@ -579,7 +579,10 @@ class LibvfioUserServer:
         def access(_ctx: Any, buf: Any, count: int, offset: int, is_write: bool) -> int:
             try:
                 if is_write:
-                    device.region_write(index, offset, ffi.buffer(buf, count)[:])
+                    if index == CONFIG_REGION_INDEX:
+                        self._config_write(offset, ffi.buffer(buf, count)[:])
+                    else:
+                        device.region_write(index, offset, ffi.buffer(buf, count)[:])
                     bridge.drain()  # a doorbell or config write may have raised an interrupt
                 else:
                     data = device.region_read(index, offset, count)
@@ -593,6 +596,20 @@ class LibvfioUserServer:
             return -1
 
         return access
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        """A config write, which may be an FLR (DEVCTL bit 15, spec vfio-user.md §5.3): the
+        device then resets itself and drops its pending interrupts, so the ones the bridge
+        holds for vectors the client has not wired go too, as on DEVICE_RESET (one raised
+        before a guest's FLR used to reach it after). The device tells by its reset count."""
+        resets = getattr(self.device, "reset_count", None)
+        if resets is None:
+            self.device.region_write(CONFIG_REGION_INDEX, offset, data)
+            return
+        self._bridge.drain()  # raised before the write: the client gets it before, as ever
+        self.device.region_write(CONFIG_REGION_INDEX, offset, data)
+        if getattr(self.device, "reset_count", resets) != resets:
+            self._bridge.drop_pending()
 
     def _on_reset(self, _ctx: Any, reset_type: int) -> int:
         try:

@@ -20,7 +20,8 @@ PBA under the Python engine. libvfio-user logs "no fd for interrupt" at LOG_ERR 
 ENOENT, so a retry runs with ``quiet`` set and the engine's log callback drops what the
 library says meanwhile: one doorbell to an unwired vector made every later request log a
 warning line (found by a device fuzz). A device reset drops what is pending (:meth:`reset`),
-as it clears the device's own pending bits.
+as it clears the device's own pending bits; so does an FLR the guest writes to config space
+(:meth:`drop_pending`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,12 @@ class IrqBridge:
         self.pending.clear()
         for fd in self._proxies:
             _drain_eventfd(fd)
+
+    def drop_pending(self) -> None:
+        """The device reset itself (an FLR the guest wrote): the vectors still waiting for
+        the client to wire them are dropped, as the reset dropped them in the device. What
+        the proxies count now was raised by the reset itself, and is kept."""
+        self.pending.clear()
 
     def _forward(self, vector: int) -> None:
         err = self._trigger(vector)

@@ -350,6 +350,12 @@ class NvgraceVariant:
         """The backend's."""
         self.backend.dma_unmap(iova, size)
 
+    @property
+    def reset_count(self) -> int:
+        """The backend's: function resets completed, an FLR the guest wrote to DEVCTL
+        included (the libvfio-user engine drops the interrupts it holds on one)."""
+        return self.backend.reset_count
+
     def reset(self) -> None:
         """Clear ``bar_val`` (§4.7), reset the backend, re-arm the readiness gate (§7.4)."""
         self.overlay.clear()
