@@ -372,6 +372,35 @@ async def test_dma_map_and_unmap_reach_the_device(engine: Engine) -> None:
     assert ("unmap", 0xFFFC0000, 0x40000, b"") in seen  # dropped when the client left
 
 
+async def test_an_identical_re_map_is_not_mapped_in_the_device_twice(engine: Engine) -> None:
+    """libvfio-user accepts an identical re-map (spec vfio-user.md R15) as the mapping it has,
+    and calls the register callback again for it: the device, told twice, refused the second
+    (an IOMMU entry exists already: a warning per re-map) or counted it twice."""
+    ram = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 1 << 20)
+    device = engine.built.device
+    maps: list[tuple[int, int]] = []
+    real_map = device.dma_map
+
+    def dma_map(region: DmaRegion) -> None:
+        maps.append((region.iova, region.size))
+        real_map(region)
+
+    try:
+        device.dma_map = dma_map  # type: ignore[method-assign]
+        async with await engine.connect() as client:
+            await client.dma_map(0x10000, 0x1000, fd=ram)
+            await client.dma_map(0x10000, 0x1000, fd=ram)  # identical: success, no new map
+            assert maps == [(0x10000, 0x1000)]
+            await client.dma_unmap(0x10000, 0x1000)
+            await client.dma_map(0x10000, 0x1000, fd=ram)  # mapped afresh once unmapped
+            assert maps == [(0x10000, 0x1000)] * 2
+        await engine.server.wait_idle()
+    finally:
+        os.close(ram)
+        del device.dma_map
+
+
 @pytest.mark.parametrize("body_bytes", [0, 10], ids=["header only", "part of the body"])
 async def test_eof_in_the_middle_of_a_message_leaves_the_engine_serving(
     engine: Engine, body_bytes: int

@@ -644,6 +644,11 @@ class LibvfioUserServer:
         try:
             iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
             size = int(info.iova.iov_len)
+            if (iova, size) in self._dma_maps:
+                # An identical re-map: libvfio-user keeps the mapping it has (lib/dma.c
+                # dma_controller_add_region) yet calls us again. The device has it already, as
+                # the Python engine sees it (spec vfio-user.md R15).
+                return
             memory: memoryview | None = None
             if info.vaddr != ffi.NULL:
                 memory = memoryview(ffi.buffer(ffi.cast("char *", info.vaddr), size))
