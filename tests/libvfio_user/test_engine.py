@@ -6,12 +6,14 @@ Without one the whole module is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
+import resource
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +21,12 @@ import pytest
 import structlog
 import structlog.testing
 import trio
+import trio.testing
 
 import protocol as p
 from backends.device import DmaRegion
 from tests.server.conftest import reset_flood
+from tests.server.rawclient import HEADER, QEMU_VERSION
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.config import single_device
 from vgpud.devices import BuiltDevice, build_device
@@ -47,6 +51,7 @@ SET_IRQS_EVENTFD_TRIGGER = 0x4 | 0x20
 SET_IRQS_NONE_TRIGGER = 0x1 | 0x20
 MSIX_IRQ = 2
 REGION_WRITE = 10
+VFIO_USER_F_ERROR = 0x20
 # 4 GiB gh200: usemem 3 GiB in a 4 GiB BAR4 (a 1 GiB trapped tail), resmem 1 GiB in BAR2.
 USEMEM_LENGTH = 3 << 30
 USEMEM_BAR_SIZE = 4 << 30
@@ -543,6 +548,50 @@ async def test_second_client_is_refused_and_the_first_unaffected(engine: Engine)
         async with await engine.connect() as after:
             await enable_memory(after)
             assert await after.region_read(BAR4, 0x2000, 8) == b"first!!!"
+
+
+@contextlib.contextmanager
+def no_free_fds() -> Iterator[None]:
+    """Every fd number this process may open is taken meanwhile: the next one is EMFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        top = max(open_fds())
+        while not fillers or fillers[-1] < top:  # the holes below the highest fd, and it + 1
+            fillers.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fillers[-1] + 1, hard))
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in fillers:
+            os.close(fd)
+
+
+async def test_out_of_fds_when_a_second_client_connects_costs_nobody_their_device(
+    engine: Engine,
+) -> None:
+    """The refusal's accept failing for want of fds (EMFILE) ended the device's serve() with
+    the exception: the first client was dropped and the device served no one again (the
+    daemon's devices all share one nursery). It backs off as the Python engine's accept does
+    (vgpud/server/listener.py), and the second client is refused once fds are free."""
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # its fd, before they run out
+    try:
+        async with await engine.connect() as first:
+            await enable_memory(first)
+            await first.region_write(BAR4, 0x3000, b"first!!!")
+            with structlog.testing.capture_logs() as logs, no_free_fds():
+                second.connect(str(engine.socket_path))  # in the backlog: takes no fd here
+                await trio.testing.wait_all_tasks_blocked()  # the engine has tried to accept
+            assert [e["log_level"] for e in logs if e["event"] == "accept failed, backing off"]
+            assert await first.region_read(BAR4, 0x3000, 8) == b"first!!!"
+            second.sendall(QEMU_VERSION)
+            with trio.fail_after(10):
+                reply = await trio.to_thread.run_sync(second.recv, 4096)
+            _, _, _, flags, error = HEADER.unpack_from(reply)
+            assert (flags & VFIO_USER_F_ERROR, error) == (VFIO_USER_F_ERROR, errno.EBUSY)
+            assert engine.server.attached and engine.server.client == 1
+    finally:
+        second.close()
 
 
 async def test_a_client_reconnecting_after_closing_is_served(engine: Engine) -> None:

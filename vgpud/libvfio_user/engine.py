@@ -62,6 +62,8 @@ from vgpud.log_limit import LogLimiter
 from vgpud.mappers import SharedMemoryCheck
 from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import (
+    ACCEPT_BACKOFF_SECONDS,
+    TRANSIENT_ACCEPT_ERRORS,
     ListenerError,
     group_id,
     peer_closed,
@@ -393,6 +395,15 @@ class LibvfioUserServer:
                     try:
                         sock, _ = listener.accept()
                     except (BlockingIOError, ConnectionAbortedError):
+                        continue
+                    except OSError as exc:
+                        if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
+                            raise
+                        # Out of fds or memory for now: back off as the Python engine's
+                        # accept does. Raised, it ended serve(), the client attached and
+                        # the daemon's other devices with it.
+                        self.log.error("accept failed, backing off", error=exc.strerror)
+                        await trio.sleep(ACCEPT_BACKOFF_SECONDS)
                         continue
                     self.connections += 1
                     refusals.start(  # EBUSY to its VERSION (server/refusal.py)

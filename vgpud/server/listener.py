@@ -38,8 +38,8 @@ from vgpud.server.transport import FdStream
 
 # accept() errors that mean "out of resources right now", not "this listener is broken"
 # (trio's serve_listeners treats the same set as transient).
-_TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_ACCEPT_BACKOFF_SECONDS = 0.1
+TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_BACKOFF_SECONDS = 0.1
 _LISTEN_BACKLOG = 8
 # How long a client may wait for the session of a client that has closed its end to finish
 # (it ends at its next read; only one blocked sending replies to a half-closed client that
@@ -452,9 +452,9 @@ class DeviceServer:
             try:
                 sock, _ = await self.listener.accept()
             except OSError as exc:
-                if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
+                if exc.errno in TRANSIENT_ACCEPT_ERRORS:
                     self.log.error("accept failed, backing off", error=exc.strerror)
-                    await trio.sleep(_ACCEPT_BACKOFF_SECONDS)
+                    await trio.sleep(ACCEPT_BACKOFF_SECONDS)
                     continue
                 raise
             return sock
