@@ -16,6 +16,7 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -52,6 +53,7 @@ SET_IRQS_NONE_TRIGGER = 0x1 | 0x20
 MSIX_IRQ = 2
 REGION_WRITE = 10
 VFIO_USER_F_ERROR = 0x20
+HANG_GUARD = 10.0  # seconds: only an engine that never waits takes that long
 # 4 GiB gh200: usemem 3 GiB in a 4 GiB BAR4 (a 1 GiB trapped tail), resmem 1 GiB in BAR2.
 USEMEM_LENGTH = 3 << 30
 USEMEM_BAR_SIZE = 4 << 30
@@ -592,6 +594,36 @@ async def test_out_of_fds_when_a_second_client_connects_costs_nobody_their_devic
             assert engine.server.attached and engine.server.client == 1
     finally:
         second.close()
+
+
+async def test_out_of_fds_before_attach_backs_off_instead_of_spinning(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvfio-user's accept failing for want of fds leaves the connection queued and the
+    listening socket readable: the engine tried again at once, about 2000 times a second,
+    a thread hop each, for as long as fds stayed short. It backs off as the Python engine's
+    accept does. (The attach runs inline here, so that an engine that never waits keeps
+    wait_all_tasks_blocked from returning.)"""
+    attempts: list[int] = []
+
+    def out_of_fds() -> tuple[int, int]:
+        attempts.append(errno.EMFILE)
+        return -1, errno.EMFILE
+
+    async def inline(fn: Any, *args: Any, **_: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(engine.server, "_attach_blocking", out_of_fds)
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        waiting.connect(str(engine.socket_path))
+        with trio.fail_after(HANG_GUARD):
+            await trio.testing.wait_all_tasks_blocked()  # the engine waits before trying again
+        assert attempts == [errno.EMFILE]
+    finally:
+        waiting.close()
 
 
 async def test_a_client_reconnecting_after_closing_is_served(engine: Engine) -> None:

@@ -462,6 +462,11 @@ class LibvfioUserServer:
                     error=os.strerror(err),
                     errno=err,
                 )
+            if err in TRANSIENT_ACCEPT_ERRORS:
+                # Out of fds or memory for now: the connection stays queued and the socket
+                # readable, so trying again at once spun a thread hop after another. Back off
+                # as the Python engine's accept does.
+                await trio.sleep(ACCEPT_BACKOFF_SECONDS)
 
     def _attach_blocking(self) -> tuple[int, int]:
         rc = self._lib.vfu_attach_ctx(self._ctx)
