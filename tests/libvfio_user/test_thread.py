@@ -8,6 +8,8 @@ Needs a libvfio-user build (``VGPUD_LIBVFIO_USER``); skipped without one.
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import socket
 import struct
 import threading
@@ -261,3 +263,82 @@ async def test_a_device_stuck_outside_its_socket_is_abandoned_at_stop(
         if device_thread is not None:
             assert device_thread.thread_done.wait(HANG_GUARD)
         built.release()
+
+
+# The syscall a thread blocked sending a reply sits in (/proc/<pid>/task/<tid>/syscall).
+SENDMSG = {"x86_64": 46, "aarch64": 211}
+REGION_READ, BAR4 = 9, 4
+COMMAND_MEMORY = 0x0002
+TRAPPED_TAIL = 3 << 30  # 4 GiB gh200: BAR4's trapped tail, past its 3 GiB of usemem
+REPLY_DATA = 1 << 20  # max_data_xfer_size: far more than a socket buffer holds
+ERROR_FLAG = 0x20
+
+
+def receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def receive_reply(sock: socket.socket) -> tuple[int, int, bytes]:
+    """msg_id, errno (0: success) and payload of one reply (the payload short if the
+    server closed)."""
+    msg_id, _command, size, flags, error = HEADER.unpack(receive_exactly(sock, HEADER.size))
+    return msg_id, error if flags & ERROR_FLAG else 0, receive_exactly(sock, size - HEADER.size)
+
+
+def in_syscall(native_id: int, number: int) -> bool:
+    with open(f"/proc/self/task/{native_id}/syscall") as status:
+        return status.read().split()[0] == str(number)
+
+
+async def test_a_signal_the_device_thread_takes_does_not_cut_its_client_off(
+    tmp_path: Path,
+) -> None:
+    """The kernel hands a process-directed signal (SIGUSR1 for the status line, SIGHUP,
+    ...) to any thread that does not block it. A device thread that took one while
+    libvfio-user was sending a reply larger than the socket buffer (QEMU reads it in its
+    own time) had its blocking sendmsg return short, which the library takes for a
+    broken connection: it reset the context and the VM lost its GPU. Device threads leave
+    the daemon's signals to the main thread, as its other worker threads do
+    (vgpud.signals.quiet_thread)."""
+    sendmsg = SENDMSG.get(os.uname().machine)
+    if sendmsg is None:
+        pytest.skip(f"no sendmsg syscall number known for {os.uname().machine}")
+    taken: list[int] = []
+    signal.signal(signal.SIGUSR1, lambda signum, _frame: taken.append(signum))  # conftest
+    async with served(tmp_path, "gpu0") as gpu0:
+        assert gpu0.server is not None
+        device = gpu0.server.device
+        device_thread: list[tuple[int, int]] = []
+        real_read = device.region_read
+
+        def region_read(index: int, offset: int, count: int) -> bytes:
+            device_thread.append((threading.get_ident(), threading.get_native_id()))
+            return real_read(index, offset, count)
+
+        device.region_read = region_read  # type: ignore[method-assign]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(HANG_GUARD)
+            sock.connect(str(tmp_path / "gpu0.sock"))
+            sock.sendall(QEMU_VERSION)
+            receive_reply(sock)
+            command = struct.pack("<QII", 0x04, CONFIG, 2) + struct.pack("<H", COMMAND_MEMORY)
+            sock.sendall(HEADER.pack(1, REGION_WRITE, 16 + len(command), 0, 0) + command)
+            assert receive_reply(sock)[:2] == (1, 0)
+            read = struct.pack("<QII", TRAPPED_TAIL, BAR4, REPLY_DATA)
+            sock.sendall(HEADER.pack(2, REGION_READ, 16 + len(read), 0, 0) + read)
+            # The reply fills the socket buffer and the device thread waits in sendmsg.
+            await until(lambda: bool(device_thread) and in_syscall(device_thread[0][1], sendmsg))
+            signal.pthread_kill(device_thread[0][0], signal.SIGUSR1)
+            msg_id, error, payload = receive_reply(sock)
+            assert (msg_id, error, len(payload)) == (2, 0, len(read) + REPLY_DATA)
+            assert payload == read + b"\xff" * REPLY_DATA
+            # ... and the client is still served.
+            probe = struct.pack("<QII", 0, CONFIG, 2)
+            sock.sendall(HEADER.pack(3, REGION_READ, 16 + len(probe), 0, 0) + probe)
+            assert receive_reply(sock) == (3, 0, probe + b"\xde\x10")

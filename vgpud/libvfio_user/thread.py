@@ -16,6 +16,13 @@ listens, and the parent cancels it when the daemon stops. Otherwise only the wat
 client blocking the library when the daemon stops is cut off at once
 (:meth:`StallWatchdog.cut_all`) rather than after the stall limit, so a stop is not held up
 either.
+
+A device's thread blocks the daemon's signals (:func:`vgpud.signals.quiet_thread`), and so
+do the threads it starts (its watchdog). The kernel hands a process-directed signal to any
+thread that does not block it, and one taken while libvfio-user was sending a reply larger
+than the socket buffer made its blocking ``sendmsg`` return short, which the library takes
+for a broken connection: it reset the context, and the VM lost its GPU over a ``kill -USR1``
+for the status line.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import trio
 
 from vgpud.devices import BuiltDevice
 from vgpud.libvfio_user.engine import LibvfioUserServer, serve_device
+from vgpud.signals import quiet_thread
 
 _Serve = Callable[..., Awaitable[None]]
 # Seconds a stopping device's thread gets before it is abandoned. A stop takes milliseconds
@@ -152,7 +160,7 @@ class DeviceThread:
         try:
             with _single_error_unwrapped():
                 await trio.to_thread.run_sync(
-                    body,
+                    quiet_thread(body),
                     thread_name=f"vgpud-{self.name}",
                     limiter=trio.CapacityLimiter(1),  # not the default limiter's 40 threads
                     abandon_on_cancel=True,  # the wait below decides
