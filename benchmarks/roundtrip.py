@@ -59,7 +59,7 @@ C2C_LINK_BAR0_OFFSET = 0x1498  # spec nvgrace-gpu.md §7.1
 class RawClient:
     """A blocking client that negotiates with the protocol codec, then sends prebuilt bytes."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, server: Server | None = None) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         deadline = time.monotonic() + 10
         while True:
@@ -68,8 +68,13 @@ class RawClient:
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 # Only servers that create their own socket (libvfio-user's sample) get here;
-                # ours are handed an already-listening socket.
+                # ours are handed an already-listening socket. One that has exited will never
+                # listen: say why now rather than after the deadline.
+                if server is not None and server.process.poll() is not None:
+                    self.sock.close()
+                    raise ServerExitedError(server) from None
                 if time.monotonic() > deadline:
+                    self.sock.close()
                     raise
                 time.sleep(0.01)
         caps = p.Capabilities(max_msg_fds=16)
@@ -211,26 +216,58 @@ def _listener(path: str) -> socket.socket:
     return sock
 
 
+class Server:
+    """A server process of the benchmark, its stderr kept in a file to explain an early exit."""
+
+    def __init__(self, cmd: list[str], process: subprocess.Popen[bytes], stderr: Path) -> None:
+        self.cmd = cmd
+        self.process = process
+        self.stderr = stderr
+
+
+class ServerExitedError(RuntimeError):
+    """A server exited before it listened."""
+
+    def __init__(self, server: Server) -> None:
+        said = server.stderr.read_text(errors="replace").strip().splitlines()[-5:]
+        message = (
+            f"{server.cmd[0]} exited with status {server.process.returncode} before it listened"
+        )
+        if said:
+            message += ":\n  " + "\n  ".join(said)
+        if any("must be a power of 2" in line for line in said):
+            message += "\n" + SAMPLE_BAR1_HINT
+        super().__init__(message)
+
+
+# What to do about the one known reason libvfio-user's sample server does not start.
+SAMPLE_BAR1_HINT = (
+    "libvfio-user from 850ded8 (June 2026) on refuses BAR sizes that are not a power of two, "
+    "and its own samples/server asks for a 0x3000-byte BAR1: set bar1_size to 0x4000 in "
+    "samples/server.c and rebuild it (docs/libvfio-user-engine.md)"
+)
+
+
 @contextmanager
-def _server(
-    cmd: list[str], cpu: int, listener: socket.socket | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
+def _server(cmd: list[str], cpu: int, listener: socket.socket | None = None) -> Iterator[Server]:
     pass_fds = (listener.fileno(),) if listener is not None else ()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=pass_fds
-    )
-    if listener is not None:
-        listener.close()
-    try:
-        os.sched_setaffinity(proc.pid, {cpu})
-        yield proc
-    finally:
-        proc.terminate()
+    with tempfile.NamedTemporaryFile(prefix="vgpud-bench-stderr-") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, pass_fds=pass_fds)
+        if listener is not None:
+            listener.close()
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            try:
+                os.sched_setaffinity(proc.pid, {cpu})
+            except ProcessLookupError:
+                pass  # exited already: the client says why
+            yield Server(cmd, proc, Path(stderr.name))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def with_gap(timer: Callable[[], int], gap_us: int) -> Callable[[], int]:
@@ -320,8 +357,8 @@ def run(
                 "--socket-path", engine_sock, "--memory-size", "8GiB",
                 "--backing-dir", f"{tmp}/mem2", "--log-level", "warning",
             ]  # fmt: skip
-            with _server(cmd, on):
-                client = RawClient(engine_sock)
+            with _server(cmd, on) as server:
+                client = RawClient(engine_sock, server)
                 results["vgpud+libvfio-user config read"] = sample(client, CONFIG_REGION, 0)
                 client.close()
             lvu_bound_sock = f"{tmp}/lvu-bound.sock"
@@ -329,15 +366,16 @@ def run(
                 "import sys; from benchmarks.roundtrip import _libvfio_user_bound_server; "
                 "_libvfio_user_bound_server(sys.argv[1], sys.argv[2])"
             )
-            with _server([sys.executable, "-c", code, lvu_bound_sock, f"{tmp}/mem3"], on):
-                client = RawClient(lvu_bound_sock)
+            bound_cmd = [sys.executable, "-c", code, lvu_bound_sock, f"{tmp}/mem3"]
+            with _server(bound_cmd, on) as server:
+                client = RawClient(lvu_bound_sock, server)
                 results["bound (libvfio-user + cb)"] = sample(client, CONFIG_REGION, 0)
                 client.close()
 
         if libvfio_user_server:
             lvu_sock = f"{tmp}/lvu.sock"
-            with _server([libvfio_user_server, lvu_sock], on):
-                client = RawClient(lvu_sock)
+            with _server([libvfio_user_server, lvu_sock], on) as server:
+                client = RawClient(lvu_sock, server)
                 results["libvfio-user config read"] = sample(client, CONFIG_REGION, 0)
                 client.close()
     return results
@@ -356,13 +394,17 @@ def main() -> int:
     args = parser.parse_args()
     if args.libvfio_user_server and not Path(args.libvfio_user_server).exists():
         parser.error(f"{args.libvfio_user_server} does not exist")
-    results = run(
-        args.iterations,
-        args.cpu,
-        args.libvfio_user_server,
-        server_cpu=args.server_cpu,
-        gap_us=args.gap_us,
-    )
+    try:
+        results = run(
+            args.iterations,
+            args.cpu,
+            args.libvfio_user_server,
+            server_cpu=args.server_cpu,
+            gap_us=args.gap_us,
+        )
+    except ServerExitedError as exc:
+        print(f"benchmarks.roundtrip: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

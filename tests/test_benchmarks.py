@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,25 @@ def test_roundtrip_benchmark_runs_cross_cpu(monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         os.sched_setaffinity(0, before)
     assert results["vgpud config read"]["p50_us"] > 0
+
+
+def test_roundtrip_says_why_the_sample_server_did_not_start(tmp_path: Path) -> None:
+    # libvfio-user's samples/server at upstream HEAD exits at once (its BAR1 is not a power of
+    # two since 850ded8); the benchmark waited out its 10 s connect deadline, then raised a
+    # bare ConnectionRefusedError/FileNotFoundError that said nothing of the cause.
+    sample = tmp_path / "server"
+    sample.write_text(
+        "#!/bin/sh\n"
+        'echo "server[1]: BAR region size 12288 must be a power of 2" >&2\n'
+        'echo "server: failed to setup BAR1 region: Invalid argument" >&2\n'
+        "exit 1\n"
+    )
+    sample.chmod(0o755)
+    with roundtrip._server([str(sample), str(tmp_path / "lvu.sock")], cpu=0) as server:
+        server.process.wait()
+        with pytest.raises(roundtrip.ServerExitedError) as exited:
+            roundtrip.RawClient(str(tmp_path / "lvu.sock"), server)
+    message = str(exited.value)
+    assert "exited with status 1 before it listened" in message
+    assert "failed to setup BAR1 region" in message
+    assert roundtrip.SAMPLE_BAR1_HINT in message
