@@ -40,6 +40,7 @@ import cffi  # type: ignore[import-untyped]
 
 from backends.backend import DeviceMemory, MemoryWindow
 from backends.device import (
+    CONFIG_REGION_INDEX,
     NUM_PCI_REGIONS,
     DeviceError,
     DeviceFlags,
@@ -59,6 +60,9 @@ from backends.vfio import uapi
 SYSFS_PCI_DEVICES = Path("/sys/bus/pci/devices")
 DEV_VFIO = Path("/dev/vfio")
 _PCI_ADDRESS = re.compile(r"(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
+# The config space's command register and its bus-master bit (PCI Local Bus spec).
+_PCI_COMMAND = 0x04
+_PCI_COMMAND_MASTER = 0x4
 _ACTION_FLAGS = {
     IrqAction.MASK: uapi.VFIO_IRQ_SET_ACTION_MASK,
     IrqAction.UNMASK: uapi.VFIO_IRQ_SET_ACTION_UNMASK,
@@ -444,7 +448,9 @@ class VfioPciDevice:
         """Nothing to do: the device fd stays open between clients."""
 
     def close(self) -> None:
-        """Disable the client's interrupts and drop its IOMMU mappings; the device stays open."""
+        """Stop the device's DMA, disable the client's interrupts and drop its IOMMU mappings;
+        the device stays open, its state kept (spec vfio-user.md R19)."""
+        self._stop_bus_master()
         for index in sorted({index for index, _ in self._eventfds}):
             disable = uapi.irq_set(
                 index, uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0
@@ -459,6 +465,28 @@ class VfioPciDevice:
                 self.dma_unmap(iova, mapped.size)
             except DeviceError:
                 pass  # the container is gone with the group; the kernel unpins on close
+
+    def _stop_bus_master(self) -> None:
+        """Clear the command register's bus-master bit, as the kernel's vfio-pci does first
+        when the last user of a device goes (``vfio_pci_core_disable``: ``pci_clear_master``).
+
+        The kernel would then reset the device; vgpud keeps the device fd open between
+        clients, so it never does, and a device the last guest left running would go on
+        with the DMA that guest programmed. Once that client's mappings are out of the
+        IOMMU such DMA faults, until the next client maps its guest RAM at the same IOVAs
+        (every q35 guest's RAM starts at the same addresses): then it lands in another VM's
+        memory. Without bus mastering a PCI function issues no DMA (and no MSI); the next
+        guest's driver sets the bit again when it takes the device, and nothing else of
+        the device's state changes."""
+        try:
+            command = int.from_bytes(
+                self.region_read(CONFIG_REGION_INDEX, _PCI_COMMAND, 2), "little"
+            )
+            if command & _PCI_COMMAND_MASTER:
+                cleared = command & ~_PCI_COMMAND_MASTER
+                self.region_write(CONFIG_REGION_INDEX, _PCI_COMMAND, cleared.to_bytes(2, "little"))
+        except DeviceError:
+            pass  # refused (the device gone, say): nothing more to do here; close the rest
 
     # -- HandsOver (a live upgrade, vgpud/upgrade.py) -------------------------------------
 

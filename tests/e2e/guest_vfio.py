@@ -343,10 +343,14 @@ async def scenario(bdf: str, workdir: Path, nursery: trio.Nursery) -> None:
             back = await client.region_read(4, WRITE_OFFSET, len(WRITE_PATTERN))
             report("reconnect_readback", back == WRITE_PATTERN)
             await upgrade(client, daemon, notify, log, workdir)
-        # The upgraded daemon takes the next client on the socket it inherited.
+        # The upgraded daemon takes the next client on the socket it inherited. The client
+        # before it left the device a bus master (upgrade()); its DMA must not go on into
+        # this one's memory, so the daemon cleared that bit when it left.
         async with await VfioUserClient.connect(sock_path) as client:
             back = await client.region_read(4, WRITE_OFFSET, len(WRITE_PATTERN))
             report("upgraded_reconnect_readback", back == WRITE_PATTERN)
+            command = struct.unpack("<H", await client.region_read(7, PCI_COMMAND, 2))[0]
+            report("reconnect_bus_master", bool(command & PCI_COMMAND_MASTER))
     finally:
         notify.close()
         daemon.terminate()

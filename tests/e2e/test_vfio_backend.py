@@ -176,6 +176,15 @@ def test_device_state_survives_the_client(scenario: ScenarioRun) -> None:
     assert values["daemon_exit"] == "0", "the guest vgpud did not stop cleanly on SIGTERM"
 
 
+def test_a_client_leaving_stops_the_devices_dma(scenario: ScenarioRun) -> None:
+    """The client before the last one left the GPU a bus master: the daemon cleared the bit
+    when it went (as the kernel's vfio-pci does when its last user goes), so DMA the departed
+    guest programmed cannot land in the memory the next client maps at the same IOVAs. The
+    rest of the device's state is kept (test_device_state_survives_the_client)."""
+    values = _values(scenario)
+    assert values["reconnect_bus_master"] == "False"
+
+
 def test_a_live_upgrade_keeps_the_passthrough_device_and_its_client(scenario: ScenarioRun) -> None:
     """SIGUSR2 to the guest vgpud with a client attached: the next image carries on with the
     VFIO container, group and device fds, the eventfd the kernel signals and the mapping in
