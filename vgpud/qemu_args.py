@@ -20,6 +20,7 @@ with none of its BARs assigned (seen with QEMU 11.1.3, SeaBIOS and a Linux 6.1 g
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ MIB = 1 << 20
 # The huge page sizes guest RAM may be backed with, as documented in docs/operations.md:
 # x86_64's two, which arm64 with 4 KiB pages has too.
 HUGEPAGE_SIZES = (2 << 20, 1 << 30)
+# What QEMU takes as a device id (its id_wellformed()): anything else, a device name such as
+# "0" or "gpu 0" that vgpud itself serves, is refused ("Invalid qdev ID").
+QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 
 
 class GuestBar(NamedTuple):
@@ -189,6 +193,15 @@ def plan(
         raise ValueError(f"unknown arch {arch!r} (x86_64 or aarch64)")
     if accel not in ("tcg", "kvm"):
         raise ValueError(f"unknown accel {accel!r} (tcg or kvm)")
+    ports = {port_id(index) for index in range(len(devices))}
+    for device in devices:
+        if not QEMU_ID.fullmatch(device.id):
+            raise ValueError(
+                f"device name {device.id!r} is not a QEMU device id (a letter, then letters, "
+                "digits, '-', '.' or '_'): rename the device (--name, or name in the config)"
+            )
+        if device.id in ports:  # QEMU: "Duplicate device ID"
+            raise ValueError(f"device name {device.id!r} is the id of a root port: rename it")
     if hotplug and numa:
         # The generic-initiator objects name the GPU, which must then exist at start-up, and
         # the guest reads the NUMA affinity from ACPI tables built once, at boot.

@@ -109,6 +109,16 @@ def test_bad_guest_sizes_never_reach_qemu(options: dict[str, object], flag: str)
         build([GuestDevice("/s", GH200_BARS)], **options)
 
 
+@pytest.mark.parametrize("name", ["0", "gpu 0", "gpu,0", "gpu:0", "rp0"])
+def test_device_names_qemu_refuses_never_reach_qemu(name: str) -> None:
+    # vgpud serves a device of any file-name-safe name, but the name is the GPU's QEMU id:
+    # QEMU 11.1.3 refuses "0" and "gpu 0" ("Invalid qdev ID"), and "rp0" is its root port's
+    # ("Duplicate device ID").
+    with pytest.raises(ValueError, match=f"^device name '{name}'"):
+        build([GuestDevice("/s", GH200_BARS, id=name)])
+    build([GuestDevice("/s", GH200_BARS, id="tray-a.gpu_0")])
+
+
 def test_guest_sizes_in_qemu_spelling() -> None:
     args = build([GuestDevice("/s", GH200_BARS)], ram="2GiB", hugepages="2048K")
     assert _value(args, "-m") == ["2G"]
