@@ -34,7 +34,6 @@ import xml.etree.ElementTree as ET
 
 from vgpud.qemu_args import (
     Q35_DEFAULT_HOLE64,
-    TCG_PHYS_BITS,
     VIRT_DEFAULT_HIGHMEM_MMIO,
     Machine,
     device_add_commands,
@@ -134,7 +133,7 @@ def _cpu(machine: Machine) -> ET.Element:
     else:
         cpu = ET.Element("cpu", mode="maximum", match="exact", check="none")
         if x86:  # arm64's address width is the CPU model's own (libvirt: x86 only)
-            ET.SubElement(cpu, "maxphysaddr", mode="emulate", bits=str(TCG_PHYS_BITS))
+            ET.SubElement(cpu, "maxphysaddr", mode="emulate", bits=str(machine.phys_bits))
     if machine.numa:
         numa = ET.SubElement(cpu, "numa")
         ram = str(machine.ram_size >> 20)

@@ -31,9 +31,15 @@ from vgpud.units import parse_size
 Q35_DEFAULT_HOLE64 = 32 << 30  # Q35_PCI_HOST_HOLE64_SIZE_DEFAULT
 VIRT_DEFAULT_HIGHMEM_MMIO = 512 << 30
 GI_NODES_PER_GPU = 8
-# 46 bits (64 TiB) covers every window this tool computes for the profiles we ship; with
-# KVM the host's own width is used instead (host-phys-bits).
+# The x86 guest's physical address width under TCG: 46 bits (64 TiB) unless the 64-bit hole
+# ends above that (Machine.phys_bits); with KVM the host's own width is used instead
+# (host-phys-bits).
 TCG_PHYS_BITS = 46
+# Where q35 starts the 64-bit hole at the latest: after guest RAM above 4 GiB, which QEMU moves
+# to 1 TiB (the AMD HyperTransport hole) once the hole reaches that high, as it does for the
+# large windows here (seen with QEMU 11.1.3: a 64T hole refused with phys-bits=46, "Address
+# space limit 0x3fffffffffff < 0x40ffffffffff").
+Q35_HOLE64_START_MAX = 1 << 40
 MIB = 1 << 20
 # The huge page sizes guest RAM may be backed with, as documented in docs/operations.md:
 # x86_64's two, which arm64 with 4 KiB pages has too.
@@ -144,6 +150,15 @@ class Machine:
     def ram(self) -> str:
         return qemu_size(self.ram_size)
 
+    @property
+    def phys_bits(self) -> int:
+        """The x86 TCG guest's physical address width: QEMU refuses to start when the 64-bit
+        hole ends beyond it (spec vfio-user.md §6, §11)."""
+        # The hole starts on a 1 GiB boundary after RAM above 4 GiB (at most all of it).
+        ram = -(-self.ram_size // (1 << 30)) << 30
+        hole_end = Q35_HOLE64_START_MAX + ram + max(self.window, Q35_DEFAULT_HOLE64)
+        return max(TCG_PHYS_BITS, (hole_end - 1).bit_length())
+
     def cpus(self) -> str:
         """The guest's CPU list, as ``-numa`` and libvirt's ``<cell cpus=>`` spell it."""
         return f"0-{self.smp - 1}" if self.smp > 1 else "0"
@@ -230,7 +245,7 @@ def arguments(machine: Machine) -> list[str]:
         args += ["-machine", f"q35{machine_ram}", "-accel", accel]
         args += [
             "-cpu",
-            "host,host-phys-bits=on" if accel == "kvm" else f"max,phys-bits={TCG_PHYS_BITS}",
+            "host,host-phys-bits=on" if accel == "kvm" else f"max,phys-bits={machine.phys_bits}",
         ]
         if machine.window > Q35_DEFAULT_HOLE64:
             args += ["-global", f"q35-pcihost.pci-hole64-size={qemu_size(machine.window)}"]

@@ -123,6 +123,19 @@ def test_kvm_and_hugepages() -> None:
     assert page is not None and page.attrib == {"size": "1048576", "unit": "KiB"}
 
 
+def test_guest_addresses_reach_the_end_of_a_large_hole() -> None:
+    # The QEMU form's width (test_qemu_args.py): a 64 TiB hole from 1 TiB needs 47 bits.
+    gb300 = [BAR0, GuestBar(64 << 20), GuestBar(512 << 30)]
+    devices = [GuestDevice(f"/s{i}", gb300, id=f"gpu{i}") for i in range(MAX_DEVICES)]
+    domain = ET.fromstring(domain_xml(plan(devices, hotplug=True, ram="16G")))
+    assert domain.find("cpu/maxphysaddr").attrib == {"mode": "emulate", "bits": "46"}  # type: ignore[union-attr]
+    # MAX_DEVICES GPUs of twice the memory: the same 64 TiB.
+    big = [BAR0, GuestBar(64 << 20), GuestBar(1 << 40)]
+    devices = [GuestDevice(f"/s{i}", big, id=f"gpu{i}") for i in range(MAX_DEVICES)]
+    domain = ET.fromstring(domain_xml(plan(devices, hotplug=True)))
+    assert domain.find("cpu/maxphysaddr").attrib == {"mode": "emulate", "bits": "47"}  # type: ignore[union-attr]
+
+
 def test_aarch64_domain() -> None:
     """``virt`` with GICv3; no pcihole64 and no maxphysaddr (x86 elements); a window larger
     than virt's default 512 GiB as a second ``-machine`` (GB200 186 GiB: BAR4 256 GiB)."""

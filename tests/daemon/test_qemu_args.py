@@ -177,6 +177,19 @@ def test_hotplug_reserves_only_the_windows_a_device_needs() -> None:
     ]
 
 
+def test_guest_addresses_reach_the_end_of_a_large_hole() -> None:
+    # 16 hot-plugged GB300s (BAR4 512 GiB each): a 64 TiB hole, which q35 starts at 1 TiB, so
+    # it ends above 46 bits (QEMU 11.1.3 with phys-bits=46: "Address space limit
+    # 0x3fffffffffff < 0x40ffffffffff phys-bits too low (46)"; 47 starts).
+    gb300 = [BAR0, GuestBar(64 << 20), GuestBar(512 << 30)]
+    devices = [GuestDevice(f"/s{i}", gb300, id=f"gpu{i}") for i in range(16)]
+    args = build(devices, hotplug=True)
+    assert _value(args, "-global") == ["q35-pcihost.pci-hole64-size=64T"]
+    assert _value(args, "-cpu") == ["max,phys-bits=47"]
+    # Half of them fit the default width.
+    assert _value(build(devices[:8], hotplug=True), "-cpu") == ["max,phys-bits=46"]
+
+
 def test_hotplug_refuses_numa() -> None:
     # The generic-initiator objects name the GPU, so it must be there at start-up.
     with pytest.raises(ValueError, match=r"^--numa needs the GPU present at start-up"):
