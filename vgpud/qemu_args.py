@@ -31,6 +31,9 @@ from vgpud.units import parse_size
 Q35_DEFAULT_HOLE64 = 32 << 30  # Q35_PCI_HOST_HOLE64_SIZE_DEFAULT
 VIRT_DEFAULT_HIGHMEM_MMIO = 512 << 30
 GI_NODES_PER_GPU = 8
+# QEMU's MAX_NODES: with 8 generic-initiator nodes per GPU and guest RAM's node 0, at most
+# 15 GPUs (QEMU 11.1.3 refuses node 128: "Max number of NUMA nodes reached: 128").
+QEMU_MAX_NUMA_NODES = 128
 # The x86 guest's physical address width under TCG: 46 bits (64 TiB) unless the 64-bit hole
 # ends above that (Machine.phys_bits); with KVM the host's own width is used instead
 # (host-phys-bits).
@@ -217,6 +220,12 @@ def plan(
             )
         if device.id in ports:  # QEMU: "Duplicate device ID"
             raise ValueError(f"device name {device.id!r} is the id of a root port: rename it")
+    nodes = 1 + GI_NODES_PER_GPU * len(devices)
+    if numa and nodes > QEMU_MAX_NUMA_NODES:
+        raise ValueError(
+            f"--numa: {len(devices)} GPUs need {nodes} NUMA nodes, QEMU has at most "
+            f"{QEMU_MAX_NUMA_NODES} ({GI_NODES_PER_GPU} per GPU and guest RAM's)"
+        )
     if hotplug and numa:
         # The generic-initiator objects name the GPU, which must then exist at start-up, and
         # the guest reads the NUMA affinity from ACPI tables built once, at boot.

@@ -77,6 +77,15 @@ def test_tray_gets_distinct_ports_and_nodes() -> None:
     assert "acpi-generic-initiator,id=gi15,pci-dev=gpu1,node=16" in _value(args, "-object")
 
 
+def test_numa_stays_within_qemus_nodes() -> None:
+    # 8 nodes per GPU and node 0: 15 GPUs take 121 of QEMU's 128 nodes; 16 would need 129
+    # (QEMU 11.1.3: "-numa node,nodeid=128: Max number of NUMA nodes reached: 128").
+    devices = [GuestDevice(f"/s{i}", GH200_BARS, id=f"gpu{i}") for i in range(16)]
+    assert _value(build(devices[:15], numa=True), "-numa")[-1] == "node,nodeid=120"
+    with pytest.raises(ValueError, match=r"^--numa: 16 GPUs need 129 NUMA nodes"):
+        build(devices, numa=True)
+
+
 def test_shell_rendering_quotes_json() -> None:
     text = render_shell(build([GuestDevice("/s", GH200_BARS)]), "qemu-system-x86_64")
     assert '\'{"driver":"vfio-user-pci"' in text
