@@ -29,6 +29,7 @@ The domain is a starting point: no disk, no kernel, no console, no network; add 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import xml.etree.ElementTree as ET
 
@@ -109,9 +110,11 @@ def _hotplug_comment(machine: Machine, name: str) -> str:
         " Removing one (device_del) aborts QEMU 11.1.3 unless vgpud serves that GPU",
         " without MSI-X (its no-msix flag). ",
     ]
-    # A comment may not hold "--" (nor end in "-"); in a JSON string "-\u002d" is the same
-    # two characters, so the commands still paste as they are meant.
-    return "\n".join(lines).replace("--", "-\\u002d")
+    # A comment may not hold "--" (nor end in "-"). A dash before another is written "-''",
+    # which the shell reads as that dash in a bare word and in a single-quoted one alike (all
+    # shlex quotes), so the commands paste as they are meant: the JSON's socket path, and the
+    # domain name, where a JSON escape would not do.
+    return re.sub("-(?=-)", "-''", "\n".join(lines))
 
 
 def _memory_backing(machine: Machine) -> ET.Element:
