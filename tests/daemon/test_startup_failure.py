@@ -13,6 +13,7 @@ from backends.synthetic.memory import BackingFile
 from vgpud import daemon
 from vgpud.config import DaemonConfig, single_device
 from vgpud.daemon import StartupError
+from vgpud.server.listener import ListenerError, group_id
 
 
 def open_fds() -> set[int]:
@@ -59,6 +60,31 @@ async def test_an_unknown_socket_group_fails_before_any_file_is_made(tmp_path: P
         )
     )
     with pytest.raises(StartupError, match="device gpu0: unknown group 'no-such-group-here'"):
+        await daemon.run(config)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("gid", ["99999999999", "4294967295"])
+def test_a_group_number_chown_cannot_set_is_unknown(gid: str) -> None:
+    """Past gid_t, os.chown raised OverflowError; (gid_t)-1 is chown's "no change"."""
+    with pytest.raises(ListenerError, match=f"unknown group '{gid}'"):
+        group_id(gid)
+    assert group_id("4294967294") == 4294967294
+
+
+async def test_a_group_number_past_gid_t_fails_before_any_file_is_made(tmp_path: Path) -> None:
+    """It used to pass the check, and the start died on a traceback (OverflowError from
+    chown) with the memory files made and the socket file left behind."""
+    config = DaemonConfig(
+        (
+            single_device(
+                socket_path=tmp_path / "gpu0.sock",
+                socket_group="99999999999",
+                backing_dir=tmp_path / "mem",
+            ),
+        )
+    )
+    with pytest.raises(StartupError, match="device gpu0: unknown group '99999999999'"):
         await daemon.run(config)
     assert os.listdir(tmp_path) == []
 

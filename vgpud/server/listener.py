@@ -45,6 +45,8 @@ _LISTEN_BACKLOG = 8
 # (it ends at its next read; only one blocked sending replies to a half-closed client that
 # no longer reads them takes longer).
 HANDOVER_TIMEOUT = 5.0
+# (gid_t)-1: chown(2)'s "no change", and so no group of its own.
+_NO_GID = (1 << 32) - 1
 
 # What the server offers in its VERSION reply (spec vfio-user.md §3.1, R8): max_msg_fds is
 # explicit because QEMU assumes 8 when absent; 16 is QEMU's own limit.
@@ -116,7 +118,11 @@ def group_id(group: str) -> int:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        if group.isdigit():
+        # A number must be a gid chown(2) can set: past gid_t it raised OverflowError out of
+        # the socket's set-up (a traceback, the socket file left behind), and (gid_t)-1 means
+        # "leave the group as it is", which would serve a group-writable socket of the
+        # daemon's own group.
+        if group.isdigit() and int(group) < _NO_GID:
             return int(group)
         raise ListenerError(f"unknown group {group!r}") from None
 
