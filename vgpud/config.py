@@ -198,6 +198,10 @@ def load_file(path: Path) -> DaemonConfig:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables by recursion: a file deeper than the
+        # stack is as unreadable as bad TOML (and a reload must say so, not die of it).
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     return parse(raw, source=str(path))
 
 

@@ -254,6 +254,19 @@ async def test_a_file_that_does_not_parse_changes_nothing(tmp_path: Path) -> Non
                 await client.region_read(CONFIG, 0, 4)
 
 
+async def test_a_file_nested_too_deeply_to_parse_changes_nothing(tmp_path: Path) -> None:
+    """tomllib parses arrays by recursion: a file nested deeper than Python's stack raised
+    RecursionError, which no reload caught, and the daemon died with every VM's GPU."""
+    async with running(tmp_path, {"gpu0": ""}) as daemon_:
+        daemon_.config.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+        signal.raise_signal(signal.SIGHUP)
+        await wait_for_event(daemon_.logs, "reload failed, nothing changed")
+        [failed] = [e for e in daemon_.logs if e["event"] == "reload failed, nothing changed"]
+        assert "nested too deeply" in failed["error"]
+        async with await daemon_.connect("gpu0") as client:
+            await client.region_read(CONFIG, 0, 4)
+
+
 async def test_daemon_settings_need_a_restart_and_say_so(tmp_path: Path) -> None:
     async with running(tmp_path, {"gpu0": ""}) as daemon_:
         write_tray(daemon_.config, {"gpu0": ""}, '[daemon]\nlog_level = "debug"\n')
