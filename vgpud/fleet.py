@@ -471,7 +471,13 @@ class Fleet:
 
     async def _restore(self, config: DeviceConfig, outcome: ReloadOutcome) -> None:
         try:
-            await self._listen_and_start(*await self._prepare(config))
+            built, files = await self._prepare(config)
+            # The budget was shared out while it was down (its release, then _start_all):
+            # count it again before it serves, or each client gets more than its share.
+            if not self._share_again([live.built.device for live in self.devices] + [built.device]):
+                built.release()
+                raise DeviceStartError("too many devices")
+            await self._listen_and_start(built, files)
         except DEVICE_ERRORS as exc:
             self._log.error(
                 "device is no longer served: it started neither with its new settings nor "

@@ -241,6 +241,25 @@ async def test_a_device_that_cannot_start_changed_comes_back_as_it_was(tmp_path:
             assert await gpu0.region_read(BAR4, 0x400, 8) == b"survived"
 
 
+async def test_a_device_back_with_its_old_settings_counts_in_the_budget(tmp_path: Path) -> None:
+    """gpu1's new settings fail and it comes back as it was: two devices are served, so
+    each client's share is still half the budget. It used to be shared out while gpu1 was
+    down, over gpu0 alone, and never again: both clients got the whole of it."""
+    (tmp_path / "a-file").write_text("")
+    async with running(tmp_path, {"gpu0": "", "gpu1": ""}) as daemon_:
+        [ready] = [e for e in daemon_.logs if e["event"] == "ready"]
+        reloaded = await daemon_.reload(
+            {"gpu0": "", "gpu1": f'backing_dir = "{tmp_path}/a-file/m"'}
+        )
+        assert reloaded["failed"] == ["gpu1"] and reloaded["kept"] == ["gpu1"]
+        assert daemon_.names == ["gpu0", "gpu1"]
+        assert reloaded["max_dma_maps"] == ready["max_dma_maps"]
+        for name in ("gpu0", "gpu1"):
+            async with await daemon_.connect(name) as client:
+                assert client.server_capabilities is not None
+                assert client.server_capabilities.max_dma_maps == ready["max_dma_maps"]
+
+
 async def test_a_file_that_does_not_parse_changes_nothing(tmp_path: Path) -> None:
     async with running(tmp_path, {"gpu0": "", "gpu1": ""}) as daemon_:
         daemon_.config.write_text('[[device]]\nname = "gpu0"\nmemory_size = "lots"\n')
