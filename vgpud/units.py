@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {
     "": 1,
@@ -41,12 +42,10 @@ def parse_size(text: str | int) -> int:
     if match is None or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (examples: 96GiB, 512MiB, 4096)")
     number, unit = match.groups()
-    scaled = (
-        float(number) * _UNITS[unit.lower()]
-        if "." in number
-        else int(number) * _UNITS[unit.lower()]
-    )
-    if scaled != int(scaled):
+    # Exact, not a float: 1.001GB came out 1000999999.9999999 bytes (refused as not whole)
+    # and 16.0000000000000001GiB exactly 16 GiB (accepted as if that had been written).
+    scaled = Fraction(number) * _UNITS[unit.lower()]
+    if scaled.denominator != 1:
         raise ValueError(f"size is not a whole number of bytes: {text!r}")
     return int(scaled)
 

@@ -22,6 +22,8 @@ from vgpud.units import format_size, parse_size
         ("4096", 4096),
         ("0x4000", 0x4000),
         ("1GB", 10**9),
+        ("1.001GB", 1_001_000_000),
+        ("0.5KiB", 512),
         (" 2 TiB ", 2 << 40),
         (123, 123),
     ],
@@ -30,7 +32,9 @@ def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "12XB", "-1", "1.3B", "0xZZ", "ninety"])
+@pytest.mark.parametrize(
+    "text", ["", "GiB", "12XB", "-1", "1.3B", "0xZZ", "ninety", "16.0000000000000001GiB"]
+)
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(text)
