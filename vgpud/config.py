@@ -401,12 +401,15 @@ def _check_unique(devices: tuple[DeviceConfig, ...], source: str) -> None:
         if device.name in seen_names:
             raise ConfigError(f"{source}: two devices are named {device.name!r}")
         seen_names.add(device.name)
-        if device.socket_path is not None:
-            # Spelled differently ("x/../a.sock") is still one socket.
-            socket_path = Path(os.path.abspath(device.socket_path))
-            if socket_path in seen_sockets:
-                raise ConfigError(f"{source}: two devices use socket {device.socket_path}")
-            seen_sockets.add(socket_path)
+        # Spelled differently ("x/../a.sock") is still one socket, and so is another device's
+        # default path: it failed only once the memory files were made, as "another server
+        # is already listening".
+        socket_path = Path(os.path.abspath(device.socket_path or default_socket_path(device.name)))
+        if socket_path in seen_sockets:
+            raise ConfigError(
+                f"{source}: two devices use socket {device.socket_path or socket_path}"
+            )
+        seen_sockets.add(socket_path)
         if device.vfio_device is not None:
             if device.vfio_device in seen_vfio:
                 raise ConfigError(f"{source}: two devices are vfio_device {device.vfio_device}")

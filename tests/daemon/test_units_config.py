@@ -239,6 +239,19 @@ def test_more_bad_config(raw: dict[str, object], message: str) -> None:
         parse(raw)
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_a_socket_path_that_is_another_devices_default_is_a_duplicate(
+    monkeypatch: pytest.MonkeyPatch, order: int
+) -> None:
+    """gpu0 listens on its default path, $XDG_RUNTIME_DIR/vgpud/gpu0.sock; a gpu1 given that
+    path used to pass, and the start failed once the memory files were made ("another
+    server is already listening")."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/r")
+    devices = [{"name": "gpu0"}, {"name": "gpu1", "socket_path": "/r/vgpud/gpu0.sock"}]
+    with pytest.raises(ConfigError, match=r"two devices use socket /r/vgpud/gpu0\.sock"):
+        parse({"device": devices[::order]})
+
+
 def test_decimal_units_and_negative_ints() -> None:
     assert parse_size("1kB") == 1000
     assert parse_size("2MB") == 2 * 1000**2
