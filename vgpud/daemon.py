@@ -449,6 +449,12 @@ async def _reload(fleet: Fleet, load: Callable[[], DaemonConfig], log: Any) -> N
         except ConfigError as exc:
             log.error("reload failed, nothing changed", error=str(exc))
             return
+        except Exception:
+            # A bug in vgpud reading the file (tomllib's RecursionError was one until it
+            # became a ConfigError): nothing has changed yet, so the devices go on being
+            # served, as after a failure part-way below; stopping would take every VM's GPU.
+            log.exception("reload failed, nothing changed")
+            return
         try:
             outcome = await fleet.reload(wanted)
         except Exception:

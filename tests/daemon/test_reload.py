@@ -286,6 +286,24 @@ async def test_a_file_nested_too_deeply_to_parse_changes_nothing(tmp_path: Path)
             await client.region_read(CONFIG, 0, 4)
 
 
+async def test_a_reload_that_fails_reading_its_file_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever reading the file raises, not only a ConfigError (the RecursionError above
+    was one such bug): the reload fails, the devices go on being served."""
+    async with running(tmp_path, {"gpu0": ""}) as daemon_:
+
+        def broken(*_: object, **__: object) -> None:
+            raise UnicodeEncodeError("ascii", "gpu\u00e9", 3, 4, "a locale without UTF-8")
+
+        monkeypatch.setattr("vgpud.config.parse", broken)
+        signal.raise_signal(signal.SIGHUP)
+        await wait_for_event(daemon_.logs, "reload failed, nothing changed")
+        assert daemon_.names == ["gpu0"]
+        async with await daemon_.connect("gpu0") as client:
+            await client.region_read(CONFIG, 0, 4)
+
+
 async def test_daemon_settings_need_a_restart_and_say_so(tmp_path: Path) -> None:
     async with running(tmp_path, {"gpu0": ""}) as daemon_:
         write_tray(daemon_.config, {"gpu0": ""}, '[daemon]\nlog_level = "debug"\n')
