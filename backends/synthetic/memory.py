@@ -37,6 +37,7 @@ import structlog
 
 from backends.backend import MemoryWindow
 from backends.device import DeviceError
+from backends.trusted_dirs import untrusted_directory
 
 _log = structlog.get_logger("vgpud")
 
@@ -314,6 +315,12 @@ class MemoryBacking:
         if self._lock_fd >= 0:
             return
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        reason = untrusted_directory(self.directory)
+        if reason is not None:
+            raise BackingFileError(
+                f"backing directory {self.directory} refused: {reason} "
+                "(docs/security.md; choose another backing_dir or fix the owner/mode)"
+            )
         fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             # A lock belongs to the open file description, so a second device of this very

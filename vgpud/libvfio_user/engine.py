@@ -68,6 +68,7 @@ from vgpud.server.listener import (
     group_id,
     peer_closed,
     peer_credentials,
+    prepare_socket_directory,
     remove_if_stale,
 )
 from vgpud.server.refusal import Refusals
@@ -163,7 +164,7 @@ class LibvfioUserServer:
                 )
             else:
                 path = self.socket_path
-                path.parent.mkdir(parents=True, exist_ok=True)
+                prepare_socket_directory(path)
                 remove_if_stale(path)
                 self._create_ctx(path)
                 if self._socket_group is not None:

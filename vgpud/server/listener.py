@@ -29,6 +29,7 @@ import trio
 
 import protocol as p
 from backends.device import VfioDevice
+from backends.trusted_dirs import untrusted_directory
 from vgpud.log_limit import LogLimiter
 from vgpud.mappers import SharedMemoryCheck
 from vgpud.memory_files import MemoryFiles
@@ -59,6 +60,19 @@ class ListenerError(Exception):
     """A socket could not be set up; the message says which and why."""
 
 
+def prepare_socket_directory(path: Path) -> None:
+    """Make the directory for the socket at ``path``, and refuse it if another user could
+    replace the socket there (backends/trusted_dirs.py: /tmp/vgpud, made first by someone
+    else, say)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reason = untrusted_directory(path.parent)
+    if reason is not None:
+        raise ListenerError(
+            f"cannot listen on {path}: {reason} (docs/security.md; choose another socket "
+            "path or fix the owner/mode)"
+        )
+
+
 def bind_unix_listener(path: Path, mode: int = 0o600, group: str | None = None) -> socket.socket:
     """Create a listening socket at ``path`` with exactly ``mode`` and ``group``.
 
@@ -66,7 +80,7 @@ def bind_unix_listener(path: Path, mode: int = 0o600, group: str | None = None) 
     not a socket, is an error -- silently stealing another daemon's socket would cut its VM
     off.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_socket_directory(path)
     remove_if_stale(path)
     gid = group_id(group) if group is not None else None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
