@@ -43,7 +43,7 @@ import trio
 
 from backends.synthetic.profiles import NVIDIA_VENDOR_ID
 from benchmarks.guest_access import pattern
-from benchmarks.roundtrip import SAMPLE_BAR1_HINT
+from benchmarks.roundtrip import exit_before_listening
 from tests.e2e.assets import Assets, AssetsMissingError
 from tests.e2e.expect import read_backing_bytes
 from tests.e2e.harness import Harness, ScenarioRun, run_scenario
@@ -136,13 +136,10 @@ def peer_guest(assets: Assets, settings: Settings, server: str) -> GuestRun:
             with trio.fail_after(SERVER_SOCKET_TIMEOUT):
                 while not sock.exists():  # nothing to wait on but the file, or the exit
                     if process.poll() is not None:
-                        # Say why now, not after the timeout (roundtrip.SAMPLE_BAR1_HINT).
+                        # Say why now, not after the timeout.
                         log.flush()
-                        said = (h.workdir / "peer.log").read_text(errors="replace").strip()
-                        raise RuntimeError(
-                            f"{server} exited with status {process.returncode} before it "
-                            f"listened: {said}\n{SAMPLE_BAR1_HINT}"
-                        )
+                        said = (h.workdir / "peer.log").read_text(errors="replace")
+                        raise RuntimeError(exit_before_listening(server, process.returncode, said))
                     await trio.sleep(0.01)
             # Machine and root port as `vgpud qemu-args` prints them, with this socket.
             qemu_args = qemu_device_args(sock, "gh200", MEMORY_SIZE, assets.arch)

@@ -229,15 +229,20 @@ class ServerExitedError(RuntimeError):
     """A server exited before it listened."""
 
     def __init__(self, server: Server) -> None:
-        said = server.stderr.read_text(errors="replace").strip().splitlines()[-5:]
-        message = (
-            f"{server.cmd[0]} exited with status {server.process.returncode} before it listened"
-        )
-        if said:
-            message += ":\n  " + "\n  ".join(said)
-        if any("must be a power of 2" in line for line in said):
-            message += "\n" + SAMPLE_BAR1_HINT
-        super().__init__(message)
+        said = server.stderr.read_text(errors="replace")
+        super().__init__(exit_before_listening(server.cmd[0], server.process.returncode, said))
+
+
+def exit_before_listening(program: str, status: int | None, said: str) -> str:
+    """What to tell the user of a server that exited before it listened: its last lines,
+    and the fix when it is the known reason (:data:`SAMPLE_BAR1_HINT`)."""
+    lines = said.strip().splitlines()[-5:]
+    message = f"{program} exited with status {status} before it listened"
+    if lines:
+        message += ":\n  " + "\n  ".join(lines)
+    if any("must be a power of 2" in line for line in lines):
+        message += "\n" + SAMPLE_BAR1_HINT
+    return message
 
 
 # What to do about the one known reason libvfio-user's sample server does not start.
