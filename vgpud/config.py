@@ -294,11 +294,15 @@ def _parse_device(raw: Any, where: str) -> DeviceConfig:
     if not name or "/" in name or "\0" in name or name.startswith("."):
         raise ConfigError(f"{where}: name {name!r} must be a non-empty file-name-safe string")
     socket_path = _path(raw, "socket_path", where)
-    if socket_path is not None and len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
-        # sun_path holds 108 bytes with the terminating NUL (unix(7)).
+    # sun_path holds 108 bytes with the terminating NUL (unix(7)). A long name makes a long
+    # default path too, which used to fail at bind, after the memory files were made.
+    effective = socket_path or default_socket_path(name)
+    if len(os.fsencode(effective)) > MAX_SOCKET_PATH:
+        what = "socket_path" if socket_path is not None else f"the default socket path {effective}"
         raise ConfigError(
-            f"{where}: socket_path is {len(os.fsencode(socket_path))} bytes, more than a UNIX "
+            f"{where}: {what} is {len(os.fsencode(effective))} bytes, more than a UNIX "
             f"socket address holds ({MAX_SOCKET_PATH})"
+            + ("" if socket_path is not None else "; give a shorter name or a socket_path")
         )
     profile = _string(raw, "profile", DEFAULT_PROFILE, where)
     if profile not in PROFILES:

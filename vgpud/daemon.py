@@ -42,7 +42,12 @@ from vgpud.fleet import DeviceStartError, Endpoint, Fleet, ServedDevice
 from vgpud.libvfio_user.ffi import EngineUnavailable, Library, load_library
 from vgpud.mappers import describe, find_mappers
 from vgpud.memory_files import MemoryFiles
-from vgpud.server.listener import ListenerError, check_unix_stream, group_id
+from vgpud.server.socket_files import (
+    ListenerError,
+    check_unix_stream,
+    group_id,
+    group_refusal,
+)
 from vgpud.signals import (
     RELOAD_SIGNAL,
     STATUS_SIGNAL,
@@ -334,35 +339,37 @@ async def _start_fresh(
     config: DaemonConfig, inherited_fd: int | None, fleet: Fleet, log: Any
 ) -> None:
     """Build, ready and serve every configured device in ``fleet``."""
+    inherited = _inherited_sockets(config, inherited_fd)
+    endpoints: list[Endpoint] = []  # those not yet handed to the fleet
     built: list[BuiltDevice] = []  # those not yet handed to the fleet
     try:
-        for device_config in config.devices:
-            built.append(build_device(device_config))
-        for device in built:
-            await wait_ready(device, log.bind(device=device.name))
-        for device in built:
-            if device.config.prealloc:
-                await preallocate(device, log.bind(device=device.name))
-        # Before any client can attach (the libvfio-user engine serves from threads of its
-        # own, and only those may ask the device anything then).
-        memory_files = {device.name: MemoryFiles(device.device) for device in built}
-    except _DEVICE_FAILURES as exc:
-        for device in built:
-            device.release()
-        raise StartupError(str(exc)) from exc
-    inherited: list[socket.socket | None] = []
-    endpoints: list[Endpoint] = []  # those not yet handed to the fleet
-    try:
         try:
-            max_dma_maps = dma_map_limit([device.device for device in built])
-        except BudgetError as exc:
+            # Every socket path is claimed before any memory file is made: a path another
+            # daemon holds, or a directory another user owns, fails the start with nothing
+            # made (vgpud/server/socket_files.py).
+            for index, device_config in enumerate(config.devices):
+                endpoints.append(fleet.claim_endpoint(device_config, inherited[index]))
+                inherited[index] = None  # the endpoint's now
+        except ListenerError as exc:
             raise StartupError(str(exc)) from exc
-        inherited = _inherited_sockets(config, inherited_fd)
+        try:
+            for device_config in config.devices:
+                built.append(build_device(device_config))
+            for device in built:
+                await wait_ready(device, log.bind(device=device.name))
+            for device in built:
+                if device.config.prealloc:
+                    await preallocate(device, log.bind(device=device.name))
+            # Before any client can attach (the libvfio-user engine serves from threads of
+            # its own, and only those may ask the device anything then).
+            memory_files = {device.name: MemoryFiles(device.device) for device in built}
+            max_dma_maps = dma_map_limit([device.device for device in built])
+        except (*_DEVICE_FAILURES, BudgetError) as exc:
+            raise StartupError(str(exc)) from exc
         fleet.share(max_dma_maps)
         try:
-            for index, device_config in enumerate(config.devices):
-                endpoints.append(fleet.open_endpoint(device_config, inherited[index]))
-                inherited[index] = None  # the endpoint's now
+            for endpoint, device in zip(endpoints, built, strict=True):
+                fleet.listen(endpoint, device.config)
             while built:
                 device, endpoint = built.pop(0), endpoints.pop(0)
                 await fleet.start(device, memory_files[device.name], endpoint)
@@ -490,14 +497,19 @@ async def _startup_errors_unwrapped() -> AsyncIterator[None]:
 
 
 def _check_groups(config: DaemonConfig) -> None:
-    """Every socket_group exists (checked before any memory file is made, not when the socket
-    gets its group: a config audit found the files made, then the start failed)."""
+    """Every socket_group exists and the daemon can give its sockets to it (checked before
+    any memory file is made, not when the socket gets its group: a config audit found the
+    files made, then the start failed)."""
     for device in config.devices:
         if device.socket_group is not None:
             try:
-                group_id(device.socket_group)
+                refusal = group_refusal(group_id(device.socket_group))
             except ListenerError as exc:
                 raise RefusedConfigError(f"device {device.name}: {exc}") from exc
+            if refusal is not None:
+                raise RefusedConfigError(
+                    f"device {device.name}: socket_group {device.socket_group}: {refusal}"
+                )
 
 
 def _load_engine(config: DaemonConfig) -> Library | None:

@@ -30,11 +30,12 @@ from vgpud.libvfio_user.ffi import EngineUnavailable, Library
 from vgpud.libvfio_user.thread import serve_device_on_thread
 from vgpud.memory_files import MemoryFiles
 from vgpud.reload import plan, settings_changed
-from vgpud.server.listener import (
-    SERVER_CAPABILITIES,
-    DeviceServer,
+from vgpud.server.listener import SERVER_CAPABILITIES, DeviceServer
+from vgpud.server.socket_files import (
     ListenerError,
-    bind_unix_listener,
+    SocketClaim,
+    claim_socket_path,
+    listen_on_claim,
 )
 
 StatusT_contra = TypeVar("StatusT_contra", contravariant=True)
@@ -93,22 +94,29 @@ class _Then(Generic[StatusT_contra]):
 class Endpoint:
     """Where a device is served. ``sock``: the socket it listens on (bound by the daemon
     for the Python engine; inherited, for either engine) or None (the libvfio-user engine
-    binds ``path`` itself). ``ours``: the daemon made the socket file and removes it."""
+    binds ``path`` itself). ``claim``: the daemon's hold on ``path`` (vgpud/server/
+    socket_files.py), for a socket it binds, or the library does; released at close, with
+    the socket file if the daemon bound it and it is still that file."""
 
     path: Path
     sock: socket.socket | None
-    ours: bool
+    claim: SocketClaim | None = None
     connected: bool = False  # an inherited connected socket (--fd): one client, then stop
 
     @property
+    def ours(self) -> bool:
+        """The daemon made the socket file (and removes it)."""
+        return self.claim is not None and self.claim.socket_file is not None
+
+    @property
     def inherited(self) -> bool:
-        return self.sock is not None and not self.ours
+        return self.sock is not None and self.claim is None
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()  # a no-op once libvfio-user has taken an inherited one over
-        if self.ours:
-            self.path.unlink(missing_ok=True)
+        if self.claim is not None:
+            self.claim.release()
 
 
 @dataclass(eq=False)
@@ -166,17 +174,32 @@ class Fleet:
     def open_endpoint(self, config: DeviceConfig, inherited: socket.socket | None) -> Endpoint:
         """The device's socket: ``inherited``, else (Python engine) a new listening socket
         at its path; the libvfio-user engine binds the path itself. Raises ListenerError."""
+        endpoint = self.claim_endpoint(config, inherited)
+        try:
+            self.listen(endpoint, config)
+        except BaseException:
+            endpoint.close()
+            raise
+        return endpoint
+
+    def claim_endpoint(self, config: DeviceConfig, inherited: socket.socket | None) -> Endpoint:
+        """The device's socket as :meth:`open_endpoint` makes it, but a path of the
+        daemon's only claimed (vgpud/server/socket_files.py), not yet listened on: a start
+        claims every path before it makes any memory file. Raises ListenerError."""
         path = config.socket_path or default_socket_path(config.name)
         if inherited is not None:
             listening = inherited.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-            return Endpoint(path, inherited, ours=False, connected=not listening)
-        if self._library is not None:
-            return Endpoint(path, None, ours=False)
-        try:
-            sock = bind_unix_listener(path, config.socket_mode, config.socket_group)
-        except OSError as exc:
-            raise ListenerError(f"{path}: {exc.strerror}") from exc
-        return Endpoint(path, sock, ours=True)
+            return Endpoint(path, inherited, connected=not listening)
+        # The libvfio-user engine binds (and at its end unlinks) the path itself; the claim
+        # keeps another daemon off it meanwhile.
+        return Endpoint(path, None, claim_socket_path(path))
+
+    def listen(self, endpoint: Endpoint, config: DeviceConfig) -> None:
+        """Listen at a claimed ``endpoint`` (the Python engine; the libvfio-user engine
+        listens itself when it starts). Raises ListenerError."""
+        if endpoint.sock is not None or endpoint.claim is None or self._library is not None:
+            return
+        endpoint.sock = listen_on_claim(endpoint.claim, config.socket_mode, config.socket_group)
 
     async def start(
         self,

@@ -65,6 +65,7 @@ from vgpud.devices import BuiltDevice, take_over_device
 from vgpud.fleet import Endpoint, Fleet, LiveDevice
 from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import DeviceServer, peer_credentials
+from vgpud.server.socket_files import SocketClaim, lock_socket_path
 from vgpud.server.transport import close_fds
 from vgpud.signals import HeldSignals, quiet_thread
 
@@ -372,7 +373,9 @@ def _describe_device(live: LiveDevice) -> tuple[dict[str, Any], list[int]]:
     assert endpoint.sock is not None, "the Python engine serves a socket of the daemon's"
     server_state, server_fds = server.handover()
     device_state, device_fds = device.handover()
-    fds = sorted({endpoint.sock.fileno(), *server_fds, *device_fds})
+    claim = endpoint.claim
+    lock_fds = [] if claim is None else [claim.lock_fd]
+    fds = sorted({endpoint.sock.fileno(), *lock_fds, *server_fds, *device_fds})
     entry = {
         "config": live.config.to_json(),
         "endpoint": {
@@ -380,6 +383,10 @@ def _describe_device(live: LiveDevice) -> tuple[dict[str, Any], list[int]]:
             "fd": endpoint.sock.fileno(),
             "ours": endpoint.ours,
             "connected": endpoint.connected,
+            # The lock on the path goes with it (vgpud/server/socket_files.py), and which
+            # file the socket is, so that only that file is removed at stop.
+            "lock_fd": None if claim is None else claim.lock_fd,
+            "socket_file": None if claim is None else claim.socket_file,
         },
         "server": server_state,
         "device": device_state,
@@ -583,27 +590,54 @@ def _rebuild(entry: Mapping[str, Any]) -> tuple[BuiltDevice, MemoryFiles, Endpoi
     over, and its endpoint; raises for anything that does not fit."""
     config = DeviceConfig.from_json(entry["config"])
     raw_endpoint = entry["endpoint"]
+    path = Path(raw_endpoint["path"])
     built = take_over_device(config, entry["device"])
     try:
         files = MemoryFiles(built.device)
         sock = socket.socket(fileno=int(raw_endpoint["fd"]))
+        claim = _handed_claim(path, raw_endpoint)
     except BaseException:
         built.release()
         raise
-    endpoint = Endpoint(
-        Path(raw_endpoint["path"]),
-        sock,
-        ours=bool(raw_endpoint["ours"]),
-        connected=bool(raw_endpoint["connected"]),
-    )
+    endpoint = Endpoint(path, sock, claim, connected=bool(raw_endpoint["connected"]))
     return built, files, endpoint
 
 
+def _handed_claim(path: Path, raw_endpoint: Mapping[str, Any]) -> SocketClaim | None:
+    """The daemon's hold on its socket path, as the previous process had it: None for an
+    inherited socket. A process older than the lock (no ``lock_fd``) handed a socket it
+    bound without one: the lock is taken now, and the file at the path is taken for the
+    one it bound."""
+    if not raw_endpoint["ours"]:
+        return None
+    lock_fd = raw_endpoint.get("lock_fd")
+    if lock_fd is not None:
+        socket_file = raw_endpoint.get("socket_file")
+        return SocketClaim(
+            path,
+            int(lock_fd),
+            None if socket_file is None else (int(socket_file[0]), int(socket_file[1])),
+        )
+    claim = lock_socket_path(path)
+    claim.bound()
+    return claim
+
+
 def _remove_socket(entry: Mapping[str, Any]) -> None:
-    with contextlib.suppress(KeyError, TypeError, OSError):
+    """The socket of a device that could not be taken over, if it still is the one the
+    previous process bound (its lock fd was closed with the others)."""
+    with contextlib.suppress(KeyError, TypeError, ValueError, IndexError, OSError):
         endpoint = entry["endpoint"]
         if endpoint["ours"]:
-            Path(endpoint["path"]).unlink(missing_ok=True)
+            path = Path(endpoint["path"])
+            socket_file = endpoint.get("socket_file")
+            if socket_file is None:
+                path.unlink(missing_ok=True)  # from a process older than the lock
+                return
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (int(socket_file[0]), int(socket_file[1])):
+                path.unlink()
+        # Its lock file stays: unlocked now, another daemon may be taking it this moment.
 
 
 def handover_ms(handover: Handover) -> float:

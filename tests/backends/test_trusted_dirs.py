@@ -12,7 +12,7 @@ from backends.trusted_dirs import untrusted_directory
 from vgpud import daemon
 from vgpud.config import DaemonConfig, single_device
 from vgpud.daemon import StartupError
-from vgpud.server.listener import ListenerError, bind_unix_listener
+from vgpud.server.socket_files import ListenerError, bind_unix_listener
 
 OTHER_UID = 54321  # no user of this machine
 

@@ -214,6 +214,8 @@ def test_cxl_dvsec_flags_make_the_same_device() -> None:
         ({"device": [{"backing_dir": "/m\0x"}]}, "backing_dir must be a non-empty path"),
         ({"device": [{"name": "gpu\0"}]}, "file-name-safe"),
         ({"device": [{"socket_path": "/" + "s" * 107}]}, "108 bytes, more than a UNIX socket"),
+        # Used to fail at bind, with the memory files made.
+        ({"device": [{"name": "g" * 100}]}, "the default socket path .* give a shorter name"),
         ({"device": [{"socket_mode": True}]}, "socket_mode must be an octal string"),
         ({"device": [{"socket_mode": 6.9}]}, "socket_mode must be an octal string"),
         ({"device": [{"socket_group": ""}]}, "socket_group must be a group name or number"),

@@ -43,6 +43,7 @@ from vgpud import daemon as daemon_module
 from vgpud import upgrade as upgrade_module
 from vgpud.client import VfioUserClient, VfioUserError
 from vgpud.config import DaemonConfig, single_device
+from vgpud.server.socket_files import ListenerError, claim_socket_path
 from vgpud.upgrade import FREEZE_TIMEOUT
 
 BAR0, BAR4_REGISTER, CONFIG = 0, 0x20, 7
@@ -132,7 +133,12 @@ async def test_an_idle_daemon_upgrades_twice_and_takes_clients_after(
     async with await VfioUserClient.connect(tmp_path / "gpu0.sock") as client:
         info = await client.device_info()
         assert info.num_regions == 9
+    # The claim on the socket path went with it (vgpud/server/socket_files.py).
+    with pytest.raises(ListenerError, match="in use: another vgpud holds"):
+        claim_socket_path(tmp_path / "gpu0.sock")
     stop(daemon)
+    assert not (tmp_path / "gpu0.sock").exists()
+    assert not (tmp_path / "gpu0.sock.lock").exists()
 
 
 async def test_a_command_line_the_new_code_refuses_refuses_the_upgrade(
@@ -553,3 +559,25 @@ async def test_a_reload_asked_for_while_the_new_code_is_checked_is_done_after_th
             with contextlib.suppress(OSError):  # a test that failed before opening the gate
                 os.close(os.open(tmp_path / "gate", os.O_WRONLY | os.O_NONBLOCK))
         stop(proc, check=False)
+
+
+def test_a_socket_handed_by_a_process_older_than_the_lock_is_claimed_on_take_over(
+    tmp_path: Path,
+) -> None:
+    """A document without ``lock_fd`` (the version before socket claims): the next process
+    takes the lock itself and takes the socket file there for the one it serves, so that
+    it is removed at stop, and another daemon cannot take the path meanwhile."""
+    path = tmp_path / "gpu0.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        endpoint = {"path": str(path), "fd": listener.fileno(), "ours": True, "connected": False}
+        claim = upgrade_module._handed_claim(path, endpoint)
+        assert claim is not None
+        try:
+            with pytest.raises(ListenerError, match="in use"):
+                claim_socket_path(path)
+        finally:
+            claim.release()
+    assert os.listdir(tmp_path) == []
+    assert upgrade_module._handed_claim(path, {**endpoint, "ours": False}) is None

@@ -26,7 +26,7 @@ from vgpud.config import single_device
 from vgpud.devices import BuiltDevice, build_device
 from vgpud.libvfio_user import EngineUnavailable, LibvfioUserServer, load_library
 from vgpud.libvfio_user.engine import serve_device
-from vgpud.server.listener import ListenerError
+from vgpud.server.socket_files import ListenerError
 
 try:
     LIBRARY = load_library()

@@ -34,7 +34,7 @@ from vgpud.libvfio_user import thread as thread_module
 from vgpud.libvfio_user.engine import LibvfioUserServer, serve_device
 from vgpud.libvfio_user.thread import DeviceThread, serve_device_on_thread
 from vgpud.libvfio_user.watchdog import StallWatchdog
-from vgpud.server.listener import ListenerError
+from vgpud.server.socket_files import ListenerError
 
 try:
     LIBRARY = load_library()

@@ -44,12 +44,8 @@ from vgpud.log_limit import BURST, PER_SECOND
 from vgpud.server import listener as listener_module
 from vgpud.server import session as session_module
 from vgpud.server.dma import DmaMapping
-from vgpud.server.listener import (
-    SERVER_CAPABILITIES,
-    DeviceServer,
-    ListenerError,
-    bind_unix_listener,
-)
+from vgpud.server.listener import SERVER_CAPABILITIES, DeviceServer
+from vgpud.server.socket_files import ListenerError, bind_unix_listener
 from vgpud.server.transport import FdStream, close_fds
 
 CONFIG = 7
@@ -392,8 +388,9 @@ async def test_restart_keeps_device_memory(tmp_path: Path) -> None:
 
 
 async def test_live_socket_is_not_stolen(vgpud: Daemon, tmp_path: Path) -> None:
-    with pytest.raises(ListenerError, match="already listening"):
+    with pytest.raises(ListenerError, match="in use: another vgpud holds"):
         bind_unix_listener(vgpud.socket_path)
+    assert vgpud.socket_path.exists()
     # The check connected (and left at once); let the daemon see that before we attach.
     await trio.testing.wait_all_tasks_blocked()
     await vgpud.idle()
@@ -702,7 +699,7 @@ async def _served(
     tmp_path: Path, device: SyntheticGpu, caps: p.Capabilities
 ) -> AsyncIterator[DeviceServer]:
     """``device`` served on tmp_path/s.sock with ``caps`` until the block ends."""
-    listener = bind_unix_listener(tmp_path / "s.sock")
+    listener, claim = bind_unix_listener(tmp_path / "s.sock")
     server = DeviceServer("gpu0", device, listener, capabilities=caps)
     try:
         async with trio.open_nursery() as nursery:
@@ -711,6 +708,7 @@ async def _served(
             nursery.cancel_scope.cancel()
     finally:
         listener.close()
+        claim.release()
         device.shutdown()
 
 

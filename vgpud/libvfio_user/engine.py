@@ -64,15 +64,17 @@ from vgpud.memory_files import MemoryFiles
 from vgpud.server.listener import (
     ACCEPT_BACKOFF_SECONDS,
     TRANSIENT_ACCEPT_ERRORS,
-    ListenerError,
-    group_id,
     peer_closed,
     peer_credentials,
-    prepare_socket_directory,
-    remove_if_stale,
 )
 from vgpud.server.refusal import Refusals
 from vgpud.server.session import NEGOTIATION_TIMEOUT  # the same limit for both engines
+from vgpud.server.socket_files import (
+    ListenerError,
+    give_to_group,
+    prepare_socket_directory,
+    remove_if_stale,
+)
 
 NUM_VFU_REGIONS = 9  # VFU_PCI_DEV_NUM_REGIONS: libvfio-user serves the nine PCI regions only
 _RECUT_INTERVAL = 0.05  # seconds between cuts of a negotiation that has to end
@@ -168,7 +170,7 @@ class LibvfioUserServer:
                 remove_if_stale(path)
                 self._create_ctx(path)
                 if self._socket_group is not None:
-                    os.chown(path, -1, group_id(self._socket_group))
+                    give_to_group(path, self._socket_group)
                 os.chmod(path, self._socket_mode)
             self._configure()
         except BaseException:

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vgpud.server.listener import ListenerError, check_unix_stream
+from vgpud.server.socket_files import ListenerError, check_unix_stream
 
 
 def adopt_listener(listener: socket.socket, bind: Callable[[Path], int]) -> tuple[Path, Path]:

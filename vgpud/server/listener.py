@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import grp
-import os
 import select
 import socket
-import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -29,7 +25,6 @@ import trio
 
 import protocol as p
 from backends.device import VfioDevice
-from backends.trusted_dirs import untrusted_directory
 from vgpud.log_limit import LogLimiter
 from vgpud.mappers import SharedMemoryCheck
 from vgpud.memory_files import MemoryFiles
@@ -41,114 +36,16 @@ from vgpud.server.transport import FdStream
 # (trio's serve_listeners treats the same set as transient).
 TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 ACCEPT_BACKOFF_SECONDS = 0.1
-_LISTEN_BACKLOG = 8
 # How long a client may wait for the session of a client that has closed its end to finish
 # (it ends at its next read; only one blocked sending replies to a half-closed client that
 # no longer reads them takes longer).
 HANDOVER_TIMEOUT = 5.0
-# (gid_t)-1: chown(2)'s "no change", and so no group of its own.
-_NO_GID = (1 << 32) - 1
 
 # What the server offers in its VERSION reply (spec vfio-user.md §3.1, R8): max_msg_fds is
 # explicit because QEMU assumes 8 when absent; 16 is QEMU's own limit.
 SERVER_CAPABILITIES = p.Capabilities(
     max_msg_fds=16, max_data_xfer_size=1 << 20, pgsizes=4096, max_dma_maps=65535
 )
-
-
-class ListenerError(Exception):
-    """A socket could not be set up; the message says which and why."""
-
-
-def prepare_socket_directory(path: Path) -> None:
-    """Make the directory for the socket at ``path``, and refuse it if another user could
-    replace the socket there (backends/trusted_dirs.py: /tmp/vgpud, made first by someone
-    else, say)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    reason = untrusted_directory(path.parent)
-    if reason is not None:
-        raise ListenerError(
-            f"cannot listen on {path}: {reason} (docs/security.md; choose another socket "
-            "path or fix the owner/mode)"
-        )
-
-
-def bind_unix_listener(path: Path, mode: int = 0o600, group: str | None = None) -> socket.socket:
-    """Create a listening socket at ``path`` with exactly ``mode`` and ``group``.
-
-    A stale socket file (nobody accepts on it) is replaced; a live one, or a path that is
-    not a socket, is an error -- silently stealing another daemon's socket would cut its VM
-    off.
-    """
-    prepare_socket_directory(path)
-    remove_if_stale(path)
-    gid = group_id(group) if group is not None else None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    bound = False
-    try:
-        # Born owner-only, so no other user can connect in the window before chmod.
-        old_umask = os.umask(0o177)
-        try:
-            sock.bind(str(path))
-            bound = True
-        finally:
-            os.umask(old_umask)
-        if gid is not None:
-            os.chown(path, -1, gid)
-        os.chmod(path, mode)
-        sock.listen(_LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        if bound:
-            path.unlink(missing_ok=True)  # ours, and no use to anyone now
-        raise ListenerError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-    return sock
-
-
-def remove_if_stale(path: Path) -> None:
-    """Unlink a socket file nobody listens on; refuse live sockets and non-sockets."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ListenerError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        return
-    except OSError as exc:
-        raise ListenerError(f"cannot check existing socket {path}: {exc.strerror}") from exc
-    finally:
-        probe.close()
-    raise ListenerError(f"another server is already listening on {path}")
-
-
-def group_id(group: str) -> int:
-    """A group name (or number) as a gid."""
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        # A number must be a gid chown(2) can set: past gid_t it raised OverflowError out of
-        # the socket's set-up (a traceback, the socket file left behind), and (gid_t)-1 means
-        # "leave the group as it is", which would serve a group-writable socket of the
-        # daemon's own group.
-        if group.isdigit() and int(group) < _NO_GID:
-            return int(group)
-        raise ListenerError(f"unknown group {group!r}") from None
-
-
-def check_unix_stream(sock: socket.socket, what: str) -> None:
-    """Raise :class:`ListenerError` unless ``sock`` is a UNIX stream socket: nothing else is a
-    vfio-user endpoint, and a TCP listener would let anyone reach the device (a config audit
-    found one served through ``--fd``)."""
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise ListenerError(
-            f"{what} is not a UNIX stream socket ({sock.family.name}, {sock.type.name})"
-        )
 
 
 def peer_closed(fd: int) -> bool:
