@@ -446,10 +446,18 @@ class Fleet:
             await self._restore(config, outcome)
 
     def _check_free(self, config: DeviceConfig) -> None:
-        """A device still served (a removed one whose VM is attached) keeps its socket path
-        and memory directory until it is released: a new device cannot have them yet."""
+        """A device still served (a removed one whose VM is attached) keeps its socket path,
+        memory directory or PCI device until it is released: a new device cannot have them
+        yet."""
         path = config.socket_path or default_socket_path(config.name)
         for live in self.devices:
+            if config.vfio_device is not None and config.vfio_device == live.config.vfio_device:
+                # Its IOMMU group is open in this process: opening it again is the kernel's
+                # bare "Device or resource busy".
+                raise InUseError(
+                    f"PCI device {config.vfio_device} is still device {live.config.name}'s "
+                    "(its VM is attached): reload again once it has detached"
+                )
             if live.endpoint.path == path:
                 raise InUseError(
                     f"socket {path} is still device {live.config.name}'s (its VM is attached): "

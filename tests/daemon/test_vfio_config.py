@@ -12,9 +12,10 @@ import functools
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import structlog
 import trio
 
 from backends.device import DeviceError
@@ -26,6 +27,8 @@ from vgpud import cli, daemon, devices, qemu_args
 from vgpud.config import ConfigError, DaemonConfig, DeviceConfig, parse, single_device
 from vgpud.daemon import StartupError, wait_ready
 from vgpud.devices import BuiltDevice
+from vgpud.fleet import Endpoint, Fleet, InUseError, LiveDevice, Prepare
+from vgpud.memory_files import MemoryFiles
 from vgpud.variant import make_device
 
 ABSENT = "0000:99:00.0"  # a PCI address this host is assumed not to have
@@ -386,3 +389,35 @@ def test_serve_refuses_a_bad_address(tmp_path: Path, capsys: pytest.CaptureFixtu
     argv = ["serve", "--vfio-device", "01:00", "--socket-path", str(tmp_path / "s")]
     assert cli.main(argv) == cli.EXIT_USAGE
     assert "'01:00' is not a PCI address" in capsys.readouterr().err
+
+
+def test_a_reload_cannot_give_a_draining_devices_pci_device_to_another(tmp_path: Path) -> None:
+    """Device a was removed from the file while its VM is attached, and device b names its
+    PCI device: b fails with the reason, not the kernel's "Device or resource busy" from
+    opening a's IOMMU group a second time (docs/operations.md, "A real device")."""
+    address = "0000:00:04.0"
+    draining = single_device(socket_path=tmp_path / "a.sock", name="a", vfio_device=address)
+    fleet = Fleet(
+        DaemonConfig(devices=(draining,)),
+        cast(trio.Nursery, None),
+        None,
+        [],
+        structlog.get_logger(),
+        prepare=cast(Prepare, None),
+        stop_daemon=lambda: None,
+    )
+    fleet.devices.append(
+        LiveDevice(
+            draining,
+            cast(BuiltDevice, None),
+            Endpoint(tmp_path / "a.sock", None),
+            cast(MemoryFiles, None),
+            retiring=True,
+        )
+    )
+    added = single_device(socket_path=tmp_path / "b.sock", name="b", vfio_device=address)
+    with pytest.raises(InUseError, match=f"PCI device {address} is still device a's"):
+        fleet._check_free(added)
+    fleet._check_free(
+        single_device(socket_path=tmp_path / "c.sock", name="c", vfio_device="0000:00:05.0")
+    )
