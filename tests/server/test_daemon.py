@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import functools
 import json
 import mmap
@@ -24,6 +25,7 @@ import trio.testing
 import protocol as p
 from backends.device import DeviceError, MmapTarget, RegionInfo
 from backends.irq import same_eventfd
+from backends.stall_breaker import BREAKER
 from backends.synthetic import SyntheticGpu, get_profile
 from backends.synthetic.bar0 import SCRATCH
 from tests.hugepages import HUGE, Q35_WINDOWS, fake_huge_blocks, hugetlb_memfd, position_pattern
@@ -286,6 +288,40 @@ async def test_an_eventfd_made_blocking_again_cannot_block_the_daemon(vgpud: Dae
         thread.join()
         os.close(efd)
     assert not rescued, "the daemon blocked writing the VMM's eventfd"
+
+
+async def test_a_vmm_that_wins_the_race_for_the_flag_holds_the_daemon_up_briefly(
+    vgpud: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VMM clears O_NONBLOCK again right after the daemon's check and before its write,
+    with the counter full (a VMM toggling the flag in a loop wins that moment now and then;
+    here it wins every time). The write blocks, and the stall breaker gets the daemon out:
+    the request is answered. Without the breaker the test fails on its timeout."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    real_fcntl = fcntl.fcntl
+
+    def vmm_wins(fd: int, command: int, arg: int = 0) -> int:
+        result = real_fcntl(fd, command, arg)
+        if command == fcntl.F_GETFL and same_eventfd(fd, efd):
+            os.set_blocking(efd, True)  # the VMM, between the check and the write
+            result |= os.O_NONBLOCK  # what the check saw
+        return result
+
+    try:
+        async with await vgpud.connect() as client:
+            control = struct.unpack("<H", await client.region_read(CONFIG, MSIX_CAP + 2, 2))[0]
+            await client.region_write(CONFIG, MSIX_CAP + 2, struct.pack("<H", control | 0x8000))
+            await client.set_irqs(MSIX_IRQ, SET_IRQS_EVENTFD_TRIGGER, 3, 1, [efd])
+            os.eventfd_write(efd, 0xFFFF_FFFF_FFFF_FFFE)
+            drained = BREAKER.drained
+            monkeypatch.setattr(fcntl, "fcntl", vmm_wins)
+            await client.region_write(BAR0, DOORBELL, struct.pack("<I", 3))  # answered
+            monkeypatch.undo()
+            assert BREAKER.drained == drained + 1
+            os.set_blocking(efd, False)
+            assert os.eventfd_read(efd) == 1  # the interrupt the daemon wrote is pending
+    finally:
+        os.close(efd)
 
 
 async def test_a_refused_request_is_logged_with_the_errno_the_vmm_got(vgpud: Daemon) -> None:
