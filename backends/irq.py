@@ -105,7 +105,7 @@ def signal_eventfd(fd: int) -> bool:
     # write out if it blocks.
     if not BREAKER.watching:
         BREAKER.start()
-    writing, thread = BREAKER.writing, threading.get_ident()
+    writing, thread = BREAKER.writing, threading.get_native_id()
     writing[thread] = (next(BREAKER.serials), fd)  # StallBreaker.begin, inline
     try:
         os.eventfd_write(fd, 1)

@@ -11,7 +11,8 @@ afresh through /proc to get a description of our own: ENXIO.)
 
 So each write is *guarded*: the writing thread notes the fd and a serial number (two
 dictionary operations, no syscall), and a watchdog thread that finds the same write still
-under way one period later drains the counter through a duplicate of the fd. A read makes
+under way one period later, its thread asleep in write(2) on that fd, drains the counter
+through a duplicate of the fd. A read makes
 room, the kernel wakes the writer, and its write completes: the daemon stops for at most two
 periods instead of for good. The read swallows the interrupts the counter held; the VMM that
 blocked the write has only itself to blame, and the write just made leaves one pending.
@@ -40,8 +41,9 @@ class StallBreaker:
     def __init__(self, period: float = PERIOD) -> None:
         self.period = period
         self.drained = 0  # drains started (for tests)
+        self.looks = 0  # the watchdog's looks so far (for tests)
         self.serials = itertools.count(1)
-        self.writing: dict[int, tuple[int, int]] = {}  # thread id -> (serial, fd)
+        self.writing: dict[int, tuple[int, int]] = {}  # native thread id -> (serial, fd)
         self._draining: set[int] = set()  # fds a drain thread is reading
         self._lock = threading.Lock()  # guards the watchdog's start and _draining
         self._thread: threading.Thread | None = None
@@ -70,7 +72,7 @@ class StallBreaker:
         """A write to the VMM's eventfd ``fd`` is about to start on this thread; pass what
         this returns to :meth:`end` once it has returned. (``backends.irq.signal_eventfd``
         does the same inline: a method call each side cost more than the write.)"""
-        thread = threading.get_ident()
+        thread = threading.get_native_id()
         self.writing[thread] = (next(self.serials), fd)
         return thread
 
@@ -81,9 +83,10 @@ class StallBreaker:
         seen: dict[int, tuple[int, int]] = {}
         stop = threading.Event()  # never set: the thread lives as long as the process
         while not stop.wait(self.period):
+            self.looks += 1
             now = dict(self.writing)
             for thread, note in now.items():
-                if seen.get(thread) == note:
+                if seen.get(thread) == note and _blocked_in_write(thread, note[1]):
                     self._drain(thread, note)
             seen = now
 
@@ -114,6 +117,26 @@ class StallBreaker:
             os.close(copy)
             with self._lock:
                 self._draining.discard(fd)
+
+
+# write(2)'s number per machine, to see a thread asleep in it (/proc/<tid>/syscall).
+_WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}.get(os.uname().machine)
+
+
+def _blocked_in_write(thread: int, fd: int) -> bool:
+    """Whether thread ``thread`` (native id) sleeps in write(2) on ``fd``. A write that is
+    merely slow (its thread preempted on a loaded host) must not be drained: that would eat
+    interrupts of a VMM that did nothing wrong. /proc shows a thread's system call only
+    while it is blocked in one ("running" otherwise); where write(2)'s number is not known
+    here, the note alone decides."""
+    if _WRITE_SYSCALL is None:
+        return True
+    try:
+        with open(f"/proc/self/task/{thread}/syscall", encoding="ascii") as status:
+            fields = status.read().split()
+    except OSError:
+        return False
+    return len(fields) > 1 and fields[0] == _WRITE_SYSCALL and int(fields[1], 16) == fd
 
 
 BREAKER = StallBreaker()  # one for the process: each writing thread has its own note

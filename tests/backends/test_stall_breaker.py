@@ -51,3 +51,34 @@ def test_a_write_that_returns_is_left_alone() -> None:
         assert os.eventfd_read(efd) == 3 and breaker.drained == 0
     finally:
         os.close(efd)
+
+
+def test_a_write_noted_but_not_asleep_in_write_is_not_drained() -> None:
+    """A thread that is merely slow between noting its write and returning (preempted on a
+    loaded host; here, waiting on an event) is not drained: that would eat the interrupts of
+    a VMM that did nothing wrong."""
+    breaker = StallBreaker(period=0.01)
+    breaker.start()
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    os.eventfd_write(efd, 5)  # the VMM's pending interrupts
+    noted, release = threading.Event(), threading.Event()
+
+    def slow_writer() -> None:
+        note = breaker.begin(efd)
+        noted.set()
+        release.wait()
+        breaker.end(note)
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    try:
+        noted.wait()
+        looks = breaker.looks
+        while breaker.looks < looks + 3:  # the watchdog has seen the note at least twice
+            release.wait(0.01)
+        assert breaker.drained == 0
+        assert os.eventfd_read(efd) == 5
+    finally:
+        release.set()
+        writer.join()
+        os.close(efd)
