@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vfio-device",
         metavar="PCI_ADDRESS",
         help="serve this host PCI device through /dev/vfio (bound to vfio-pci or "
-        "nvgrace-gpu-vfio-pci) instead of the synthetic GPU",
+        "nvgrace_gpu_vfio_pci) instead of the synthetic GPU",
     )
     serve.add_argument(
         "--cxl-dvsec",
@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--vfio-device",
         metavar="PCI_ADDRESS",
         help="the device is this host PCI device (serve --vfio-device): size the MMIO window "
-        "from its BARs",
+        "from its BARs in sysfs, or, bound to nvgrace_gpu_vfio_pci, as the daemon serving it "
+        "on --socket-path presents them",
     )
     qemu.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64")
     qemu.add_argument("--accel", choices=("tcg", "kvm"), default="tcg")
@@ -430,6 +431,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # profile override errors; both are the user's input.
         print(f"vgpud: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except devices.ServedBarsError as exc:
+        # qemu-args for a device only its daemon can describe, and the daemon is not there.
+        print(f"vgpud: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return INTERRUPTED
     except BrokenPipeError:

@@ -32,7 +32,7 @@ names are reported with the key that is wrong. Example (one file can describe a 
 
     [[device]]                  # a real device instead of the synthetic GPU
     name = "gpu1"
-    vfio_device = "0009:01:00.0"   # host PCI address, bound to vfio-pci or nvgrace-gpu-vfio-pci
+    vfio_device = "0009:01:00.0"   # host PCI address, bound to vfio-pci or nvgrace_gpu_vfio_pci
                                    # (the synthetic-GPU keys above do not apply)
 """
 

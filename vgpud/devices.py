@@ -7,16 +7,28 @@ This is the only place that knows how configuration maps onto backends, so the d
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from backends.backend import Backend
 from backends.device import HandsOver, VfioDevice
 from backends.synthetic import PROFILES, Profile, SyntheticGpu, get_profile
 from backends.vfio import VfioPciDevice
-from backends.vfio.device import IORESOURCE_IO, IORESOURCE_PREFETCH, sysfs_bars
-from vgpud.config import ConfigError, DeviceConfig
+from backends.vfio.device import (
+    IORESOURCE_IO,
+    IORESOURCE_PREFETCH,
+    bound_driver,
+    sysfs_bars,
+    sysfs_ids,
+)
+from protocol import ProtocolError
+from vgpud import probe
+from vgpud.client import MisbehavingServerError, VfioUserError
+from vgpud.config import ConfigError, DeviceConfig, default_socket_path
 from vgpud.qemu_args import GuestBar
 from vgpud.variant import (
     NvgraceLayout,
@@ -28,6 +40,17 @@ from vgpud.variant import (
 )
 
 BAR0_SIZE = 16 << 20
+# The kernel's nvgrace-gpu variant driver as sysfs names it: its pci_driver is named after
+# the module (KBUILD_MODNAME), so with underscores; driver_override takes the same spelling
+# (spec nvgrace-gpu.md §1).
+NVGRACE_DRIVER = "nvgrace_gpu_vfio_pci"
+# Config-space BAR register bits (include/uapi/linux/pci_regs.h).
+PCI_BASE_ADDRESS_SPACE_IO = 0x1
+PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
+
+
+class ServedBarsError(Exception):
+    """A device's BARs are known only to the vgpud serving it, and it could not be asked."""
 
 
 def profile_names() -> list[str]:
@@ -79,10 +102,16 @@ def guest_bars(config: DeviceConfig) -> list[GuestBar]:
     """Every memory BAR the guest will have to place (for the MMIO windows of ``qemu-args``).
 
     For a VFIO device: its BARs as the host's sysfs lists them (the device is not opened);
-    I/O BARs take no MMIO. The synthetic GPU: BAR0 non-prefetchable, BAR2 and BAR4 64-bit
-    prefetchable (backends/synthetic/device.py, spec nvgrace-gpu.md §3.4).
+    I/O BARs take no MMIO. Except under ``nvgrace_gpu_vfio_pci``: its BAR4 (and Hopper's
+    BAR2) are the driver's fake BARs of device memory, in no sysfs file, so they are asked of
+    the vgpud serving the device (:func:`served_guest_bars`). The synthetic GPU: BAR0
+    non-prefetchable, BAR2 and BAR4 64-bit prefetchable (backends/synthetic/device.py, spec
+    nvgrace-gpu.md §3.4).
     """
     if config.vfio_device is not None:
+        if bound_driver(config.vfio_device) == NVGRACE_DRIVER:
+            socket_path = config.socket_path or default_socket_path(config.name)
+            return served_guest_bars(config.vfio_device, str(socket_path))
         return [
             GuestBar(size, bool(flags & IORESOURCE_PREFETCH))
             for size, flags in sysfs_bars(config.vfio_device)
@@ -95,6 +124,47 @@ def guest_bars(config: DeviceConfig) -> list[GuestBar]:
         GuestBar(BAR0_SIZE, prefetchable=False),
         GuestBar(bar2),
         GuestBar(layout.usemem.bar_size),
+    ]
+
+
+def served_guest_bars(address: str, socket_path: str) -> list[GuestBar]:
+    """The memory BARs of PCI device ``address`` as the vgpud on ``socket_path`` serves them:
+    what its VMM will be given, fake BARs included."""
+    why = (
+        f"PCI device {address} is bound to {NVGRACE_DRIVER}, whose BAR4 (and on Hopper BAR2) "
+        f"is a fake BAR of device memory that sysfs does not list; qemu-args asks the vgpud "
+        f"serving it on {socket_path}"
+    )
+    start = (
+        f"start `vgpud serve --vfio-device {address} --socket-path {socket_path}` first, "
+        "and run qemu-args before the VM attaches"
+    )
+    try:
+        served = trio.run(probe.served_device, socket_path)
+    except trio.TooSlowError:
+        raise ServedBarsError(
+            f"{why}, which did not answer within {probe.PROBE_TIMEOUT:g} s"
+        ) from None
+    except VfioUserError as exc:
+        if exc.errno == errno.EBUSY:
+            # One client per device (vgpud/server/refusal.py): its VM is attached.
+            raise ServedBarsError(f"{why}, which has a client already; {start}") from None
+        raise ServedBarsError(f"{why}, which refused: {exc}") from None
+    except (OSError, EOFError, MisbehavingServerError, ProtocolError) as exc:
+        raise ServedBarsError(f"{why}, and could not reach it ({exc}); {start}") from None
+    ids = (served.vendor_id, served.device_id)
+    if ids != sysfs_ids(address):
+        # Another device's vgpud on that path would size the window for the wrong BARs.
+        expected = "{:04x}:{:04x}".format(*sysfs_ids(address))
+        raise ServedBarsError(
+            f"{why}, which serves a {ids[0]:04x}:{ids[1]:04x}, not this {expected}: "
+            "is the socket path the one of the daemon serving it?"
+        )
+    return [
+        GuestBar(bar.size, bool(bar.register & PCI_BASE_ADDRESS_MEM_PREFETCH))
+        for bar in served.bars
+        # The upper half of a 64-bit BAR is a region of size 0; I/O BARs take no MMIO.
+        if bar.size and not bar.register & PCI_BASE_ADDRESS_SPACE_IO
     ]
 
 

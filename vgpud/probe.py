@@ -174,6 +174,43 @@ async def _probe(path: str | Path) -> ProbeResult:
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class ServedBar:
+    """One BAR as a vfio-user server presents it: its region's size and its config register."""
+
+    index: int
+    size: int
+    register: int  # the BAR's low dword in config space: I/O, 64-bit and prefetchable bits
+
+
+@dataclass(frozen=True, slots=True)
+class ServedDevice:
+    """What ``qemu-args`` needs to know of a served device: its IDs and BARs 0-5."""
+
+    vendor_id: int
+    device_id: int
+    bars: list[ServedBar]
+
+
+async def served_device(path: str | Path) -> ServedDevice:
+    """BARs 0-5 as the server at ``path`` presents them, read the way QEMU reads them at
+    realize: each region's size from DEVICE_GET_REGION_INFO, each BAR's type from its own
+    4-byte config read (the variant patches only the fake BAR an access touches first, spec
+    nvgrace-gpu.md §4.3). ``trio.TooSlowError`` after ``PROBE_TIMEOUT`` seconds."""
+    with trio.fail_after(PROBE_TIMEOUT):
+        async with await VfioUserClient.connect(path) as client:
+            ids = struct.unpack("<HH", await client.region_read(7, 0, 4))
+            bars = []
+            for index in range(6):
+                got = await client.region_info(index)
+                if got.fd is not None:
+                    os.close(got.fd)
+                offset = 0x10 + 4 * index
+                register = struct.unpack("<I", await client.region_read(7, offset, 4))[0]
+                bars.append(ServedBar(index, got.info.size, register))
+    return ServedDevice(vendor_id=ids[0], device_id=ids[1], bars=bars)
+
+
 def decode_config(config: bytes) -> dict[str, Any]:
     """Decode a PCI config header and walk both capability lists."""
 

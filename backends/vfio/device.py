@@ -127,6 +127,17 @@ def sysfs_bar_sizes(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> list[int]:
     return [size for size, _flags in sysfs_bars(address, sysfs)]
 
 
+def sysfs_ids(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> tuple[int, int]:
+    """(vendor ID, device ID) from the device's sysfs ``vendor`` and ``device`` files."""
+    try:
+        return (
+            int((sysfs / address / "vendor").read_text(), 16),
+            int((sysfs / address / "device").read_text(), 16),
+        )
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"PCI device {address}: cannot read its IDs: {exc}") from None
+
+
 def bound_driver(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> str | None:
     """The driver a PCI device is bound to, or None."""
     try:

@@ -7,9 +7,12 @@ Serving a real device is tests/e2e/test_vfio_backend.py's job.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import io
 import json
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, cast
@@ -20,10 +23,11 @@ import trio
 
 from backends.device import DeviceError
 from backends.vfio import VfioPciDevice
-from backends.vfio.device import SYSFS_PCI_DEVICES, sysfs_bars
+from backends.vfio.device import SYSFS_PCI_DEVICES, bound_driver, sysfs_bars, sysfs_ids
 from tests.daemon.test_qemu_args import build
-from tests.serve_process import VGPUD
+from tests.serve_process import VGPUD, serve_args, start, stop
 from vgpud import cli, daemon, devices, qemu_args
+from vgpud.client import VfioUserClient
 from vgpud.config import ConfigError, DaemonConfig, DeviceConfig, parse, single_device
 from vgpud.daemon import StartupError, wait_ready
 from vgpud.devices import BuiltDevice
@@ -273,6 +277,88 @@ def test_qemu_args_vfio_device_and_config_are_exclusive(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as caught:
         cli.main(["qemu-args", "--vfio-device", "01:00.0", "--config", str(tmp_path / "c")])
     assert caught.value.code == cli.EXIT_USAGE
+
+
+@pytest.fixture
+def nvgrace_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """0000:01:00.0, a GH200 (10de:2342) bound to nvgrace_gpu_vfio_pci, with sysfs listing the
+    physical BARs: none of them the fake BAR4 of device memory the driver presents."""
+    sysfs = tmp_path / "sysfs"
+    device = sysfs / "0000:01:00.0"
+    device.mkdir(parents=True)
+    (device / "resource").write_text(
+        "0x0000661002000000 0x0000661002ffffff 0x000000000014220c\n"
+        "0x0000000000000000 0x0000000000000000 0x0000000000000000\n"
+        "0x0000650000000000 0x0000650003ffffff 0x000000000014220c\n"
+    )
+    (device / "vendor").write_text("0x10de\n")
+    (device / "device").write_text("0x2342\n")
+    driver = sysfs / "drivers" / devices.NVGRACE_DRIVER
+    driver.mkdir(parents=True)
+    (device / "driver").symlink_to(driver)
+    for name, function in (
+        ("sysfs_bars", sysfs_bars),
+        ("bound_driver", bound_driver),
+        ("sysfs_ids", sysfs_ids),
+    ):
+        monkeypatch.setattr(devices, name, functools.partial(function, sysfs=sysfs))
+    return sysfs
+
+
+def qemu_args_json(*argv: str) -> tuple[int, Any, str]:
+    """``vgpud qemu-args ARGV --json`` in-process: exit status, parsed output, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(["qemu-args", *argv, "--json"])
+    return status, json.loads(out.getvalue()) if status == 0 else None, err.getvalue()
+
+
+async def test_qemu_args_asks_the_daemon_for_the_fake_bars_of_an_nvgrace_device(
+    nvgrace_sysfs: Path, tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    """Under nvgrace_gpu_vfio_pci the window is sized for the BARs the daemon serves, the
+    fake 8 GiB BAR4 among them, not for the 64 MiB sysfs lists. The synthetic gh200 stands
+    in for the vgpud serving the real device: it presents exactly what the driver presents."""
+    sock = str(tmp_path / "gpu0.sock")
+    proc = start(serve_args(tmp_path, "--memory-size", "8448MiB"), tmp_path)
+    try:
+        assert notify_socket.recv(64) == b"READY=1"
+        asked = functools.partial(qemu_args_json, "--vfio-device", "01:00.0", "--socket-path", sock)
+        status, printed, err = await trio.to_thread.run_sync(asked)
+        assert status == 0, err
+        synthetic = functools.partial(
+            qemu_args_json, "--socket-path", sock, "--memory-size", "8448MiB"
+        )
+        assert await trio.to_thread.run_sync(synthetic) == (0, printed, "")
+        served = functools.partial(devices.served_guest_bars, "0000:01:00.0", sock)
+        assert await trio.to_thread.run_sync(served) == [
+            qemu_args.GuestBar(16 << 20, prefetchable=False),
+            qemu_args.GuestBar(2 << 30),  # resmem: 1.25 GiB, rounded up to a power of two
+            qemu_args.GuestBar(8 << 30),  # usemem: 7.25 GiB before the 512 MiB round-down
+        ]
+        # Asked while a client (its VM) is attached: refused, and the client is untouched.
+        async with await VfioUserClient.connect(sock) as client:
+            status, _, err = await trio.to_thread.run_sync(asked)
+            assert status == cli.EXIT_FAILURE
+            assert err.count("\n") == 1, err
+            assert "bound to nvgrace_gpu_vfio_pci" in err and "has a client already" in err
+            assert (await client.device_info()).num_regions == 9
+        # Another device's vgpud on that path: the window would be for the wrong BARs.
+        (nvgrace_sysfs / "0000:01:00.0" / "device").write_text("0x2345\n")
+        status, _, err = await trio.to_thread.run_sync(asked)
+        assert status == cli.EXIT_FAILURE
+        assert "serves a 10de:2342, not this 10de:2345" in err
+    finally:
+        stop(proc)
+
+
+def test_qemu_args_for_an_nvgrace_device_nobody_serves(nvgrace_sysfs: Path, tmp_path: Path) -> None:
+    sock = str(tmp_path / "gpu0.sock")
+    status, _, err = qemu_args_json("--vfio-device", "01:00.0", "--socket-path", sock)
+    assert status == cli.EXIT_FAILURE
+    assert err.count("\n") == 1, err
+    assert f"qemu-args asks the vgpud serving it on {sock}" in err
+    assert f"start `vgpud serve --vfio-device 0000:01:00.0 --socket-path {sock}` first" in err
 
 
 def test_guest_bars_of_an_absent_device(absent: str) -> None:
