@@ -203,15 +203,27 @@ def test_layout_refuses_a_vfio_device() -> None:
 def fake_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """0000:01:00.0 with a 16 MiB BAR0 and a 1 TiB 64-bit BAR2, as sysfs lists them."""
     sysfs = tmp_path / "sysfs"
-    device = sysfs / "0000:01:00.0"
-    device.mkdir(parents=True)
-    (device / "resource").write_text(
-        "0x00000000fd000000 0x00000000fdffffff 0x0000000000040200\n"
-        "0x0000000000000000 0x0000000000000000 0x0000000000000000\n"
-        "0x0000400000000000 0x000040ffffffffff 0x000000000014220c\n"
+    sysfs_device(
+        sysfs,
+        (0x00000000FD000000, 16 << 20, 0x40200),
+        (0, 0, 0),
+        (0x0000400000000000, 1 << 40, 0x14220C),
     )
     monkeypatch.setattr(devices, "sysfs_bars", functools.partial(sysfs_bars, sysfs=sysfs))
     return sysfs
+
+
+def sysfs_device(sysfs: Path, *bars: tuple[int, int, int]) -> Path:
+    """0000:01:00.0 in ``sysfs``, its ``resource`` file listing ``bars`` (start, size, flags;
+    size 0 for an unused BAR) as the kernel writes them."""
+    device = sysfs / "0000:01:00.0"
+    device.mkdir(parents=True)
+    lines = (
+        f"{start:#018x} {start + size - 1 if size else 0:#018x} {flags:#018x}\n"
+        for start, size, flags in bars
+    )
+    (device / "resource").write_text("".join(lines))
+    return device
 
 
 def test_guest_bars_of_a_vfio_device_come_from_sysfs(fake_sysfs: Path) -> None:
@@ -284,12 +296,11 @@ def nvgrace_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """0000:01:00.0, a GH200 (10de:2342) bound to nvgrace_gpu_vfio_pci, with sysfs listing the
     physical BARs: none of them the fake BAR4 of device memory the driver presents."""
     sysfs = tmp_path / "sysfs"
-    device = sysfs / "0000:01:00.0"
-    device.mkdir(parents=True)
-    (device / "resource").write_text(
-        "0x0000661002000000 0x0000661002ffffff 0x000000000014220c\n"
-        "0x0000000000000000 0x0000000000000000 0x0000000000000000\n"
-        "0x0000650000000000 0x0000650003ffffff 0x000000000014220c\n"
+    device = sysfs_device(
+        sysfs,
+        (0x0000661002000000, 16 << 20, 0x14220C),
+        (0, 0, 0),
+        (0x0000650000000000, 64 << 20, 0x14220C),
     )
     (device / "vendor").write_text("0x10de\n")
     (device / "device").write_text("0x2342\n")
