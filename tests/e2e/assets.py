@@ -18,6 +18,9 @@ Layout (``<arch>`` is x86_64 or aarch64)::
                                             modules/modules.order (their load order)
     $VGPUD_CACHE/x86_64/kernel-trixie/      the same for trixie's kernel (the VFIO guest runs
                                             on both: tests/e2e/test_vfio_backend.py)
+    $VGPUD_CACHE/x86_64/nvgrace-module/     the kernel's nvgrace-gpu-vfio-pci.ko, built for the
+                                            kernel-trixie asset's kernel
+                                            (tests/e2e/kernel_module.py)
     $VGPUD_CACHE/<arch>/busybox/busybox     static busybox for the initramfs
     $VGPUD_CACHE/libvirt/                   sid's libvirtd + virsh + their library closure
                                             (root/), and share/libvirt (its CPU map), which
@@ -55,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.e2e import kernel_module
+
 ARCHES = ("x86_64", "aarch64")
 # Overridable for CI mirrors; signatures are still checked against Debian's keyring.
 DEBIAN_MIRROR = os.environ.get("VGPUD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -65,7 +70,17 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 MANIFEST = "manifest.json"
 # Bumped (per asset, so that a change to one does not re-fetch the others) when the layout of
 # an asset directory changes: older directories are rebuilt.
-ASSET_FORMATS = {"qemu": 1, "kernel": 2, "kernel-trixie": 2, "busybox": 1, "libvirt": 1}
+ASSET_FORMATS = {
+    "qemu": 1,
+    "kernel": 2,
+    "kernel-trixie": 2,
+    "busybox": 1,
+    "libvirt": 1,
+    "nvgrace-module": 1,
+}
+# The kernel's nvgrace-gpu-vfio-pci built for trixie's amd64 kernel (tests/e2e/kernel_module.py).
+NVGRACE_MODULE_DIR = "nvgrace-module"
+NVGRACE_MODULE_KERNEL = "trixie"
 # Every guest boots bookworm's kernel (6.1); x86_64 also has trixie's (6.12, as Grace hosts
 # run), for the tests of the /dev/vfio backend, whose kernel interface changed between them
 # (vfio/type1's DMA owner moving on exec, 6.2).
@@ -188,6 +203,8 @@ class Assets:
     other_kernels: dict[str, tuple[Path, list[Path], str]] = field(default_factory=dict)
     #: libvirt, which runs on this host whatever the guest's arch: see :class:`Libvirt`.
     libvirt: Libvirt | None = None
+    #: the kernel's nvgrace-gpu-vfio-pci.ko for trixie's kernel (x86_64 only).
+    nvgrace_module: Path | None = None
 
     def with_kernel(self, suite: str) -> Assets:
         """These assets with ``suite``'s kernel (one of :data:`KERNEL_SUITES` for the arch)."""
@@ -233,6 +250,11 @@ class Assets:
             for suite in (DEFAULT_KERNEL, *spec.other_kernels)
         }
         kernel, modules = kernels.pop(DEFAULT_KERNEL)
+        nvgrace_module = None
+        if arch == "x86_64":
+            nvgrace_module = _load_nvgrace_module(
+                base, manifests[_kernel_dir(NVGRACE_MODULE_KERNEL)]
+            )
         busybox = base / "busybox" / "busybox"
         for path in (busybox, root / "usr/bin" / spec.qemu.binary):
             if not path.is_file():
@@ -249,6 +271,7 @@ class Assets:
             versions=versions,
             kernel_modules=modules,
             libvirt=Libvirt.load(base.parent / "libvirt", libvirt_manifest),
+            nvgrace_module=nvgrace_module,
             other_kernels={
                 suite: (*files, str(manifests[_kernel_dir(suite)].get("version", "?")))
                 for suite, files in kernels.items()
@@ -313,6 +336,21 @@ def _load_kernel(directory: Path, arch: str) -> tuple[Path, list[Path]]:
         if not path.is_file():
             raise AssetsMissingError(_missing(path, arch))
     return kernel, modules
+
+
+def _load_nvgrace_module(base: Path, kernel_manifest: dict[str, Any]) -> Path:
+    """The built module, if it was built for the kernel asset there now."""
+    directory = base / NVGRACE_MODULE_DIR
+    manifest = _read_manifest(directory)
+    module = directory / kernel_module.MODULE_NAME
+    if manifest is None or manifest.get("kernel") != kernel_manifest.get("version"):
+        raise AssetsMissingError(
+            f"e2e asset x86_64/{NVGRACE_MODULE_DIR} for kernel {kernel_manifest.get('version')} "
+            f"is not in {base.parent} (run `make assets`)"
+        )
+    if not module.is_file():
+        raise AssetsMissingError(_missing(module, "x86_64"))
+    return module
 
 
 def _missing(path: Path, arch: str) -> str:
@@ -610,6 +648,14 @@ class Fetcher:
                 name = _kernel_dir(suite)
                 build = functools.partial(self._build_kernel, spec, suite=suite)
                 self._asset(base / name, f"{arch}/{name}", build)
+            if arch == "x86_64":
+                kernel = _read_manifest(base / _kernel_dir(NVGRACE_MODULE_KERNEL)) or {}
+                module_dir = base / NVGRACE_MODULE_DIR
+                built = _read_manifest(module_dir)
+                if built is not None and built.get("kernel") != kernel.get("version"):
+                    shutil.rmtree(module_dir)  # built for the kernel asset before this one
+                build_module = functools.partial(self._build_nvgrace_module, kernel=kernel)
+                self._asset(module_dir, f"x86_64/{NVGRACE_MODULE_DIR}", build_module)
             self._asset(base / "busybox", f"{arch}/busybox", lambda d: self._build_busybox(spec, d))
             self._asset(self.cache_dir / "libvirt", "libvirt", self._build_libvirt)
         assets = Assets.load(self.cache_dir, arch)
@@ -714,6 +760,50 @@ class Fetcher:
             "package": package,
             "download_bytes": deb.stat().st_size,
             "modules": filenames,
+        }
+
+    def _build_nvgrace_module(self, out: Path, kernel: dict[str, Any]) -> dict[str, Any]:
+        asset = f"x86_64/{NVGRACE_MODULE_DIR}"
+        try:
+            release, version = kernel_module.kernel_release(kernel)
+        except kernel_module.ModuleBuildError as exc:
+            raise AssetError(asset, exc.step, str(exc)) from None
+        trixie = self.apt(NVGRACE_MODULE_KERNEL, "amd64")
+        trixie.update(asset)
+        source = trixie.download(kernel_module.source_package(version), asset)
+        headers = trixie.download(kernel_module.headers_package(release), asset)
+        bookworm = self.apt("bookworm", "amd64")
+        bookworm.update(asset)
+        tools = [bookworm.download(package, asset) for package in kernel_module.BUILD_TOOLS]
+        symvers_member = f"/linux-headers-{release}/Module.symvers"
+        symvers = [
+            data
+            for _, data in _deb_files(headers, asset, lambda name: name.endswith(symvers_member))
+        ]
+        if len(symvers) != 1:
+            raise AssetError(asset, "unpack", f"{headers.name} has no {symvers_member}")
+        work = Path(tempfile.mkdtemp(prefix=".nvgrace-build.", dir=self.cache_dir))
+        try:
+            env = kernel_module.unpack_tools(tools, work / "tools")
+            pahole = work / "tools" / "usr" / "bin" / "pahole"
+            tree = kernel_module.extract_source(source, work)
+            config = self.cache_dir / "x86_64" / _kernel_dir(NVGRACE_MODULE_KERNEL) / "config"
+            kernel_module.configure(tree, config, env, pahole)
+            module = kernel_module.build(tree, env, pahole, release, symvers[0])
+            data = module.read_bytes()
+        except kernel_module.ModuleBuildError as exc:
+            raise AssetError(asset, exc.step, str(exc)) from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        modinfo = _elf_section(data, b".modinfo") or b""
+        if f"vermagic={release} ".encode() not in modinfo:
+            raise AssetError(asset, "verify", f"the module's vermagic is not {release}'s")
+        (out / kernel_module.MODULE_NAME).write_bytes(data)
+        debs = [source, headers, *tools]
+        return {
+            "version": f"{release} ({version})",
+            "kernel": kernel.get("version"),
+            "download_bytes": sum(deb.stat().st_size for deb in debs),
         }
 
     def _build_libvirt(self, out: Path) -> dict[str, Any]:

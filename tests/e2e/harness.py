@@ -190,6 +190,8 @@ class Harness:
         qemu_args: Sequence[str] | None = None,
         vfio: bool = False,
         host_python: bool = False,
+        extra_modules: Sequence[Path] = (),
+        kernel_args: str = "",
     ) -> Qemu:
         """Start QEMU (machine and device args from vgpud unless ``qemu_args`` is given).
 
@@ -197,7 +199,8 @@ class Harness:
         .host_python): the host's / over virtio-9p, the kernel modules loaded before the
         script, and the inputs ``vg.repo`` / ``vg.python`` (this repository, this interpreter).
         ``vfio``: a VFIO guest (see VFIO_IOMMU): all of that, plus a vIOMMU and
-        ``intel_iommu=on``. Both x86_64 only.
+        ``intel_iommu=on``. Both x86_64 only. ``extra_modules`` are loaded after the kernel
+        asset's ones; ``kernel_args`` go on the guest kernel's command line.
         """
         device_args = list(qemu_args) if qemu_args is not None else self.device_args(device)
         modules: list[Path] = []
@@ -213,7 +216,7 @@ class Harness:
                 if any(path.resolve().is_relative_to(d) for d in ("/run", "/dev/shm")):
                     raise E2EError(f"the guest cannot see {path} (under /run or /dev/shm)")
             device_args = [*(VFIO_IOMMU if vfio else []), *device_args, *VFIO_HOSTFS]
-            modules = self.assets.kernel_modules
+            modules = [*self.assets.kernel_modules, *extra_modules]
             inputs = {**self.vfio_guest_inputs(), **(inputs or {})}
         config = QemuConfig(device_args=device_args, paused=paused, allow_reboot=allow_reboot)
         if script is not None:
@@ -222,6 +225,8 @@ class Harness:
             config.append = kernel_cmdline(self.assets.arch, **(inputs or {}))
             if vfio:
                 config.append += f" {VFIO_KERNEL_ARGS}"
+            if kernel_args:
+                config.append += f" {kernel_args}"
         qemu = Qemu(self.assets, config, self.workdir, name=self._name("qemu"))
         self.logs += [qemu.serial, qemu.stderr, qemu.firmware]
         self._qemus.append(qemu)
