@@ -108,6 +108,18 @@ async def collect(client: VfioUserClient) -> dict[str, Any]:
     await _write(client, CONFIG, 0x21, b"\xab")
     await _write(client, CONFIG, 0x26, b"\xcd\xef")
     facts["bar4_partial_writes"] = await _bar_registers(client)
+    # Narrow reads of an emulated register.
+    facts["read_0x21_1"] = await _read(client, CONFIG, 0x21, 1)
+    facts["read_0x22_2"] = await _read(client, CONFIG, 0x22, 2)
+    facts["read_0x24_2"] = await _read(client, CONFIG, 0x24, 2)
+    # A write over BAR3 and BAR4: only BAR3's bytes are the driver's to take (spec §4.4);
+    # then a write over BAR4 and BAR5 at once, and over BAR5 and the register after it.
+    facts["write_0x1c_8"] = await _write(client, CONFIG, 0x1C, bytes(range(1, 9)))
+    facts["bar_registers_after_0x1c_8"] = await _bar_registers(client)
+    facts["write_0x20_8"] = await _write(client, CONFIG, 0x20, bytes(range(0x11, 0x19)))
+    facts["bar_registers_after_0x20_8"] = await _bar_registers(client)
+    facts["write_0x26_4"] = await _write(client, CONFIG, 0x26, b"\x21\x22\x23\x24")
+    facts["bar_registers_after_0x26_4"] = await _bar_registers(client)
     # One access over two fake BARs: only the first it touches is emulated (spec
     # nvgrace-gpu.md §4.3); the rest is the underlying device's (vfio-pci's copy of the
     # physical BAR under the kernel), so only the emulated bytes are facts of the driver.
