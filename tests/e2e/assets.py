@@ -18,9 +18,11 @@ Layout (``<arch>`` is x86_64 or aarch64)::
                                             modules/modules.order (their load order)
     $VGPUD_CACHE/x86_64/kernel-trixie/      the same for trixie's kernel (the VFIO guest runs
                                             on both: tests/e2e/test_vfio_backend.py)
-    $VGPUD_CACHE/x86_64/nvgrace-module/     the kernel's nvgrace-gpu-vfio-pci.ko, built for the
-                                            kernel-trixie asset's kernel
-                                            (tests/e2e/kernel_module.py)
+    $VGPUD_CACHE/x86_64/kernel-sid/         the same for sid's kernel (7.x)
+    $VGPUD_CACHE/x86_64/nvgrace-module-<suite>/
+                                            the kernel's nvgrace-gpu-vfio-pci.ko, built for
+                                            the kernel-<suite> asset's kernel (trixie, sid;
+                                            tests/e2e/kernel_module.py)
     $VGPUD_CACHE/<arch>/busybox/busybox     static busybox for the initramfs
     $VGPUD_CACHE/libvirt/                   sid's libvirtd + virsh + their library closure
                                             (root/), and share/libvirt (its CPU map), which
@@ -76,14 +78,17 @@ ASSET_FORMATS = {
     "kernel-trixie": 2,
     "busybox": 1,
     "libvirt": 1,
-    "nvgrace-module": 1,
+    "kernel-sid": 2,
+    "nvgrace-module-trixie": 1,
+    "nvgrace-module-sid": 1,
 }
-# The kernel's nvgrace-gpu-vfio-pci built for trixie's amd64 kernel (tests/e2e/kernel_module.py).
-NVGRACE_MODULE_DIR = "nvgrace-module"
-NVGRACE_MODULE_KERNEL = "trixie"
+# The kernel's nvgrace-gpu-vfio-pci, built for each of these x86_64 guest kernels
+# (tests/e2e/kernel_module.py): trixie's 6.12 and sid's 7.x (the v6.19+ variant).
+NVGRACE_MODULE_KERNELS = ("trixie", "sid")
 # Every guest boots bookworm's kernel (6.1); x86_64 also has trixie's (6.12, as Grace hosts
-# run), for the tests of the /dev/vfio backend, whose kernel interface changed between them
-# (vfio/type1's DMA owner moving on exec, 6.2).
+# run) and sid's (7.x, the newest), for the tests of the /dev/vfio backend, whose kernel
+# interface changed between them (vfio/type1's DMA owner moving on exec, 6.2), and for the
+# kernel's nvgrace driver of both generations (test_kernel_driver.py).
 DEFAULT_KERNEL = "bookworm"
 MODULES_ORDER = "modules.order"
 # Guest kernel modules kept with the kernel (plus what they depend on), for the VFIO guest
@@ -103,6 +108,12 @@ _PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/AAVMF
 # libvirt at the qemu asset's.
 LIBVIRT_PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients")
 _LIBVIRT_PRUNE = ("usr/lib/ipxe", "usr/lib/x86_64-linux-gnu/qemu", "usr/share")
+
+
+# Where a kernel package keeps the kernel and its config: ./boot up to trixie, the modules
+# directory since sid's split 7.x packages.
+_VMLINUZ = re.compile(r"\./boot/vmlinuz-(\S+)|\./usr/lib/modules/([^/]+)/vmlinuz")
+_KERNEL_CONFIG = re.compile(r"\./boot/config-\S+|\./usr/lib/modules/[^/]+/config")
 
 
 class AssetError(Exception):
@@ -159,7 +170,7 @@ _SPECS: dict[str, _ArchSpec] = {
             bios=None,
         ),
         kernel_meta="linux-image-amd64",
-        other_kernels=("trixie",),
+        other_kernels=("trixie", "sid"),
     ),
     "aarch64": _ArchSpec(
         arch="aarch64",
@@ -203,8 +214,8 @@ class Assets:
     other_kernels: dict[str, tuple[Path, list[Path], str]] = field(default_factory=dict)
     #: libvirt, which runs on this host whatever the guest's arch: see :class:`Libvirt`.
     libvirt: Libvirt | None = None
-    #: the kernel's nvgrace-gpu-vfio-pci.ko for trixie's kernel (x86_64 only).
-    nvgrace_module: Path | None = None
+    #: the kernel's nvgrace-gpu-vfio-pci.ko per guest kernel suite (x86_64 only).
+    nvgrace_modules: dict[str, Path] = field(default_factory=dict)
 
     def with_kernel(self, suite: str) -> Assets:
         """These assets with ``suite``'s kernel (one of :data:`KERNEL_SUITES` for the arch)."""
@@ -250,11 +261,10 @@ class Assets:
             for suite in (DEFAULT_KERNEL, *spec.other_kernels)
         }
         kernel, modules = kernels.pop(DEFAULT_KERNEL)
-        nvgrace_module = None
-        if arch == "x86_64":
-            nvgrace_module = _load_nvgrace_module(
-                base, manifests[_kernel_dir(NVGRACE_MODULE_KERNEL)]
-            )
+        nvgrace_modules = {
+            suite: _load_nvgrace_module(base, suite, manifests[_kernel_dir(suite)])
+            for suite in (NVGRACE_MODULE_KERNELS if arch == "x86_64" else ())
+        }
         busybox = base / "busybox" / "busybox"
         for path in (busybox, root / "usr/bin" / spec.qemu.binary):
             if not path.is_file():
@@ -271,7 +281,7 @@ class Assets:
             versions=versions,
             kernel_modules=modules,
             libvirt=Libvirt.load(base.parent / "libvirt", libvirt_manifest),
-            nvgrace_module=nvgrace_module,
+            nvgrace_modules=nvgrace_modules,
             other_kernels={
                 suite: (*files, str(manifests[_kernel_dir(suite)].get("version", "?")))
                 for suite, files in kernels.items()
@@ -338,14 +348,18 @@ def _load_kernel(directory: Path, arch: str) -> tuple[Path, list[Path]]:
     return kernel, modules
 
 
-def _load_nvgrace_module(base: Path, kernel_manifest: dict[str, Any]) -> Path:
-    """The built module, if it was built for the kernel asset there now."""
-    directory = base / NVGRACE_MODULE_DIR
+def _nvgrace_module_dir(suite: str) -> str:
+    return f"nvgrace-module-{suite}"
+
+
+def _load_nvgrace_module(base: Path, suite: str, kernel_manifest: dict[str, Any]) -> Path:
+    """The module built for ``suite``'s kernel, if it was built for the kernel there now."""
+    directory = base / _nvgrace_module_dir(suite)
     manifest = _read_manifest(directory)
     module = directory / kernel_module.MODULE_NAME
     if manifest is None or manifest.get("kernel") != kernel_manifest.get("version"):
         raise AssetsMissingError(
-            f"e2e asset x86_64/{NVGRACE_MODULE_DIR} for kernel {kernel_manifest.get('version')} "
+            f"e2e asset x86_64/{directory.name} for kernel {kernel_manifest.get('version')} "
             f"is not in {base.parent} (run `make assets`)"
         )
     if not module.is_file():
@@ -512,8 +526,9 @@ Acquire::http::Timeout "60";
             raise AssetError(asset, step, " | ".join(failed[:4]))
         self._updated = True
 
-    def depends_of(self, package: str, asset: str) -> tuple[str, str]:
-        """First dependency of ``package``'s candidate: (name, version)."""
+    def dependencies(self, package: str, asset: str) -> list[tuple[str, str]]:
+        """(name, version or "") of each Depends of ``package``'s candidate (the first of each
+        alternative)."""
         out = self.run(
             "apt-cache",
             "show",
@@ -522,10 +537,37 @@ Acquire::http::Timeout "60";
             asset=asset,
             step=f"resolve {package}",
         )
-        match = re.search(r"^Depends: ([^\s,(]+)(?: \(= ([^)]+)\))?", out, re.M)
+        match = re.search(r"^Depends: (.*)$", out, re.M)
         if not match:
             raise AssetError(asset, f"resolve {package}", "no Depends field in apt-cache show")
-        return match.group(1), match.group(2) or ""
+        found = []
+        for alternatives in match.group(1).split(","):
+            dep = re.match(r"\s*([^\s|(]+)(?: \(= ([^)]+)\))?", alternatives)
+            if dep:
+                found.append((dep.group(1), dep.group(2) or ""))
+        return found
+
+    def kernel_packages(self, meta: str, asset: str) -> tuple[str, str, list[str]]:
+        """The kernel image package ``meta`` stands for, its version, and the packages that
+        hold its files: the image itself up to trixie; since sid's 7.x kernels the image is
+        split into linux-binary (vmlinuz), linux-modules and linux-base (config, module
+        lists), on which it depends."""
+        image = next(
+            (
+                (name, version)
+                for name, version in self.dependencies(meta, asset)
+                if re.fullmatch(r"linux-image-\d\S*", name)
+            ),
+            None,
+        )
+        if image is None:
+            raise AssetError(asset, f"resolve {meta}", "no linux-image-<release> among its Depends")
+        parts = [
+            name
+            for name, _ in self.dependencies(image[0], asset)
+            if re.fullmatch(r"linux-(binary|modules|base)-\d\S*", name)
+        ]
+        return image[0], image[1], parts or [image[0]]
 
     def version_of(self, package: str, asset: str) -> str:
         out = self.run(
@@ -648,14 +690,16 @@ class Fetcher:
                 name = _kernel_dir(suite)
                 build = functools.partial(self._build_kernel, spec, suite=suite)
                 self._asset(base / name, f"{arch}/{name}", build)
-            if arch == "x86_64":
-                kernel = _read_manifest(base / _kernel_dir(NVGRACE_MODULE_KERNEL)) or {}
-                module_dir = base / NVGRACE_MODULE_DIR
+            for suite in NVGRACE_MODULE_KERNELS if arch == "x86_64" else ():
+                kernel = _read_manifest(base / _kernel_dir(suite)) or {}
+                module_dir = base / _nvgrace_module_dir(suite)
                 built = _read_manifest(module_dir)
                 if built is not None and built.get("kernel") != kernel.get("version"):
                     shutil.rmtree(module_dir)  # built for the kernel asset before this one
-                build_module = functools.partial(self._build_nvgrace_module, kernel=kernel)
-                self._asset(module_dir, f"x86_64/{NVGRACE_MODULE_DIR}", build_module)
+                build_module = functools.partial(
+                    self._build_nvgrace_module, suite=suite, kernel=kernel
+                )
+                self._asset(module_dir, f"x86_64/{module_dir.name}", build_module)
             self._asset(base / "busybox", f"{arch}/busybox", lambda d: self._build_busybox(spec, d))
             self._asset(self.cache_dir / "libvirt", "libvirt", self._build_libvirt)
         assets = Assets.load(self.cache_dir, arch)
@@ -724,33 +768,37 @@ class Fetcher:
         asset = f"{spec.arch}/{_kernel_dir(suite)}"
         apt = self.apt(suite, spec.debarch)
         apt.update(asset)
-        package, version = apt.depends_of(spec.kernel_meta, asset)
-        deb = apt.download(package, asset)
-        # Two streaming passes over the package (about 2 s each): the first keeps ./boot and
-        # reads every module's depends=, the second writes only the modules needed. Nothing
-        # else of its 400 MB is ever written out.
+        package, version, parts = apt.kernel_packages(spec.kernel_meta, asset)
+        debs = [apt.download(part, asset) for part in parts]
+        # Two streaming passes over the packages (about 2 s each): the first keeps the kernel
+        # and its config and reads every module's depends=, the second writes only the
+        # modules needed. Nothing else of their 400 MB is ever written out.
         found: dict[str, _Module] = {}
         builtin: set[str] = set()
         release = ""
-        for member, data in _module_files(deb, asset, lambda name: True):
-            if member.startswith("./boot/vmlinuz-"):
-                release = member.removeprefix("./boot/vmlinuz-")
-                (out / "vmlinuz").write_bytes(data)
-            elif member.startswith("./boot/config-"):
-                (out / "config").write_bytes(data)
-            elif member.endswith("/modules.builtin"):
-                builtin = {_module_name(Path(line).stem) for line in data.decode().split()}
-            elif member.endswith(".ko"):
-                module = _Module.parse(member, data, asset)
-                found[module.name] = module
+        for deb in debs:
+            for member, data in _module_files(deb, asset, lambda name: True):
+                vmlinuz = _VMLINUZ.fullmatch(member)
+                if vmlinuz:
+                    release = vmlinuz.group(1) or vmlinuz.group(2)
+                    (out / "vmlinuz").write_bytes(data)
+                elif _KERNEL_CONFIG.fullmatch(member):
+                    (out / "config").write_bytes(data)
+                elif member.endswith("/modules.builtin"):
+                    builtin = {_module_name(Path(line).stem) for line in data.decode().split()}
+                elif member.endswith(".ko"):
+                    module = _Module.parse(member, data, asset)
+                    found[module.name] = module
         if not release:
-            raise AssetError(asset, "unpack", f"{deb.name} has no boot/vmlinuz-*")
+            names = ", ".join(deb.name for deb in debs)
+            raise AssetError(asset, "unpack", f"no vmlinuz in {names}")
         order = _load_order(GUEST_MODULES, found, builtin, asset)
         modules = out / "modules"
         modules.mkdir()
         wanted = {found[name].member: found[name].filename for name in order}
-        for member, data in _module_files(deb, asset, wanted.__contains__):
-            (modules / wanted.pop(member)).write_bytes(data)
+        for deb in debs:
+            for member, data in _module_files(deb, asset, wanted.__contains__):
+                (modules / wanted.pop(member)).write_bytes(data)
         if wanted:
             raise AssetError(asset, "unpack", f"second pass missed {sorted(wanted)}")
         filenames = [found[name].filename for name in order]
@@ -758,20 +806,22 @@ class Fetcher:
         return {
             "version": f"{release} ({version})",
             "package": package,
-            "download_bytes": deb.stat().st_size,
+            "download_bytes": sum(deb.stat().st_size for deb in debs),
             "modules": filenames,
         }
 
-    def _build_nvgrace_module(self, out: Path, kernel: dict[str, Any]) -> dict[str, Any]:
-        asset = f"x86_64/{NVGRACE_MODULE_DIR}"
+    def _build_nvgrace_module(
+        self, out: Path, suite: str, kernel: dict[str, Any]
+    ) -> dict[str, Any]:
+        asset = f"x86_64/{_nvgrace_module_dir(suite)}"
         try:
             release, version = kernel_module.kernel_release(kernel)
         except kernel_module.ModuleBuildError as exc:
             raise AssetError(asset, exc.step, str(exc)) from None
-        trixie = self.apt(NVGRACE_MODULE_KERNEL, "amd64")
-        trixie.update(asset)
-        source = trixie.download(kernel_module.source_package(version), asset)
-        headers = trixie.download(kernel_module.headers_package(release), asset)
+        kernel_apt = self.apt(suite, "amd64")
+        kernel_apt.update(asset)
+        source = kernel_apt.download(kernel_module.source_package(version), asset)
+        headers = kernel_apt.download(kernel_module.headers_package(release), asset)
         bookworm = self.apt("bookworm", "amd64")
         bookworm.update(asset)
         tools = [bookworm.download(package, asset) for package in kernel_module.BUILD_TOOLS]
@@ -785,9 +835,9 @@ class Fetcher:
         work = Path(tempfile.mkdtemp(prefix=".nvgrace-build.", dir=self.cache_dir))
         try:
             env = kernel_module.unpack_tools(tools, work / "tools")
-            pahole = work / "tools" / "usr" / "bin" / "pahole"
+            config = self.cache_dir / "x86_64" / _kernel_dir(suite) / "config"
+            pahole = kernel_module.fake_pahole(config, work / "pahole")
             tree = kernel_module.extract_source(source, work)
-            config = self.cache_dir / "x86_64" / _kernel_dir(NVGRACE_MODULE_KERNEL) / "config"
             kernel_module.configure(tree, config, env, pahole)
             module = kernel_module.build(tree, env, pahole, release, symvers[0])
             data = module.read_bytes()

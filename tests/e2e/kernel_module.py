@@ -1,13 +1,15 @@
-"""The kernel's own ``nvgrace-gpu-vfio-pci`` module, built for trixie's amd64 kernel: the
-reference tests/e2e/test_kernel_driver.py holds vgpud's variant against.
+"""The kernel's own ``nvgrace-gpu-vfio-pci`` module, built for an x86_64 guest kernel of the
+e2e assets (trixie's 6.12, sid's 7.x): the reference tests/e2e/test_kernel_driver.py holds
+vgpud's variant against.
 
 Debian builds the driver for no architecture (``CONFIG_NVGRACE_GPU_VFIO_PCI`` is unset in
-bookworm's, trixie's and sid's arm64 kernels, and the driver is arm64-only unless
-``COMPILE_TEST``), so the e2e assets build it: from Debian's ``linux-source-6.12`` of exactly
-the version of the ``kernel-trixie`` asset, configured with that kernel's own config plus the
-driver, against that kernel's ``Module.symvers`` (from its ``linux-headers`` package), so that
-the guest's kernel loads it as one of its own modules (same vermagic, same symbol CRCs, same
-``struct module`` layout). Nothing of the kernel tree is kept but the ``.ko``.
+trixie's and sid's kernels, arm64 included, and the driver is arm64-only unless
+``COMPILE_TEST``), so the e2e assets build it: from Debian's ``linux-source-<series>`` of
+exactly the version of the ``kernel-<suite>`` asset, configured with that kernel's own config
+plus the driver, against that kernel's ``Module.symvers`` (from its ``linux-headers``
+package), so that the guest's kernel loads it as one of its own modules (same vermagic, same
+symbol CRCs where the kernel has them, same ``struct module`` layout: :data:`LAYOUT_CONFIG`
+is checked). Nothing of the kernel tree is kept but the ``.ko``.
 
 Two changes to the source, both in the build directory only: the driver's Kconfig ``depends on
 ARM64 || (COMPILE_TEST && 64BIT)`` becomes ``depends on 64BIT`` (``COMPILE_TEST`` would drop
@@ -16,10 +18,12 @@ guest kernel loads unsigned modules, tainting itself). The driver's code is the 
 Debian ships it.
 
 Build tools the kernel needs and the host may not have (flex and bison for Kconfig, m4 for
-both, libelf and OpenSSL headers for objtool and the certificate tools, pahole so that the
-config keeps ``DEBUG_INFO_BTF``, which changes ``struct module``) come from bookworm as
+both, libelf and OpenSSL headers for objtool and the certificate tools) come from bookworm as
 ``.deb`` files unpacked into the build directory, never installed; gcc and make are the
-host's. Measured on the 2-core build machine: 70-85 s, 164 MB downloaded (session 24).
+host's. pahole is only asked its version (:func:`fake_pahole`): without a pahole as new as the
+kernel's, Kconfig drops ``DEBUG_INFO_BTF``, which changes ``struct module``, and the module
+fails to load ("Invalid relocation target, existing value is nonzero", seen with 6.12).
+Measured on the 2-core build machine: 70-85 s, 164 MB downloaded, per kernel (session 24).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ MODULE_NAME = "nvgrace-gpu-vfio-pci.ko"
 DRIVER_DIR = "drivers/vfio/pci/nvgrace-gpu"
 # bookworm packages unpacked for the build (see the module docstring); each one alone, not
 # its Depends closure: the host has the C library and the rest of the toolchain.
-BUILD_TOOLS = ("flex", "bison", "m4", "libelf-dev", "libelf1", "libssl-dev", "libssl3", "pahole")
+BUILD_TOOLS = ("flex", "bison", "m4", "libelf-dev", "libelf1", "libssl-dev", "libssl3")
 KCONFIG_DEPENDS = "depends on ARM64 || (COMPILE_TEST && 64BIT)"
 # What of the source tree the build reads: every Kconfig file (Kconfig parses them all), the
 # build system, the headers, x86 and the driver. About 210 MB of the tree's 1.4 GB.
@@ -56,12 +60,17 @@ SOURCE_PARTS = (
     "*/Makefile*",
     "*/Kbuild*",
 )
-# Symbols the module's fit depends on: checked in the configured tree.
-REQUIRED_CONFIG = (
-    "CONFIG_NVGRACE_GPU_VFIO_PCI=m",
-    "CONFIG_MODVERSIONS=y",
-    "CONFIG_DEBUG_INFO_BTF=y",
-    "CONFIG_MODULE_SIG=y",
+# Symbols that shape what the module must match (``struct module``'s fields, symbol CRCs,
+# vermagic): the configured tree must set each as the kernel's own config does.
+LAYOUT_CONFIG = (
+    "CONFIG_MODVERSIONS",
+    "CONFIG_DEBUG_INFO_BTF",
+    "CONFIG_DEBUG_INFO_BTF_MODULES",
+    "CONFIG_MODULE_SIG",
+    "CONFIG_MODULE_UNLOAD",
+    "CONFIG_SMP",
+    "CONFIG_PREEMPT_DYNAMIC",
+    "CONFIG_VFIO_PCI_CORE",
 )
 BUILD_TIMEOUT = 1800.0  # seconds, per make step; a hang guard only
 
@@ -126,6 +135,33 @@ def extract_source(source_deb: Path, work: Path) -> Path:
     return work / top
 
 
+def fake_pahole(kernel_config: Path, directory: Path) -> Path:
+    """A ``pahole`` that only tells the version the kernel was configured with.
+
+    Kconfig turns BTF (and with it fields of ``struct module``) on or off by pahole's version
+    alone, and the module's own BTF is never generated here (that needs the kernel's
+    vmlinux, which a module build does not have: kbuild skips the step). So the version
+    the kernel's build saw, ``CONFIG_PAHOLE_VERSION``, is all the build needs of pahole."""
+    match = re.search(r"^CONFIG_PAHOLE_VERSION=(\d+)$", kernel_config.read_text(), re.M)
+    version = int(match.group(1)) if match else 0
+    script = directory / "pahole"
+    directory.mkdir(parents=True, exist_ok=True)
+    # scripts/pahole-version.sh reads "v1.30" as 130; 0 (no pahole) is a failing pahole.
+    body = f"echo v{version // 100}.{version % 100}" if version else "exit 1"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+def _config_values(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("CONFIG_"):
+            name, _, value = line.partition("=")
+            values[name] = value
+    return values
+
+
 def configure(tree: Path, kernel_config: Path, env: dict[str, str], pahole: Path) -> None:
     """The kernel's own config, plus the driver; then ``olddefconfig`` with this compiler."""
     kconfig = tree / DRIVER_DIR / "Kconfig"
@@ -142,10 +178,17 @@ def configure(tree: Path, kernel_config: Path, env: dict[str, str], pahole: Path
     lines += ["CONFIG_NVGRACE_GPU_VFIO_PCI=m", "# CONFIG_MODULE_SIG_ALL is not set"]
     (tree / ".config").write_text("\n".join(lines) + "\n")
     _make(tree, env, pahole, "olddefconfig")
-    config = (tree / ".config").read_text().splitlines()
-    missing = [line for line in REQUIRED_CONFIG if line not in config]
-    if missing:
-        raise ModuleBuildError("configure", f"the configured tree lacks {', '.join(missing)}")
+    built = _config_values((tree / ".config").read_text())
+    kernel = _config_values(kernel_config.read_text())
+    if built.get("CONFIG_NVGRACE_GPU_VFIO_PCI") != "m":
+        raise ModuleBuildError("configure", "the configured tree does not build the driver")
+    differ = [
+        f"{name}={built.get(name, 'unset')} (the kernel's: {kernel.get(name, 'unset')})"
+        for name in LAYOUT_CONFIG
+        if built.get(name) != kernel.get(name)
+    ]
+    if differ:
+        raise ModuleBuildError("configure", f"the module would not fit: {', '.join(differ)}")
 
 
 def build(tree: Path, env: dict[str, str], pahole: Path, release: str, symvers: bytes) -> Path:

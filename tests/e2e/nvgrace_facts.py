@@ -34,6 +34,8 @@ BAR2, BAR4, CONFIG = 2, 4, 7
 # Config-space offsets of the emulated BAR registers: BAR2/BAR3 and BAR4/BAR5.
 BAR_REGISTERS = (0x18, 0x1C, 0x20, 0x24)
 PATTERN = bytes(range(0xA0, 0xB0))
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 0x2
 TRAPPED_OFFSET = 0x1000  # where device memory is written and read back through REGION_WRITE
 
 
@@ -144,9 +146,31 @@ async def collect(client: VfioUserClient) -> dict[str, Any]:
         facts[f"{name}_last_bytes"] = await _read(client, index, size - 4, 4)
         facts[f"{name}_past_bar"] = await _read(client, index, size, 4)
         facts[f"{name}_over_bar_end"] = await _read(client, index, size - 4, 8)
+    # Memory decoding off (COMMAND.MEM clear): since v6.19 the driver refuses device-memory
+    # accesses then (spec nvgrace-gpu.md §5.2 step 4, §7); before, it served them.
+    command = await client.region_read(CONFIG, PCI_COMMAND, 2)
+    off = struct.pack("<H", struct.unpack("<H", command)[0] & ~PCI_COMMAND_MEMORY)
+    facts["memory_off_write"] = await _write(client, CONFIG, PCI_COMMAND, off)
+    for index in (BAR2, BAR4):
+        memlength = regions[index]["sparse_areas"][0][1]
+        facts[f"memory_off_bar{index}_read"] = await _read(client, index, TRAPPED_OFFSET, 4)
+        facts[f"memory_off_bar{index}_tail"] = await _read(client, index, memlength, 4)
+        write = await _write(client, index, TRAPPED_OFFSET, b"\x5a" * 4)
+        facts[f"memory_off_bar{index}_write"] = write
+    await _write(client, CONFIG, PCI_COMMAND, command)
+    for index in (BAR2, BAR4):
+        facts[f"memory_on_bar{index}_read"] = await _read(client, index, TRAPPED_OFFSET, 4)
     # A reset, then the registers again.
     await client.reset()
     facts["bar_registers_after_reset"] = await _bar_registers(client)
+    # The first device-memory access after a reset is gated (v6.19+, spec §7.4): with memory
+    # decoding off it fails before any readiness wait, so the answer does not depend on how
+    # soon the GPU is ready again.
+    facts["after_reset_memory_off_write"] = await _write(client, CONFIG, PCI_COMMAND, off)
+    for index in (BAR2, BAR4):
+        read = await _read(client, index, TRAPPED_OFFSET, 4)
+        facts[f"after_reset_memory_off_bar{index}_read"] = read
+    await _write(client, CONFIG, PCI_COMMAND, command)
     return facts
 
 
