@@ -84,6 +84,13 @@ async def _mapped(client: VfioUserClient, index: int, offset: int, count: int) -
         os.close(got.fd)
 
 
+def _memlength(region: dict[str, Any]) -> int:
+    """The device memory behind a BAR region: a fake BAR's sparse area, else the whole BAR
+    (Blackwell's region 2 is the GPU's real BAR1, spec nvgrace-gpu.md §3.3)."""
+    areas = region["sparse_areas"]
+    return int(areas[0][1]) if areas else int(region["size"])
+
+
 async def collect(client: VfioUserClient) -> dict[str, Any]:
     """Every fact, in the order asked (the order matters: writes change what reads see)."""
     facts: dict[str, Any] = {}
@@ -98,7 +105,9 @@ async def collect(client: VfioUserClient) -> dict[str, Any]:
         irq = await client.irq_info(index)
         irqs.append([irq.flags, irq.count])
     facts["irqs"] = irqs
-    facts["bar_registers_at_open"] = await _bar_registers(client)
+    # One fact per register: on Blackwell BAR2/BAR3 are the real BAR1's, not the driver's.
+    for offset, value in zip(BAR_REGISTERS, await _bar_registers(client), strict=True):
+        facts[f"bar_register_{offset:#x}_at_open"] = value
     # Sizing, as a guest's firmware does it: all ones, read back.
     for offset in BAR_REGISTERS:
         facts[f"write_ones_{offset:#x}"] = await _write(client, CONFIG, offset, b"\xff" * 4)
@@ -130,7 +139,7 @@ async def collect(client: VfioUserClient) -> dict[str, Any]:
     # Device memory: written, then read back; the tail past memlength; past the BAR.
     for index in (BAR2, BAR4):
         size = regions[index]["size"]
-        memlength = regions[index]["sparse_areas"][0][1]
+        memlength = _memlength(regions[index])
         name = f"bar{index}"
         facts[f"{name}_write"] = await _write(client, index, TRAPPED_OFFSET, PATTERN)
         facts[f"{name}_read"] = await _read(client, index, TRAPPED_OFFSET, len(PATTERN))
@@ -152,7 +161,7 @@ async def collect(client: VfioUserClient) -> dict[str, Any]:
     off = struct.pack("<H", struct.unpack("<H", command)[0] & ~PCI_COMMAND_MEMORY)
     facts["memory_off_write"] = await _write(client, CONFIG, PCI_COMMAND, off)
     for index in (BAR2, BAR4):
-        memlength = regions[index]["sparse_areas"][0][1]
+        memlength = _memlength(regions[index])
         facts[f"memory_off_bar{index}_read"] = await _read(client, index, TRAPPED_OFFSET, 4)
         facts[f"memory_off_bar{index}_tail"] = await _read(client, index, memlength, 4)
         write = await _write(client, index, TRAPPED_OFFSET, b"\x5a" * 4)
