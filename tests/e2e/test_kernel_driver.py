@@ -96,7 +96,7 @@ def known_differences(suite: str, profile: str) -> dict[str, tuple[Any, Any]]:
     """What vgpud answers otherwise than ``suite``'s kernel for ``profile``, and both answers."""
     return {
         **KNOWN_DIFFERENCES,
-        **(BLACKWELL if profile == "gb200" else HOPPER),
+        **(BLACKWELL if profile in BLACKWELLS else HOPPER),
         **(BEFORE_6_19 if suite == "trixie" else {}),
     }
 
@@ -130,9 +130,13 @@ def _bind_to_nvgrace() -> str:
     )
 
 
-# (guest kernel suite, profile): every kernel the driver is built for with a Hopper; a
-# Blackwell where the driver knows it (0x2941 since v6.14: not in trixie's 6.12).
-CASES = [(suite, "gh200") for suite in NVGRACE_MODULE_KERNELS] + [("sid", "gb200")]
+# (guest kernel suite, profile): every kernel the driver is built for with a Hopper; the
+# Blackwells where the driver knows them (GB200 0x2941 since v6.14, GB300 0x31C2 since v6.18:
+# neither in trixie's 6.12).
+BLACKWELLS = ("gb200", "gb300")
+CASES = [(suite, "gh200") for suite in NVGRACE_MODULE_KERNELS] + [
+    ("sid", profile) for profile in BLACKWELLS
+]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{s}-{p}" for s, p in CASES])
@@ -194,7 +198,7 @@ def test_the_guest_kernel_drives_the_gpu_with_the_real_driver(scenario: Scenario
 def test_the_driver_read_the_memory_properties(scenario: ScenarioRun) -> None:
     """Without them it would fall back to plain vfio-pci (spec §8): no fake BARs."""
     run = _run(scenario)
-    if run.profile == "gb200":
+    if run.profile in BLACKWELLS:
         # No MIG bug (its DVSEC says so): all of it usemem, and region 2 the real BAR1.
         assert run.kernel["region4"]["sparse_areas"] == [[0, MEMLENGTH]]
         assert run.kernel["region2"]["sparse_areas"] == []
