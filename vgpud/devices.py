@@ -17,6 +17,10 @@ import trio
 from backends.backend import Backend
 from backends.device import HandsOver, VfioDevice
 from backends.synthetic import PROFILES, Profile, SyntheticGpu, get_profile
+from backends.synthetic.config_space import (
+    PCI_BASE_ADDRESS_MEM_PREFETCH,
+    PCI_BASE_ADDRESS_SPACE_IO,
+)
 from backends.vfio import VfioPciDevice
 from backends.vfio.device import (
     IORESOURCE_IO,
@@ -44,9 +48,6 @@ BAR0_SIZE = 16 << 20
 # the module (KBUILD_MODNAME), so with underscores; driver_override takes the same spelling
 # (spec nvgrace-gpu.md §1).
 NVGRACE_DRIVER = "nvgrace_gpu_vfio_pci"
-# Config-space BAR register bits (include/uapi/linux/pci_regs.h).
-PCI_BASE_ADDRESS_SPACE_IO = 0x1
-PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
 
 
 class ServedBarsError(Exception):
@@ -152,13 +153,13 @@ def served_guest_bars(address: str, socket_path: str) -> list[GuestBar]:
         raise ServedBarsError(f"{why}, which refused: {exc}") from None
     except (OSError, EOFError, MisbehavingServerError, ProtocolError) as exc:
         raise ServedBarsError(f"{why}, and could not reach it ({exc}); {start}") from None
-    ids = (served.vendor_id, served.device_id)
-    if ids != sysfs_ids(address):
+    ids, expected = (served.vendor_id, served.device_id), sysfs_ids(address)
+    if ids != expected:
         # Another device's vgpud on that path would size the window for the wrong BARs.
-        expected = "{:04x}:{:04x}".format(*sysfs_ids(address))
         raise ServedBarsError(
-            f"{why}, which serves a {ids[0]:04x}:{ids[1]:04x}, not this {expected}: "
-            "is the socket path the one of the daemon serving it?"
+            f"{why}, which serves a {ids[0]:04x}:{ids[1]:04x}, not this "
+            f"{expected[0]:04x}:{expected[1]:04x}: is the socket path the one of the daemon "
+            "serving it?"
         )
     return [
         GuestBar(bar.size, bool(bar.register & PCI_BASE_ADDRESS_MEM_PREFETCH))

@@ -53,6 +53,7 @@ PCI_STATUS_CAP_LIST = 1 << 4
 # Error bits a device reports and software clears by writing 1.
 PCI_STATUS_RW1C = 0xF900
 
+PCI_BASE_ADDRESS_SPACE_IO = 0x1
 PCI_BASE_ADDRESS_MEM_TYPE_64 = 0x4
 PCI_BASE_ADDRESS_MEM_PREFETCH = 0x8
 

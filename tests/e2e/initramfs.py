@@ -76,21 +76,23 @@ vg_describe() {
     vg_kv config "$(head -c 256 "$DEV/config" | od -An -tx1 -v | tr -d ' \n')"
 }
 
-# vg_vfio_bind: hands $BDF (from vg_find_dev) to vfio-pci and sets VFIO_GROUP. Needs a VFIO
-# guest: the vfio modules, and a vIOMMU, since this kernel has no no-IOMMU mode. Binding and
-# the /dev/vfio node are synchronous in the kernel, so both are checked once, not polled.
+# vg_vfio_bind [DRIVER]: hands $BDF (from vg_find_dev) to DRIVER (default vfio-pci; any VFIO
+# driver, e.g. nvgrace_gpu_vfio_pci) and sets VFIO_GROUP. Needs a VFIO guest: the vfio
+# modules, and a vIOMMU, since this kernel has no no-IOMMU mode. Binding and the /dev/vfio
+# node are synchronous in the kernel, so both are checked once, not polled.
 vg_vfio_bind() {
+    want=${1:-vfio-pci}
     if [ ! -e "$DEV/iommu_group" ]; then
         vg_kv vfio_error "$BDF has no iommu_group (no vIOMMU, or intel_iommu=on missing)"
         return 1
     fi
     VFIO_GROUP=$(basename "$(readlink "$DEV/iommu_group")")
     if [ -e "$DEV/driver" ]; then echo "$BDF" > "$DEV/driver/unbind"; fi
-    echo vfio-pci > "$DEV/driver_override"
+    echo "$want" > "$DEV/driver_override"
     echo "$BDF" > /sys/bus/pci/drivers_probe
     driver=$(basename "$(readlink "$DEV/driver" || echo none)")  # unbound: report, not set -e
-    if [ "$driver" != vfio-pci ]; then
-        vg_kv vfio_error "$BDF is bound to '$driver', not vfio-pci"
+    if [ "$driver" != "$want" ]; then
+        vg_kv vfio_error "$BDF is bound to '$driver', not $want"
         return 1
     fi
     if [ ! -c "/dev/vfio/$VFIO_GROUP" ]; then
@@ -292,9 +294,12 @@ class GuestScript:
 
     # -- VFIO guest (Harness.boot(..., vfio=True)) -------------------------------------------
 
-    def vfio_bind(self) -> GuestScript:
-        """Bind the device found by :meth:`find_device` to vfio-pci; VGTEST vfio_group=N."""
-        return self.raw("vg_vfio_bind")
+    def vfio_bind(self, driver: str = "vfio-pci") -> GuestScript:
+        """Bind the device found by :meth:`find_device` to ``driver`` (a VFIO driver, by its
+        sysfs name); VGTEST vfio_group=N."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", driver):
+            raise ValueError(f"bad driver name {driver!r}")
+        return self.raw(f"vg_vfio_bind {driver}")
 
     def host_chroot(self) -> GuestScript:
         """Mount the host's / read-only at /host, ready for :meth:`host_python`."""

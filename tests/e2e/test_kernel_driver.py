@@ -118,18 +118,6 @@ class Run:
     vgpud: dict[str, Any]  # the facts the host's vgpud gave for the same memory size
 
 
-def _bind_to_nvgrace() -> str:
-    # driver_override takes the driver's name, the module's with underscores (spec §1).
-    return "\n".join(
-        [
-            'vg_kv firmware_node "$(cat "$DEV/firmware_node/path")"',
-            'echo nvgrace_gpu_vfio_pci > "$DEV/driver_override"',
-            'echo "$BDF" > /sys/bus/pci/drivers_probe',
-            'vg_kv driver "$(basename "$(readlink "$DEV/driver")")"',
-        ]
-    )
-
-
 # (guest kernel suite, profile): every kernel the driver is built for with a Hopper; the
 # Blackwells where the driver knows them (GB200 0x2941 since v6.14, GB300 0x31C2 since v6.18:
 # neither in trixie's 6.12).
@@ -160,7 +148,10 @@ def scenario(assets: Assets, request: pytest.FixtureRequest) -> ScenarioRun:
         script = (
             GuestScript()
             .find_device()
-            .raw(_bind_to_nvgrace())
+            .raw('vg_kv firmware_node "$(cat "$DEV/firmware_node/path")"')
+            # driver_override takes the driver's name, the module's with underscores (spec §1).
+            .vfio_bind("nvgrace_gpu_vfio_pci")
+            .raw('vg_kv driver "$(basename "$(readlink "$DEV/driver")")"')
             .host_chroot()
             .host_python("tests.e2e.nvgrace_facts", "$BDF", "/run/facts")
         )
