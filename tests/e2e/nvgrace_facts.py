@@ -6,11 +6,11 @@ Run INSIDE a test guest (tests/e2e/test_kernel_driver.py), it starts a vgpud wit
 the facts as one ``VGTEST facts=<json>`` line. The host test gathers the same facts from a
 vgpud serving the synthetic GPU of the same memory size, and compares them.
 
-Every fact is one the driver decides (spec nvgrace-gpu.md §3.4, §4, §5): the region info of
-the fake BARs, the emulated BAR registers (sizing, byte writes, an access spanning two), reads
-and writes of device memory and of the tail past it, and what a reset puts back. Device
-memory is written before it is read, since the kernel's is guest RAM with whatever was left
-in it.
+Every fact is one the driver decides or acts on (spec nvgrace-gpu.md §2, §3.4, §4, §5): the
+region info of the fake BARs, the DVSECs that steer it, the emulated BAR registers (sizing,
+byte writes, an access spanning two), reads and writes of device memory and of the tail past
+it, and what a reset puts back. Device memory is written before it is read, since the
+kernel's is guest RAM with whatever was left in it.
 
 ``python -m tests.e2e.nvgrace_facts BDF WORKDIR``
 """
@@ -36,6 +36,8 @@ BAR_REGISTERS = (0x18, 0x1C, 0x20, 0x24)
 PATTERN = bytes(range(0xA0, 0xB0))
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
+PCI_EXT_CAPS = 0x100  # where the extended capability list starts
+PCI_EXT_CAP_ID_DVSEC = 0x23
 TRAPPED_OFFSET = 0x1000  # where device memory is written and read back through REGION_WRITE
 
 
@@ -58,6 +60,24 @@ async def _write(client: VfioUserClient, region: int, offset: int, data: bytes) 
 async def _bar_registers(client: VfioUserClient) -> list[str]:
     # One 4-byte read each, as QEMU reads them (a bulk read is another fact, below).
     return [await _read(client, CONFIG, offset, 4) for offset in BAR_REGISTERS]
+
+
+async def _dvsecs(client: VfioUserClient) -> list[list[int]]:
+    """[offset, vendor, DVSEC ID] of each Designated Vendor-Specific Extended Capability, as
+    ``pci_find_dvsec_capability`` walks them: the NVIDIA one (ID 3) decides the MIG bug and a
+    CXL Device one (vendor 0x1E98, ID 0) the v7.2 readiness path (spec nvgrace-gpu.md §2.2,
+    §2.3), so a VMM hiding either would change what the driver does."""
+    found: list[list[int]] = []
+    offset, seen = PCI_EXT_CAPS, set()
+    while offset and offset not in seen:  # a loop in the list ends the walk, as in the kernel
+        seen.add(offset)
+        header = struct.unpack("<I", await client.region_read(CONFIG, offset, 4))[0]
+        if header & 0xFFFF == PCI_EXT_CAP_ID_DVSEC:
+            vendor_header = struct.unpack("<I", await client.region_read(CONFIG, offset + 4, 4))
+            dvsec_id = struct.unpack("<H", await client.region_read(CONFIG, offset + 8, 2))
+            found.append([offset, vendor_header[0] & 0xFFFF, dvsec_id[0]])
+        offset = header >> 20 & 0xFFC
+    return found
 
 
 async def _region(client: VfioUserClient, index: int) -> dict[str, Any]:
@@ -105,6 +125,7 @@ async def collect(client: VfioUserClient) -> dict[str, Any]:
         irq = await client.irq_info(index)
         irqs.append([irq.flags, irq.count])
     facts["irqs"] = irqs
+    facts["dvsecs"] = await _dvsecs(client)
     # One fact per register: on Blackwell BAR2/BAR3 are the real BAR1's, not the driver's.
     for offset, value in zip(BAR_REGISTERS, await _bar_registers(client), strict=True):
         facts[f"bar_register_{offset:#x}_at_open"] = value

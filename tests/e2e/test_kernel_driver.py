@@ -108,38 +108,58 @@ def _as_known(kernel: Any, vgpud: Any, known: tuple[Any, Any]) -> tuple[Any, Any
     return kernel, vgpud
 
 
+@dataclass(frozen=True)
+class Case:
+    suite: str  # the guest kernel's Debian suite (the driver is built for that kernel)
+    profile: str
+    # A CXL Device DVSEC on the GPU (`vgpud serve --cxl-dvsec`): the v7.2 driver then takes
+    # its readiness from the DVSEC's MEM_INFO_VALID/MEM_ACTIVE bits, at probe and after a
+    # reset, instead of BAR0 (spec nvgrace-gpu.md §2.3, §7.3); so does vgpud's variant.
+    cxl: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.suite}-{self.profile}" + ("-cxl" if self.cxl else "")
+
+    @property
+    def serve_flags(self) -> list[str]:
+        return ["--cxl-dvsec"] if self.cxl else []
+
+
+# Every kernel the driver is built for with a Hopper; the Blackwells where the driver knows
+# them (GB200 0x2941 since v6.14, GB300 0x31C2 since v6.18: neither in trixie's 6.12); and
+# the CXL readiness path, which only 7.2 has (the "Blackwell-Next" of its commit, so a GB300).
+BLACKWELLS = ("gb200", "gb300")
+CASES = (
+    [Case(suite, "gh200") for suite in NVGRACE_MODULE_KERNELS]
+    + [Case("sid", profile) for profile in BLACKWELLS]
+    + [Case("sid", "gb300", cxl=True)]
+)
+
+
 @dataclass
 class Run:
-    suite: str  # the Debian suite of the guest's kernel and of the driver built for it
-    profile: str  # the GPU's, on both sides
+    case: Case
     kernel_version: str  # the kernel asset's, e.g. "7.2.13+deb14-amd64 (7.2.13-1)"
     results: GuestResults
     kernel: dict[str, Any]  # the facts the kernel's driver gave, through the guest's vgpud
     vgpud: dict[str, Any]  # the facts the host's vgpud gave for the same memory size
 
 
-# (guest kernel suite, profile): every kernel the driver is built for with a Hopper; the
-# Blackwells where the driver knows them (GB200 0x2941 since v6.14, GB300 0x31C2 since v6.18:
-# neither in trixie's 6.12).
-BLACKWELLS = ("gb200", "gb300")
-CASES = [(suite, "gh200") for suite in NVGRACE_MODULE_KERNELS] + [
-    ("sid", profile) for profile in BLACKWELLS
-]
-
-
-@pytest.fixture(scope="module", params=CASES, ids=[f"{s}-{p}" for s, p in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[case.id for case in CASES])
 def scenario(assets: Assets, request: pytest.FixtureRequest) -> ScenarioRun:
-    """Once per guest kernel the driver was built for (trixie's 6.12, sid's 7.x) and
-    profile."""
-    suite, profile = request.param
+    """Once per guest kernel the driver was built for (trixie's 6.12, sid's 7.x), profile
+    and readiness path."""
+    case: Case = request.param
+    suite, profile = case.suite, case.profile
     assets = assets.with_kernel(suite)
     module = assets.nvgrace_modules[suite]
 
     async def body(h: Harness) -> Run:
         passed_through = h.device(profile, memory_size="2GiB")  # the guest's GPU
         reference = h.device(profile, memory_size=f"{MEMLENGTH >> 20}MiB")
-        await h.start_vgpud(passed_through)
-        await h.start_vgpud(reference)
+        await h.start_vgpud(passed_through, case.serve_flags)
+        await h.start_vgpud(reference, case.serve_flags)
         ssdt = h.workdir / "nvgrace-dsd.aml"
         ssdt.write_bytes(gpu_memory_dsd(GPU_ACPI_PATH, MEMPHYS, MEMLENGTH))
         args = h.device_args(passed_through, extra=["--ram", GUEST_RAM])
@@ -167,7 +187,7 @@ def scenario(assets: Assets, request: pytest.FixtureRequest) -> ScenarioRun:
         async with await VfioUserClient.connect(reference.socket_path) as client:
             vgpud = await collect(client)
         kernel = json.loads(results.values.get("facts", "{}"))
-        return Run(suite, profile, assets.versions["kernel"], results, kernel, vgpud)
+        return Run(case, assets.versions["kernel"], results, kernel, vgpud)
 
     return run_scenario(assets, body)
 
@@ -186,10 +206,19 @@ def test_the_guest_kernel_drives_the_gpu_with_the_real_driver(scenario: Scenario
     assert results.values["driver"] == "nvgrace_gpu_vfio_pci"
 
 
+def test_the_driver_saw_the_dvsecs_that_steer_it(scenario: ScenarioRun) -> None:
+    """The NVIDIA DVSEC (ID 3: whether the GPU has the MIG bug, spec §2.2) and, with
+    ``--cxl-dvsec``, the CXL Device DVSEC (its presence alone takes 7.2 down the CXL
+    readiness path, §2.3) reach the guest's driver through QEMU: neither is hidden."""
+    run = _run(scenario)
+    expected = [[0x10DE, 3]] + ([[0x1E98, 0]] if run.case.cxl else [])
+    assert [dvsec[1:] for dvsec in run.kernel["dvsecs"]] == expected
+
+
 def test_the_driver_read_the_memory_properties(scenario: ScenarioRun) -> None:
     """Without them it would fall back to plain vfio-pci (spec §8): no fake BARs."""
     run = _run(scenario)
-    if run.profile in BLACKWELLS:
+    if run.case.profile in BLACKWELLS:
         # No MIG bug (its DVSEC says so): all of it usemem, and region 2 the real BAR1.
         assert run.kernel["region4"]["sparse_areas"] == [[0, MEMLENGTH]]
         assert run.kernel["region2"]["sparse_areas"] == []
@@ -201,7 +230,7 @@ def test_the_driver_read_the_memory_properties(scenario: ScenarioRun) -> None:
 def test_vgpud_answers_as_the_kernel_driver_does(scenario: ScenarioRun) -> None:
     run = _run(scenario)
     assert run.kernel.keys() == run.vgpud.keys()
-    known = known_differences(run.suite, run.profile)
+    known = known_differences(run.case.suite, run.case.profile)
     differ = {
         fact: (run.kernel[fact], run.vgpud[fact])
         for fact in run.kernel
@@ -214,7 +243,7 @@ def test_the_known_differences_are_as_documented(scenario: ScenarioRun) -> None:
     """Each known difference still holds as written: the day the kernel or vgpud changes,
     this fails and the table (and docs/device.md) are looked at again."""
     run = _run(scenario)
-    known = known_differences(run.suite, run.profile)
+    known = known_differences(run.case.suite, run.case.profile)
     found = {
         fact: _as_known(run.kernel[fact], run.vgpud[fact], expected)
         for fact, expected in known.items()
