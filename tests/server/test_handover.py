@@ -4,6 +4,7 @@ on from what they describe. (tests/daemon/test_upgrade.py runs the whole exec.)"
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -18,14 +19,14 @@ import trio
 import trio.testing
 
 import protocol as p
-from backends.device import INTX_IRQ_INDEX, MSIX_IRQ_INDEX, IrqAction
+from backends.device import INTX_IRQ_INDEX, MSIX_IRQ_INDEX, DeviceError, IrqAction
 from backends.synthetic.bar0 import DOORBELL, SCRATCH
 from tests.server.conftest import Daemon
 from tests.server.rawclient import HEADER, QEMU_VERSION
 from vgpud.config import single_device
 from vgpud.devices import BuiltDevice, build_device
 from vgpud.server.dma import DmaError, DmaTable
-from vgpud.server.listener import SERVER_CAPABILITIES
+from vgpud.server.listener import SERVER_CAPABILITIES, DeviceServer
 from vgpud.server.session import Session
 from vgpud.server.transport import FdStream
 
@@ -273,3 +274,73 @@ async def test_a_frozen_device_accepts_no_client(vgpud: Daemon) -> None:
 async def _connect_and_read_info(vgpud: Daemon) -> None:
     async with await vgpud.connect() as client:
         assert (await client.device_info()).num_regions == 9
+
+
+@pytest.mark.parametrize("bug", [False, True], ids=["refused", "bug"])
+async def test_a_client_that_cannot_be_resumed_is_closed_and_lets_go_of_all_it_had(
+    built: BuiltDevice, bug: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handed session whose DMA the device fails to map again: the client is closed, the
+    DMA mappings already made again and their fds are let go, and the device drops the
+    client's eventfds (``close``) -- whether the device refused or vgpud met a bug, which
+    used to leave both behind."""
+    conn = p.ServerConnection(SERVER_CAPABILITIES)
+    conn.receive_data(QEMU_VERSION)
+    event = conn.next_event()
+    assert isinstance(event, p.Request)
+    conn.version_reply(event)
+    ram = os.memfd_create("resume-refused-ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 2 * PAGE)
+    dma = {"iova": 0x4000, "size": 2 * PAGE, "readable": True, "writable": True}
+    session = {
+        "connection": conn.handover(),
+        "dma": [{**dma, "file_offset": 0, "fd": ram}],  # the session takes the fd
+        "messages": 1,
+    }
+    device = built.device
+    trigger = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    device.set_irqs(INTX_IRQ_INDEX, IrqAction.TRIGGER, 0, 1, eventfds=[os.dup(trigger)])
+
+    def dma_map(region: object) -> None:
+        # Raised afresh each time: an exception kept across tests would keep its traceback,
+        # and the traceback this frame, whose region views the DMA mapping.
+        if bug:
+            raise RuntimeError("a bug in vgpud")
+        raise DeviceError(errno.ENOMEM, "no room for the map")
+
+    closed: list[bool] = []
+    close = device.close
+
+    def counted_close() -> None:
+        closed.append(True)
+        close()
+
+    monkeypatch.setattr(device, "dma_map", dma_map)
+    monkeypatch.setattr(device, "close", counted_close)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = {"number": 1, "fd": ours.fileno(), "session": session}
+    server = DeviceServer(
+        "gpu0", device, None, handed={"connections": 1, "retiring": False, "client": client}
+    )
+    try:
+        with trio.fail_after(5):
+            await server.serve_connected(ours)
+        assert closed == [True]
+        assert server.internal_errors == (1 if bug else 0)
+        assert theirs.recv(1) == b""  # closed
+        assert not [name for name in open_files() if "resume-refused-ram" in name]
+    finally:
+        theirs.close()
+        ours.close()
+        os.close(trigger)
+
+
+def open_files() -> list[str]:
+    """What this process's fds name (a file gone meanwhile, as listdir's own, is skipped)."""
+    named = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            named.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return named

@@ -418,10 +418,17 @@ class DeviceServer:
                     handed=handed,
                     on_rest=self._note_change,
                 )
-            except ValueError as exc:
+            except Exception as exc:
+                if handed is None:
+                    raise
                 # Only a resumed session's state can be refused: its client is closed (QEMU
-                # then reports the device gone), the device serves the next one.
-                log.error("client could not be taken over; closing it", error=str(exc))
+                # then reports the device gone), the device serves the next one. So too when
+                # resuming it met a bug, or the device would keep the client's eventfds.
+                if isinstance(exc, ValueError):
+                    log.error("client could not be taken over; closing it", error=str(exc))
+                else:
+                    self.internal_errors += 1
+                    log.exception("taking the client over failed; closing it")
                 self.device.close()  # the client's eventfds, which the device took over
                 return
             if handed is not None:

@@ -355,10 +355,14 @@ class Session:
             self.messages = int(handed["messages"])
             for entry in self.dma.adopt(handed["dma"]):
                 self.device.dma_map(entry.region())
-        except (KeyError, TypeError, ValueError, DmaError, DeviceError) as exc:
+        except Exception as exc:
+            # Whatever failed, a bug included: what was mapped again is let go here, as no
+            # session will ever unmap it.
             for mapping in self.dma.unmap_all():
                 self._notify_unmap(mapping.iova, mapping.size)
-            raise ValueError(f"session state unusable: {exc}") from exc
+            if isinstance(exc, (KeyError, TypeError, ValueError, DmaError, DeviceError)):
+                raise ValueError(f"session state unusable: {exc}") from exc
+            raise
 
     async def _hold_still(self) -> None:
         self._frozen = True
