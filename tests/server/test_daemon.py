@@ -78,7 +78,24 @@ async def test_negotiation_as_qemu_does_it(vgpud: Daemon) -> None:
     caps = json.loads(reply.payload[4:-1])["capabilities"]
     assert caps["max_msg_fds"] == 16
     assert caps["max_data_xfer_size"] == 1 << 20
+    # The granule the DMA table maps; left out when it is the spec's default, 4096.
+    assert caps.get("pgsizes", 4096) == mmap.PAGESIZE
     conn.close()
+
+
+@pytest.mark.parametrize("page_size", [4096, 16384, 65536])
+def test_the_reply_to_qemu_offers_the_hosts_page_size_whatever_it_is(page_size: int) -> None:
+    """An arm64 Grace host may run a 16K- or 64K-page kernel: the DMA table then maps in that
+    granule, so that is what the reply offers, with every other key still in QEMU's 214
+    bytes (spec vfio-user.md §3.1, R2)."""
+    request = p.Version.unpack(QEMU_VERSION[p.HEADER_SIZE :])
+    ours = dataclasses.replace(SERVER_CAPABILITIES, pgsizes=page_size)
+    reply = p.negotiate_reply(request, ours, len(QEMU_VERSION))
+    assert reply.capabilities is not None
+    assert reply.capabilities.pgsizes == page_size
+    assert reply.capabilities.max_msg_fds == 16
+    assert reply.capabilities.max_dma_maps == SERVER_CAPABILITIES.max_dma_maps
+    assert p.HEADER_SIZE + len(reply.pack()) <= len(QEMU_VERSION)
 
 
 async def test_dma_map_unmap_and_unmap_all(vgpud: Daemon) -> None:

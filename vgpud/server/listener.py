@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import select
 import socket
 import struct
@@ -42,9 +43,11 @@ ACCEPT_BACKOFF_SECONDS = 0.1
 HANDOVER_TIMEOUT = 5.0
 
 # What the server offers in its VERSION reply (spec vfio-user.md §3.1, R8): max_msg_fds is
-# explicit because QEMU assumes 8 when absent; 16 is QEMU's own limit.
+# explicit because QEMU assumes 8 when absent; 16 is QEMU's own limit. pgsizes is the host's
+# page size, the granule the DMA table maps (server/dma.py): 4 KiB on x86, 64 KiB on an arm64
+# Grace host with a 64K-page kernel, where a 4 KiB promise would be one the table refuses.
 SERVER_CAPABILITIES = p.Capabilities(
-    max_msg_fds=16, max_data_xfer_size=1 << 20, pgsizes=4096, max_dma_maps=65535
+    max_msg_fds=16, max_data_xfer_size=1 << 20, pgsizes=mmap.PAGESIZE, max_dma_maps=65535
 )
 
 
