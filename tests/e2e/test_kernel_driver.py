@@ -126,12 +126,16 @@ class Case:
         return ["--cxl-dvsec"] if self.cxl else []
 
 
-# Every kernel the driver is built for with a Hopper; the Blackwells where the driver knows
-# them (GB200 0x2941 since v6.14, GB300 0x31C2 since v6.18: neither in trixie's 6.12); and
-# the CXL readiness path, which only 7.2 has (the "Blackwell-Next" of its commit, so a GB300).
+# Every kernel the driver is built for with a Hopper; the other Hoppers once each, where the
+# driver's ID table has them (the 480 GB 0x2345 from the start, the SKU 0x2348 since v6.13:
+# spec nvgrace-gpu.md §1; even with driver_override the driver probes only IDs in its table);
+# the Blackwells where the driver knows them (GB200 0x2941 since v6.14, GB300 0x31C2 since
+# v6.18: neither in trixie's 6.12); and the CXL readiness path, which only 7.2 has (the
+# "Blackwell-Next" of its commit, so a GB300).
 BLACKWELLS = ("gb200", "gb300")
 CASES = (
     [Case(suite, "gh200") for suite in NVGRACE_MODULE_KERNELS]
+    + [Case("trixie", "gh200-480g"), Case("sid", "gh200-sku")]
     + [Case("sid", profile) for profile in BLACKWELLS]
     + [Case("sid", "gb300", cxl=True)]
 )
