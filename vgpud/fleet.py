@@ -35,6 +35,8 @@ from vgpud.server.socket_files import (
     ListenerError,
     SocketClaim,
     claim_socket_path,
+    group_id,
+    group_reach_problem,
     listen_on_claim,
 )
 
@@ -228,6 +230,23 @@ class Fleet:
             engine="python" if self._library is None else "libvfio-user",
             **built.summary(),
         )
+        group = built.config.socket_group
+        if group is not None and not endpoint.inherited:
+            # The socket is the group's, but a directory above it may keep the group out:
+            # its VMM would get EACCES with nothing in this log to say why.
+            try:
+                problem = group_reach_problem(endpoint.path, group_id(group))
+            except ListenerError:  # the group went away since the socket got it
+                problem = None
+            if problem is not None:
+                self._log.warning(
+                    "socket_group cannot reach the socket",
+                    device=built.name,
+                    socket=str(endpoint.path),
+                    socket_group=group,
+                    reason=problem,
+                    fix="serve the socket from a directory the group can enter (/run/vgpud)",
+                )
         return server
 
     async def _run_device(

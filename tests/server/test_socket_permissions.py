@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
+import shutil
 import socket
 import stat
+import struct
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
+import trio
 
-from vgpud.server.socket_files import ListenerError, bind_unix_listener
+from vgpud import daemon
+from vgpud.config import DaemonConfig, single_device
+from vgpud.server.socket_files import ListenerError, bind_unix_listener, group_reach_problem
 
 
 def test_default_is_owner_only(tmp_path: Path) -> None:
@@ -53,3 +62,90 @@ def test_stale_socket_is_replaced(tmp_path: Path) -> None:
     finally:
         sock.close()
         claim.release()
+
+
+@pytest.fixture
+def open_root() -> Iterator[Path]:
+    """A directory every user can enter, under one (/tmp) they can too: pytest's own
+    tmp_path sits under an owner-only directory, which would answer every question below."""
+    root = Path(tempfile.mkdtemp(prefix="vgpud-reach-", dir="/tmp"))
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root)
+
+
+def test_a_directory_that_keeps_the_group_out_is_named(open_root: Path) -> None:
+    gid = os.getgid()
+    private = open_root / "private"
+    private.mkdir(mode=0o700)
+    (private / "vgpud").mkdir(mode=0o755)
+    problem = group_reach_problem(private / "vgpud" / "gpu0.sock", gid)
+    assert problem is not None and str(private) in problem and "0700" in problem
+
+
+@pytest.mark.parametrize(("mode", "own_group"), [(0o710, True), (0o701, False)])
+def test_the_groups_or_others_search_permission_lets_it_in(
+    open_root: Path, mode: int, own_group: bool
+) -> None:
+    directory = open_root / "d"
+    directory.mkdir()
+    directory.chmod(mode)
+    gid = os.stat(directory).st_gid if own_group else _other_gid(os.stat(directory).st_gid)
+    assert group_reach_problem(directory / "gpu0.sock", gid) is None
+    # The group bit is for the directory's own group only.
+    if own_group:
+        problem = group_reach_problem(directory / "gpu0.sock", _other_gid(gid))
+        assert problem is not None and str(directory) in problem
+
+
+def test_a_directory_with_an_acl_is_left_to_its_acl(open_root: Path) -> None:
+    directory = open_root / "acl"
+    directory.mkdir(mode=0o700)
+    gid = _other_gid(os.stat(directory).st_gid)
+    # POSIX ACL xattr, version 2: user::rwx, group::---, group:<gid>:r-x, mask::r-x, other::---
+    entries = [(0x01, 7, 0xFFFFFFFF), (0x04, 0, 0xFFFFFFFF), (0x08, 5, gid), (0x10, 5, 0xFFFFFFFF)]
+    entries.append((0x20, 0, 0xFFFFFFFF))
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(directory, "system.posix_acl_access", acl)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on {open_root}: {exc.strerror}")
+    assert group_reach_problem(directory / "gpu0.sock", gid) is None
+
+
+async def test_the_daemon_warns_when_its_socket_group_cannot_reach_the_socket(
+    open_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket of the right group and mode in a directory the group cannot enter: the VMM
+    would get EACCES, so the start says so (and serves: the VMM's user may own it)."""
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    private = open_root / "private"
+    private.mkdir(mode=0o700)
+    gid = os.getgid()
+    lines = []
+    for directory in (private / "run", open_root / "shared"):
+        config = single_device(
+            socket_path=directory / "gpu0.sock",
+            memory_size="4GiB",
+            backing_dir=open_root / "mem",
+            socket_group=str(gid),
+        )
+        with structlog.testing.capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(daemon.run, DaemonConfig((config,))))
+                nursery.cancel_scope.cancel()
+        lines.append(
+            [line for line in logs if line["event"] == "socket_group cannot reach the socket"]
+        )
+    (warning,) = lines[0]
+    assert warning["log_level"] == "warning"
+    assert str(private) in str(warning["reason"])
+    assert lines[1] == []  # made by the daemon under an open directory: reachable
+
+
+def _other_gid(gid: int) -> int:
+    """A gid that is not ``gid`` (one the system knows, else any)."""
+    for group in grp.getgrall():
+        if group.gr_gid != gid:
+            return group.gr_gid
+    return gid + 1

@@ -263,6 +263,36 @@ def group_refusal(gid: int) -> str | None:
     )
 
 
+def group_reach_problem(path: Path, gid: int) -> str | None:
+    """Why a VMM in group ``gid`` may be unable to reach the socket at ``path`` however the
+    socket's own mode reads, or None: the first directory above it that gives neither that
+    group nor others search permission (a socket under $XDG_RUNTIME_DIR, always 0700, say).
+    Only a hint, hence a warning and not a refusal: the VMM's user may own that directory,
+    and a directory with an access ACL is passed over (its ACL decides; not read here)."""
+    for directory in Path(os.path.abspath(path)).parents:
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return None  # cannot tell
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & stat.S_IXOTH or (st.st_gid == gid and mode & stat.S_IXGRP):
+            continue
+        if _has_access_acl(directory):
+            continue
+        return (
+            f"{directory} (mode {mode:04o}, owner {st.st_uid}:{st.st_gid}) lets neither "
+            f"group {gid} nor others enter it"
+        )
+    return None
+
+
+def _has_access_acl(directory: Path) -> bool:
+    try:
+        return "system.posix_acl_access" in os.listxattr(directory)
+    except OSError:
+        return False
+
+
 def _may_chown() -> bool:
     """Whether this process has CAP_CHOWN (bit 0 of its effective set)."""
     try:
