@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import grp
 import os
@@ -141,6 +142,60 @@ async def test_the_daemon_warns_when_its_socket_group_cannot_reach_the_socket(
     assert warning["log_level"] == "warning"
     assert str(private) in str(warning["reason"])
     assert lines[1] == []  # made by the daemon under an open directory: reachable
+
+
+def _connects_as(path: Path, uid: int, gid: int, groups: list[int]) -> int:
+    """0 if a process of ``uid``/``gid`` with ``groups`` can connect to ``path``, else the
+    errno. A forked child drops to that user and tries (it runs no Python after the fork
+    but these few calls, and leaves with os._exit)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        code = 100
+        try:
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(str(path))
+            code = 0
+        except OSError as exc:
+            code = exc.errno or 100
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_a_vmm_of_another_user_gets_in_through_the_socket_group_only(open_root: Path) -> None:
+    """What libvirt's system QEMU (another user, in the socket's group) meets: connected
+    through the group with --socket-group, refused by an owner-only socket and by a
+    directory above it that keeps the group out -- the case the start warns about."""
+    nobody = 65534
+    group = _other_gid(os.getgid())
+    shared, private = open_root / "shared", open_root / "private"
+    private.mkdir(mode=0o700)
+    (private / "run").mkdir(mode=0o755)
+    sockets = []
+    try:
+        for path, mode, sock_group in (
+            (shared / "group.sock", 0o660, str(group)),
+            (shared / "owner.sock", 0o600, None),
+            (private / "run" / "group.sock", 0o660, str(group)),
+        ):
+            shared.mkdir(mode=0o755, exist_ok=True)
+            sockets.append(bind_unix_listener(path, mode=mode, group=sock_group))
+        assert _connects_as(shared / "group.sock", nobody, nobody, [group]) == 0
+        assert _connects_as(shared / "group.sock", nobody, nobody, []) == errno.EACCES
+        assert _connects_as(shared / "owner.sock", nobody, nobody, [group]) == errno.EACCES
+        assert _connects_as(private / "run" / "group.sock", nobody, nobody, [group]) == (
+            errno.EACCES
+        )
+        assert group_reach_problem(private / "run" / "group.sock", group) is not None
+    finally:
+        for sock, claim in sockets:
+            sock.close()
+            claim.release()
 
 
 def _other_gid(gid: int) -> int:
