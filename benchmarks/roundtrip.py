@@ -25,7 +25,10 @@ another CPU sends its next request the moment a reply arrives, and a slower serv
 already waiting: that flatters the slower server.)
 
     python -m benchmarks.roundtrip [--iterations 20000] [--cpu 0] [--server-cpu N]
-                                   [--gap-us N] [--json]
+                                   [--gap-us N] [--runs N] [--json]
+
+With the C server measured, the last column ("x C") is each row's p50 over the C server's
+p50 in the same run (the median of those, with ``--runs``): issue #4's target is 1.5.
 """
 
 from __future__ import annotations
@@ -209,6 +212,30 @@ def summarize(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
+# The row #4's target is measured against: p50 within 1.5x of libvfio-user's C server.
+PEER = "libvfio-user config read"
+STATS = ("p50_us", "p99_us", "mean_us", "msgs_per_s")
+
+
+def combine(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Each row's median over ``runs`` (a row missing from a run is left out of that run's
+    share), and ``x_peer``: the median over the runs of the row's p50 over the C server's p50
+    in the same run (servers measured in one run share the host's mood, so the ratio is
+    steadier than a ratio of medians)."""
+    combined: dict[str, dict[str, float]] = {}
+    names = list(dict.fromkeys(name for run in runs for name in run))
+    for name in names:
+        rows = [run[name] for run in runs if name in run]
+        row = {stat: statistics.median(r[stat] for r in rows) for stat in STATS}
+        ratios = [
+            run[name]["p50_us"] / run[PEER]["p50_us"] for run in runs if name in run and PEER in run
+        ]
+        if ratios:
+            row["x_peer"] = statistics.median(ratios)
+        combined[name] = row
+    return combined
+
+
 def _listener(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
@@ -381,7 +408,7 @@ def run(
             lvu_sock = f"{tmp}/lvu.sock"
             with _server([libvfio_user_server, lvu_sock], on) as server:
                 client = RawClient(lvu_sock, server)
-                results["libvfio-user config read"] = sample(client, CONFIG_REGION, 0)
+                results[PEER] = sample(client, CONFIG_REGION, 0)
                 client.close()
     return results
 
@@ -395,31 +422,44 @@ def main() -> int:
     parser.add_argument(
         "--libvfio-user-server", default=os.environ.get("VGPUD_LIBVFIO_USER_SERVER")
     )
+    parser.add_argument(
+        "--runs", type=int, default=1, help="repeat the whole run; print each row's median"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     if args.libvfio_user_server and not Path(args.libvfio_user_server).exists():
         parser.error(f"{args.libvfio_user_server} does not exist")
+    runs = []
     try:
-        results = run(
-            args.iterations,
-            args.cpu,
-            args.libvfio_user_server,
-            server_cpu=args.server_cpu,
-            gap_us=args.gap_us,
-        )
+        for _ in range(args.runs):
+            runs.append(
+                run(
+                    args.iterations,
+                    args.cpu,
+                    args.libvfio_user_server,
+                    server_cpu=args.server_cpu,
+                    gap_us=args.gap_us,
+                )
+            )
     except ServerExitedError as exc:
         print(f"benchmarks.roundtrip: {exc}", file=sys.stderr)
         return 2
+    results = combine(runs)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{'server':<32} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'msgs/s':>9}")
+    if args.runs > 1:
+        print(f"median of {args.runs} runs")
+    print(f"{'server':<32} {'p50 us':>8} {'p99 us':>8} {'mean us':>8} {'msgs/s':>9} {'x C':>6}")
     for name, r in results.items():
+        ratio = f"{r['x_peer']:6.2f}" if "x_peer" in r else f"{'':6}"
         print(
             f"{name:<32} {r['p50_us']:8.1f} {r['p99_us']:8.1f} {r['mean_us']:8.1f} "
-            f"{r['msgs_per_s']:9.0f}"
+            f"{r['msgs_per_s']:9.0f} {ratio}"
         )
-    if "libvfio-user config read" not in results:
+    if PEER not in results:
         print("(libvfio-user: not measured; pass --libvfio-user-server PATH to its samples/server)")
     return 0
 

@@ -182,3 +182,23 @@ def test_roundtrip_says_why_the_sample_server_did_not_start(tmp_path: Path) -> N
     assert "exited with status 1 before it listened" in message
     assert "failed to setup BAR1 region" in message
     assert roundtrip.SAMPLE_BAR1_HINT in message
+
+
+def test_roundtrip_runs_combine_into_medians_and_ratios_to_the_c_server() -> None:
+    def row(p50: float) -> dict[str, float]:
+        return {"p50_us": p50, "p99_us": 2 * p50, "mean_us": p50, "msgs_per_s": 1e6 / p50}
+
+    runs = [
+        {"vgpud config read": row(12.0), roundtrip.PEER: row(6.0)},  # 2.0x
+        {"vgpud config read": row(9.0), roundtrip.PEER: row(6.0)},  # 1.5x
+        {"vgpud config read": row(30.0), roundtrip.PEER: row(10.0)},  # 3.0x
+        {"vgpud config read": row(14.0)},  # no C server this run: no ratio from it
+    ]
+    combined = roundtrip.combine(runs)
+    assert combined["vgpud config read"]["p50_us"] == 13.0  # median of 12, 9, 30, 14
+    assert combined["vgpud config read"]["x_peer"] == 2.0  # median of 2.0, 1.5, 3.0
+    assert combined[roundtrip.PEER]["p50_us"] == 6.0
+    assert combined[roundtrip.PEER]["x_peer"] == 1.0
+    assert (
+        "x_peer" not in roundtrip.combine([{"vgpud config read": row(12.0)}])["vgpud config read"]
+    )
