@@ -49,7 +49,7 @@ test: lint typecheck assets
 	VGPUD_E2E_REQUIRE=1 $(BIN)/pytest
 
 bench: $(BIN)/.installed
-	$(BIN)/python -m benchmarks.roundtrip
+	$(BIN)/python -m benchmarks.roundtrip --runs 3
 
 # Accesses seen from inside a TCG guest (boots two; about 2 minutes).
 bench-guest: assets
