@@ -1,19 +1,20 @@
 """vgpud's variant held against the kernel's own nvgrace-gpu-vfio-pci driver.
 
 The same questions (tests/e2e/nvgrace_facts.py: the fake BARs' region info and sparse area,
-the emulated BAR registers through sizing, address, byte and spanning accesses, device memory
+the DVSECs that steer the driver, the emulated BAR registers through sizing, address, byte and
+spanning accesses, device memory
 read and written through REGION_READ/WRITE and through the mmapped fd, the tail past
 memlength and the end of the BAR, memory decoding off before and after a reset, what a reset
 puts back, and vfio-pci-core's other regions and interrupts) are put to two servers, and the
 answers compared:
 
 - the kernel: a guest (trixie's Linux 6.12, and sid's 7.2 for the v6.19+ driver) whose GPU is
-  a host vgpud's synthetic GH200, bound to the real driver (built for that kernel by the
-  assets: tests/e2e/kernel_module.py), and served by a vgpud in the guest with
-  ``--vfio-device``. The guest firmware gives the GPU the properties of a Grace host
-  (tests/e2e/acpi_dsd.py) naming guest RAM kept from the guest kernel (``memmap=``) as device
-  memory, so the driver runs its full variant over it;
-- vgpud: the synthetic GH200 with the same memory size, served on the host.
+  a host vgpud's synthetic GPU of the case's profile (``CASES``), bound to the real driver
+  (built for that kernel by the assets: tests/e2e/kernel_module.py), and served by a vgpud
+  in the guest with ``--vfio-device``. The guest firmware gives the GPU the properties of a
+  Grace host (tests/e2e/acpi_dsd.py) naming guest RAM kept from the guest kernel
+  (``memmap=``) as device memory, so the driver runs its full variant over it;
+- vgpud: the synthetic GPU of the same profile and memory size, served on the host.
 
 Both answers cross vgpud's protocol layer and client, so what differs is the variant.
 """
