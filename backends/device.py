@@ -235,6 +235,30 @@ class WatchesFds(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigView:
+    """Config space as a read returns it, in memory the device keeps current: ``data``
+    (the region's size) is what ``region_read(CONFIG_REGION_INDEX, ...)`` gives, except in
+    the ``computed`` ranges (offset, length), whose bytes are worked out at read time (a
+    clock, an emulated register) and must be read through ``region_read``."""
+
+    data: bytearray
+    computed: tuple[tuple[int, int], ...] = ()
+
+
+@runtime_checkable
+class ExposesConfig(Protocol):
+    """Optional part of a device: its config space can be read straight from memory
+    (:class:`ConfigView`), so the engine may answer config reads without calling it
+    (vgpud/server/fast_reads.py). For that the device promises that such reads have no
+    side effects, that ``data`` changes only inside its own methods (never in another
+    thread), and that it is never resized."""
+
+    def config_view(self) -> ConfigView | None:
+        """The view, or None while config reads must go through ``region_read``."""
+        ...
+
+
 @runtime_checkable
 class HandsOver(Protocol):
     """Optional part of a device: its state can be carried into another process, for a live

@@ -13,6 +13,7 @@ from protocol.events import Outgoing, Request, RequestMessage
 from protocol.header import FLAG_NO_REPLY, HEADER_SIZE, HEADER_STRUCT, Command
 from protocol.state import Role, State
 from protocol.trapped import (
+    ACCESS_SIZE,
     REGION_READ,
     REGION_WRITE,
     TrappedAccess,
@@ -127,6 +128,19 @@ class ServerConnection(_Connection):
         wire = access_error(access, errno)
         self._pending_access = None
         return wire
+
+    def fast_read_limits(self) -> tuple[int, int] | None:
+        """``(max message size, max_data_xfer_size)`` when the fast path would take a plain
+        REGION_READ now (a server's C loop answers some without this connection: see
+        vgpud/server/fast_reads.py), else None. Changes nothing."""
+        if not self._may_take(REGION_READ):
+            return None
+        return self._reader.max_size, self.capabilities.max_data_xfer_size
+
+    def skip_fast_reads(self, count: int) -> None:
+        """``count`` REGION_READs (the request head only: 32 bytes each, no fds) were read
+        and answered by the caller while :meth:`fast_read_limits` allowed it."""
+        self._reader.skip(count * (HEADER_SIZE + ACCESS_SIZE))
 
     def _check_owed(self, access: TrappedAccess) -> None:
         if access is not self._pending_access:

@@ -37,6 +37,7 @@ from backends.device import (
     CONFIG_REGION_INDEX,
     NUM_PCI_IRQS,
     NUM_PCI_REGIONS,
+    ConfigView,
     DeviceError,
     DeviceFlags,
     DeviceInfo,
@@ -135,6 +136,7 @@ class SyntheticGpu:
             CONFIG_REGION_INDEX: CONFIG_SPACE_SIZE,
         }
         self.config = _build_config(profile, serial_number)
+        self._config_view: ConfigView | None = None
         self.irqs = InterruptController(self.config, profile.msi_vectors, profile.msix_vectors)
         self.readiness = Readiness(clock, ready_delay, valid_delay)
         self.bar0 = Bar0(profile.boot0, self.readiness, self.irqs, profile.msix_vectors)
@@ -210,6 +212,16 @@ class SyntheticGpu:
         if index == BAR0_REGION_INDEX:
             return self.bar0.read(offset, count)
         return self._bar1().read(offset, count)
+
+    def config_view(self) -> ConfigView:
+        """See :class:`backends.device.ExposesConfig`: the config bytes themselves (every
+        owner of a dynamic bit stores it there as it changes), less the CXL ready register,
+        whose bits follow the clock and are brought up to date when read."""
+        view = self._config_view
+        if view is None:
+            computed = ((CXL_READY_REGISTER, 4),) if self.profile.cxl_dvsec else ()
+            view = self._config_view = ConfigView(self.config.data, computed)
+        return view
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """Write through the region's model; EINVAL outside the region, EIO for a BAR while

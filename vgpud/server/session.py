@@ -36,8 +36,16 @@ from typing import Any
 import trio
 
 import protocol as p
-from backends.device import DeviceError, IrqAction, RegionFlags, VfioDevice
+from backends.device import (
+    CONFIG_REGION_INDEX,
+    DeviceError,
+    ExposesConfig,
+    IrqAction,
+    RegionFlags,
+    VfioDevice,
+)
 from vgpud.log_limit import LogLimiter
+from vgpud.server import fast_reads
 from vgpud.server.dma import DmaError, DmaTable
 from vgpud.server.transport import FdStream, TransportError, close_fds
 from vgpud.server.watchers import FdWatchers
@@ -76,11 +84,13 @@ class Session:
         log_limit: LogLimiter | None = None,
         handed: Mapping[str, Any] | None = None,
         on_rest: Callable[[], None] | None = None,
+        fast_config_reads: bool = True,
     ) -> None:
         """``handed``: resume the session another process described with :meth:`handover`
         (a live upgrade); ValueError if it cannot be, with every fd it names closed or
         taken (the caller closes the stream). ``on_rest``: called each time the session
-        comes to rest while frozen (:meth:`freeze`)."""
+        comes to rest while frozen (:meth:`freeze`). ``fast_config_reads``: let the C loop
+        answer plain config reads where it can (:mod:`vgpud.server.fast_reads`)."""
         self.stream = stream
         self.device = device
         self.log = log
@@ -107,6 +117,9 @@ class Session:
         self._region_sizes = [device.region_info(i).size for i in range(info.num_regions)]
         self._irq_counts = [device.irq_info(i).count for i in range(info.num_irqs)]
         self.messages = 0
+        # The C loop for config reads, made once the session runs (it waits in trio's loop).
+        self.fast_config_reads = fast_config_reads and fast_reads.MISSING is None
+        self.fast: fast_reads.FastReads | None = None
         self.internal_errors = 0  # requests that met a bug in vgpud (answered with EIO)
         self.watchers = FdWatchers(None, device, log)
         self._negotiation = trio.CancelScope()  # run()'s deadline for VERSION, lifted by it
@@ -136,6 +149,7 @@ class Session:
         if not self.resumed:  # a resumed client attached long ago, in the last process
             self.device.open()
         try:
+            self.fast = self._fast_reads()
             async with trio.open_nursery() as nursery:
                 self.watchers = FdWatchers(nursery, self.device, self.log)
                 # A resumed session's device already holds the client's eventfds (the INTx
@@ -161,6 +175,8 @@ class Session:
             for mapping in self.dma.unmap_all():
                 self._notify_unmap(mapping.iova, mapping.size)
             self.device.close()
+            if self.fast is not None:
+                self.fast.close()
 
     async def _serve(self) -> str:
         conn, stream = self.conn, self.stream
@@ -171,6 +187,16 @@ class Session:
                     continue
                 try:
                     if conn.at_message_boundary:
+                        if self.fast is not None and (limits := conn.fast_read_limits()):
+                            served, outcome = self.fast.serve(*limits)
+                            if served:
+                                self.messages += served
+                                conn.skip_fast_reads(served)
+                            if outcome >= fast_reads.Outcome.BUDGET:
+                                reason = await self._after_fast_reads(outcome)
+                                if reason is None:
+                                    continue
+                                return reason
                         read = self._read_message()
                         event = await read if type(read) is CoroutineType else read
                         if event is None:
@@ -221,6 +247,42 @@ class Session:
         finally:
             # fds of a message the socket failed in the middle of.
             close_fds(conn.release_fds())
+
+    def _fast_reads(self) -> fast_reads.FastReads | None:
+        """The C loop for this session, if the device lets it read config space."""
+        device = self.device
+        if not self.fast_config_reads or not isinstance(device, ExposesConfig):
+            return None
+        view = device.config_view()
+        if view is None or self.num_regions <= CONFIG_REGION_INDEX:
+            return None
+        if len(view.data) != self._region_sizes[CONFIG_REGION_INDEX]:
+            self.log.warning("config view is not the config region's size; fast reads off")
+            return None
+        loop = fast_reads.LoopWait.current()
+        if isinstance(loop, str):
+            self.log.debug("fast reads will not wait in the loop", reason=loop)
+        return fast_reads.FastReads(
+            self.stream.socket.fileno(), view, None if isinstance(loop, str) else loop
+        )
+
+    async def _after_fast_reads(self, outcome: fast_reads.Outcome) -> str | None:
+        """What the C loop left to the event loop; why the session ends, or None."""
+        if outcome is fast_reads.Outcome.BUDGET:
+            await trio.lowlevel.checkpoint()  # fairness, as the transport's budget does
+            return None
+        if outcome is fast_reads.Outcome.UNSENT:
+            assert self.fast is not None
+            try:
+                await self.stream.send(self.fast.unsent())
+            except TransportError as exc:
+                self.log.info("client went away while we replied", error=str(exc))
+                return "transport-error"
+            return None
+        self.log_limit.log(
+            self.log, "warning", "protocol violation, closing", error="socket read mismatch"
+        )
+        return "protocol-error"
 
     def _read_message(self) -> _Read:
         """One whole message with exact reads: its header and fds, then exactly its body

@@ -23,6 +23,8 @@ from vgpud.variant.layout import MemRegion, masked_bar
 PCI_BASE_ADDRESS_2 = 0x18
 PCI_BASE_ADDRESS_4 = 0x20
 BAR_REGISTER_SIZE = 8
+# The config bytes whose reads this overlay may change: (offset, length).
+EMULATED_CONFIG = (PCI_BASE_ADDRESS_2, PCI_BASE_ADDRESS_4 + BAR_REGISTER_SIZE - PCI_BASE_ADDRESS_2)
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,9 +55,11 @@ from backends.device import (
     BAR2_REGION_INDEX,
     BAR4_REGION_INDEX,
     CONFIG_REGION_INDEX,
+    ConfigView,
     DeviceError,
     DeviceInfo,
     DmaRegion,
+    ExposesConfig,
     HandsOver,
     IrqAction,
     IrqInfo,
@@ -68,7 +70,7 @@ from backends.device import (
     VfioDevice,
     WatchesFds,
 )
-from vgpud.variant.config_overlay import BarOverlay
+from vgpud.variant.config_overlay import EMULATED_CONFIG, BarOverlay
 from vgpud.variant.layout import MemRegion, NvgraceLayout, compute_layout
 from vgpud.variant.probe import (
     CxlReadinessWait,
@@ -122,6 +124,7 @@ class NvgraceVariant:
             memory.memphys, memory.memlength, has_mig_hw_bug(backend)
         )
         self._regions: dict[int, _FakeRegion] = {}
+        self._config_view: ConfigView | None = None
         usemem = self.layout.usemem
         self._regions[BAR4_REGION_INDEX] = _FakeRegion(
             BAR4_REGION_INDEX,
@@ -302,6 +305,20 @@ class NvgraceVariant:
             self.overlay.patch_read(offset, patched)
             return bytes(patched)
         return data
+
+    def config_view(self) -> ConfigView | None:
+        """The backend's view (:class:`backends.device.ExposesConfig`), with the emulated
+        BAR2-BAR5 registers (§4.3) among the bytes computed when read; None when the backend
+        has no view."""
+        if not isinstance(self.backend, ExposesConfig):
+            return None
+        raw = self.backend.config_view()
+        if raw is None:
+            return None
+        view = self._config_view
+        if view is None or view.data is not raw.data:
+            view = self._config_view = ConfigView(raw.data, (*raw.computed, EMULATED_CONFIG))
+        return view
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         """Spec nvgrace-gpu.md §5.3 for faked regions, §4.4 for config, else the backend."""
