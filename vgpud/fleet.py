@@ -30,6 +30,7 @@ from vgpud.libvfio_user.ffi import EngineUnavailable, Library
 from vgpud.libvfio_user.thread import serve_device_on_thread
 from vgpud.memory_files import MemoryFiles
 from vgpud.reload import plan, settings_changed
+from vgpud.server import fast_reads
 from vgpud.server.listener import SERVER_CAPABILITIES, DeviceServer
 from vgpud.server.socket_files import (
     ListenerError,
@@ -223,12 +224,14 @@ class Fleet:
         )
         if handed is not None:
             return server  # vgpud/upgrade.py logs one line for the whole take-over
+        python = self._library is None
         self._log.info(
             "serving",
             device=built.name,
             socket="inherited" if endpoint.inherited else str(endpoint.path),
-            engine="python" if self._library is None else "libvfio-user",
+            engine="python" if python else "libvfio-user",
             **built.summary(),
+            **({"fast_config_reads": fast_reads.describe(built.device)} if python else {}),
         )
         group = built.config.socket_group
         if group is not None and not endpoint.inherited:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shlex
 import shutil
@@ -82,6 +83,40 @@ def test_containerfile_copies_what_exists() -> None:
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"Containerfile copies missing {source}"
+
+
+def _build_stage_copies() -> set[str]:
+    """What the Containerfile's build stage copies from the build context."""
+    stage = (ROOT / "Containerfile").read_text().split("\nFROM ")[1]
+    assert stage.startswith("docker.io/library/python:3.11-slim-bookworm AS build\n"), stage
+    return {
+        source
+        for line in stage.splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+        for source in line.split()[1:-1]
+    }
+
+
+def test_container_build_has_what_the_c_extension_needs() -> None:
+    """setup.py is what compiles vgpud/server/fast_reads.c into the wheel: without it the
+    image would build, and serve, without the fast path (and say so only in its logs)."""
+    assert {"setup.py", "vgpud"} <= _build_stage_copies()
+
+
+def test_containerfile_sources_are_in_the_build_context() -> None:
+    """.dockerignore lets through everything the build stage copies: a source it filters out
+    fails the image's build ("no items matching glob")."""
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for source in sorted(_build_stage_copies()):
+        excluded = False
+        for pattern in patterns:  # the last pattern that matches decides, as in docker's
+            if fnmatch.fnmatch(source, pattern.removeprefix("!")):
+                excluded = not pattern.startswith("!")
+        assert not excluded, f".dockerignore filters out {source}, which the Containerfile copies"
 
 
 def _containerfile_instruction(keyword: str) -> list[str]:

@@ -31,7 +31,7 @@ import select
 from dataclasses import dataclass
 from typing import Any
 
-from backends.device import ConfigView
+from backends.device import ConfigView, ExposesConfig
 
 try:
     from vgpud.server._fast_reads import (  # type: ignore[import-not-found,unused-ignore]
@@ -52,6 +52,15 @@ WAIT_CAP_SECONDS = 0.1
 # Most reads answered per call before trio gets a checkpoint: as many messages as the
 # transport's fairness budget (64 socket operations, three per message) lets through.
 BUDGET = 21
+
+
+def describe(device: object) -> str:
+    """For the "serving" log line: whether ``device``'s config reads can go through C."""
+    if MISSING is not None:
+        return f"off: the C loop is {MISSING}"
+    if not isinstance(device, ExposesConfig) or device.config_view() is None:
+        return "off: the device's config space is not in memory"
+    return "on"
 
 
 class Outcome(enum.IntEnum):
@@ -83,6 +92,7 @@ class LoopWait:
             epoll = runner.io_manager._epoll
             clock = runner.clock
             runner.runq.__len__  # noqa: B018 -- the attributes wait_ms reads
+            runner.waiting_for_idle.__len__  # noqa: B018
             runner.deadlines.next_deadline  # noqa: B018
         except (ImportError, AttributeError, RuntimeError) as exc:
             return f"trio's loop is not one this knows ({exc!r})"
@@ -97,7 +107,7 @@ class LoopWait:
         """How long the C loop may wait: 0 when a task is runnable, else until the next
         timer (rounded down), at most WAIT_CAP_SECONDS."""
         runner = self._runner
-        if runner.runq:
+        if runner.runq or runner.waiting_for_idle:  # the latter: trio.testing's idle waiters
             return 0
         left: float = runner.deadlines.next_deadline() - runner.clock.current_time()
         return int(min(left, WAIT_CAP_SECONDS) * 1000) if left > 0 else 0
@@ -108,6 +118,7 @@ class FastReadStats:
     """What the C loop did for one session (tests, benchmarks)."""
 
     served: int
+    unsent: int  # replies the socket took only in part
     waits: int
     woken_by_loop: int
     timed_out: int
@@ -135,6 +146,7 @@ class FastReads:
             ctx.hole_start[i] = offset
             ctx.hole_end[i] = offset + length
         self.served = 0
+        self.unsent_replies = 0
         self._closed = False
 
     def serve(self, max_size: int, max_data: int) -> tuple[int, Outcome]:
@@ -147,7 +159,10 @@ class FastReads:
         wait = self._loop.wait_ms() if self._loop is not None else 0
         served: int = lib.vgpud_serve_config_reads(ctx, BUDGET, wait)
         self.served += served
-        return served, Outcome(ctx.why)
+        outcome = Outcome(ctx.why)
+        if outcome is Outcome.UNSENT:
+            self.unsent_replies += 1
+        return served, outcome
 
     def unsent(self) -> bytes:
         """The rest of a reply the socket took only in part (after :attr:`Outcome.UNSENT`)."""
@@ -157,7 +172,9 @@ class FastReads:
     def stats(self) -> FastReadStats:
         """Counts so far."""
         ctx = self._ctx
-        return FastReadStats(self.served, ctx.waits, ctx.woken_by_loop, ctx.timed_out)
+        return FastReadStats(
+            self.served, self.unsent_replies, ctx.waits, ctx.woken_by_loop, ctx.timed_out
+        )
 
     def close(self) -> None:
         """Let go of the config memory (idempotent)."""

@@ -180,23 +180,28 @@ class Session:
 
     async def _serve(self) -> str:
         conn, stream = self.conn, self.stream
+        woke = False  # from a park: what woke it is read before any holding still
         try:
             while True:
-                if self._freezing and conn.at_message_boundary:
+                if self._freezing and conn.at_message_boundary and not woke:
                     await self._hold_still()
                     continue
                 try:
                     if conn.at_message_boundary:
-                        if self.fast is not None and (limits := conn.fast_read_limits()):
-                            served, outcome = self.fast.serve(*limits)
+                        # A frozen session serves one message at a time: not the C loop.
+                        fast = None if self._freezing else self.fast
+                        if fast is not None and (limits := conn.fast_read_limits()):
+                            served, outcome = fast.serve(*limits)
                             if served:
                                 self.messages += served
                                 conn.skip_fast_reads(served)
-                            if outcome >= fast_reads.Outcome.BUDGET:
+                            if outcome is not fast_reads.Outcome.NOT_OURS:
                                 reason = await self._after_fast_reads(outcome)
                                 if reason is None:
-                                    continue
+                                    woke = outcome is fast_reads.Outcome.WOULD_BLOCK
+                                    continue  # to the C loop again, as a rule
                                 return reason
+                        woke = False
                         read = self._read_message()
                         event = await read if type(read) is CoroutineType else read
                         if event is None:
@@ -268,6 +273,9 @@ class Session:
 
     async def _after_fast_reads(self, outcome: fast_reads.Outcome) -> str | None:
         """What the C loop left to the event loop; why the session ends, or None."""
+        if outcome is fast_reads.Outcome.WOULD_BLOCK:
+            await self._park()  # then the C loop takes what came, if it is a config read
+            return None
         if outcome is fast_reads.Outcome.BUDGET:
             await trio.lowlevel.checkpoint()  # fairness, as the transport's budget does
             return None
@@ -297,8 +305,9 @@ class Session:
             return self._read_message_slowly()
         return self._on_header(*got)
 
-    async def _read_message_slowly(self) -> p.Event | bytes | None:
-        # Wait first, read after: parked here, the session holds no part of a message.
+    async def _park(self) -> None:
+        """Wait until the socket has something (bytes or EOF), reading nothing: parked
+        here, the session holds no part of a message."""
         self._parked = True
         if self._freezing:
             self._came_to_rest()
@@ -306,6 +315,9 @@ class Session:
             await self.stream.wait_readable()
         finally:
             self._parked = False
+
+    async def _read_message_slowly(self) -> p.Event | bytes | None:
+        await self._park()  # wait first, read after
         header, fds = await self.stream.receive(p.HEADER_SIZE, self.conn.max_fds)
         read = self._on_header(header, fds)
         return await read if isinstance(read, Coroutine) else read
