@@ -6,7 +6,9 @@ Measures, in one run and against the same minimal client:
 - ``bound``: the least a Python vfio-user server could cost: a blocking loop that reads the
   header and body, calls the same device's ``region_read`` and sends the reply, with no
   validation, no state and no event loop (only REGION_READ after VERSION);
-- ``vgpud``: ``vgpud serve`` (pure-Python engine), config read and BAR0 register read;
+- ``vgpud``: ``vgpud serve`` (pure-Python engine), config read and BAR0 register read, and
+  the config read again with ``--no-fast-config-reads`` (all Python: no C loop, see
+  vgpud/server/fast_reads.py);
 - ``vgpud+libvfio-user``: the same device through ``--engine libvfio-user`` when
   $VGPUD_LIBVFIO_USER names a libvfio-user.so.0, and its bound: libvfio-user's blocking
   ``vfu_run_ctx`` loop with a config-space callback that only calls the same device's
@@ -379,6 +381,16 @@ def run(
             client = RawClient(vgpud_sock)
             results["vgpud config read"] = sample(client, CONFIG_REGION, 0)
             results["vgpud BAR0 read"] = sample(client, BAR0_REGION, C2C_LINK_BAR0_OFFSET)
+            client.close()
+
+        # The same config read with the C loop switched off: what the Python path costs.
+        python_sock = f"{tmp}/vgpud-python.sock"
+        listener = _listener(python_sock)
+        cmd[cmd.index("--fd") + 1] = str(listener.fileno())
+        cmd[cmd.index("--backing-dir") + 1] = f"{tmp}/mem-python"
+        with _server([*cmd, "--no-fast-config-reads"], on, listener):
+            client = RawClient(python_sock)
+            results["vgpud config read, Python path"] = sample(client, CONFIG_REGION, 0)
             client.close()
 
         if os.environ.get("VGPUD_LIBVFIO_USER"):

@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="python (default) or libvfio-user (the C library, see docs/libvfio-user-engine.md)",
     )
     serve.add_argument(
+        "--no-fast-config-reads",
+        action="store_true",
+        help="answer every config read in Python, not in the C loop (for comparison, or to "
+        "rule it out)",
+    )
+    serve.add_argument(
         "--libvfio-user",
         metavar="PATH",
         help="libvfio-user.so.0 to load (default: $VGPUD_LIBVFIO_USER, then the loader's)",
@@ -269,6 +275,8 @@ def _serve_config(args: argparse.Namespace) -> DaemonConfig:
         overrides["engine"] = args.engine
     if args.libvfio_user:
         overrides["libvfio_user"] = args.libvfio_user
+    if args.no_fast_config_reads:
+        overrides["fast_config_reads"] = False
     if overrides:
         config = replace(config, **overrides)
     devices.check_layouts(config.devices)

@@ -8,6 +8,7 @@ names are reported with the key that is wrong. Example (one file can describe a 
     log_format = "auto"         # auto (console on a tty, JSON otherwise) | console | json
     engine = "python"           # python | libvfio-user (optional, needs libvfio-user.so.0)
     libvfio_user = "/usr/lib/x86_64-linux-gnu/libvfio-user.so.0"   # default: the loader's
+    fast_config_reads = true    # python engine: answer plain config reads in C when built
 
     [[device]]
     name = "gpu0"
@@ -145,6 +146,8 @@ class DaemonConfig:
     # "python" (trio, the default) or "libvfio-user" (the C library through cffi).
     engine: str = "python"
     libvfio_user: str | None = None
+    # The Python engine's C loop for config reads (vgpud/server/fast_reads.py), when built.
+    fast_config_reads: bool = True
 
 
 _DEVICE_KEYS = {
@@ -176,7 +179,7 @@ _SYNTHETIC_KEYS = (
     "cxl_dvsec",
     "cxl_mem_active_timeout",
 )
-_DAEMON_KEYS = {"log_level", "log_format", "engine", "libvfio_user"}
+_DAEMON_KEYS = {"log_level", "log_format", "engine", "libvfio_user", "fast_config_reads"}
 ENGINES = ("python", "libvfio-user")
 
 
@@ -233,7 +236,10 @@ def parse(raw: Mapping[str, Any], source: str = "config") -> DaemonConfig:
     library = daemon.get("libvfio_user")
     if library is not None and not isinstance(library, str):
         raise ConfigError(f"{source}: [daemon] libvfio_user must be a path")
-    return DaemonConfig(devices, level, cast(LogFormat, log_format), engine, library)
+    fast = daemon.get("fast_config_reads", True)
+    if not isinstance(fast, bool):
+        raise ConfigError(f"{source}: [daemon] fast_config_reads must be true or false")
+    return DaemonConfig(devices, level, cast(LogFormat, log_format), engine, library, fast)
 
 
 def single_device(

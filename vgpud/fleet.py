@@ -231,7 +231,7 @@ class Fleet:
             socket="inherited" if endpoint.inherited else str(endpoint.path),
             engine="python" if python else "libvfio-user",
             **built.summary(),
-            **({"fast_config_reads": fast_reads.describe(built.device)} if python else {}),
+            **({"fast_config_reads": self._fast_config_reads(built)} if python else {}),
         )
         group = built.config.socket_group
         if group is not None and not endpoint.inherited:
@@ -285,6 +285,11 @@ class Fleet:
                     "device released", device=live.config.name, max_dma_maps=self.max_dma_maps
                 )
 
+    def _fast_config_reads(self, built: BuiltDevice) -> str:
+        if not self.config.fast_config_reads:
+            return "off: fast_config_reads = false"
+        return fast_reads.describe(built.device)
+
     async def _serve_python(
         self,
         live: LiveDevice,
@@ -299,6 +304,7 @@ class Fleet:
             live.built.device,
             None if endpoint.connected else endpoint.sock,
             no_mmap=live.config.no_mmap,
+            fast_config_reads=self.config.fast_config_reads,
             capabilities=dataclasses.replace(SERVER_CAPABILITIES, max_dma_maps=self.max_dma_maps),
             memory_files=memory_files,
             handed=handed,

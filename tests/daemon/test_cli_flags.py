@@ -76,10 +76,12 @@ def test_serve_names_every_device_flag_given(
 def test_serve_config_takes_daemon_wide_flags(config_file: Path, served: Served) -> None:
     argv = ["serve", "--config", str(config_file), "--log-level", "debug", "--log-format", "json"]
     argv += ["--engine", "libvfio-user", "--libvfio-user", "/opt/libvfio-user.so.0"]
+    argv += ["--no-fast-config-reads"]
     assert cli.main(argv) == 0
     [config] = served
     assert (config.log_level, config.log_format) == ("debug", "json")
     assert (config.engine, config.libvfio_user) == ("libvfio-user", "/opt/libvfio-user.so.0")
+    assert not config.fast_config_reads
     assert [d.name for d in config.devices] == ["tray0"]
 
 
@@ -88,6 +90,7 @@ def test_serve_flags_alone_still_default(tmp_path: Path, served: Served) -> None
     [device] = served[0].devices
     assert (device.name, device.profile, device.ready_delay) == ("gpu0", "gh200", 0.0)
     assert not device.prealloc
+    assert served[0].fast_config_reads
 
 
 def test_serve_no_msix_flag_reaches_the_device(tmp_path: Path, served: Served) -> None:

@@ -86,6 +86,10 @@ CXL_CODE_MESSAGE = r"cxl_mem_active_timeout must be an integer code 0\.\.7"
         ({"device": []}, "at least one"),
         ({"devices": []}, "unknown top-level"),
         ({"daemon": {"log_level": "loud"}, "device": [{}]}, "log_level"),
+        (
+            {"daemon": {"fast_config_reads": "no"}, "device": [{}]},
+            "fast_config_reads must be true or false",
+        ),
         ({"device": [{"socket_mode": "999"}]}, "socket_mode"),
         ({"device": [{"ready_delay": -1}]}, "ready_delay"),
         ({"device": [{"name": "../x"}]}, "file-name-safe"),

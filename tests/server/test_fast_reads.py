@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import structlog.testing
 import trio
 
 from tests.server.conftest import Daemon, open_fds, tray_devices
@@ -292,3 +293,26 @@ async def test_fds_with_a_config_read_are_the_python_paths_to_refuse(
             assert open_fds() <= before
         nursery.cancel_scope.cancel()
     assert outcomes[0] == outcomes[1]
+
+
+async def test_fast_config_reads_can_be_switched_off(tmp_path: Path) -> None:
+    """``[daemon] fast_config_reads = false`` (``--no-fast-config-reads``): no C loop, and
+    the "serving" line says so."""
+    config = single_device(
+        socket_path=tmp_path / "gpu0.sock", memory_size="4GiB", backing_dir=tmp_path / "mem"
+    )
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            off = DaemonConfig(devices=(config,), fast_config_reads=False)
+            servers = await nursery.start(daemon.run, off)
+            conn = await RawConn.open(config.socket_path)  # type: ignore[arg-type]
+            try:
+                assert servers[0].current_session.fast is None
+                await conn.send(_read(1, 0, 4))
+                reply = await conn.receive()
+                assert reply is not None and reply.payload[16:] == VENDOR_DEVICE
+            finally:
+                conn.close()
+            nursery.cancel_scope.cancel()
+    serving = [line for line in logs if line["event"] == "serving"]
+    assert serving[0]["fast_config_reads"] == "off: fast_config_reads = false"

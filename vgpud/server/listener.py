@@ -97,6 +97,7 @@ class DeviceServer:
         listener: socket.socket | None,
         *,
         no_mmap: bool = False,
+        fast_config_reads: bool = True,
         capabilities: p.Capabilities = SERVER_CAPABILITIES,
         memory_files: MemoryFiles | None = None,
         handed: Mapping[str, Any] | None = None,
@@ -108,6 +109,7 @@ class DeviceServer:
         self.device = device
         self.listener = trio.socket.from_stdlib_socket(listener) if listener else None
         self.no_mmap = no_mmap
+        self.fast_config_reads = fast_config_reads  # Session's
         self.capabilities = capabilities
         self.log: Any = structlog.get_logger("vgpud").bind(device=name)
         self.connections = 0
@@ -417,6 +419,7 @@ class DeviceServer:
                     self.capabilities,
                     log,
                     no_mmap=self.no_mmap,
+                    fast_config_reads=self.fast_config_reads,
                     log_limit=self.log_limit,
                     handed=handed,
                     on_rest=self._note_change,
