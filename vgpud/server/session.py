@@ -12,7 +12,10 @@ transport's ``*_nowait`` calls; a fairness budget still forces a checkpoint ever
 and nothing is logged above debug level. REGION_READ/REGION_WRITE, the messages every guest
 access to a trapped register is, go further: the connection's fast path
 (:mod:`protocol.trapped`) hands them over as a ``TrappedAccess`` with the checks done, and
-they are answered without a ``Request`` event, a dispatch or an ``Outgoing``.
+they are answered without a ``Request`` event, a dispatch or an ``Outgoing``. Plain config
+reads go further still: at each message boundary the C loop of :mod:`vgpud.server.fast_reads`
+answers those waiting on the socket from the device's config bytes, and waits for the next
+one in ``poll()`` when trio has nothing else to do; it leaves everything else unread.
 
 Ownership: every fd that arrives is closed on every path -- by the DMA table (with its
 mapping), by the device (eventfds, per the VfioDevice contract), or here (rejected
