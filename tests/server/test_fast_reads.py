@@ -316,3 +316,37 @@ async def test_fast_config_reads_can_be_switched_off(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
     serving = [line for line in logs if line["event"] == "serving"]
     assert serving[0]["fast_config_reads"] == "off: fast_config_reads = false"
+
+
+ODD_READS = {
+    "a byte past the head": HEADER.pack(3, REGION_READ, 33, 0, 0)
+    + ACCESS.pack(0, CONFIG, 4)
+    + b"\0",
+    "a reply's type": HEADER.pack(3, REGION_READ, 32, 0x1, 0) + ACCESS.pack(0, CONFIG, 4),
+    "short of its head": HEADER.pack(3, REGION_READ, 31, 0, 0) + ACCESS.pack(0, CONFIG, 4)[:15],
+    "unknown flags": HEADER.pack(3, REGION_READ, 32, 0x80, 0) + ACCESS.pack(0, CONFIG, 4),
+    "a write of no data": HEADER.pack(3, REGION_WRITE, 32, 0, 0) + ACCESS.pack(0, CONFIG, 4),
+}
+
+
+@pytest.mark.parametrize("wire", ODD_READS.values(), ids=ODD_READS.keys())
+async def test_odd_config_reads_meet_what_they_always_met(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wire: bytes
+) -> None:
+    """Each gets the Python path's answer (an error reply, or the connection closed), then
+    a plain config read after it the same reply, whichever path serves the session."""
+    outcomes = []
+    async with trio.open_nursery() as nursery:
+        for fast in (False, True):
+            vgpud = await _start(nursery, tmp_path, f"gpu{int(fast)}")
+            conn = await _open(vgpud, monkeypatch, fast=fast)
+            try:
+                await conn.send(wire + _read(4, 0, 4))
+                replies = [await conn.receive(), await conn.receive()]
+            finally:
+                conn.close()
+            outcomes.append(
+                [None if r is None else (r.msg_id, r.flags, r.error, r.payload) for r in replies]
+            )
+        nursery.cancel_scope.cancel()
+    assert outcomes[0] == outcomes[1]
