@@ -20,6 +20,7 @@ import pytest
 import structlog.testing
 import trio
 
+from backends.device import ConfigView
 from tests.server.conftest import Daemon, open_fds, tray_devices
 from tests.server.rawclient import HEADER, QEMU_VERSION, RawConn
 from vgpud import daemon
@@ -350,3 +351,46 @@ async def test_odd_config_reads_meet_what_they_always_met(
             )
         nursery.cancel_scope.cancel()
     assert outcomes[0] == outcomes[1]
+
+
+class FixedWait(fast_reads.LoopWait):
+    """A loop whose "epoll fd" the test makes ready, and a fixed time to its next timer."""
+
+    def __init__(self, fd: int, wait_ms: int) -> None:
+        super().__init__(None, fd)
+        self._wait_ms = wait_ms
+
+    def wait_ms(self) -> int:
+        return self._wait_ms
+
+
+def test_the_c_loop_stops_for_the_rest_of_the_loop_and_not_for_nobody() -> None:
+    """Straight on a socketpair: with the loop idle a call answers past its budget and then
+    waits until the loop's next timer; with the loop ready it stops at the budget, and does
+    not wait."""
+    ours, theirs = socket.socketpair()
+    loop_fd = os.eventfd(0, os.EFD_NONBLOCK)
+    config = bytearray(os.urandom(4096))
+    fast = fast_reads.FastReads(ours.fileno(), ConfigView(config), FixedWait(loop_fd, wait_ms=20))
+    limits = (1 << 12, 1 << 20)
+    try:
+        theirs.sendall(b"".join(_read(i, 0x40, 4) for i in range(100)))
+        assert fast.serve(*limits) == (100, fast_reads.Outcome.WOULD_BLOCK)
+        assert (fast.stats.waits, fast.stats.timed_out) == (1, 1)
+        os.eventfd_write(loop_fd, 1)  # something else in the loop is ready
+        theirs.sendall(b"".join(_read(i, 0x40, 4) for i in range(100, 200)))
+        assert fast.serve(*limits) == (fast_reads.BUDGET, fast_reads.Outcome.BUDGET)
+        served = fast_reads.BUDGET
+        while (got := fast.serve(*limits))[1] is fast_reads.Outcome.BUDGET:
+            served += got[0]
+        assert (served + got[0], got[1]) == (100, fast_reads.Outcome.WOULD_BLOCK)
+        assert fast.stats.woken_by_loop == 1  # the empty socket's wait ended at once
+        replies = b""
+        while len(replies) < 200 * 36:
+            replies += theirs.recv(65536)
+        assert all(replies[i * 36 + 32 : i * 36 + 36] == config[0x40:0x44] for i in range(200))
+    finally:
+        fast.close()
+        os.close(loop_fd)
+        ours.close()
+        theirs.close()

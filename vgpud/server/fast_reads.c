@@ -116,6 +116,17 @@ static int wait_for_socket(struct vgpud_fast_reads *ctx, int64_t deadline)
     return 1; /* the socket: readable, hung up or failed, which the next peek tells */
 }
 
+/* Whether a call that has answered its budget may go on: only while nothing else in the
+ * loop is ready and its next timer is not due (the wait's conditions), so that a budget
+ * spent makes room for the rest of the loop rather than for nobody. */
+static int loop_idle(const struct vgpud_fast_reads *ctx, int64_t deadline)
+{
+    if (ctx->loop_fd < 0 || deadline == 0 || now_ms() >= deadline)
+        return 0;
+    struct pollfd loop = {ctx->loop_fd, POLLIN, 0};
+    return poll(&loop, 1, 0) == 0;
+}
+
 static void close_stray_fds(struct msghdr *msg)
 {
     for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
@@ -131,9 +142,14 @@ static void close_stray_fds(struct msghdr *msg)
 int vgpud_serve_config_reads(struct vgpud_fast_reads *ctx, int budget, int wait_ms)
 {
     int64_t deadline = wait_ms > 0 ? now_ms() + wait_ms : 0;
-    int served = 0;
+    int served = 0, in_round = 0;
     ctx->unsent_len = 0;
-    while (served < budget) {
+    for (;;) {
+        if (in_round == budget) {
+            if (!loop_idle(ctx, deadline))
+                break;
+            in_round = 0;
+        }
         struct access_message m;
         struct iovec iov = {&m, sizeof m};
         struct msghdr peek = {.msg_iov = &iov, .msg_iovlen = 1};
@@ -165,6 +181,7 @@ int vgpud_serve_config_reads(struct vgpud_fast_reads *ctx, int budget, int wait_
             return served;
         }
         served++;
+        in_round++;
         /* The reply: the request's head echoed with the reply's size and type, then the
          * bytes (spec vfio-user.md §3.9; exactly count of them, R10). */
         uint8_t *reply = ctx->unsent;
