@@ -172,9 +172,10 @@ async def test_replies_are_the_python_paths_byte_for_byte(
     assert len(got) == len(expected)
     for wire, mine, theirs in zip(script, got, expected, strict=True):
         assert mine == theirs, f"{wire.hex()}: {mine} != {theirs}"
-    # Not vacuous: most plain reads went through C, and some of the rest did not.
+    # Not vacuous: many plain reads went through C (not all: after a message it declined,
+    # the C loop waits for a config read the Python path serves; session._try_fast).
     plain = sum(1 for wire in script if wire[2:4] == b"\x09\x00" and wire[4:16] == b" " + bytes(11))
-    assert stats.served > plain // 2, (stats, plain)
+    assert stats.served > plain // 4, (stats, plain)
 
 
 class BlockingClient:
