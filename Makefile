@@ -15,7 +15,7 @@ export VGPUD_CACHE
 # setup.py compiles the C fast path into the editable install: a change to its sources
 # rebuilds it.
 $(BIN)/.installed: pyproject.toml setup.py vgpud/server/fast_reads.c \
-		vgpud/server/fast_reads_build.py
+		vgpud/server/fast_reads.h vgpud/server/fast_reads_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -19,6 +19,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fast_reads.h"
+
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "vfio-user is little-endian; this code copies its fields as they lie"
 #endif
@@ -39,23 +41,9 @@ enum {
     FAST_BROKEN = 4,      /* the socket gave back other than what it showed */
 };
 
-struct vgpud_fast_reads {
-    int sock;
-    int loop_fd;
-    const uint8_t *config;
-    uint32_t config_size;
-    uint32_t max_data;
-    uint32_t max_size;
-    uint32_t holes;
-    uint32_t hole_start[MAX_HOLES];
-    uint32_t hole_end[MAX_HOLES];
-    int why;
-    uint32_t unsent_len;
-    uint8_t unsent[ACCESS_MESSAGE_SIZE + CONFIG_MAX];
-    uint64_t waits;
-    uint64_t woken_by_loop;
-    uint64_t timed_out;
-};
+_Static_assert(sizeof(((struct vgpud_fast_reads *)0)->hole_start) == MAX_HOLES * 4, "holes");
+_Static_assert(sizeof(((struct vgpud_fast_reads *)0)->unsent) == ACCESS_MESSAGE_SIZE + CONFIG_MAX,
+               "a whole reply fits");
 
 struct access_message {
     uint16_t msg_id;
