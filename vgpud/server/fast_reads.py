@@ -9,6 +9,8 @@ waiting on the socket straight from that memory; it stops, having consumed nothi
 first message that is anything else (another command, flags, fds, a computed or emulated
 register, a split or malformed message), which the Python path then reads and answers or
 refuses exactly as before. Same checks, same reply bytes (tests/server/test_fast_reads.py).
+After a message it declined, the session does not call it again until the Python path has
+served a config read: a run of BAR0 accesses would otherwise pay for its look at each.
 
 The other half is the wait. A same-CPU client sends its next access only once the server
 sleeps, and parking a trio task costs a scheduler pass in Python. So when trio has nothing
@@ -44,7 +46,7 @@ except ImportError as exc:  # built without a C compiler (setup.py)
 else:
     MISSING = None
 
-# Holes (computed ranges) the C side takes: struct vgpud_fast_reads.
+# Holes (computed ranges) the C side takes: struct vgpud_fast_reads (fast_reads.h).
 MAX_HOLES = 8
 # A wait in C ends at the loop's next timer or after this, whichever is first: a backstop
 # should something wake trio by a path this module does not know of.
