@@ -395,3 +395,32 @@ def test_the_c_loop_stops_for_the_rest_of_the_loop_and_not_for_nobody() -> None:
         os.close(loop_fd)
         ours.close()
         theirs.close()
+
+
+async def test_a_run_of_bar0_reads_does_not_call_the_c_loop(tmp_path: Path) -> None:
+    """After a message it declined, the C loop is not called again until the Python path
+    serves a config read (session._try_fast): a guest's BAR0 accesses do not pay for it."""
+    async with trio.open_nursery() as nursery:
+        vgpud = await _start(nursery, tmp_path, "gpu0")
+        client = await _in_thread(lambda: BlockingClient(vgpud.socket_path))
+        try:
+            await _in_thread(lambda: client.reads(3))
+            before = _stats(vgpud)
+
+            def bar0_then_config() -> list[Reply]:
+                replies = []
+                for msg_id in range(1, 51):
+                    client.sock.sendall(_read(msg_id, 0, 4, region=BAR0))
+                    replies.append(client.receive())
+                return replies + client.reads(3)
+
+            replies = await _in_thread(bar0_then_config)
+            after = _stats(vgpud)
+        finally:
+            client.close()
+        nursery.cancel_scope.cancel()
+    assert all(not reply[3] & 0x20 for reply in replies)
+    # One call declines the first BAR0 read; then none until the Python path serves the
+    # first config read after them, and the C loop takes the other two.
+    assert after.calls - before.calls <= 3, (before, after)
+    assert after.served - before.served == 2, (before, after)

@@ -122,6 +122,7 @@ class LoopWait:
 class FastReadStats:
     """What the C loop did for one session (tests, benchmarks)."""
 
+    calls: int  # into C
     served: int
     unsent: int  # replies the socket took only in part
     waits: int
@@ -150,6 +151,7 @@ class FastReads:
         for i, (offset, length) in enumerate(view.computed):
             ctx.hole_start[i] = offset
             ctx.hole_end[i] = offset + length
+        self.calls = 0
         self.served = 0
         self.unsent_replies = 0
         self._closed = False
@@ -163,6 +165,7 @@ class FastReads:
         ctx.max_data = min(max_data, 0xFFFFFFFF)
         wait = self._loop.wait_ms() if self._loop is not None else 0
         served: int = lib.vgpud_serve_config_reads(ctx, BUDGET, wait)
+        self.calls += 1
         self.served += served
         outcome = Outcome(ctx.why)
         if outcome is Outcome.UNSENT:
@@ -178,7 +181,12 @@ class FastReads:
         """Counts so far."""
         ctx = self._ctx
         return FastReadStats(
-            self.served, self.unsent_replies, ctx.waits, ctx.woken_by_loop, ctx.timed_out
+            self.calls,
+            self.served,
+            self.unsent_replies,
+            ctx.waits,
+            ctx.woken_by_loop,
+            ctx.timed_out,
         )
 
     def close(self) -> None:
