@@ -4,8 +4,8 @@ against what the daemon serves.
 Devices are matched by name. One only in the file is *added*; one only running is
 *removed*; one in both whose settings differ is *changed* (served again with the new
 settings: its memory files stay, as across a restart). The ``[daemon]`` table's settings
-(engine, library, log level and format) are the process's own: a reload cannot change
-them, and says which differ.
+(engine, library, log level and format, fast config reads) are the process's own: a reload
+cannot change them, and says which differ.
 
 A removed or changed device may have a VM attached. Removing it stops it taking clients
 at once, and its VM keeps the GPU until it detaches; a change waits for that (the daemon
