@@ -59,11 +59,16 @@ WAIT_CAP_SECONDS = 0.1
 BUDGET = 21
 
 
+def view_of(device: object) -> ConfigView | None:
+    """``device``'s config view (:class:`backends.device.ExposesConfig`), if it has one now."""
+    return device.config_view() if isinstance(device, ExposesConfig) else None
+
+
 def describe(device: object) -> str:
     """For the "serving" log line: whether ``device``'s config reads can go through C."""
     if MISSING is not None:
         return f"off: the C loop is {MISSING}"
-    if not isinstance(device, ExposesConfig) or device.config_view() is None:
+    if view_of(device) is None:
         return "off: the device's config space is not in memory"
     return "on"
 
@@ -138,7 +143,6 @@ class FastReads:
             raise RuntimeError(f"the C fast path is {MISSING}")
         if len(view.computed) > MAX_HOLES:
             raise ValueError(f"{len(view.computed)} computed config ranges; at most {MAX_HOLES}")
-        self.view = view
         self._loop = loop
         self._ctx = ctx = ffi.new("struct vgpud_fast_reads *")
         # Exported while the session lives: the bytearray cannot be resized (moved) under C.

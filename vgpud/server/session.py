@@ -42,7 +42,6 @@ import protocol as p
 from backends.device import (
     CONFIG_REGION_INDEX,
     DeviceError,
-    ExposesConfig,
     IrqAction,
     RegionFlags,
     VfioDevice,
@@ -265,10 +264,9 @@ class Session:
 
     def _fast_reads(self) -> fast_reads.FastReads | None:
         """The C loop for this session, if the device lets it read config space."""
-        device = self.device
-        if not self.fast_config_reads or not isinstance(device, ExposesConfig):
+        if not self.fast_config_reads:
             return None
-        view = device.config_view()
+        view = fast_reads.view_of(self.device)
         if view is None or self.num_regions <= CONFIG_REGION_INDEX:
             return None
         if len(view.data) != self._region_sizes[CONFIG_REGION_INDEX]:
